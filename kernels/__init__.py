@@ -1,0 +1,1 @@
+"""Triton kernels (fused adapter bottleneck, fused distillation loss) with torch references."""

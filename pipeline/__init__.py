@@ -1,0 +1,1 @@
+"""Teacher-feature extraction: sources, view plan, teachers, Ray job, stores and manifests."""

@@ -1,0 +1,1 @@
+"""Cache stores: the Zarr backend (and, later, WebDataset) behind one small interface."""

@@ -1,0 +1,1 @@
+"""The SAK student: model, loss, cache loader, trainer, checkpoints."""
