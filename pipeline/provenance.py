@@ -26,7 +26,10 @@ def code_version() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(here), "describe", "--always", "--dirty", "--abbrev=10"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         version += "+g" + out.stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -1,0 +1,186 @@
+"""`sak-cache`: extract teacher features once, into a verifiable cache that many experiments reuse."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import click
+from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.pipeline.errors import SakError
+
+
+def _parse_weights(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise SakError(
+                f"--weights {v!r} must look like NAME=PATH, e.g. dinov2_l=/ckpt/dinov2_l.safetensors"
+            )
+        pairs.append((name.strip(), path.strip()))
+    return tuple(pairs)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="More log output.")
+def cli(verbose: bool) -> None:
+    """Compute multi-level features of frozen vision foundation models (DINOv2, CLIP, SAM) once, on Ray,
+    into a compressed Zarr cache with a manifest that makes it self-describing, verifiable and reusable.
+
+    \b
+    Typical use:
+      sak-cache run --source /data/imagenet/train --out /caches/in1k --teachers dinov2_l,clip_l,sam_l
+      sak-cache inspect /caches/in1k
+      sak-cache verify /caches/in1k
+    """
+    setup_logging(verbose)
+
+
+@cli.command()
+@click.option(
+    "--source",
+    help="Image folder (recursive; jpg/jpeg/png/webp), WebDataset .tar shards (a file, "
+    "folder or brace pattern), or .parquet with an image-bytes column. Optional when --out already "
+    "holds a cache (its stored images are reused).",
+)
+@click.option(
+    "--out",
+    required=True,
+    help="Cache folder. Created if missing; an existing cache gains a store "
+    "per new teacher and resumes unfinished ones.",
+)
+@click.option(
+    "--teachers",
+    required=True,
+    help="Comma list of teachers: dinov2_b, dinov2_l, clip_b, clip_l, "
+    "sam_b, sam_l, or the tiny random-init dinov2_tiny, clip_tiny, sam_tiny.",
+)
+@click.option(
+    "--views-per-image",
+    default=2,
+    show_default=True,
+    type=int,
+    help="K deterministic random-resized-crop+flip views per image; epoch e replays view e mod K.",
+)
+@click.option("--size", default=384, show_default=True, type=int, help="View side in pixels (SAM sees 1024).")
+@click.option(
+    "--shard-size", type=int, help="Views per shard file (a multiple of K) [default: 64 rounded up]."
+)
+@click.option("--batch-size", default=32, show_default=True, type=int, help="Views per teacher forward.")
+@click.option("--limit", type=int, help="Use only the first N images (sorted by key).")
+@click.option(
+    "--address", help="Ray cluster address (e.g. ray://head:10001 or auto); default: embedded local Ray."
+)
+@click.option(
+    "--weights",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="Local .safetensors/.pth weights for a teacher (repeatable); default: timm hub weights.",
+)
+@click.option(
+    "--random-init",
+    is_flag=True,
+    help="Random weights for teachers without --weights. For tests: "
+    "the cache is flagged as random-init everywhere.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the view plan and random init.")
+@click.option(
+    "--normalization",
+    type=click.Choice(["teacher", "imagenet"]),
+    default="teacher",
+    show_default=True,
+    help="teacher: each model's own mean/std; imagenet: ImageNet's for all (the paper's code).",
+)
+@click.option("--codec", default="fp16", show_default=True, help="Stored value type: fp16, bf16 or fp32.")
+@click.option("--workers", type=int, help="Teacher actors [default: one per GPU, or half the CPUs].")
+@click.option(
+    "--object-store-mb", default=1024, show_default=True, type=int, help="Embedded Ray object store size."
+)
+@click.option(
+    "--min-image-side",
+    default=32,
+    show_default=True,
+    type=int,
+    help="Skip images whose shorter side is smaller (recorded in the manifest).",
+)
+@click.option(
+    "--max-pixels",
+    default=178_956_970,
+    show_default=True,
+    type=int,
+    help="Skip images with more pixels (decompression-bomb guard).",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar or progress log lines.")
+def run(**opts) -> None:
+    """Extract teacher features into a cache (resumable: re-running skips finished shards)."""
+    from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.verify import describe_cache
+
+    cfg = ExtractConfig(
+        source=opts["source"],
+        out=opts["out"],
+        teachers=tuple(t.strip() for t in opts["teachers"].split(",")),
+        views_per_image=opts["views_per_image"],
+        size=opts["size"],
+        shard_size=opts["shard_size"],
+        batch_size=opts["batch_size"],
+        limit=opts["limit"],
+        address=opts["address"],
+        weights=_parse_weights(opts["weights"]),
+        random_init=opts["random_init"],
+        seed=opts["seed"],
+        normalization=opts["normalization"],
+        codec=opts["codec"],
+        workers=opts["workers"],
+        object_store_mb=opts["object_store_mb"],
+        min_image_side=opts["min_image_side"],
+        max_pixels=opts["max_pixels"],
+        progress=not opts["no_progress"],
+    )
+    out = run_extraction(cfg)
+    click.echo(describe_cache(out))
+
+
+@cli.command()
+@click.argument("cache")
+def inspect(cache: str) -> None:
+    """Describe a cache: teachers, fingerprints, views, shapes, bytes on disk and per view."""
+    from sak.pipeline.verify import describe_cache
+
+    click.echo(describe_cache(cache))
+
+
+@cli.command(name="ls")
+@click.argument("root", default=".")
+def ls_(root: str) -> None:
+    """One line per cache found under ROOT."""
+    from sak.pipeline.verify import list_caches
+
+    lines = list_caches(root)
+    click.echo("\n".join(lines) if lines else f"no cache under {root}")
+
+
+@cli.command()
+@click.argument("cache")
+def verify(cache: str) -> int:
+    """Recompute every checksum and count; exit 1 naming each failing file and shard."""
+    from sak.pipeline.verify import verify_cache
+
+    problems = verify_cache(cache)
+    for p in problems:
+        click.echo(f"FAIL {p}")
+    if problems:
+        click.echo(f"{cache}: {len(problems)} problem(s)", err=True)
+        return 1
+    click.echo(f"{cache}: OK")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(cli, argv, "sak-cache")
+
+
+entry = entry_point(main)
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,50 @@
+"""What both command-line tools share: logging set-up and one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+import click
+from sak.pipeline.errors import SakError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logger = logging.getLogger("sak")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str) -> int:
+    """Run a click group in-process and return its exit code (callable from tests as `main([...])`).
+
+    A SakError (bad input the user can fix) prints one line, `prog: error: ...`, and returns 2.
+    """
+    try:
+        result = group.main(
+            args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False
+        )
+    except SakError as e:
+        click.echo(f"{prog}: error: {e}", err=True)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo(f"{prog}: aborted", err=True)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:
+    def entry() -> None:
+        sys.exit(main(None))
+
+    return entry

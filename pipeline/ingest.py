@@ -1,0 +1,201 @@
+"""Ingest: source images -> `images/` tar shards, `images/index.parquet`, `views.parquet`, `cache.json`.
+
+Runs once per cache; every later teacher store reuses it. Ray tasks each take a chunk of source items,
+validate every image (a cheap full decode: JPEG at 1/8 scale still reads every byte, so truncation shows),
+and write the valid ones' bytes, exactly as read, into one tar (`<key>.<ext>` members, stock WebDataset
+layout) under a temporary name, renamed when complete. Invalid inputs are recorded with their reason.
+The driver then draws the view plan and writes the tables. Source images are read once; from here on
+everything reads the cache, so the source may move away.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sak.pipeline.errors import BadImage, SakError
+from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, now_iso, write_cache
+from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_bytes, sha256_file, stable_hash
+from sak.pipeline.runtime import Progress, log
+from sak.pipeline.sources import SourceItem, check_image, list_source, read_bytes
+from sak.pipeline.views import ViewPlan
+
+IMAGE_INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("ext", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("image_shard", pa.int32()),
+        ("offset", pa.int64()),
+        ("nbytes", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+VIEWS_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("view", pa.int32()),
+        ("x0", pa.int32()),
+        ("y0", pa.int32()),
+        ("x1", pa.int32()),
+        ("y1", pa.int32()),
+        ("flip", pa.bool_()),
+        ("image_shard", pa.int32()),
+    ]
+)
+
+
+def image_tar_name(shard: int) -> str:
+    return f"images/images-{shard:06d}.tar"
+
+
+def write_image_tar(
+    cache_dir: str, shard: int, items: list[SourceItem], min_side: int, max_pixels: int
+) -> dict:
+    """Validate a chunk of source images and write the good ones to one tar. Returns index rows and
+    skipped inputs. Runs as a Ray task; idempotent (the whole tar is rewritten)."""
+    rows, skipped = [], []
+    final = Path(cache_dir) / image_tar_name(shard)
+    tmp = final.with_name(final.name + ".tmp")
+    with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for item, data in read_bytes(items):
+            try:
+                info = check_image(data, min_side=min_side, max_pixels=max_pixels)
+            except BadImage as e:
+                skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
+                continue
+            member = tarfile.TarInfo(f"{item.key}.{item.ext}")
+            member.size, member.mode, member.mtime = len(data), 0o644, 0
+            tar.addfile(member, io.BytesIO(data))
+            offset = tar.offset - 512 * ((len(data) + 511) // 512)  # data starts right after its header(s)
+            rows.append(
+                {
+                    "key": item.key,
+                    "ext": item.ext,
+                    "width": info.width,
+                    "height": info.height,
+                    "image_shard": shard,
+                    "offset": offset,
+                    "nbytes": len(data),
+                    "sha256": sha256_bytes(data),
+                }
+            )
+        tar.close()
+        f.flush()
+        os.fsync(f.fileno())
+    if rows:
+        os.replace(tmp, final)
+        tar_record = {
+            "index": shard,
+            "file": image_tar_name(shard),
+            "count": len(rows),
+            "bytes": final.stat().st_size,
+            "sha256": sha256_file(final),
+        }
+    else:  # nothing valid in this chunk: no tar at all
+        tmp.unlink()
+        tar_record = None
+    return {"rows": rows, "skipped": skipped, "tar": tar_record}
+
+
+def ingest(
+    source: str,
+    cache_dir: Path,
+    plan: ViewPlan,
+    shard_size: int,
+    *,
+    limit: int | None,
+    min_side: int,
+    max_pixels: int,
+    progress: bool = True,
+) -> dict:
+    """Build the dataset part of a new cache and return its `cache.json` content (also written)."""
+    import ray
+
+    items = list_source(source)
+    if limit is not None:
+        items = items[:limit]
+    (cache_dir / "images").mkdir(parents=True, exist_ok=True)
+    per_tar = max(1, shard_size // plan.views_per_image)
+    chunks = [items[i : i + per_tar] for i in range(0, len(items), per_tar)]
+    task = ray.remote(num_cpus=1)(write_image_tar)
+    max_in_flight = 2 * max(1, int(ray.available_resources().get("CPU", 1)))
+    bar = Progress(len(items), "images", "ingest", enabled=progress)
+    results: dict[int, dict] = {}
+    pending: dict = {}
+    next_chunk = 0
+    while next_chunk < len(chunks) or pending:
+        while next_chunk < len(chunks) and len(pending) < max_in_flight:  # backpressure
+            ref = task.remote(str(cache_dir), next_chunk, chunks[next_chunk], min_side, max_pixels)
+            pending[ref] = next_chunk
+            next_chunk += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            idx = pending.pop(ref)
+            results[idx] = ray.get(ref)
+            bar.update(len(chunks[idx]))
+    bar.close()
+
+    index_rows = [r for i in range(len(chunks)) for r in results[i]["rows"]]
+    skipped = [s for i in range(len(chunks)) for s in results[i]["skipped"]]
+    tars = [results[i]["tar"] for i in range(len(chunks)) if results[i]["tar"]]
+    if not index_rows:
+        raise SakError(
+            f"no usable image in {source} ({len(skipped)} skipped, e.g. {skipped[0]['origin']}: "
+            f"{skipped[0]['reason']})"
+            if skipped
+            else f"no image in {source}"
+        )
+    for s in skipped:
+        log.warning(f"skipped {s['origin']}: {s['reason']}")
+
+    view_rows = {name: [] for name in VIEWS_SCHEMA.names}
+    for r in index_rows:
+        for v in plan.views(r["key"], r["width"], r["height"]):
+            for name, value in (
+                ("key", v.key),
+                ("view", v.view),
+                ("x0", v.x0),
+                ("y0", v.y0),
+                ("x1", v.x1),
+                ("y1", v.y1),
+                ("flip", v.flip),
+                ("image_shard", r["image_shard"]),
+            ):
+                view_rows[name].append(value)
+    pq.write_table(pa.table(view_rows, schema=VIEWS_SCHEMA), cache_dir / VIEWS_FILE)
+    pq.write_table(pa.Table.from_pylist(index_rows, schema=IMAGE_INDEX_SCHEMA), cache_dir / IMAGE_INDEX_FILE)
+
+    num_views = len(index_rows) * plan.views_per_image
+    dataset_fp = stable_hash([(r["key"], r["sha256"]) for r in index_rows], 16)
+    cache = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": "sak-cache",
+        "created": now_iso(),
+        "code_version": code_version(),
+        "dataset": {
+            "source": str(source),
+            "fingerprint": dataset_fp,
+            "num_images": len(index_rows),
+            "num_inputs": len(items),
+            "skipped": skipped,
+        },
+        "view_plan": plan.to_dict(),
+        "shard_size": shard_size,
+        "num_views": num_views,
+        "num_shards": -(-num_views // shard_size),
+        "images": {"index": IMAGE_INDEX_FILE, "shards": tars},
+        "views": {"file": VIEWS_FILE, "sha256": sha256_file(cache_dir / VIEWS_FILE)},
+        "stores": {},
+    }
+    write_cache(cache_dir, cache)
+    log.info(
+        f"ingested {len(index_rows)} images ({len(skipped)} skipped) -> {num_views} views in "
+        f"{cache['num_shards']} shards"
+    )
+    return cache

@@ -1,0 +1,67 @@
+"""CPU side of extraction (and of the training loader): read stored image bytes, decode once, cut views.
+
+One decode of an image feeds all of its views and every teacher's input size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from sak.pipeline.errors import SakError
+from sak.pipeline.ingest import image_tar_name
+from sak.pipeline.sources import decode_rgb
+from sak.pipeline.views import cut_view
+
+
+class ImageReader:
+    """Random access to the source bytes stored in a cache's `images/` tars (offsets from the index)."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.cache_dir = Path(cache_dir)
+        self._files: dict[int, object] = {}
+
+    def read(self, image_shard: int, offset: int, nbytes: int) -> bytes:
+        f = self._files.get(image_shard)
+        if f is None:
+            path = self.cache_dir / image_tar_name(image_shard)
+            try:
+                f = self._files[image_shard] = open(path, "rb")
+            except FileNotFoundError as e:
+                raise SakError(f"image shard {path} is missing; run `sak-cache verify` on the cache") from e
+        f.seek(offset)
+        data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise SakError(f"image shard {image_tar_name(image_shard)} is truncated at offset {offset}")
+        return data
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Stored bytes -> (3, H, W) uint8 RGB (no EXIF rotation: boxes are in stored-pixel coordinates)."""
+    img = decode_rgb(data)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def cut_shard_views(cache_dir: str, rows: list[dict], sizes: list[int]) -> dict[int, np.ndarray]:
+    """Views of consecutive rows (dicts with key, x0..y1, flip, image_shard, offset, nbytes) at each
+    square size -> {size: (n, 3, size, size) uint8}. Consecutive rows of one image share one decode."""
+    reader = ImageReader(cache_dir)
+    out = {s: np.empty((len(rows), 3, s, s), np.uint8) for s in sizes}
+    image, image_key = None, None
+    try:
+        for i, r in enumerate(rows):
+            if r["key"] != image_key:
+                image = decode_image(reader.read(r["image_shard"], r["offset"], r["nbytes"]))
+                image_key = r["key"]
+            box = (r["x0"], r["y0"], r["x1"], r["y1"])
+            for s in sizes:
+                out[s][i] = cut_view(image, box, bool(r["flip"]), (s, s)).numpy()
+    finally:
+        reader.close()
+    return out
