@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import click
+
 from sak.cli.common import entry_point, run_cli, setup_logging
 from sak.pipeline.errors import SakError
 

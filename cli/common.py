@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 import click
+
 from sak.pipeline.errors import SakError
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
+
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.ingest import ingest
@@ -244,7 +245,7 @@ def _config_record(cfg: ExtractConfig) -> dict:
     return rec
 
 
-def _finalize(plan: StorePlan, cache: dict, seconds: float, views_done: int) -> None:
+def _finalize(plan: StorePlan, cache: dict, seconds: float, counter: dict) -> None:
     shards = sorted(plan.done.values(), key=lambda r: r.shard)
     m = plan.manifest
     m["shards"] = [
@@ -259,10 +260,13 @@ def _finalize(plan: StorePlan, cache: dict, seconds: float, views_done: int) -> 
             merge_stats(plan.path, [r.shard for r in shards], [plan.spec.dim] * len(plan.spec.levels)),
         )
     ]
+    views_done = counter["views"]
     m["throughput"] = {
         "views_this_run": views_done,
-        "seconds_this_run": round(seconds, 3),
+        "seconds_this_run": round(seconds, 3),  # includes start-up: actors, teacher loading
         "views_per_s": round(views_done / seconds, 3) if seconds > 0 else None,
+        # from the first finished shard to the last: the rate once every actor is busy
+        "steady_views_per_s": counter.get("steady_views_per_s"),
     }
     m["updated"] = now_iso()
     write_store_manifest(plan.path, m)
@@ -299,13 +303,13 @@ def run_extraction(cfg: ExtractConfig) -> Path:
             }
         write_cache(out, cache)
         t0 = time.monotonic()
-        views_done = 0
+        counter = {"views": 0}
         try:
-            views_done = _run_shards(cfg, cache, out, stores)
+            _run_shards(cfg, cache, out, stores, counter)
         finally:
             seconds = time.monotonic() - t0
             for sp in stores:
-                _finalize(sp, cache, seconds, views_done)
+                _finalize(sp, cache, seconds, counter)
                 cache["stores"][sp.fingerprint]["complete"] = sp.manifest["complete"]
             write_cache(out, cache)
     for sp in stores:
@@ -316,7 +320,8 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     return out
 
 
-def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePlan]) -> int:
+def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePlan], counter: dict) -> None:
+    """Compute every shard not yet done; counts finished views into `counter` as they land."""
     import ray
 
     num_views, shard_size = cache["num_views"], cache["shard_size"]
@@ -336,7 +341,7 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
     if skipped:
         log.info(f"skipping {skipped} shard(s) already done; {len(jobs)} to compute")
     if not jobs:
-        return 0
+        return
 
     rows = _shard_rows(out)
     sizes = sorted({sp.spec.model_input_side(cfg.size) if sp.spec.fixed_input else cfg.size for sp in stores})
@@ -371,7 +376,8 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
     cutting: dict = {}  # ref -> job
     computing: dict = {}  # ref -> (job, worker index)
     load = [0] * n_workers
-    views_done = 0
+    first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
+    views_at_first = 0
     failure: Exception | None = None
     try:
         while (queue and failure is None) or cutting or computing:
@@ -399,8 +405,13 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
                     record = ShardRecord.from_json(rec)
                     append_journal(by_name[name].path, record)
                     by_name[name].done[record.shard] = record
-                views_done += job["stop"] - job["start"]
+                counter["views"] += job["stop"] - job["start"]
                 bar.update(job["stop"] - job["start"])
+                if first_done is None:
+                    first_done, views_at_first = time.monotonic(), counter["views"]
+                elif counter["views"] > views_at_first:
+                    rate = (counter["views"] - views_at_first) / max(time.monotonic() - first_done, 1e-9)
+                    counter["steady_views_per_s"] = round(rate, 3)
     finally:
         bar.close()
         for w in workers:
@@ -411,7 +422,6 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
             f"extraction failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
             f"shards are kept, re-run the same command to continue"
         )
-    return views_done
 
 
 def _shard_rows(out: Path) -> list[dict]:

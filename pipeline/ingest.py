@@ -17,11 +17,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from sak.pipeline.errors import BadImage, SakError
+from sak.pipeline.images import check_image
 from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, now_iso, write_cache
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_bytes, sha256_file, stable_hash
 from sak.pipeline.runtime import Progress, log
-from sak.pipeline.sources import SourceItem, check_image, list_source, read_bytes
+from sak.pipeline.sources import SourceItem, list_source, read_bytes
 from sak.pipeline.views import ViewPlan
 
 IMAGE_INDEX_SCHEMA = pa.schema(

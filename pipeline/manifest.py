@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import SCHEMA_VERSION, read_json, stable_hash, write_json_atomic
 

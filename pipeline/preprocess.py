@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from sak.pipeline.errors import SakError
+from sak.pipeline.images import decode_rgb
 from sak.pipeline.ingest import image_tar_name
-from sak.pipeline.sources import decode_rgb
 from sak.pipeline.views import cut_view
 
 

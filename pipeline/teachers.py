@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import sha256_file
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
+
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import CACHE_FILE, read_cache, read_store_manifest
 from sak.pipeline.provenance import sha256_file

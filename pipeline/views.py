@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
 from sak.pipeline.errors import SakError
 
 _MASK64 = (1 << 64) - 1

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import zarr
 from PIL import Image
 from safetensors.torch import load_file, save_file
+
 from sak.cli.cache import main as cache_main
 from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.pipeline.teachers import get_teacher

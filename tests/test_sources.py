@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+
 from sak.pipeline import sources
 from sak.pipeline.errors import BadImage, SakError
 from sak.pipeline.sources import ImageInfo, check_image, decode_rgb, list_source, read_bytes

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import BloscCodec
+
 from sak.pipeline.codecs import Codec, get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import sha256_file
-from zarr.codecs import BloscCodec
 
 FORMAT = "zarr"
 
