@@ -24,8 +24,10 @@ import torch
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.ingest import ingest
+from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import (
     IMAGE_INDEX_FILE,
+    STORE_MANIFEST,
     VIEWS_FILE,
     ShardRecord,
     append_journal,
@@ -41,7 +43,7 @@ from sak.pipeline.manifest import (
     write_store_manifest,
 )
 from sak.pipeline.preprocess import cut_shard_views
-from sak.pipeline.provenance import SCHEMA_VERSION, code_version
+from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file
 from sak.pipeline.runtime import Progress, log, ray_session
 from sak.pipeline.store.zarr import FORMAT, ZarrTeacherStore, create_store
 from sak.pipeline.teachers import (
@@ -289,7 +291,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
     _check_out_dir(out)
 
-    with ray_session(cfg.address, None, cfg.object_store_mb):
+    with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         for sp in stores:  # register stores early so `inspect` shows a run in progress
@@ -310,7 +312,9 @@ def run_extraction(cfg: ExtractConfig) -> Path:
             seconds = time.monotonic() - t0
             for sp in stores:
                 _finalize(sp, cache, seconds, counter)
-                cache["stores"][sp.fingerprint]["complete"] = sp.manifest["complete"]
+                entry = cache["stores"][sp.fingerprint]
+                entry["complete"] = sp.manifest["complete"]
+                entry["manifest_sha256"] = sha256_file(sp.path / STORE_MANIFEST)  # an edited manifest shows
             write_cache(out, cache)
     for sp in stores:
         if sp.manifest["random_init"]:
@@ -350,8 +354,14 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
     n_workers = cfg.workers or (gpus if gpus else max(1, cpus // 2))
     n_workers = min(n_workers, len(jobs))
     threads = 1 if gpus else max(1, cpus // (2 * n_workers))
+    # A worker that dies (kill -9, OOM, preemption) is restarted and its shard retried: writes are whole-shard
+    # overwrites, so a retry is idempotent. Application errors (a bad file, ENOSPC) are not retried.
     worker_cls = ray.remote(TeacherWorker).options(
-        num_gpus=1 if gpus else 0, num_cpus=1 if gpus else threads, max_concurrency=2
+        num_gpus=1 if gpus else 0,
+        num_cpus=1 if gpus else threads,
+        max_concurrency=2,
+        max_restarts=3,
+        max_task_retries=3,
     )
     store_args = [
         {
@@ -418,6 +428,12 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
             ray.kill(w)
     if failure is not None:
         msg = str(failure).strip().splitlines()
+        if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
+            raise SakError(
+                f"no space left on the device holding {out} while writing teacher shards; free space and "
+                f"re-run the same command (the {sum(len(sp.done) for sp in stores)} shard(s) already "
+                f"recorded are complete and kept)"
+            )
         raise SakError(
             f"extraction failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
             f"shards are kept, re-run the same command to continue"

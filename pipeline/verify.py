@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import CACHE_FILE, read_cache, read_store_manifest
+from sak.pipeline.manifest import CACHE_FILE, STORE_MANIFEST, read_cache, read_store_manifest
 from sak.pipeline.provenance import sha256_file
 
 
@@ -55,10 +55,18 @@ def _verify_store(root: Path, cache: dict, fp: str, entry: dict, progress) -> li
     problems: list[str] = []
     where = f"store {entry['teacher']} ({fp})"
     store_dir = root / entry["path"]
+    manifest_path = store_dir / STORE_MANIFEST
+    if not manifest_path.is_file():
+        return [f"{where}: manifest {entry['path']}/{STORE_MANIFEST} is missing"]
+    if entry.get("manifest_sha256") and sha256_file(manifest_path) != entry["manifest_sha256"]:
+        problems.append(
+            f"{where}: {entry['path']}/{STORE_MANIFEST} was modified after the run that wrote it "
+            f"(its sha256 differs from cache.json)"
+        )
     try:
         m = read_store_manifest(store_dir)
     except SakError as e:
-        return [f"{where}: {e}"]
+        return [*problems, f"{where}: {e}"]
     for field, expected in (
         ("views_sha256", cache["views"]["sha256"]),
         ("num_views", cache["num_views"]),
