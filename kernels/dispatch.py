@@ -1,0 +1,187 @@
+"""Backend selection and launch helpers shared by the fused ops in `adapter.py` and `distill_loss.py`.
+
+Which implementation runs is decided per call by `kernel_backend(*tensors, dtype=...)`:
+
+    SAK_KERNELS unset / "auto"  Triton when every tensor is on CUDA and the dtype is fp32/fp16/bf16,
+                                the torch implementation otherwise (CPU tensors: torch, interpreter or not)
+    SAK_KERNELS=torch           always the torch implementation
+    SAK_KERNELS=triton          always Triton; CPU tensors then need TRITON_INTERPRET=1 (the interpreter)
+
+The choice is made inside the custom ops at run time, so a `torch.compile`d graph follows the variable too.
+Also here: `launch` (jit + autotune on GPU, one config under the interpreter), `dot_dtype`/`dot_precision`
+(tl.dot operand dtype and fp32 precision policy), `new_buffer` (NaN-poisoned outputs in tests) and
+`compile_only` (build a kernel for sm_90 on a machine without a GPU).
+
+Kernels are written as plain functions and jitted lazily by `launch()`: `triton.jit` decides at decoration time
+whether a kernel is compiled for the GPU or run by the CPU interpreter (TRITON_INTERPRET), and a test that
+sets the variable after something else imported `sak.kernels` must still get interpreted kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton ships for Linux only; the torch implementations need none of it
+    triton = None
+    tl = None
+
+# Kernels sum with `tl.reduce(x, axis, SUM_COMBINE)` and build zeros with `tl.full`, not `tl.sum`/`tl.zeros`:
+# those two are @triton.jit functions of triton's own library, jitted once when triton is imported, so they
+# only work under the interpreter if TRITON_INTERPRET was set before that import. Everything else used is a
+# builtin, and the interpreter recognises this combine function and sums with numpy.
+SUM_COMBINE = tl.standard._sum_combine if tl is not None else None
+
+BACKENDS = ("torch", "triton")
+
+# Tests set this to True: every buffer a kernel is meant to fill starts as NaN (integers as -1), so an
+# element the kernel forgot to write fails the comparison instead of passing by luck.
+poison_outputs = False
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_backend(*tensors: torch.Tensor | None, dtype: torch.dtype | None = None) -> str:
+    """'triton' or 'torch' for an op over `tensors` (None entries ignored) with inputs of `dtype`.
+
+    See the module docstring; dtypes the kernels do not take (float64, ...) always run on torch unless
+    SAK_KERNELS=triton forces them, which is an error.
+    """
+    forced = os.environ.get("SAK_KERNELS", "auto").strip().lower() or "auto"
+    if forced not in (*BACKENDS, "auto"):
+        raise ValueError(f"SAK_KERNELS={forced!r}: expected one of torch, triton, auto")
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    supported = dtype is None or dtype in TRITON_DTYPES
+    if forced == "torch" or (forced == "auto" and (not on_cuda or not supported or triton is None)):
+        return "torch"
+    if triton is None:
+        raise RuntimeError("SAK_KERNELS=triton but triton is not installed")
+    if not supported:
+        raise ValueError(f"SAK_KERNELS=triton: the kernels take {TRITON_DTYPES}, not {dtype}")
+    if not on_cuda and not interpreting():
+        raise RuntimeError("SAK_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 (set before launch)")
+    return "triton"
+
+
+_KERNELS: dict[tuple, Any] = {}
+
+
+def _kernel(fn: Callable, configs: Sequence[Any] | None, key: Sequence[str]) -> Any:
+    """`triton.jit(fn)` for the current interpret mode (autotuned over `configs` when given), cached."""
+    tuning = None if configs is None else tuple(str(c) for c in configs)
+    cache_key = (fn, interpreting(), tuning, tuple(key))
+    if cache_key not in _KERNELS:
+        kernel = triton.jit(fn)  # reads TRITON_INTERPRET now
+        if configs is not None:
+            kernel = triton.autotune(configs=list(configs), key=list(key))(kernel)
+        _KERNELS[cache_key] = kernel
+    return _KERNELS[cache_key]
+
+
+def launch(
+    fn: Callable,
+    grid: Callable[[dict[str, Any]], tuple[int, ...]],
+    *args: Any,
+    configs: Sequence[Any],
+    key: Sequence[str] = (),
+    **constexprs: Any,
+) -> dict[str, Any]:
+    """Run kernel `fn` (a plain Python function, jitted here) over `grid(meta)`; returns the meta used.
+
+    On GPU with several `configs` the kernel is autotuned (keyed on `key` and the tensor dtypes) and the
+    returned meta is only `constexprs`. Under the interpreter, or with one config, `configs[0]` is used
+    directly: autotuning more than one config fails without a GPU.
+    """
+    if interpreting() or len(configs) == 1:
+        config = configs[0]
+        meta = {**constexprs, **config.kwargs}
+        tuning = {} if interpreting() else {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        _kernel(fn, None, ())[grid(meta)](*args, **meta, **tuning)
+        return meta
+    _kernel(fn, configs, key)[grid](*args, **constexprs)
+    return dict(constexprs)
+
+
+def dot_dtype(dtype: torch.dtype) -> Any:
+    """Operand dtype of tl.dot: the input dtype on GPU, float32 under the interpreter (bf16 dot is broken there)."""
+    if interpreting():
+        return tl.float32
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` of tl.dot for inputs of `dtype`.
+
+    float32 inputs follow torch's own switch: TF32 only when `torch.backends.cuda.matmul.allow_tf32` is on
+    (off by default), IEEE fp32 otherwise, so the Triton path is as exact as the torch matmul it replaces.
+    16-bit operands ignore the flag; they get Triton's default ("tf32").
+    """
+    if interpreting():
+        return "ieee"
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"
+
+
+def new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty, or NaN/-1 filled when `poison_outputs` is set (tests)."""
+    if not poison_outputs:
+        return torch.empty(shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -1
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a small stand-in under the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def assert_dot_dims(**dims: int) -> None:
+    """GPU tl.dot needs every block dim >= 16; the interpreter accepts less, so check here."""
+    small = {name: d for name, d in dims.items() if d < 16}
+    assert not small, f"tl.dot block dims must be >= 16, got {small}"
+
+
+def tuned_configs() -> dict[str, str]:
+    """The config each autotuned kernel settled on (its latest key), for benchmark and run records."""
+    out = {}
+    for (fn, _interpret, tuning, _key), kernel in _KERNELS.items():
+        best = getattr(kernel, "best_config", None) if tuning else None
+        if best is not None:
+            out[f"{fn.__name__}[{len(out)}]"] = str(best)
+    return out
+
+
+def compile_only(
+    fn: Callable, args: dict[str, Any], constexprs: dict[str, Any], config: Any, arch: int = 90
+) -> Any:
+    """Compile kernel `fn` for an NVIDIA GPU of compute capability `arch` without needing one (PTX + cubin).
+
+    `args` maps every non-constexpr parameter to an example value (tensor, int or float) that fixes its type.
+    Catches what the interpreter does not (e.g. non-constexpr globals, layout or shared-memory limits).
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+
+    assert not interpreting(), "compile_only needs TRITON_INTERPRET unset"
+    constexprs = {**constexprs, **config.kwargs}
+    signature = {name: mangle_type(value) for name, value in args.items()}
+    signature.update({name: "constexpr" for name in constexprs})
+    source = ASTSource(triton.jit(fn), signature, constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)

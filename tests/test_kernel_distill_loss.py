@@ -1,0 +1,212 @@
+"""Fused distillation loss: Triton (CPU interpreter here, GPU with -m gpu) and torch paths vs float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sak.kernels import dispatch
+from sak.kernels import distill_loss as loss_module
+from sak.kernels.distill_loss import _loss_triton, distill_loss, distill_loss_reference
+
+# Loss and cosines accumulate in fp32 from the same input values as the float64 reference, so they are
+# tight for every dtype; the gradient is stored in the student's dtype (max error relative to its max
+# magnitude: one ulp, the interpreter truncates fp32 -> bf16 where the GPU rounds to nearest).
+LOSS_TOL = 1e-5
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture
+def interpreted_triton(monkeypatch):
+    """Force the Triton path on CPU tensors through the interpreter; poison every output buffer."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SAK_KERNELS", "triton")
+    monkeypatch.setattr(dispatch, "poison_outputs", True)
+
+
+def make_pair(shape, dtype, device="cpu", seed=0):
+    """Student and a correlated target (cosines well inside (-1, 1))."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=g)
+    target = 0.6 * student + torch.randn(shape, generator=g)
+    return student.to(device, dtype).requires_grad_(), target.to(device, dtype)
+
+
+def check_against_float64(student, target, dtype, grad_scale=1.0, **kwargs):
+    loss, cos = distill_loss(student, target, return_cosines=True, **kwargs)
+    assert loss.dtype == torch.float32 and loss.shape == () and cos.shape == (student.shape[0],)
+    assert not cos.requires_grad
+    (grad_scale * loss).backward()
+
+    ref_student = student.detach().double().requires_grad_()
+    ref_loss, ref_cos = distill_loss_reference(ref_student, target.double(), return_cosines=True, **kwargs)
+    (grad_scale * ref_loss).backward()
+
+    assert abs(loss.item() - ref_loss.item()) <= LOSS_TOL * abs(ref_loss.item())
+    torch.testing.assert_close(cos.double(), ref_cos, rtol=0, atol=LOSS_TOL)
+    grad = student.grad
+    assert grad.dtype == dtype and grad.shape == student.shape and torch.isfinite(grad).all()
+    err = ((grad.double() - ref_student.grad).abs().max() / ref_student.grad.abs().max()).item()
+    assert err <= GRAD_TOL[dtype], f"grad error {err:.2e} > {GRAD_TOL[dtype]:g}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 5, 7, 40), (2, 10), (4, 9, 9, 24)],  # 1400 = 2.7 chunks, one partial chunk, 1944 = 3.8 chunks
+    ids=lambda s: "x".join(map(str, s)),
+)
+def test_triton_matches_float64(interpreted_triton, shape, dtype):
+    check_against_float64(*make_pair(shape, dtype), dtype)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.25, 2.0])
+def test_weights_and_beta(interpreted_triton, beta):
+    # beta = 0 is the pure L1 loss; grad_scale checks backward multiplies by grad_output
+    student, target = make_pair((3, 6, 50), torch.float32)
+    check_against_float64(
+        student, target, torch.float32, grad_scale=3.0, cos_weight=0.3, l1_weight=2.0, beta=beta
+    )
+
+
+def test_torch_path_matches_float64(monkeypatch):
+    monkeypatch.delenv("SAK_KERNELS", raising=False)
+    check_against_float64(*make_pair((3, 5, 7, 40), torch.bfloat16), torch.bfloat16)
+
+
+def test_matches_cosine_similarity_and_smooth_l1():
+    student, target = make_pair((4, 3, 8), torch.float64)
+    loss, cos = distill_loss_reference(student, target, return_cosines=True)
+    s, t = student.flatten(1), target.flatten(1)
+    want_cos = F.cosine_similarity(s, t, dim=1, eps=1e-8)
+    torch.testing.assert_close(cos, want_cos)
+    torch.testing.assert_close(loss, 0.9 * (1 - want_cos).mean() + 0.1 * F.smooth_l1_loss(s, t))
+
+
+@pytest.mark.parametrize("lag", [None, 5, 40])
+@pytest.mark.parametrize("chunk", [128, 512, 2048])
+def test_chunk_and_lag_do_not_change_results(interpreted_triton, chunk, lag):
+    student, target = make_pair((5, 1500), torch.float32)
+    want_loss, want_grad, want_cos = _loss_triton(student.detach(), target, 0.9, 0.1, 1.0, True)
+    loss, grad, cos = _loss_triton(student.detach(), target, 0.9, 0.1, 1.0, True, chunk=chunk, lag=lag)
+    torch.testing.assert_close(loss, want_loss)
+    torch.testing.assert_close(grad, want_grad)
+    torch.testing.assert_close(cos, want_cos)
+
+
+def test_zero_image_and_target_get_clamped_norms(interpreted_triton):
+    student, target = make_pair((3, 4, 33), torch.float32)
+    with torch.no_grad():
+        student[1] = 0.0  # norm clamps to eps: cos = 0, no gradient through the norm
+        target[2] = 0.0
+    check_against_float64(student, target, torch.float32)
+
+
+def test_target_gets_no_gradient_and_no_grad_mode(interpreted_triton):
+    student, target = make_pair((2, 300), torch.float32)
+    target.requires_grad_()
+    distill_loss(student, target).backward()
+    assert target.grad is None and student.grad is not None
+    with torch.no_grad():  # the gradient is not computed (write_grad=False): loss only
+        loss = distill_loss(student, target)
+    assert loss.item() == pytest.approx(distill_loss_reference(student, target).item(), rel=1e-6)
+
+
+def test_shape_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="differ in shape"):
+        distill_loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(monkeypatch, backend):
+    monkeypatch.setenv("SAK_KERNELS", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    student, target = make_pair((3, 4, 50), torch.float32)
+    torch.library.opcheck(torch.ops.sak.distill_loss_fwd, (student, target, 0.9, 0.1, 1.0, True))
+    torch.library.opcheck(torch.ops.sak.distill_loss_fwd, (student.detach(), target, 0.9, 0.1, 1.0, False))
+
+
+def recording_aot_backend(seen: list[str]):
+    """torch.compile backend that records the ops of the AOT forward and backward graphs, then runs them."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=compiler, bw_compiler=compiler)
+
+
+def test_compiled_graph_keeps_the_op():
+    seen = []
+    student, target = make_pair((3, 4, 50), torch.float32)
+    fn = torch.compile(distill_loss, backend=recording_aot_backend(seen), fullgraph=True)
+    fn(student, target).backward()
+    assert "sak.distill_loss_fwd.default" in seen
+    torch.testing.assert_close(
+        student.grad, torch.autograd.grad(distill_loss_reference(student, target), student)[0]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_kernel_compiles_for_h100(monkeypatch, tmp_path, dtype):
+    """Compile for sm_90 without a GPU: catches what the interpreter does not (e.g. non-constexpr globals)."""
+    pytest.importorskip("triton.backends.nvidia")
+    if not triton_library_compilable():
+        pytest.skip("triton was imported with TRITON_INTERPRET=1: its library is interpreted, not compilable")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")
+    B, D = 128, 64 * 64 * 768
+    block, chunk, num_warps = loss_module._launch_params(D)
+    f32 = torch.float32
+
+    def t(dt=dtype):
+        return torch.empty(1, dtype=dt)
+
+    args = dict(s_ptr=t(), t_ptr=t(), grad_ptr=t(), partial_ptr=t(f32), sync_ptr=t(torch.int32))
+    args.update(coef_ptr=t(f32), cos_ptr=t(f32), loss_ptr=t(f32), B=B, D=D, n_split=D // chunk, lag=528)
+    args.update(cos_weight=0.9, l1_weight=0.1, beta=1.0, inv_beta=1.0, eps=1e-8)
+    constexprs = dict(WRITE_GRAD=True, CHUNK=chunk, BLOCK=block, SPLIT_P2=512)
+    config = triton_config(num_warps)
+    ptx = dispatch.compile_only(loss_module._distill_loss_kernel, args, constexprs, config).asm["ptx"]
+    # the hand-off between programs: ticket, per-image arrival counter, ready flag release, acquire spin
+    assert ptx.count("atom.global.gpu.acq_rel.add") == 2 and "atom.global.gpu.release.exch" in ptx
+    assert "ld.global.gpu.acquire" in ptx or "atom.global.gpu.acquire" in ptx
+
+
+def triton_config(num_warps):
+    import triton
+
+    return triton.Config({}, num_warps=num_warps, num_stages=1)
+
+
+# ---- GPU tier: the paper's target shapes, compiled kernels (no interpreter)
+
+
+def triton_library_compilable() -> bool:
+    """False without triton, or when it was imported under TRITON_INTERPRET=1 (its library is interpreted)."""
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:
+        return False
+    return isinstance(dispatch.SUM_COMBINE, JITFunction)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not triton_library_compilable(),
+    reason="needs CUDA, and triton imported without TRITON_INTERPRET",
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(128, 27, 27, 768), (128, 64, 64, 768)], ids=["dinov2_b", "sam_b"])
+def test_gpu_target_shapes(monkeypatch, shape, dtype):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("SAK_KERNELS", raising=False)  # CUDA default: Triton
+    monkeypatch.setattr(dispatch, "poison_outputs", True)
+    student, target = make_pair(shape, dtype, device="cuda")
+    assert dispatch.kernel_backend(student) == "triton"
+    check_against_float64(student, target, dtype)
