@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from sak.pipeline.errors import SakError
 
 COS_WEIGHT = 0.9
@@ -61,9 +62,19 @@ def resize_to_target(student_map_bchw: torch.Tensor, target_bhwc: torch.Tensor) 
     return s.permute(0, 2, 3, 1)  # (B, H, W, C), a view: the target is never copied to channels-first
 
 
-def distill_term(student_map_bchw: torch.Tensor, target_bhwc: torch.Tensor) -> torch.Tensor:
-    """One (teacher, level) term: resize the student map to the target grid, then the reference loss."""
+def distill_term(
+    student_map_bchw: torch.Tensor, target_bhwc: torch.Tensor, use_kernels: bool = False
+) -> torch.Tensor:
+    """One (teacher, level) term: resize the student map to the target grid, then the loss.
+
+    use_kernels: the fused one-pass op `sak.kernels.distill_loss.distill_loss` (Triton on CUDA, its torch
+    implementation elsewhere; SAK_KERNELS forces one) instead of the plain reference below.
+    """
     s = resize_to_target(student_map_bchw, target_bhwc).contiguous()  # (B, H, W, C) fp32
+    if use_kernels:
+        from sak.kernels.distill_loss import distill_loss
+
+        return distill_loss(s, target_bhwc.float().contiguous())
     return distill_loss_reference(s, target_bhwc.float())
 
 
@@ -82,7 +93,9 @@ def _check_pairing(
 
 
 def distillation_loss(
-    student_maps: dict[str, list[torch.Tensor]], targets: dict[str, list[torch.Tensor]]
+    student_maps: dict[str, list[torch.Tensor]],
+    targets: dict[str, list[torch.Tensor]],
+    use_kernels: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum over teachers and levels. Returns (total, {"<teacher>/L<i>": detached term}).
 
@@ -94,7 +107,7 @@ def distillation_loss(
     terms: dict[str, torch.Tensor] = {}
     for name, maps in student_maps.items():
         for i, (s, t) in enumerate(zip(maps, targets[name])):
-            term = distill_term(s, t)
+            term = distill_term(s, t, use_kernels)
             terms[f"{name}/L{i}"] = term.detach()
             total = term if total is None else total + term
     if total is None:
