@@ -92,7 +92,24 @@ def cli(verbose: bool) -> None:
     show_default=True,
     help="teacher: each model's own mean/std; imagenet: ImageNet's for all (the paper's code).",
 )
-@click.option("--codec", default="fp16", show_default=True, help="Stored value type: fp16, bf16 or fp32.")
+@click.option(
+    "--codec",
+    default="fp16",
+    show_default=True,
+    help="Target codec: fp16, bf16, fp32, int8 (per 32 channels), fp8, or another of `estimate --help`.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["zarr", "wds"]),
+    default="zarr",
+    show_default=True,
+    help="Store format.",
+)
+@click.option(
+    "--levels", default="all", show_default=True, help="Tap positions to keep (0-3, -1 = deepest) or all."
+)
+@click.option("--grid", default="native", show_default=True, help="Target grid: native, student or HxW.")
 @click.option("--workers", type=int, help="Teacher actors [default: one per GPU, or half the CPUs].")
 @click.option(
     "--object-store-mb", default=1024, show_default=True, type=int, help="Embedded Ray object store size."
@@ -132,6 +149,9 @@ def run(**opts) -> None:
         seed=opts["seed"],
         normalization=opts["normalization"],
         codec=opts["codec"],
+        format=opts["fmt"],
+        levels=opts["levels"],
+        grid=opts["grid"],
         workers=opts["workers"],
         object_store_mb=opts["object_store_mb"],
         min_image_side=opts["min_image_side"],
@@ -175,6 +195,94 @@ def verify(cache: str) -> int:
         return 1
     click.echo(f"{cache}: OK")
     return 0
+
+
+@cli.command()
+@click.option("--teachers", required=True, help="Comma list of teachers, as for `run`.")
+@click.option("--size", default=384, show_default=True, type=int, help="View side in pixels (SAM sees 1024).")
+@click.option(
+    "--views-per-image", default=2, show_default=True, type=int, help="Views per image, as for `run`."
+)
+@click.option(
+    "--codec", default="fp16", show_default=True, help="Target codec (fp16, bf16, fp32, int8, fp8, ...)."
+)
+@click.option(
+    "--levels", default="all", show_default=True, help="Tap positions to keep (0-3, -1 = deepest) or all."
+)
+@click.option("--grid", default="native", show_default=True, help="Target grid: native, student or HxW.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["zarr", "wds"]),
+    default="zarr",
+    show_default=True,
+    help="Store format.",
+)
+@click.option(
+    "--source", help="Count the images (and their bytes) of this source, as `run --source` reads it."
+)
+@click.option("--images", type=int, help="Number of images, when no --source is given.")
+@click.option("--limit", type=int, help="Use only the first N images, as for `run`.")
+@click.option(
+    "--gpu",
+    default="h100",
+    show_default=True,
+    help="GPU kind for GPU-hours (peak bf16 table in estimate.py).",
+)
+@click.option(
+    "--utilization",
+    default=0.4,
+    show_default=True,
+    type=float,
+    help="Achieved fraction of the GPU's bf16 peak.",
+)
+@click.option(
+    "--samples-per-s",
+    default=1000.0,
+    show_default=True,
+    type=float,
+    help="Student read rate (views/s, all GPUs).",
+)
+@click.option(
+    "--compression", type=float, help="Lossless factor on top of the codec [default: measured table]."
+)
+@click.option(
+    "--image-kb",
+    default=110.0,
+    show_default=True,
+    type=float,
+    help="Mean stored image size without --source.",
+)
+@click.option("--json", "json_out", help="Also write the estimate as JSON here.")
+def estimate(**opts) -> None:
+    """Bytes, GPU-hours and read bandwidth of a cache, before extracting it."""
+    import json
+
+    from sak.pipeline.estimate import EstimateConfig, estimate_to_dict, format_estimate
+    from sak.pipeline.estimate import estimate as run_estimate
+
+    cfg = EstimateConfig(
+        teachers=tuple(t.strip() for t in opts["teachers"].split(",") if t.strip()),
+        size=opts["size"],
+        views_per_image=opts["views_per_image"],
+        codec=opts["codec"],
+        levels=opts["levels"],
+        grid=opts["grid"],
+        format=opts["fmt"],
+        source=opts["source"],
+        images=opts["images"],
+        limit=opts["limit"],
+        gpu=opts["gpu"].lower(),
+        utilization=opts["utilization"],
+        samples_per_s=opts["samples_per_s"],
+        compression=opts["compression"],
+        image_kb=opts["image_kb"],
+    )
+    est = run_estimate(cfg)
+    click.echo(format_estimate(est))
+    if opts["json_out"]:
+        with open(opts["json_out"], "w") as f:
+            json.dump(estimate_to_dict(est), f, indent=2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,8 @@ from sak.pipeline.manifest import (
 from sak.pipeline.preprocess import cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file
 from sak.pipeline.runtime import Progress, log, ray_session
-from sak.pipeline.store.zarr import FORMAT, ZarrTeacherStore, create_store
+from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.targets import identity_fields, resolve_grid, select_levels, shape_targets
 from sak.pipeline.teachers import (
     TOKEN_SELECTION,
     TeacherSpec,
@@ -77,7 +78,10 @@ class ExtractConfig:
     random_init: bool = False  # random weights for every teacher without --weights (tests, demos)
     seed: int = 0  # view plan seed, and the seed of random-init weights
     normalization: str = "teacher"  # "teacher": each teacher's own mean/std; "imagenet": the paper code's
-    codec: str = "fp16"
+    codec: str = "fp16"  # codecs.py: fp16 | bf16 | fp32 | int8 | fp8 | ...
+    format: str = "zarr"  # store format: zarr | wds
+    levels: str = "all"  # tap positions to keep (targets.py): "all", "1,3", "-1"
+    grid: str = "native"  # target grid (targets.py): native | student | HxW
     workers: int | None = None  # teacher actors; default one per GPU, or half the CPUs
     object_store_mb: int = 1024  # embedded Ray's object store
     min_image_side: int = 32
@@ -103,6 +107,8 @@ class StorePlan:
     fingerprint: str
     path: Path
     manifest: dict
+    blocks: tuple[int, ...]  # kept levels
+    grid: tuple[int, int]  # stored (H, W)
     done: dict[int, ShardRecord] = field(default_factory=dict)
 
 
@@ -158,7 +164,8 @@ def _store_plan(
     weights = choice.describe(spec)
     mean, std = normalization_for(spec, cfg.normalization)
     side = spec.model_input_side(cfg.size)
-    grid = spec.grid(cfg.size)
+    blocks = select_levels(spec, cfg.levels)
+    grid = resolve_grid(spec, cfg.size, cfg.grid)
     identity = {
         "schema_version": SCHEMA_VERSION,
         "teacher": spec.name,
@@ -175,15 +182,17 @@ def _store_plan(
             "std": std,
             "pad": "zeros right/bottom after normalisation" if spec.fixed_input else None,
         },
-        "levels": list(spec.levels),
+        "levels": list(blocks),
         "token_selection": TOKEN_SELECTION,
         "grid": list(grid),
         "codec": codec.name,
+        **codec.identity(),  # scaled codecs: granularity, group, scale dtype
         "dtype": codec.true_dtype,
-        "format": FORMAT,
+        "format": cfg.format,
         "dataset_fingerprint": cache["dataset"]["fingerprint"],
         "view_plan": cache["view_plan"],
     }
+    identity.update(identity_fields(spec, cfg.size, cfg.levels, cfg.grid))  # levels, grid (+ mode, resample)
     fp = store_fingerprint(identity)
     path = out / "teachers" / fp
     manifest = {
@@ -203,21 +212,14 @@ def _store_plan(
         "weights": weights,
         "random_init": weights["random_init"],
         "identity": identity,
-        "format": FORMAT,
+        "format": cfg.format,
         "codec": codec.name,
+        "codec_spec": codec.describe(),
         "num_views": cache["num_views"],
         "shard_size": cache["shard_size"],
-        "levels": [
-            {
-                "block": b,
-                "array": f"levels/{b}",
-                "shape": [cache["num_views"], *grid, spec.dim],
-                "dtype": codec.true_dtype,
-                "store_dtype": codec.store_dtype,
-                "codec": codec.name,
-            }
-            for b in spec.levels
-        ],
+        "levels": level_records(
+            cfg.format, codec, cache["num_views"], {b: (*grid, spec.dim) for b in blocks}
+        ),
         "views_sha256": cache["views"]["sha256"],
         "dataset_fingerprint": cache["dataset"]["fingerprint"],
         "view_plan": cache["view_plan"],
@@ -230,12 +232,17 @@ def _store_plan(
         "stats": [],
         "throughput": {},
     }
-    plan = StorePlan(spec, choice, fp, path, manifest)
+    plan = StorePlan(spec, choice, fp, path, manifest, blocks=blocks, grid=grid)
     if (path / "manifest.json").exists():
         old = read_store_manifest(path)
         plan.manifest["created"] = old.get("created", plan.manifest["created"])
-    create_store(
-        path, cache["num_views"], cache["shard_size"], {b: (*grid, spec.dim) for b in spec.levels}, codec
+    create_teacher_store(
+        cfg.format,
+        path,
+        cache["num_views"],
+        cache["shard_size"],
+        {b: (*grid, spec.dim) for b in blocks},
+        codec,
     )
     plan.done = read_journal(path)
     return plan
@@ -258,8 +265,8 @@ def _finalize(plan: StorePlan, cache: dict, seconds: float, counter: dict) -> No
     m["stats"] = [
         {"block": b, **s}
         for b, s in zip(
-            plan.spec.levels,
-            merge_stats(plan.path, [r.shard for r in shards], [plan.spec.dim] * len(plan.spec.levels)),
+            plan.blocks,
+            merge_stats(plan.path, [r.shard for r in shards], [plan.spec.dim] * len(plan.blocks)),
         )
     ]
     views_done = counter["views"]
@@ -286,6 +293,10 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     if cfg.batch_size < 1:
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     get_codec(cfg.codec)
+    check_format(cfg.format)
+    for spec in specs:  # a bad --levels or --grid fails before any work
+        select_levels(spec, cfg.levels)
+        resolve_grid(spec, cfg.size, cfg.grid)
     plan = ViewPlan(seed=cfg.seed, views_per_image=cfg.views_per_image, size=cfg.size)
     shard_size = cfg.resolved_shard_size()
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
@@ -298,7 +309,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
             cache["stores"][sp.fingerprint] = {
                 "teacher": sp.spec.name,
                 "path": f"teachers/{sp.fingerprint}",
-                "format": FORMAT,
+                "format": cfg.format,
                 "codec": cfg.codec,
                 "complete": False,
                 "random_init": sp.manifest["random_init"],
@@ -370,6 +381,9 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
             "path": str(sp.path),
             "codec": cfg.codec,
             "shard_size": shard_size,
+            "format": cfg.format,
+            "blocks": list(sp.blocks),
+            "grid": list(sp.grid),
         }
         for sp in stores
     ]
@@ -467,13 +481,14 @@ class TeacherWorker:
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.batch_size = batch_size
-        self.teachers, self.stores, self.sizes = {}, {}, {}
+        self.teachers, self.stores, self.sizes, self.shapes = {}, {}, {}, {}
         for s in stores:
             spec = get_teacher(s["teacher"])
             self.teachers[spec.name] = load_teacher(
                 spec, WeightsChoice(**s["weights"]), plan_size, normalization, self.device
             )
-            self.stores[spec.name] = ZarrTeacherStore(s["path"], s["codec"], s["shard_size"])
+            self.stores[spec.name] = open_teacher_store(s["format"], s["path"], s["codec"], s["shard_size"])
+            self.shapes[spec.name] = (tuple(s["blocks"]), tuple(s["grid"]))  # kept blocks, stored (H, W)
             self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
         self.lock = threading.Lock()
 
@@ -483,18 +498,19 @@ class TeacherWorker:
         with self.lock:
             for name in job["teachers"]:
                 teacher = self.teachers[name]
+                blocks, grid = self.shapes[name]
                 batch_views = torch.from_numpy(views[self.sizes[name]].copy())  # (n, 3, s, s) uint8
                 parts = []
                 for i in range(0, batch_views.shape[0], self.batch_size):
                     x = batch_views[i : i + self.batch_size].to(self.device, non_blocking=True)
-                    parts.append([m.cpu() for m in teacher.forward_levels(x)])  # note: host-device sync
-                feats[name] = [
-                    torch.cat([p[level] for p in parts]) for level in range(len(teacher.spec.levels))
-                ]
+                    # keep and resample on the device, then copy the (smaller) targets: host-device sync
+                    shaped = shape_targets(teacher.spec, teacher.forward_levels(x), blocks, grid)
+                    parts.append([shaped[b].cpu() for b in blocks])
+                feats[name] = [torch.cat([p[level] for p in parts]) for level in range(len(blocks))]
         records = {}
         for name, levels in feats.items():
-            store, spec = self.stores[name], self.teachers[name].spec
-            files = store.write_shard(job["shard"], job["start"], dict(zip(spec.levels, levels)))
+            store, (blocks, _) = self.stores[name], self.shapes[name]
+            files = store.write_shard(job["shard"], job["start"], dict(zip(blocks, levels)))
             stats = shard_stats([lv.numpy() for lv in levels])
             save_stats(store.path, job["shard"], stats)
             records[name] = ShardRecord(

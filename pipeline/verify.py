@@ -79,16 +79,21 @@ def _verify_store(root: Path, cache: dict, fp: str, entry: dict, progress) -> li
                 f"{where}: manifest field {field!r} is {m[field]!r}, the cache has {expected!r} "
                 f"(the store does not describe this cache's views)"
             )
-    for level in m["levels"]:
-        try:
-            arr = zarr.open_array(str(store_dir / level["array"]), mode="r")
-        except Exception as e:  # noqa: BLE001 - any failure to open is a finding, not a crash
-            problems.append(f"{where}: array {level['array']} cannot be opened ({type(e).__name__})")
-            continue
-        if list(arr.shape) != level["shape"]:
-            problems.append(
-                f"{where}: array {level['array']} has shape {list(arr.shape)}, manifest says {level['shape']}"
-            )
+    if m.get("format", "zarr") == "wds":
+        problems += _verify_wds_layout(store_dir, m, where)
+    for level in m["levels"] if m.get("format", "zarr") == "zarr" else []:
+        for key, shape_key in (("array", "shape"), ("scales", "scales_shape")):
+            if key not in level:
+                continue
+            try:
+                arr = zarr.open_array(str(store_dir / level[key]), mode="r")
+            except Exception as e:  # noqa: BLE001 - any failure to open is a finding, not a crash
+                problems.append(f"{where}: array {level[key]} cannot be opened ({type(e).__name__})")
+                continue
+            if list(arr.shape) != level[shape_key]:
+                problems.append(
+                    f"{where}: array {level[key]} has shape {list(arr.shape)}, manifest says {level[shape_key]}"
+                )
     seen: dict[int, int] = {}
     for shard in m["shards"]:
         s = shard["index"]
@@ -116,6 +121,21 @@ def _verify_store(root: Path, cache: dict, fp: str, entry: dict, progress) -> li
             f"{where}: {len(missing)} of {cache['num_shards']} shard(s) not done ({head}); "
             f"re-run `sak-cache run` to finish"
         )
+    return problems
+
+
+def _verify_wds_layout(store_dir: Path, m: dict, where: str) -> list[str]:
+    """WebDataset store: every done shard's tar holds this cache's sample keys in order with every
+    member (headers only; the sha256 check covers the bytes)."""
+    from sak.pipeline.store.wds import WdsTeacherStore
+
+    store = WdsTeacherStore(store_dir, m["codec"], m["shard_size"])
+    blocks = [lv["block"] for lv in m["levels"]]
+    problems = []
+    for shard in m["shards"]:
+        problems += [
+            f"{where}: shard {shard['index']}: {p}" for p in store.check_shard(shard["index"], blocks)
+        ]
     return problems
 
 
@@ -160,8 +180,9 @@ def describe_cache(cache_dir: str | Path) -> str:
         blocks = ",".join(str(lv["block"]) for lv in m["levels"])
         shape = "x".join(str(v) for v in m["levels"][0]["shape"][1:]) if m["levels"] else "-"
         done = f"{len(m['shards'])}/{cache['num_shards']}"
+        codec = f"{m['codec']}/{m.get('format', 'zarr')}"  # e.g. fp16/zarr, int8/wds
         lines.append(
-            f"{entry['teacher']:<12} {fp:<26} {blocks:<14} {shape:<15} {m['codec']:<5} {done:>9} "
+            f"{entry['teacher']:<12} {fp:<26} {blocks:<14} {shape:<15} {codec:<5} {done:>9} "
             f"{_human(nbytes):>10} {_human(nbytes / max(1, cache['num_views'])):>10}"
         )
         if m["weights"].get("random_init"):

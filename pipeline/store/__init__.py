@@ -1,1 +1,69 @@
-"""Cache stores: the Zarr backend (and, later, WebDataset) behind one small interface."""
+"""Cache stores: the Zarr and WebDataset backends behind one small interface.
+
+create_teacher_store(fmt, path, num_views, shard_size, grids, codec)   once, by the driver
+open_teacher_store(fmt, path, codec, shard_size)  .write_shard(shard, start, {block: (n, H, W, C)})
+                                                  -> {relpath: sha256}; .read(block, start, stop)
+level_records(fmt, codec, num_views, grids)       the manifest's "levels" entries
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sak.pipeline.errors import SakError
+
+STORE_FORMATS = ("zarr", "wds")
+
+
+def check_format(fmt: str) -> str:
+    if fmt not in STORE_FORMATS:
+        raise SakError(f"unknown store format {fmt!r}; known formats: {', '.join(STORE_FORMATS)}")
+    return fmt
+
+
+def create_teacher_store(fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec) -> None:
+    """Create a store (grids: block -> (H, W, C)) with its final shapes; idempotent, refuses another layout."""
+    if check_format(fmt) == "wds":
+        from sak.pipeline.store.wds import create_wds_store
+
+        return create_wds_store(path, num_views, shard_size, grids, codec)
+    from sak.pipeline.store.zarr import create_store
+
+    return create_store(path, num_views, shard_size, grids, codec)
+
+
+def open_teacher_store(fmt: str, path: str | Path, codec: str, shard_size: int):
+    """A ZarrTeacherStore or WdsTeacherStore (same write_shard/read/read_rows/read_shard contract)."""
+    if check_format(fmt) == "wds":
+        from sak.pipeline.store.wds import WdsTeacherStore
+
+        return WdsTeacherStore(path, codec, shard_size)
+    from sak.pipeline.store.zarr import ZarrTeacherStore
+
+    return ZarrTeacherStore(path, codec, shard_size)
+
+
+def level_records(fmt: str, codec, num_views: int, grids: dict[int, tuple[int, int, int]]) -> list[dict]:
+    """One manifest entry per level: where its values (and scales) are, shapes, dtypes, codec."""
+    out = []
+    for b, (h, w, c) in sorted(grids.items()):
+        rec = {"block": int(b)}
+        rec["array" if check_format(fmt) == "zarr" else "member"] = (
+            f"levels/{b}" if fmt == "zarr" else f"<samplekey>.{b}.npy"
+        )
+        rec.update(
+            {
+                "shape": [num_views, h, w, c],
+                "dtype": codec.true_dtype,
+                "store_dtype": codec.store_dtype,
+                "codec": codec.name,
+            }
+        )
+        if codec.scaled:
+            rec["scales" if fmt == "zarr" else "scales_member"] = (
+                f"scales/{b}" if fmt == "zarr" else f"<samplekey>.{b}.scales.npy"
+            )
+            rec["scales_shape"] = [num_views, *codec.scale_shape(h, w, c)]
+            rec["scales_dtype"] = "float16"
+        out.append(rec)
+    return out

@@ -1,18 +1,25 @@
-"""Zarr v3 teacher store: one array `levels/<block>` of shape (views, H, W, C) per tapped level.
+"""Zarr v3 teacher store: one array `levels/<block>` of shape (views, H, W, C) per tapped level, plus
+`scales/<block>` for quantised codecs (int8, fp8; see codecs.py).
 
-One sample per inner chunk (random access to a view), `shard_size` samples per shard file, Blosc-zstd with
-byte shuffle. Arrays are created once, by the driver, with their final shape; afterwards each shard file is
-written whole by exactly one task (concurrent writers inside one shard lose data). Float arrays are filled
-with NaN, so a chunk that was never written cannot pass for data. bfloat16 is stored as uint16 bits with
-the true dtype in the array attributes.
+One sample per inner chunk (random access to a view), `shard_size` samples per shard file, Blosc-zstd
+(byte shuffle for multi-byte values, none for one-byte ones). Arrays are created once, by the driver, with
+their final shape; afterwards each shard file is written whole by exactly one task (concurrent writers
+inside one shard lose data). Arrays are filled with NaN (or its bit pattern: bf16 and fp8 are stored as
+uint16/uint8 bits), so a chunk that was never written cannot pass for data; int8 has no NaN, and its holes
+show through the NaN fill of its scales. The true dtype and the codec are in the array attributes.
 
 Layout of one store (`teachers/<fingerprint>/`):
-  zarr.json                 group metadata
-  levels/<block>/zarr.json  array metadata (attributes: block, codec, true_dtype)
-  levels/<block>/c/<s>/0/0/0  shard file s
-  manifest.json             see manifest.py
-  shards.jsonl              journal of completed shards (append-only; fsynced)
-  stats/<s>.npy             per-shard channel sums for the feature statistics
+  zarr.json                    group metadata
+  levels/<block>/zarr.json     array metadata (attributes: block, codec, true_dtype, codec_spec)
+  levels/<block>/c/<s>/0/0/0   shard file s of the values
+  scales/<block>/...           quantised codecs only: float16 (views, H, W, G) or (views, 1, 1, C)
+  manifest.json                see manifest.py
+  shards.jsonl                 journal of completed shards (append-only; fsynced)
+  stats/<s>.npy                per-shard channel sums for the feature statistics
+
+Read without project code (int8 per group of G channels):
+  v = group["levels/11"][i]; s = group["scales/11"][i]                  # (H, W, C) int8, (H, W, C/G) fp16
+  x = v.reshape(*s.shape, -1) * s[..., None].astype("float32")          # -> reshape(H, W, C)
 """
 
 from __future__ import annotations
@@ -25,41 +32,74 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from sak.pipeline.codecs import Codec, get_codec
+from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import sha256_file
 
 FORMAT = "zarr"
 
 
+def _compressor(codec: Codec | None) -> BloscCodec:
+    if codec is None:  # scales: float16
+        return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=2)
+    return BloscCodec(cname="zstd", clevel=3, shuffle=codec.blosc_shuffle, typesize=codec.bytes_per_value)
+
+
+def _require_array(
+    parent: zarr.Group, name: str, shape: tuple, dtype: str, fill, compressor, attributes: dict, where: str
+) -> None:
+    if name in parent.array_keys():
+        existing = parent[name]
+        if existing.shape != shape or existing.dtype != np.dtype(dtype):
+            raise SakError(
+                f"{where} exists with shape {existing.shape} {existing.dtype}, expected {shape} {dtype}; "
+                f"the store belongs to another run, delete it"
+            )
+        return
+    parent.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=(1, *shape[1:]),  # one sample per inner chunk: random access to a view
+        shards=(attributes.pop("shard_size"), *shape[1:]),  # many samples per file: big sequential reads
+        compressors=compressor,
+        fill_value=fill,
+        dimension_names=("view", "y", "x", "channel"),
+        attributes=attributes,
+        config={"write_empty_chunks": True},
+    )
+
+
 def create_store(
     path: Path, num_views: int, shard_size: int, grids: dict[int, tuple[int, int, int]], codec: Codec
 ) -> None:
-    """Create the group and one array per level (block -> (H, W, C)) with final shapes; idempotent."""
+    """Create the group and the arrays of every level (block -> (H, W, C)) with final shapes; idempotent."""
     group = zarr.open_group(str(path), mode="a", zarr_format=3)
     levels = group.require_group("levels")
-    fill = float("nan") if codec.store_dtype.startswith("float") else 0
+    scales = group.require_group("scales") if codec.scaled else None
     for block, (h, w, c) in grids.items():
-        if str(block) in levels.array_keys():
-            existing = levels[str(block)]
-            if existing.shape != (num_views, h, w, c) or existing.dtype != np.dtype(codec.store_dtype):
-                raise SakError(
-                    f"{path}/levels/{block} exists with shape {existing.shape} {existing.dtype}, expected "
-                    f"{(num_views, h, w, c)} {codec.store_dtype}; the store belongs to another run, delete it"
-                )
-            continue
-        levels.create_array(
+        attrs = {"block": int(block), "codec": codec.name, "true_dtype": codec.true_dtype}
+        _require_array(
+            levels,
             str(block),
-            shape=(num_views, h, w, c),
-            dtype=codec.store_dtype,
-            chunks=(1, h, w, c),  # one sample per inner chunk: random access to a view
-            shards=(shard_size, h, w, c),  # many samples per file: few files, big sequential reads
-            compressors=BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=codec.bytes_per_value),
-            fill_value=fill,
-            dimension_names=("view", "y", "x", "channel"),
-            attributes={"block": int(block), "codec": codec.name, "true_dtype": codec.true_dtype},
-            config={"write_empty_chunks": True},
+            (num_views, h, w, c),
+            codec.store_dtype,
+            codec.fill_value,
+            _compressor(codec),
+            {**attrs, "codec_spec": codec.describe(), "shard_size": shard_size},
+            f"{path}/levels/{block}",
         )
+        if scales is not None:
+            _require_array(
+                scales,
+                str(block),
+                (num_views, *codec.scale_shape(h, w, c)),
+                SCALE_DTYPE,
+                float("nan"),
+                _compressor(None),
+                {**attrs, "role": "scales", "granularity": codec.granularity, "shard_size": shard_size},
+                f"{path}/scales/{block}",
+            )
 
 
 class ZarrTeacherStore:
@@ -69,21 +109,22 @@ class ZarrTeacherStore:
         self.path = Path(path)
         self.codec = get_codec(codec)
         self.shard_size = shard_size
-        self._arrays: dict[int, zarr.Array] = {}
+        self._arrays: dict[tuple[str, int], zarr.Array] = {}
 
-    def array(self, block: int) -> zarr.Array:
-        if block not in self._arrays:
-            self._arrays[block] = zarr.open_array(str(self.path / "levels" / str(block)), mode="r+")
-        return self._arrays[block]
+    def array(self, block: int, kind: str = "levels") -> zarr.Array:
+        """The values (`kind="levels"`) or scales (`kind="scales"`) array of one level."""
+        if (kind, block) not in self._arrays:
+            self._arrays[kind, block] = zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+        return self._arrays[kind, block]
 
-    def shard_file(self, block: int, shard: int) -> str:
+    def shard_file(self, block: int, shard: int, kind: str = "levels") -> str:
         """Path of a shard file relative to the store, from the array's own chunk-key encoding."""
-        key = self.array(block).metadata.encode_chunk_key((shard, 0, 0, 0))
-        return f"levels/{block}/{key}"
+        key = self.array(block, kind).metadata.encode_chunk_key((shard, 0, 0, 0))
+        return f"{kind}/{block}/{key}"
 
     def write_shard(self, shard: int, start: int, levels: dict[int, torch.Tensor]) -> dict[str, str]:
         """Write rows [start, start + n) of every level (block -> (n, H, W, C) float) as whole shard
-        files, then return {relative file: sha256} of what is now on disk."""
+        files (values, and scales for quantised codecs), then return {relative file: sha256} of them."""
         if start != shard * self.shard_size:
             raise ValueError(f"shard {shard} must start at {shard * self.shard_size}, not {start}")
         files = {}
@@ -94,20 +135,48 @@ class ZarrTeacherStore:
                 raise ValueError(
                     f"shard {shard} of level {block} must hold whole shard rows, got {feats.shape[0]}"
                 )
-            arr[start:stop] = self.codec.encode(feats.cpu())
-            rel = self.shard_file(block, shard)
-            files[rel] = sha256_file(self.path / rel)
+            enc = self.codec.encode_parts(feats)
+            arr[start:stop] = enc.values
+            kinds = ["levels"]
+            if enc.scales is not None:
+                self.array(block, "scales")[start:stop] = enc.scales
+                kinds.append("scales")
+            for kind in kinds:
+                rel = self.shard_file(block, shard, kind)
+                files[rel] = sha256_file(self.path / rel)
         return files
+
+    # ------------------------------------------------------------------------------------------ read
+
+    def read_encoded(self, block: int, start: int, stop: int) -> Encoded:
+        """Rows [start, stop) of one level as stored: values (n, H, W, C) and scales (or None)."""
+        scales = self.array(block, "scales")[start:stop] if self.codec.scaled else None
+        return Encoded(self.array(block)[start:stop], scales)
+
+    def read_encoded_rows(self, block: int, rows: np.ndarray) -> Encoded:
+        """Arbitrary rows as stored (sort them within a shard: each selection re-reads the shard index)."""
+        sel = (rows, slice(None), slice(None), slice(None))
+        scales = self.array(block, "scales").get_orthogonal_selection(sel) if self.codec.scaled else None
+        return Encoded(self.array(block).get_orthogonal_selection(sel), scales)
 
     def read(self, block: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one level, decoded to float32 (n, H, W, C)."""
-        return self.codec.decode(self.array(block)[start:stop])
+        return self.codec.decode(*self.read_encoded(block, start, stop))
 
     def read_rows(self, block: int, rows: np.ndarray) -> torch.Tensor:
         """Arbitrary rows (sorted for speed within a shard) decoded to float32 (n, H, W, C)."""
-        return self.codec.decode(
-            self.array(block).get_orthogonal_selection((rows, slice(None), slice(None), slice(None)))
-        )
+        return self.codec.decode(*self.read_encoded_rows(block, rows))
+
+    def blocks(self) -> list[int]:
+        return sorted(int(k) for k in zarr.open_group(str(self.path / "levels"), mode="r").array_keys())
+
+    def read_shard(self, shard: int) -> dict[int, torch.Tensor]:
+        """Every level of one shard, decoded to float32: {block: (n, H, W, C)}."""
+        out = {}
+        for block in self.blocks():
+            start = shard * self.shard_size
+            out[block] = self.read(block, start, min(start + self.shard_size, self.array(block).shape[0]))
+        return out
 
 
 def num_shards(num_views: int, shard_size: int) -> int:

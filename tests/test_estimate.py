@@ -1,0 +1,120 @@
+"""`sak-cache estimate`: MACs counted from the architecture agree with torch's FLOP counter and with
+DESIGN §6, bytes agree with what a real extraction writes, and the CLI prints the table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sak.cli.cache import main as cache_main
+from sak.pipeline.estimate import (
+    EstimateConfig,
+    estimate,
+    measured_store_bytes,
+    stored_bytes_per_view,
+    teacher_macs,
+)
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.teachers import WeightsChoice, build_model, get_teacher
+
+SIZE = 64
+
+
+@pytest.mark.parametrize("name", ["dinov2_tiny", "clip_tiny", "sam_tiny"])
+def test_macs_equal_torch_flop_counter(name):
+    """Same architecture code path as extraction (timm forward_intermediates, stop_early): exact count,
+    including SAM's windowed blocks, their padding and the decomposed relative positions."""
+    spec = get_teacher(name)
+    model = build_model(spec, WeightsChoice("random"), SIZE)
+    side = spec.model_input_side(SIZE)
+    with FlopCounterMode(display=False) as counter:
+        model.forward_intermediates(
+            torch.zeros(1, 3, side, side),
+            indices=list(spec.levels),
+            norm=False,
+            stop_early=True,
+            intermediates_only=True,
+        )
+    linear, attention = teacher_macs(spec, SIZE)
+    assert linear + attention == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
+
+
+def test_macs_match_design_section_6():
+    """DESIGN §6 quotes patch embed + linear layers (221G, 221G, 1308G); attention adds 12-14%."""
+    for name, design in (("dinov2_l", 221e9), ("clip_l", 221e9), ("sam_l", 1308e9)):
+        linear, attention = teacher_macs(get_teacher(name), 384)
+        assert linear == pytest.approx(design, rel=0.01), name
+        assert 0.10 < attention / linear < 0.15, name
+    linear, attention = teacher_macs(get_teacher("dinov2_l"), 384, blocks_run=12)  # --levels 0,1: stop early
+    assert linear + attention < 0.51 * sum(teacher_macs(get_teacher("dinov2_l"), 384))
+
+
+def test_bytes_per_view_from_grids_levels_and_codec():
+    # DESIGN §6: ~45 MB per view raw fp16 at native grids, SAM alone ~33 MB
+    est = estimate(
+        EstimateConfig(("dinov2_l", "clip_l", "sam_l"), images=10, views_per_image=1, compression=1.0)
+    )
+    raw = {t.name: t.raw_bytes_per_view for t in est.teachers}
+    assert raw["sam_l"] == 4 * 64 * 64 * 1024 * 2 and raw["dinov2_l"] == 4 * 27 * 27 * 1024 * 2
+    assert 44e6 < sum(raw.values()) < 46e6
+    raw8, _ = stored_bytes_per_view(24, 24, 1024, 2, "int8", 1.0, "zarr")
+    assert raw8 == 2 * 24 * 24 * (1024 + 2 * 1024 // 32)  # values + one fp16 scale per 32 channels
+    small = estimate(EstimateConfig(("sam_l",), images=10, grid="student", levels="-1", codec="int8"))
+    assert small.teachers[0].grid == (24, 24) and small.teachers[0].blocks == (23,)
+    assert small.target_bytes_per_view < est.target_bytes_per_view / 50
+
+
+def test_estimate_is_within_10_percent_of_a_real_run(ray_local, photo_dir, tmp_path):
+    out = tmp_path / "cache"
+    teachers = ("dinov2_tiny", "sam_tiny")
+    for codec in ("fp16", "int8"):
+        cfg = ExtractConfig(
+            source=str(photo_dir),
+            out=str(out),
+            teachers=teachers,
+            views_per_image=2,
+            size=SIZE,
+            shard_size=4,
+            batch_size=6,
+            codec=codec,
+            progress=False,
+        )
+        run_extraction(cfg)
+        meta = json.loads((out / "cache.json").read_text())
+        est = estimate(
+            EstimateConfig(teachers, size=SIZE, views_per_image=2, codec=codec, source=str(photo_dir))
+        )
+        assert est.num_views == meta["num_views"] == 12
+        for t in est.teachers:
+            store = next(
+                out / e["path"]
+                for e in meta["stores"].values()
+                if e["teacher"] == t.name and e["codec"] == codec
+            )
+            written = measured_store_bytes(store)
+            predicted = t.bytes_per_view * est.num_views
+            assert abs(predicted / written - 1) < 0.10, (codec, t.name, predicted, written)
+
+
+def test_cli_prints_the_table(capsys, tmp_path):
+    argv = [
+        "estimate",
+        "--teachers",
+        "dinov2_l,clip_l,sam_l",
+        "--images",
+        "1281167",
+        "--views-per-image",
+        "1",
+    ]
+    assert cache_main([*argv, "--json", str(tmp_path / "e.json")]) == 0
+    text = capsys.readouterr().out
+    for word in ("dinov2_l", "sam_l", "GPU-h", "TB", "samples/s"):
+        assert word in text
+    data = json.loads((tmp_path / "e.json").read_text())
+    assert data["num_views"] == 1281167 and 40e12 < data["target_bytes"] < 70e12
+    assert cache_main([*argv, "--gpu", "tpu9"]) == 2
+    assert "known: a10, a100" in capsys.readouterr().err
+    assert cache_main(["estimate", "--teachers", "clip_l"]) == 2  # neither --source nor --images
