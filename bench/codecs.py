@@ -219,19 +219,13 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
     except ImportError as e:
         print(f"effect on training: skipped, sak.student.train is not importable ({e})")
         return []
-    try:  # Rep Sim of a saved student on another cache (the trainer's module layout is still moving)
-        from sak.student.evaluate import repsim_of_checkpoint
-    except ImportError:
-        try:
-            from sak.student.train import repsim_of_checkpoint
-        except ImportError:
-            repsim_of_checkpoint = None
     import shutil
 
     import zarr
 
     from sak.pipeline.codecs import get_codec
     from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.student.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
 
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -268,10 +262,7 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
         run = workdir / f"run-{name}-{seed}"
         cfg = Stage1Config.debug(str(cache), str(run), steps=steps, seed=seed, report_repsim=False)
         res = train_stage1(cfg)
-        if repsim_of_checkpoint is not None:
-            rs, _ = repsim_of_checkpoint(run, base)  # every student judged against the fp16 targets
-        else:  # judged against its own (lossy) targets
-            rs = res.repsim_after or {}
+        rs, _ = repsim_of_checkpoint(run, base)  # every student judged against the fp16 targets
         results.append({"codec": label, "repsim": rs, "final_loss": res.losses[-1] if res.losses else None})
     ref = results[0]["repsim"]
     for r in results:

@@ -33,8 +33,9 @@ def make_images(folder: Path, n: int) -> None:
         make_photo(i, 320 + (i * 37) % 200, 240 + (i * 53) % 160).save(folder / f"img{i:05d}.jpg", quality=90)
 
 
-def bare_loop(teachers: list[str], size: int, batch: int, views: int, random_init: bool, device: str,
-              threads: int) -> float:
+def bare_loop(
+    teachers: list[str], size: int, batch: int, views: int, random_init: bool, device: str, threads: int
+) -> float:
     """Views/s of only the teachers' forward on pre-decoded uint8 views (the ceiling for the pipeline)."""
     from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
 
@@ -43,10 +44,14 @@ def bare_loop(teachers: list[str], size: int, batch: int, views: int, random_ini
     loaded = []
     for name in teachers:
         spec = get_teacher(name)
-        choice = WeightsChoice("random", seed=0) if (random_init or spec.tiny) else WeightsChoice("pretrained")
+        choice = (
+            WeightsChoice("random", seed=0) if (random_init or spec.tiny) else WeightsChoice("pretrained")
+        )
         loaded.append(load_teacher(spec, choice, size, device=device))
-    inputs = {t.spec.name: torch.randint(0, 256, (batch, 3, *t.input_hw), dtype=torch.uint8, device=device)
-              for t in loaded}
+    inputs = {
+        t.spec.name: torch.randint(0, 256, (batch, 3, *t.input_hw), dtype=torch.uint8, device=device)
+        for t in loaded
+    }
     for t in loaded:  # warm-up
         t.forward_levels(inputs[t.spec.name])
     done, t0 = 0, time.perf_counter()
@@ -83,10 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         source = Path(args.source) if args.source else Path(tmp) / "images"
         if not args.source:
             make_images(source, args.images)
-        cfg = ExtractConfig(source=str(source), out=str(Path(tmp) / "cache"), teachers=tuple(teachers),
-                            views_per_image=args.views_per_image, size=args.size, shard_size=args.shard_size,
-                            batch_size=args.batch_size, limit=args.images, random_init=args.random_init,
-                            progress=False)
+        cfg = ExtractConfig(
+            source=str(source),
+            out=str(Path(tmp) / "cache"),
+            teachers=tuple(teachers),
+            views_per_image=args.views_per_image,
+            size=args.size,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            limit=args.images,
+            random_init=args.random_init,
+            progress=False,
+        )
         out = run_extraction(cfg)
         cache = read_cache(out)
         manifests = [read_store_manifest(out / e["path"]) for e in cache["stores"].values()]
@@ -99,13 +112,20 @@ def main(argv: list[str] | None = None) -> int:
             per_view[m["teacher"]["name"]] = nbytes / cache["num_views"]
     cpus = os.cpu_count() or 1
     threads = 1 if device == "cuda" else max(1, cpus // (2 * max(1, cpus // 2)))
-    bare_rate = bare_loop(teachers, args.size, args.batch_size, max(64, cache["num_views"]), args.random_init,
-                          device, threads)
+    bare_rate = bare_loop(
+        teachers, args.size, args.batch_size, max(64, cache["num_views"]), args.random_init, device, threads
+    )
     ratio = pipeline_rate / bare_rate
 
-    dev_name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, {cpus} cores)"
-    print(f"\nsak-cache extraction benchmark  device={dev_name}  teachers={','.join(teachers)}  "
-          f"views={cache['num_views']}  size={args.size}  batch={args.batch_size}")
+    dev_name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU ({platform.processor() or 'x86_64'}, {cpus} cores)"
+    )
+    print(
+        f"\nsak-cache extraction benchmark  device={dev_name}  teachers={','.join(teachers)}  "
+        f"views={cache['num_views']}  size={args.size}  batch={args.batch_size}"
+    )
     print(f"{'measure':<44} {'views/s':>10}")
     print("-" * 56)
     print(f"{'full pipeline (steady state, Ray)':<44} {pipeline_rate:>10.2f}")
@@ -116,11 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, b in per_view.items():
         print(f"{name:<14} {b:>18,.0f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "config": vars(args), "code_version": code_version(), "device": dev_name,
-            "pipeline_views_per_s": pipeline_rate, "pipeline_with_startup_views_per_s": tp["views_per_s"],
-            "bare_views_per_s": bare_rate, "efficiency": ratio, "bytes_per_view": per_view,
-        }, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "config": vars(args),
+                    "code_version": code_version(),
+                    "device": dev_name,
+                    "pipeline_views_per_s": pipeline_rate,
+                    "pipeline_with_startup_views_per_s": tp["views_per_s"],
+                    "bare_views_per_s": bare_rate,
+                    "efficiency": ratio,
+                    "bytes_per_view": per_view,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

@@ -18,7 +18,9 @@ def setup_logging(verbose: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = True  # tests capture via the root logger; the CLI root has no handler, so no duplicates
+    logger.propagate = (
+        True  # tests capture via the root logger; the CLI root has no handler, so no duplicates
+    )
 
 
 def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str) -> int:

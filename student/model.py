@@ -27,9 +27,10 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from sak.pipeline.errors import SakError
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
+
+from sak.pipeline.errors import SakError
 
 ADAPTER_REDUCTION = 4  # down-projection C -> C/4 (paper B.1)
 LEVEL_NORM_EPS = 1e-5  # per-level LayerNorm; note the ViT's own norms use 1e-6

@@ -9,7 +9,9 @@ from sak.cli.cache import main
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "sak.cli.cache", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "sak.cli.cache", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -17,7 +19,10 @@ def _run(*args):
     [
         (["--teachers", "dinov3_x", "--source", "."], "unknown teacher 'dinov3_x'; known teachers: clip_b"),
         (["--teachers", "clip_tiny", "--source", "/no/such/folder"], "source /no/such/folder does not exist"),
-        (["--teachers", "clip_tiny", "--source", ".", "--out", "/proc/sak-cannot-write"], "cannot write to output folder"),
+        (
+            ["--teachers", "clip_tiny", "--source", ".", "--out", "/proc/sak-cannot-write"],
+            "cannot write to output folder",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tmp_path, args, expect):
@@ -42,10 +47,28 @@ def test_help_teaches(capsys):
 
 def test_bad_weights_syntax_and_shard_size(tmp_path, capsys):
     out = str(tmp_path / "o")
-    assert main(["run", "--source", ".", "--out", out, "--teachers", "clip_tiny", "--weights", "clip_tiny"]) == 2
+    assert (
+        main(["run", "--source", ".", "--out", out, "--teachers", "clip_tiny", "--weights", "clip_tiny"]) == 2
+    )
     assert "NAME=PATH" in capsys.readouterr().err
-    assert main(["run", "--source", ".", "--out", out, "--teachers", "clip_tiny", "--views-per-image", "3",
-                 "--shard-size", "10"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                "--source",
+                ".",
+                "--out",
+                out,
+                "--teachers",
+                "clip_tiny",
+                "--views-per-image",
+                "3",
+                "--shard-size",
+                "10",
+            ]
+        )
+        == 2
+    )
     assert "multiple of --views-per-image 3" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+
 from sak.pipeline.errors import SakError
 from sak.student.checkpoint import (
     convert_paper_state_dict,

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sak.pipeline.errors import SakError
 from sak.student.losses import (
     distill_loss_reference,

@@ -8,6 +8,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+
 from sak.pipeline.errors import SakError
 from sak.student import model as model_mod
 from sak.student.model import (

@@ -1,0 +1,548 @@
+"""Stage-1 data: stream a cache's views and teacher targets to the student, shard-aware and resumable.
+
+    open_cache(CACHE, teachers)   cache.json + views.parquet + images/index.parquet + store manifests,
+                                  checked against each other (same views, dataset, plan, shards) -> CacheIndex
+    StreamPlan (order.py, pure)   which rows every batch holds, a function of (seed, epoch, rank, stream):
+        epoch e: training shards in a seeded order, dealt to slots (rank, stream) -> each slot owns whole
+                 shards; a slot's images are shuffled within windows of `shuffle_window` shards and cut to
+                 the same length L for every slot; image j is read at row j*K + e%K (view e mod K)
+        a slot's samples run on from one epoch into the next; batch i of a stream = its samples [iB, iB+B)
+        emission t of a rank = batch t // S of stream t % S (S streams per rank, one per loader worker)
+    BatchReader (in the workers)  stored bytes -> decode -> cut_view at the student size -> normalise;
+                                  each store's targets (Zarr or WebDataset) read as sorted rows within
+                                  each shard, kept as stored (fp16 stays fp16; int8/fp8 values + scales
+                                  are dequantised on the training device by decode_targets), batch order
+    CacheLoader (main process)    DataLoader(workers = streams); worker w yields emissions t0+w, t0+w+S, ...
+                                  which the DataLoader's round robin returns as t0, t0+1, ... in order, so a
+                                  resume at t0 (`load_state_dict`) gives exactly the uninterrupted batches
+
+Shards are written in sorted key order (class-sorted for ImageNet-style folders), so mixing comes from
+the per-epoch shard order, the windows, and batches drawing on several shards; widen `shuffle_window` for
+sorted datasets. The last `holdout_shards` shards are never trained on: Rep Sim is measured there.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sak.pipeline.codecs import get_codec
+from sak.pipeline.errors import SakError
+from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, read_cache, read_store_manifest
+from sak.pipeline.preprocess import ImageReader, decode_image
+from sak.pipeline.provenance import sha256_file
+from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher
+from sak.pipeline.views import ViewPlan, cut_view
+from sak.student.order import StreamPlan
+
+log = logging.getLogger("sak")
+
+NORMALIZATIONS = ("student", "imagenet")
+READABLE_FORMATS = ("zarr", "wds")
+
+# ------------------------------------------------------------------------------------------ the cache
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """One selected teacher store: where it is and what its levels look like."""
+
+    fingerprint: str
+    teacher: str  # registry name, e.g. "clip_tiny"; the student's adapter path has the same name
+    dim: int
+    path: Path
+    codec: str
+    format: str  # "zarr" | "wds"
+    blocks: tuple[int, ...]  # tapped block of each stored level, in the store's level order
+    positions: tuple[int, ...]  # which of the teacher's (and student's) 4 taps each stored level is
+    grids: tuple[tuple[int, int], ...]  # (H, W) of each level (the teacher's grid, or a resampled one)
+    manifest: dict = field(compare=False, repr=False)
+
+    @property
+    def side(self) -> int:
+        """Side of the view this teacher saw (the plan size, or SAM's fixed input)."""
+        return int(self.manifest["identity"]["input_size"][0])
+
+
+@dataclass
+class CacheIndex:
+    """A validated cache: per-image and per-row columns as numpy arrays (cheap to fork into workers)."""
+
+    root: Path
+    cache: dict
+    plan: ViewPlan
+    stores: list[StoreInfo]
+    shard_size: int  # rows per shard (a multiple of K)
+    num_views: int
+    num_shards: int
+    # per image j (rows j*K .. j*K+K-1)
+    image_shard: np.ndarray  # (N,) int64: which images/ tar
+    image_offset: np.ndarray  # (N,) int64
+    image_nbytes: np.ndarray  # (N,) int64
+    # per row
+    boxes: np.ndarray  # (V, 4) int64: x0, y0, x1, y1 in source pixels, half-open
+    flips: np.ndarray  # (V,) bool
+
+    @property
+    def views_per_image(self) -> int:
+        return self.plan.views_per_image
+
+    @property
+    def num_images(self) -> int:
+        return self.num_views // self.views_per_image
+
+    @property
+    def images_per_shard(self) -> int:
+        return self.shard_size // self.views_per_image
+
+
+def select_stores(cache: dict, teachers: tuple[str, ...] | list[str] | None, where: str) -> list[str]:
+    """Fingerprints of the stores to train on: each entry a teacher name or a store fingerprint; none
+    given = every store. Two stores of one teacher must be told apart by fingerprint."""
+    stores = cache["stores"]
+    if not stores:
+        raise SakError(f"{where} holds no teacher store yet; add one with `sak-cache run --out {where}`")
+    by_teacher: dict[str, list[str]] = {}
+    for fp, entry in stores.items():
+        by_teacher.setdefault(entry["teacher"], []).append(fp)
+    wanted = list(teachers) if teachers else list(by_teacher)
+    chosen: list[str] = []
+    for name in wanted:
+        if name in stores:
+            chosen.append(name)
+            continue
+        fps = by_teacher.get(name)
+        if not fps:
+            known = ", ".join(f"{e['teacher']} ({fp})" for fp, e in stores.items())
+            raise SakError(f"{where} has no store of teacher {name!r}; its stores: {known}")
+        if len(fps) > 1:
+            raise SakError(
+                f"{where} holds {len(fps)} stores of {name} ({', '.join(fps)}); choose one by passing its "
+                f"fingerprint in --teachers"
+            )
+        chosen.append(fps[0])
+    names = [stores[fp]["teacher"] for fp in chosen]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SakError(
+            f"--teachers selects two stores of {', '.join(dupes)}; the student has one path per teacher"
+        )
+    return chosen
+
+
+_AGREEMENT = (  # (manifest field, cache.json value, what it means)
+    ("views_sha256", lambda c: c["views"]["sha256"], "views.parquet digest (which views, in which order)"),
+    ("dataset_fingerprint", lambda c: c["dataset"]["fingerprint"], "dataset fingerprint"),
+    ("view_plan", lambda c: c["view_plan"], "view plan"),
+    ("num_views", lambda c: c["num_views"], "number of views"),
+    ("shard_size", lambda c: c["shard_size"], "shard size"),
+)
+
+
+def check_stores_agree(cache: dict, manifests: dict[str, dict], where: str) -> None:
+    """Every selected store must describe the cache's views in the cache's order and shard boundaries."""
+    items = list(manifests.items())
+    for key, from_cache, meaning in _AGREEMENT:
+        for (fp_a, a), (fp_b, b) in zip(items, items[1:]):
+            if a.get(key) != b.get(key):
+                raise SakError(
+                    f"teacher stores disagree on the {meaning} ({key}): {a['teacher']['name']} ({fp_a}) has "
+                    f"{a.get(key)!r}, {b['teacher']['name']} ({fp_b}) has {b.get(key)!r}; stores trained "
+                    f"together must come from one cache's views"
+                )
+        for fp, m in items:
+            if m.get(key) != from_cache(cache):
+                raise SakError(
+                    f"store {m['teacher']['name']} ({fp}) was computed with {meaning} {m.get(key)!r}, but "
+                    f"{where}/cache.json has {from_cache(cache)!r}; the store belongs to another cache"
+                )
+
+
+def open_cache(
+    cache_dir: str | Path, teachers: tuple[str, ...] | list[str] | None = None, require_complete: bool = True
+) -> CacheIndex:
+    """Read and cross-check a cache for training. `require_complete=False` (online training) accepts
+    stores still being extracted: only their manifests are used."""
+    root = Path(cache_dir).expanduser().resolve()
+    cache = read_cache(root)
+    fps = select_stores(cache, teachers, str(cache_dir))
+    manifests = {fp: read_store_manifest(root / cache["stores"][fp]["path"]) for fp in fps}
+    if require_complete:
+        for fp, m in manifests.items():
+            if not m["complete"]:
+                raise SakError(
+                    f"store {m['teacher']['name']} ({fp}) is incomplete ({len(m['shards'])} of "
+                    f"{cache['num_shards']} shards); finish it with `sak-cache run --out {cache_dir} "
+                    f"--teachers {m['teacher']['name']}`, or leave it out of --teachers"
+                )
+    check_stores_agree(cache, manifests, str(cache_dir))
+    views_path = root / VIEWS_FILE
+    if sha256_file(views_path) != cache["views"]["sha256"]:
+        raise SakError(
+            f"{views_path} does not match the digest in cache.json; the file changed (run `sak-cache verify`)"
+        )
+    plan = ViewPlan.from_dict(cache["view_plan"])
+    k, num_views, shard_size = plan.views_per_image, cache["num_views"], cache["shard_size"]
+    if shard_size % k:
+        raise SakError(f"{cache_dir}: shard size {shard_size} is not a multiple of {k} views per image")
+
+    views = pq.read_table(views_path)
+    index = pq.read_table(root / IMAGE_INDEX_FILE)
+    if views.num_rows != num_views or index.num_rows * k != num_views:
+        raise SakError(
+            f"{cache_dir}: {views.num_rows} views and {index.num_rows} images do not make {num_views} views "
+            f"of {k} per image; run `sak-cache verify`"
+        )
+    # the join: row j*K+v must be view v of image j of the index (image-major store order)
+    view_keys = np.asarray(views.column("key").to_numpy(zero_copy_only=False), dtype=object).reshape(-1, k)
+    image_keys = np.asarray(index.column("key").to_numpy(zero_copy_only=False), dtype=object)
+    view_idx = views.column("view").to_numpy().reshape(-1, k)
+    if not (view_keys == image_keys[:, None]).all() or not (view_idx == np.arange(k)[None, :]).all():
+        raise SakError(
+            f"{cache_dir}: views.parquet is not image-major in index order; run `sak-cache verify`"
+        )
+
+    stores = []
+    for fp, m in manifests.items():
+        levels = m["levels"]
+        taps = list(get_teacher(m["teacher"]["name"]).levels)
+        for lv in levels:
+            if int(lv["shape"][0]) != num_views:
+                raise SakError(f"store {fp}: level {lv['block']} has {lv['shape'][0]} rows, not {num_views}")
+            if int(lv["block"]) not in taps:
+                raise SakError(
+                    f"store {fp}: block {lv['block']} is not one of {m['teacher']['name']}'s taps {taps}"
+                )
+        if m["format"] not in READABLE_FORMATS:
+            raise SakError(
+                f"store {fp} has format {m['format']!r}; the loader reads {', '.join(READABLE_FORMATS)}"
+            )
+        stores.append(
+            StoreInfo(
+                fingerprint=fp,
+                teacher=m["teacher"]["name"],
+                dim=int(m["teacher"]["dim"]),
+                path=root / cache["stores"][fp]["path"],
+                codec=m["codec"],
+                format=m["format"],
+                blocks=tuple(int(lv["block"]) for lv in levels),
+                positions=tuple(taps.index(int(lv["block"])) for lv in levels),
+                grids=tuple((int(lv["shape"][1]), int(lv["shape"][2])) for lv in levels),
+                manifest=m,
+            )
+        )
+    boxes = np.stack([views.column(c).to_numpy().astype(np.int64) for c in ("x0", "y0", "x1", "y1")], axis=1)
+    return CacheIndex(
+        root=root,
+        cache=cache,
+        plan=plan,
+        stores=stores,
+        shard_size=shard_size,
+        num_views=num_views,
+        num_shards=cache["num_shards"],
+        image_shard=index.column("image_shard").to_numpy().astype(np.int64),
+        image_offset=index.column("offset").to_numpy().astype(np.int64),
+        image_nbytes=index.column("nbytes").to_numpy().astype(np.int64),
+        boxes=boxes,
+        flips=views.column("flip").to_numpy(zero_copy_only=False).astype(bool),
+    )
+
+
+def input_normalization(mode: str, student: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the student's input: "student" = its timm pretrained_cfg, "imagenet" = ImageNet's
+    (what the paper's code fed every model)."""
+    if mode == "imagenet":
+        return IMAGENET_MEAN, IMAGENET_STD
+    if mode != "student":
+        raise SakError(f"unknown normalization {mode!r}; use one of {', '.join(NORMALIZATIONS)}")
+    from sak.student.model import student_normalization
+
+    return student_normalization(student)
+
+
+def check_image_size(image_size: int, plan: ViewPlan) -> None:
+    if image_size != plan.size:
+        raise SakError(
+            f"the student takes {image_size}px input but the cache's views are {plan.size}px; cached targets "
+            f"belong to those views: train at {plan.size}px or extract a cache with --size {image_size}"
+        )
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _to_tensors(
+    codec, values: np.ndarray, scales: np.ndarray | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stored arrays -> tensors without widening: fp16 stays fp16 (and int8/fp8 one byte) until the
+    training device decodes them (`decode_targets`)."""
+    if hasattr(codec, "to_torch"):
+        return codec.to_torch(values, scales)
+    values = np.ascontiguousarray(values)
+    if codec.true_dtype == "bfloat16":  # kept as uint16 bits
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16), None
+    return torch.from_numpy(values), None
+
+
+def _is_scaled(codec) -> bool:
+    return bool(getattr(codec, "scaled", False))
+
+
+def decode_targets(
+    batch: dict, stores: list[StoreInfo], device: torch.device | str
+) -> dict[str, list[torch.Tensor]]:
+    """A batch's stored targets -> {teacher: [(B, H, W, C)]} on `device`. Float codecs move as stored (the
+    loss widens them); quantised ones (values and scales) are dequantised there, to float32."""
+    scales = batch.get("target_scales", {})
+    out = {}
+    for store in stores:
+        values = batch["targets"][store.teacher]
+        if store.teacher in scales:
+            codec = get_codec(store.codec)
+            out[store.teacher] = [
+                codec.decode_torch(v, sc, device=device, dtype=torch.float32)
+                for v, sc in zip(values, scales[store.teacher])
+            ]
+        else:
+            out[store.teacher] = [v.to(device, non_blocking=True) for v in values]
+    return out
+
+
+def _check_finite(t: torch.Tensor, store: StoreInfo, block: int, rows: np.ndarray, root: Path) -> None:
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return
+    bad = int(rows[int(torch.nonzero(~torch.isfinite(t.flatten(1).float()).all(1))[0])])
+    raise SakError(
+        f"store {store.teacher} ({store.fingerprint}) level {block} row {bad} is not finite: a hole or "
+        f"corruption; run `sak-cache verify {root}`"
+    )
+
+
+class BatchReader:
+    """Builds batches from cache rows. Files and arrays open lazily, so it is safe to fork into workers.
+
+    image_size: student input side (must equal the view size); mean/std: the student's normalisation.
+    with_targets: read every store's targets. view_sides: also return uint8 views at these sides (online
+    teachers: the plan size, and SAM's fixed side), cut from the source like extraction did.
+    """
+
+    def __init__(
+        self,
+        index: CacheIndex,
+        image_size: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        with_targets: bool = True,
+        view_sides: tuple[int, ...] = (),
+    ) -> None:
+        check_image_size(image_size, index.plan)
+        self.index = index
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.with_targets = with_targets
+        self.view_sides = tuple(sorted(set(view_sides)))
+        self._images: ImageReader | None = None
+        self._arrays: dict[tuple[str, int], object] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_images"], state["_arrays"] = None, {}  # open files and arrays never cross processes
+        return state
+
+    def reopen(self) -> None:
+        """Drop file handles inherited through fork: a forked descriptor shares its seek offset with the
+        parent's, so concurrent seek+read pairs would interleave."""
+        if self._images is not None:
+            self._images.close()  # closes this process's copies only
+        self._images, self._arrays = None, {}
+
+    def _array(self, store: StoreInfo, block: int, kind: str = "levels"):
+        key = (store.fingerprint, block, kind)
+        if key not in self._arrays:
+            import zarr
+
+            self._arrays[key] = zarr.open_array(str(store.path / kind / str(block)), mode="r")
+        return self._arrays[key]
+
+    def _read_encoded(
+        self, store: StoreInfo, block: int, rows: np.ndarray, scaled: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sorted unique rows of one level as stored: values (n, H, W, C) and scales (or None)."""
+        if store.format == "wds":
+            from sak.pipeline.store.wds import WdsTeacherStore
+
+            key = (store.fingerprint, -1, "wds")
+            if key not in self._arrays:
+                self._arrays[key] = WdsTeacherStore(store.path, store.codec, self.index.shard_size)
+            enc = self._arrays[key].read_encoded_rows(block, rows)  # groups rows by shard itself
+            return enc.values, enc.scales
+        # one sorted selection per shard: the shard index is read once, not once per sample
+        parts = np.split(rows, np.flatnonzero(np.diff(rows // self.index.shard_size)) + 1)
+        sel = [(part, slice(None), slice(None), slice(None)) for part in parts]
+        values = np.concatenate([self._array(store, block).get_orthogonal_selection(x) for x in sel])
+        if not scaled:
+            return values, None
+        arr = self._array(store, block, "scales")
+        return values, np.concatenate([arr.get_orthogonal_selection(x) for x in sel])
+
+    def read_targets(
+        self, rows: np.ndarray
+    ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+        """({teacher: [(B, H, W, C) values per level]}, {teacher: [scales per level]} for quantised codecs),
+        rows in the given order, values in the stored dtype (see decode_targets)."""
+        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted; a row twice is read once
+        inv = torch.from_numpy(inverse)
+        values_out: dict[str, list[torch.Tensor]] = {}
+        scales_out: dict[str, list[torch.Tensor]] = {}
+        for store in self.index.stores:
+            codec = get_codec(store.codec)
+            scaled = _is_scaled(codec)
+            for block in store.blocks:
+                v, sc = _to_tensors(codec, *self._read_encoded(store, block, uniq, scaled))
+                for t in (v, sc):
+                    if t is not None:
+                        _check_finite(t, store, block, uniq, self.index.root)
+                values_out.setdefault(store.teacher, []).append(v[inv])  # (B, H, W, C)
+                if scaled:
+                    scales_out.setdefault(store.teacher, []).append(sc[inv])
+        return values_out, scales_out
+
+    def read_views(self, rows: np.ndarray, sides: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """{side: (B, 3, side, side) uint8}: one decode per distinct image, cut_view per row and side."""
+        idx = self.index
+        if self._images is None:
+            self._images = ImageReader(idx.root)
+        out = {s: torch.empty((len(rows), 3, s, s), dtype=torch.uint8) for s in sides}
+        decoded: dict[int, torch.Tensor] = {}
+        for i, row in enumerate(rows.tolist()):
+            j = row // idx.views_per_image
+            if j not in decoded:
+                data = self._images.read(
+                    int(idx.image_shard[j]), int(idx.image_offset[j]), int(idx.image_nbytes[j])
+                )
+                decoded[j] = decode_image(data)  # (3, H, W) uint8
+            box = tuple(int(v) for v in idx.boxes[row])
+            for s in sides:
+                out[s][i] = cut_view(decoded[j], box, bool(idx.flips[row]), (s, s))
+        return out
+
+    def normalize(self, views_u8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> float32 student input."""
+        return (views_u8.float().div_(255.0) - self.mean) / self.std
+
+    def read(self, rows: np.ndarray) -> dict:
+        """A batch: rows (B,), images (B, 3, S, S) float32, targets (if with_targets), views (if sides)."""
+        sides = tuple(sorted({self.image_size, *self.view_sides}))
+        views = self.read_views(rows, sides)
+        batch: dict = {
+            "rows": torch.from_numpy(rows.astype(np.int64)),
+            "images": self.normalize(views[self.image_size]),
+        }
+        if self.view_sides:
+            batch["views"] = {s: views[s] for s in self.view_sides}
+        if self.with_targets:
+            batch["targets"], scales = self.read_targets(rows)
+            if scales:
+                batch["target_scales"] = scales
+        return batch
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+class CacheStream(IterableDataset):
+    """Endless batches of one rank from emission `start` on. In DataLoader worker w of S: emissions
+    start+w, start+w+S, ... (always the same stream, so the same shards); without workers: all of them."""
+
+    def __init__(self, plan: StreamPlan, reader: BatchReader, start: int = 0) -> None:
+        self.plan, self.reader, self.start = plan, reader, start
+
+    def batch(self, t: int) -> dict:
+        rows, epochs = self.plan.batch(t)
+        out = self.reader.read(rows)
+        out["epochs"] = torch.from_numpy(epochs)
+        out["index"] = t
+        out["stream"] = t % self.plan.streams
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        workers, wid = (1, 0) if info is None else (info.num_workers, info.id)
+        if info is not None:
+            self.reader.reopen()
+        if self.plan.streams % workers:
+            raise RuntimeError(f"{workers} loader workers cannot split {self.plan.streams} streams evenly")
+        t = self.start + wid
+        while True:
+            yield self.batch(t)
+            t += workers
+
+
+class CacheLoader:
+    """The training loader of one rank: endless batches in a fixed order, resumable exactly.
+
+    Iterating yields batch dicts (see BatchReader.read, plus `index`, `epochs`, `stream`); `state_dict()`
+    counts the batches handed out, `load_state_dict()` restarts right after them.
+    """
+
+    def __init__(
+        self,
+        plan: StreamPlan,
+        reader: BatchReader,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
+    ) -> None:
+        if num_workers and num_workers != plan.streams:
+            num_workers = plan.streams  # one worker per stream: each worker owns its stream's shards
+        self.plan, self.reader, self.num_workers = plan, reader, num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.consumed = 0  # batches handed to the trainer
+
+    @property
+    def epoch(self) -> float:
+        """Epochs of data handed out so far (each slot advances one batch per `streams` emissions)."""
+        return self.consumed * self.plan.batch_size / (self.plan.streams * self.plan.epoch_length)
+
+    def state_dict(self) -> dict:
+        return {"batches": self.consumed, "plan": self.plan.identity()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["plan"] != self.plan.identity():
+            mine, theirs = self.plan.identity(), state["plan"]
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise SakError(
+                f"the saved loader state belongs to another data order (differs in {', '.join(diff)}); "
+                f"resume with the run's own cache, seed, batch size, world size and --num-workers"
+            )
+        self.consumed = int(state["batches"])
+
+    def __iter__(self) -> Iterator[dict]:
+        dataset = CacheStream(self.plan, self.reader, start=self.consumed)
+        kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **kwargs
+        )
+        for batch in loader:
+            if batch["index"] != self.consumed:  # the DataLoader's round robin is what makes resume exact
+                raise RuntimeError(f"loader returned batch {batch['index']}, expected {self.consumed}")
+            self.consumed += 1
+            yield batch
+
+
+def eval_batches(
+    reader: BatchReader, rows: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1
+) -> Iterator[dict]:
+    """Batches over a fixed row list (held-out views), this rank's contiguous part, in the main process."""
+    mine = np.array_split(rows, world_size)[rank]
+    for i in range(0, len(mine), batch_size):
+        yield reader.read(mine[i : i + batch_size])

@@ -1,0 +1,125 @@
+"""Rep Sim: how close the student's maps are to its teachers' targets (mean per-token cosine, averaged
+over levels and images), on a cache's held-out shards. `evaluate_repsim` is the measurement the training
+loop calls every `eval_every` steps; `repsim_of_checkpoint` measures a saved student (a run folder or a
+student .safetensors) outside training, for `sak-train repsim` and the benchmarks. Kept apart from the
+training loop so that measuring needs none of it (this module does not import student/train.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from sak.pipeline.errors import SakError
+from sak.pipeline.manifest import read_cache
+from sak.pipeline.provenance import read_json
+from sak.student.checkpoint import RUN_CONFIG, checkpoint_dir, load_student
+from sak.student.data import BatchReader, StoreInfo, eval_batches, input_normalization, open_cache
+from sak.student.distributed import DistEnv, all_reduce_sum
+from sak.student.losses import rep_sim_by_teacher
+from sak.student.model import SakStudent
+from sak.student.online import OnlineTeachers, cached_targets, stored_levels
+from sak.student.order import holdout_rows
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate_repsim(
+    model: SakStudent,
+    batches: Iterator[dict],
+    targets_of: Callable[[dict], dict[str, list[torch.Tensor]]],
+    stores: list[StoreInfo],
+    device: torch.device,
+    env: DistEnv | None = None,
+) -> tuple[dict[str, float], int]:
+    """Rep Sim per teacher (mean per-token cosine, averaged over levels and images) and the view count,
+    summed over ranks."""
+    was_training = model.training
+    model.eval()
+    names = model.teacher_names
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # per teacher, then count
+    for batch in batches:
+        images = batch["images"].to(device, non_blocking=True)
+        with _autocast(device):
+            maps = stored_levels(model(images).distill_maps, stores)
+        sims = rep_sim_by_teacher(maps, targets_of(batch))
+        n = images.shape[0]
+        sums += torch.stack(
+            [*(sims[t].double() * n for t in names), torch.tensor(n, dtype=torch.float64, device=device)]
+        )
+    model.train(was_training)
+    if env is not None:
+        sums = all_reduce_sum(sums, env)
+    count = int(sums[-1].item())  # note: host-device sync
+    return ({t: float(sums[i] / max(count, 1)) for i, t in enumerate(names)}, count)
+
+
+# ------------------------------------------------------------------------------------------ Rep Sim only
+
+
+def student_file(checkpoint: str | Path) -> Path:
+    """A run folder (its latest checkpoint) or a student .safetensors file."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        return checkpoint_dir(path) / "student.safetensors"
+    return path
+
+
+def repsim_of_checkpoint(
+    checkpoint: str | Path,
+    cache: str | Path,
+    *,
+    teachers: tuple[str, ...] = (),
+    holdout_shards: int | None = None,
+    normalization: str | None = None,
+    batch_size: int = 32,
+    online: bool = False,
+    device: str | None = None,
+) -> tuple[dict[str, float], int]:
+    """Rep Sim per teacher of a saved student on a cache's held-out shards. Settings not given come from
+    the run's config.json when `checkpoint` is a run folder (else: 1 held-out shard, "student")."""
+    run_cfg = None  # the run's recorded Stage1Config fields (missing ones take Stage1Config's defaults)
+    if Path(checkpoint).is_dir() and (Path(checkpoint) / RUN_CONFIG).exists():
+        run_cfg = read_json(Path(checkpoint) / RUN_CONFIG)["stage1"]
+    recorded_cfg = run_cfg if run_cfg is not None else {}
+    holdout = holdout_shards if holdout_shards is not None else recorded_cfg.get("holdout_shards", 1)
+    norm = normalization or recorded_cfg.get("normalization", "student")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_student(student_file(checkpoint), device=dev)
+    if not teachers:  # the run's own stores when this cache has them, else the student's teacher names
+        recorded = read_json(Path(checkpoint) / RUN_CONFIG)["cache"]["stores"] if run_cfg is not None else []
+        fps = tuple(s["fingerprint"] for s in recorded)
+        teachers = fps if fps and set(fps) <= set(read_cache(cache)["stores"]) else tuple(model.teacher_names)
+    index = open_cache(cache, teachers, require_complete=not online)
+    dims = {s.teacher: s.dim for s in index.stores}
+    for t in model.config.teachers:
+        if dims.get(t.name) != t.dim:
+            raise SakError(
+                f"the student distils {t.name} at width {t.dim}, the cache's store has {dims.get(t.name)}"
+            )
+    if set(dims) != set(model.teacher_names):
+        raise SakError(
+            f"the student's teachers {model.teacher_names} differ from the selected stores {sorted(dims)}"
+        )
+    mean, std = input_normalization(norm, model.config.name)
+    teachers_online = OnlineTeachers(index.stores, index.plan.size, dev) if online else None
+    reader = BatchReader(
+        index,
+        model.config.img_size,
+        mean,
+        std,
+        with_targets=not online,
+        view_sides=teachers_online.sides if teachers_online else (),
+    )
+    rows = holdout_rows(index, holdout)
+    if not rows.size:
+        raise SakError("nothing is held out (--holdout-shards 0): no views to measure Rep Sim on")
+    targets_of = teachers_online if teachers_online is not None else cached_targets(index.stores, dev)
+    return evaluate_repsim(model, eval_batches(reader, rows, batch_size), targets_of, index.stores, dev)
