@@ -1,0 +1,245 @@
+"""Stage 2 of SAK: Mixture-of-Representations routers and task heads on top of the stage-1 student.
+
+    images (B, 3, H, W)
+      -> SakStudent.forward_features                       per tapped level l: stem Zl + one map per teacher
+      -> router r_l^t (one per level and task) on Zl       gates g (B, E), E = teachers + 1
+      -> sum_e g[:, e] * expert_e                          routed map (B, C, h, w) per level and task
+      -> head t: 4 levels -> C/4 each -> 1/4 input -> C    logits (B, out_t, H/4, W/4)
+      -> bilinear to the input size                        preds[t] (B, out_t, H, W)
+
+The student is used untouched; `SakMultiTask.distill_maps` come from `SakStudent.align`, so stage-2
+training can keep the distillation loss (paper eq. 6: task loss + gamma * distillation loss).
+
+Module names follow the paper code so its state_dict keys come out unchanged:
+    mor.<block>_<task>.router.module.{0,1,3}.*      Linear(C, C/2), LayerNorm(C/2), -, Linear(C/2, 2E)
+    heads.<task>.linears.<i>.*                      per-level Linear(C, C/4), i = 0..3
+    heads.<task>.linear_fuse.{0,1}.*                Conv3x3(C, C) (with bias), BatchNorm2d(C)
+    heads.<task>.last_conv.*                        Conv1x1(C, outputs)
+<block> is the 0-based stem block of the level (2, 5, 8, 11 for ViT-B), <task> the paper's task name.
+The student's own weights sit under `student.*` (see student/checkpoint.py for the paper's `vit.*`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+
+from sak.pipeline.errors import SakError
+from sak.student.model import INIT_STD, SakStudent
+
+ROUTER_NOISE_FLOOR = 1e-2  # noise std = softplus(raw) + 1e-2 (paper code)
+HEAD_REDUCTION = 4  # per-level Linear C -> C/4; 4 levels concatenated give C again
+
+# Task names as the paper code spells them (they appear in state_dict keys) and their output channels.
+# Saliency is one logit trained with class-balanced BCE (the paper code uses 2-class CE: 2 channels).
+PASCAL_CONTEXT_TASKS: dict[str, int] = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
+NYUD_TASKS: dict[str, int] = {"semseg": 40, "normals": 3, "edge": 1, "depth": 1}
+DATASET_TASKS: dict[str, dict[str, int]] = {"pascal_context": PASCAL_CONTEXT_TASKS, "nyud": NYUD_TASKS}
+RouterKind = Literal["mor", "sum"]
+
+
+def _init_linear(m: nn.Linear) -> None:
+    nn.init.trunc_normal_(m.weight, std=INIT_STD)
+    nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# router
+
+
+class GlobalRouter(nn.Module):
+    """Token MLP then mean over tokens: (B, N, C) -> (B, 2E) logits (clean half, noise half)."""
+
+    def __init__(self, dim: int, num_logits: int):
+        super().__init__()
+        self.module = nn.Sequential(
+            nn.Linear(dim, dim // 2),  # module.0
+            nn.LayerNorm(dim // 2),  # module.1
+            nn.GELU(),  # module.2, no parameters
+            nn.Linear(dim // 2, num_logits),  # module.3
+        )
+        for m in self.module:
+            if isinstance(m, nn.Linear):
+                _init_linear(m)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.module(tokens).mean(dim=1)  # (B, N, 2E) -> (B, 2E)
+
+
+class MoRRouter(nn.Module):
+    """Mixture-of-Representations router for one (level, task): one global gate per image and expert.
+
+    forward(stem_map, experts) -> (routed (B, C, h, w), gates (B, E)). Training adds
+    randn * (softplus(noise logits) + 1e-2) to the clean logits (noisy gating); eval uses them as is.
+    """
+
+    def __init__(self, dim: int, num_experts: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.router = GlobalRouter(dim, 2 * num_experts)
+
+    def gates(self, stem_map: torch.Tensor) -> torch.Tensor:
+        """stem_map (B, C, h, w) -> softmax gates (B, E)."""
+        tokens = stem_map.flatten(2).transpose(1, 2)  # (B, N, C)
+        clean, raw_noise = self.router(tokens).chunk(2, dim=1)  # (B, E) each
+        if self.training:
+            clean = clean + torch.randn_like(clean) * (F.softplus(raw_noise) + ROUTER_NOISE_FLOOR)
+        return clean.softmax(dim=1)
+
+    def forward(
+        self, stem_map: torch.Tensor, experts: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(experts) != self.num_experts:
+            raise SakError(f"router built for {self.num_experts} experts got {len(experts)}")
+        g = self.gates(stem_map)  # (B, E)
+        routed = sum(g[:, e, None, None, None] * x for e, x in enumerate(experts))  # (B, C, h, w)
+        return routed, g
+
+
+# ----------------------------------------------------------------------------------------------
+# head
+
+
+class DecodeHead(nn.Module):
+    """Per-level Linear(C, C/4) -> 1/4 input grid -> concat (C) -> Conv3x3 -> BN -> GELU -> Conv1x1.
+
+    forward(maps [(B, C, h, w)] x levels, out_size (H, W)) -> logits (B, outputs, H, W).
+    """
+
+    def __init__(self, dim: int, outputs: int, num_levels: int = 4):
+        super().__init__()
+        embed = dim // HEAD_REDUCTION
+        if embed * num_levels != dim:
+            raise SakError(
+                f"head needs C divisible by {HEAD_REDUCTION} with {num_levels} levels, got C={dim}"
+            )
+        self.embed = embed
+        self.linears = nn.ModuleList([nn.Linear(dim, embed) for _ in range(num_levels)])
+        self.linear_fuse = nn.Sequential(
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1), nn.BatchNorm2d(dim), nn.GELU()
+        )
+        self.last_conv = nn.Conv2d(dim, outputs, kernel_size=1)
+        for lin in self.linears:
+            _init_linear(lin)
+        for conv in (self.linear_fuse[0], self.last_conv):  # fan-out normal init, as the paper code
+            fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+            nn.init.normal_(conv.weight, std=math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, maps: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        quarter = (out_size[0] // 4, out_size[1] // 4)
+        feats = []
+        for lin, m in zip(self.linears, maps, strict=True):
+            B, _, h, w = m.shape
+            x = lin(m.flatten(2).transpose(1, 2))  # (B, N, C/4)
+            x = x.transpose(1, 2).reshape(B, self.embed, h, w)  # back to the grid
+            feats.append(F.interpolate(x, size=quarter, mode="bilinear", align_corners=False))
+        x = self.linear_fuse(torch.cat(feats, dim=1))  # (B, C, H/4, W/4)
+        x = self.last_conv(x)  # (B, outputs, H/4, W/4)
+        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# wrapper
+
+
+def resize_stem_input(student: SakStudent, img_size: tuple[int, int]) -> None:
+    """Resample the stem's absolute position embedding from its current grid to img_size (H, W).
+
+    Call after loading stage-1 weights (built for 384x384) and before stage 2 at, e.g., 512x512
+    or 448x576. Bicubic, prefix (CLS) position kept, as timm's resample_abs_pos_embed does it.
+    """
+    stem = student.stem
+    old_grid = tuple(stem.patch_embed.grid_size)
+    stem.patch_embed.set_input_size(img_size=tuple(img_size))
+    new_grid = tuple(stem.patch_embed.grid_size)
+    if stem.pos_embed is not None and new_grid != old_grid:
+        prefix = 0 if stem.no_embed_class else stem.num_prefix_tokens
+        with torch.no_grad():
+            resampled = resample_abs_pos_embed(
+                stem.pos_embed.data,
+                new_size=list(new_grid),
+                old_size=list(old_grid),
+                num_prefix_tokens=prefix,
+            )
+        stem.pos_embed = nn.Parameter(resampled, requires_grad=stem.pos_embed.requires_grad)
+
+
+class SakMultiTask(nn.Module):
+    """Stage-1 SakStudent + one MoR router per (level, task) + one decode head per task.
+
+    tasks: {task name: output channels}, in a fixed order (e.g. PASCAL_CONTEXT_TASKS).
+    router: "mor" (the paper) or "sum" (ablation: experts summed with weight 1, no router).
+    forward(images) -> (preds {task: (B, out, H, W)}, gates {(block, task): (B, E)}, distill_maps).
+    With router="sum" the gates are all ones (the fixed weights used).
+    """
+
+    def __init__(self, student: SakStudent, tasks: Mapping[str, int], router: RouterKind = "mor"):
+        super().__init__()
+        if router not in ("mor", "sum"):
+            raise SakError(f"unknown router {router!r}; known: mor, sum")
+        if not tasks:
+            raise SakError("stage 2 needs at least one task")
+        for t in tasks:
+            if not t or "." in t:
+                raise SakError(f"task name {t!r} cannot name a module (empty or contains a dot)")
+        self.student = student
+        self.tasks = dict(tasks)
+        self.router_kind = router
+        self.levels = list(student.levels)  # 0-based stem blocks
+        dim = student.embed_dim
+        self.num_experts = len(student.teacher_names) + 1
+        self.mor = nn.ModuleDict(
+            {
+                f"{b}_{t}": MoRRouter(dim, self.num_experts)
+                for b in self.levels
+                for t in self.tasks
+                if router == "mor"
+            }
+        )
+        self.heads = nn.ModuleDict({t: DecodeHead(dim, n, len(self.levels)) for t, n in self.tasks.items()})
+
+    def freeze_backbone(self) -> None:
+        """Freeze the stem, adapter paths, level norms and aligners: only routers and heads train."""
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_router_parameters(self) -> int:
+        return sum(p.numel() for p in self.mor.parameters())
+
+    def num_head_parameters(self) -> int:
+        return sum(p.numel() for p in self.heads.parameters())
+
+    def forward(
+        self, images: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
+        features = self.student.forward_features(images)
+        B = images.shape[0]
+        routed: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
+        gates: dict[tuple[int, str], torch.Tensor] = {}
+        for i, block in enumerate(features.levels):
+            experts = features.experts(i)  # [(B, C, h, w)] x E: stem first, then teachers in order
+            if self.router_kind == "sum":
+                total = torch.stack(experts).sum(0)  # (B, C, h, w), shared by all tasks
+                ones = experts[0].new_ones(B, len(experts))
+                for t in self.tasks:
+                    routed[t].append(total)
+                    gates[(block, t)] = ones
+                continue
+            for t in self.tasks:
+                fused, g = self.mor[f"{block}_{t}"](features.stem_levels[i], experts)
+                routed[t].append(fused)
+                gates[(block, t)] = g
+        out_size = (images.shape[-2], images.shape[-1])
+        preds = {t: self.heads[t](routed[t], out_size) for t in self.tasks}
+        distill_maps = self.student.align(features)
+        return preds, gates, distill_maps
