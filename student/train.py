@@ -64,7 +64,7 @@ from sak.student.evaluate import _autocast, evaluate_repsim
 from sak.student.losses import distillation_loss
 from sak.student.model import SakStudent, StudentConfig, TeacherTarget
 from sak.student.online import OnlineTeachers, cached_targets, stored_levels
-from sak.student.order import holdout_rows, make_stream_plan
+from sak.student.order import StreamPlan, holdout_rows, make_stream_plan
 
 log = logging.getLogger("sak")
 
@@ -111,6 +111,11 @@ class Stage1Config:
     pretrained: timm weights for the stem. init_paper, paper_teachers: start from the authors' stage-1
       checkpoint, mapping their teacher names (dinov2, clip, sam) to ours; () = by teacher family.
     num_workers: loader workers per rank; each owns whole shards (fewer when the cache has few shards).
+    skip_bad_shards: a shard whose files fail their sha256 (store shard files, image tars) is left out of
+      training and Rep Sim instead of stopping the run. Every shard is hashed up front in each process, so
+      the skip is the same on every rank and worker and resume stays exact; the skipped shards and sample
+      count are logged, recorded in metrics.jsonl and config.json, and returned. Off: the loader checks
+      each shard when first read and stops with an error naming it.
     shuffle_window: shards whose images are shuffled together. holdout_shards: the last shards, never
       trained on, where Rep Sim is measured.
     eval_every: Rep Sim every N steps (0: only at the end). eval_batch_size: per rank.
@@ -144,6 +149,7 @@ class Stage1Config:
     init_paper: str | None = None
     paper_teachers: tuple[tuple[str, str], ...] = ()
     num_workers: int = 4
+    skip_bad_shards: bool = False
     shuffle_window: int = 8
     holdout_shards: int = 1
     eval_every: int = 0
@@ -288,6 +294,8 @@ class Stage1Result:
     repsim_before: dict[str, float] | None = None
     repsim_after: dict[str, float] | None = None
     eval_views: int = 0
+    skipped_shards: list[int] = field(default_factory=list)  # damaged shards left out (--skip-bad-shards)
+    skipped_samples: int = 0  # cache rows (views) of those shards: never trained on or evaluated
     checkpoint: Path | None = None
     model: SakStudent | None = field(default=None, repr=False)  # the trained student (not DDP-wrapped)
 
@@ -322,6 +330,19 @@ def cpu_compute_threads(loader_workers: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(1, per_process - loader_workers)
+
+
+def _without_shards(plan: StreamPlan, bad: dict[int, list[str]], world_size: int) -> StreamPlan:
+    """The plan with the damaged shards left out of training (fewer streams if too few shards remain)."""
+    if not bad:
+        return plan
+    kept = tuple(s for s in plan.train_shards if s not in bad)
+    if len(kept) < world_size:
+        raise SakError(
+            f"--skip-bad-shards: {len(plan.train_shards) - len(kept)} of {len(plan.train_shards)} training "
+            f"shard(s) are damaged and too few remain for {world_size} process(es); run `sak-cache verify`"
+        )
+    return dataclasses.replace(plan, train_shards=kept, streams=min(plan.streams, len(kept) // world_size))
 
 
 def _check_resume(run: Path, cfg: Stage1Config, env: DistEnv, index: CacheIndex) -> None:
@@ -400,6 +421,8 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
         shuffle_window=cfg.shuffle_window,
         holdout_shards=cfg.holdout_shards,
     )
+    bad = reader.integrity.bad_shards(range(index.num_shards)) if cfg.skip_bad_shards else {}
+    plan = _without_shards(plan, bad, env.world_size)
     loader = CacheLoader(plan, reader, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
     schedule = resolve_schedule(cfg, plan.samples_per_epoch)
     optimizer = torch.optim.AdamW(
@@ -409,6 +432,8 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
     step = load_checkpoint(run, model, optimizer, scheduler, loader, device) if resume else 0
     targets_of = online if online is not None else cached_targets(index.stores, device)
     eval_rows = holdout_rows(index, cfg.holdout_shards)
+    eval_rows = eval_rows[~np.isin(eval_rows // index.shard_size, list(bad))]
+    skipped_samples = sum(len(reader.integrity.shard_rows(s)) for s in bad)
     # loss terms are named by list index; log them by tap position (they differ for --levels stores)
     level_names = {
         f"{s.teacher}/L{i}": f"{s.teacher}/L{p}" for s in index.stores for i, p in enumerate(s.positions)
@@ -428,6 +453,8 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
                 "train_shards": len(plan.train_shards),
                 "samples_per_epoch": plan.samples_per_epoch,
                 "holdout_views": int(eval_rows.size),
+                "skipped_shards": sorted(bad),
+                "skipped_samples": skipped_samples,
                 "input_mean": list(mean),
                 "input_std": list(std),
                 "img_size": model.config.img_size,
@@ -464,6 +491,23 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
         (run / METRICS).write_text("".join(line + "\n" for line in kept))
     metrics = MetricsLog(run, env.is_main, cfg.tensorboard)
     result = Stage1Result(run=run, step=step, total_steps=schedule.total_steps, model=model)
+    result.skipped_shards, result.skipped_samples = sorted(bad), skipped_samples
+    if bad:
+        problems = [f"shard {s}: {'; '.join(p)}" for s, p in sorted(bad.items())]
+        metrics.write(
+            {
+                "kind": "skipped",
+                "step": step,
+                "skipped_shards": sorted(bad),
+                "skipped_samples": skipped_samples,
+                "problems": problems,
+            }
+        )
+        if env.is_main:
+            log.warning(
+                f"--skip-bad-shards: skipping {len(bad)} damaged shard(s), {skipped_samples} samples (views) "
+                f"never trained on or evaluated; run `sak-cache verify {cfg.cache}`: {' | '.join(problems)}"
+            )
 
     def evaluate(when: str) -> dict[str, float] | None:
         if not eval_rows.size:

@@ -306,8 +306,14 @@ def test_a_hole_in_a_store_is_an_error_not_data(cache, tmp_path):
     store = index.stores[0]
     arr = zarr.open_array(str(store.path / "levels" / str(store.blocks[0])), mode="r+")
     arr[4:8] = np.full((4, *arr.shape[1:]), np.nan, dtype=np.float16)  # what an unwritten shard reads as
+    with pytest.raises(SakError, match="shard 1 .*levels/0/c/1/0/0/0 is missing"):
+        _reader(index).read(np.array([5]))  # an all-fill shard file is not stored: the check names it
+    manifest = json.loads((store.path / "manifest.json").read_text())
+    for record in manifest["shards"]:  # a hole the manifest does not record: the finite check still sees it
+        record["files"] = {rel: d for rel, d in record["files"].items() if (store.path / rel).is_file()}
+    (store.path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SakError, match="not finite"):
-        _reader(index).read(np.array([5]))
+        _reader(open_cache(dst)).read(np.array([5]))
 
 
 def test_a_webdataset_store_reads_like_the_zarr_one(cache, tmp_path):
@@ -320,15 +326,17 @@ def test_a_webdataset_store_reads_like_the_zarr_one(cache, tmp_path):
     target = dst / "teachers" / f"{fp}-wds"
     target.mkdir()
     writer = wds.WdsTeacherStore(target, "fp16", index.shard_size)
+    files = {}
     for shard in range(index.num_shards):
         start, stop = shard * index.shard_size, min((shard + 1) * index.shard_size, index.num_views)
         levels = {}
         for block in info.blocks:
             arr = zarr.open_array(str(info.path / "levels" / str(block)), mode="r")
             levels[block] = torch.from_numpy(np.asarray(arr[start:stop])).float()
-        writer.write_shard(shard, start, levels)
+        files[shard] = writer.write_shard(shard, start, levels)
     manifest = json.loads((info.path / "manifest.json").read_text())
-    (target / "manifest.json").write_text(json.dumps({**manifest, "format": "wds"}))
+    shards = [{**r, "files": files[r["index"]]} for r in manifest["shards"]]
+    (target / "manifest.json").write_text(json.dumps({**manifest, "format": "wds", "shards": shards}))
     meta["stores"][fp] = {**meta["stores"][fp], "path": f"teachers/{fp}-wds", "format": "wds"}
     (dst / "cache.json").write_text(json.dumps(meta))
     rows = np.array([6, 1, 3, 0, 5], dtype=np.int64)
