@@ -49,6 +49,7 @@ _FIELDS = {
     "pretrained": "pretrained",
     "init_paper": "init_paper",
     "num_workers": "num_workers",
+    "skip_bad_shards": "skip_bad_shards",
     "shuffle_window": "shuffle_window",
     "holdout_shards": "holdout_shards",
     "eval_every": "eval_every",
@@ -146,6 +147,11 @@ def cli(verbose: bool) -> None:
 @click.option("--grad-clip", type=float, help="Clip the global gradient norm to this value.")
 @click.option("--num-workers", default=4, show_default=True, type=int, help="Loader workers per process.")
 @click.option(
+    "--skip-bad-shards",
+    is_flag=True,
+    help="Leave out shards whose files fail their sha256 (counted and logged) instead of stopping.",
+)
+@click.option(
     "--eval-every", default=0, show_default=True, type=int, help="Rep Sim every N steps (0: at the end)."
 )
 @click.option("--eval-batch-size", default=32, show_default=True, type=int)
@@ -232,6 +238,93 @@ def repsim(**opts) -> None:
     click.echo(f"Rep Sim on {n} held-out views of {opts['cache']}:")
     for t, v in sims.items():
         click.echo(f"  {t:<16} {v:.4f}")
+
+
+def _img_size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
+        raise SakError(f"--img-size {text!r} must look like HxW, e.g. 512x512 or 448x576")
+    return int(h), int(w)
+
+
+@cli.command()
+@click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
+@click.option("--data-root", required=True, help="PASCAL_MT / NYUD_MT (or their parent), or your folder.")
+@click.option("--init", "init", required=True, metavar="RUN", help="The stage-1 run folder.")
+@click.option("--online", is_flag=True, help="Distillation targets from live teachers (the stage-1 stores').")
+@click.option("--cache", help="A stage-2 target cache (not implemented yet).")
+@click.option("--tasks", help="Comma list of tasks [default: all of the dataset's].")
+@click.option("--router", type=click.Choice(["mor", "sum"]), default="mor", show_default=True)
+@click.option("--freeze-backbone", is_flag=True, help="Train routers and heads only.")
+@click.option("--steps", default=40_000, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int, help="Global batch size.")
+@click.option("--lr", default=2e-5, show_default=True, type=float)
+@click.option("--weight-decay", default=1e-6, show_default=True, type=float)
+@click.option("--gamma", default=1.0, show_default=True, type=float, help="Weight of the distillation loss.")
+@click.option("--grad-clip", default=10.0, show_default=True, type=float)
+@click.option("--img-size", help="HxW input [default: 512x512 PASCAL, 448x576 NYUD].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--num-workers", default=2, show_default=True, type=int)
+@click.option("--log-every", default=50, show_default=True, type=int)
+@click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option("--out", required=True, help="Run folder: config.json, metrics.jsonl, checkpoint/.")
+def stage2(**opts) -> None:
+    """Stage 2: MoR routers and task heads on PASCAL-Context, NYUD-v2 or your own dense dataset."""
+    from sak.student.stage2_train import Stage2Config, train_stage2
+
+    cfg = Stage2Config(
+        dataset=opts["dataset"],
+        data_root=opts["data_root"],
+        init=opts["init"],
+        out=opts["out"],
+        tasks=_split(opts["tasks"]),
+        online=opts["online"],
+        cache=opts["cache"],
+        router=opts["router"],
+        freeze_backbone=opts["freeze_backbone"],
+        steps=opts["steps"],
+        batch_size=opts["batch_size"],
+        lr=opts["lr"],
+        weight_decay=opts["weight_decay"],
+        gamma=opts["gamma"],
+        grad_clip=opts["grad_clip"],
+        img_size=_img_size(opts["img_size"]),
+        seed=opts["seed"],
+        num_workers=opts["num_workers"],
+        log_every=opts["log_every"],
+        device=opts["device"],
+    )
+    if cfg.online and cfg.cache:
+        raise SakError("give one of --online and --cache, not both")
+    result = train_stage2(cfg)
+    click.echo(f"trained {result.steps} steps; checkpoint {result.run / 'checkpoint'}")
+
+
+@cli.command(name="eval")
+@click.option("--checkpoint", required=True, metavar="RUN", help="A stage-2 run folder.")
+@click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
+@click.option("--data-root", required=True)
+@click.option("--split", default="val", show_default=True)
+@click.option("--out", help="Where eval.json and the pictures go [default: the run folder].")
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--device", help="cpu or cuda [default: cuda when available].")
+def eval_cmd(**opts) -> None:
+    """Stage-2 metrics (mIoU, maxF, mErr, odsF, RMSE, delta_m), router gates and prediction pictures."""
+    from sak.student.stage2_train import evaluate, format_table
+
+    report = evaluate(
+        opts["checkpoint"],
+        opts["dataset"],
+        opts["data_root"],
+        opts["split"],
+        out=opts["out"],
+        batch_size=opts["batch_size"],
+        device=opts["device"],
+    )
+    click.echo(f"{opts['dataset']} {opts['split']}: {report['images']} images")
+    click.echo(format_table(report))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,7 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, read_cache, read_store_manifest
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
+from sak.pipeline.store.zarr import read_sorted_rows
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher
 from sak.pipeline.views import ViewPlan, cut_view
 from sak.student.order import StreamPlan
@@ -464,14 +465,11 @@ class BatchReader:
                 self._arrays[key] = WdsTeacherStore(store.path, store.codec, self.index.shard_size)
             enc = self._arrays[key].read_encoded_rows(block, rows)  # groups rows by shard itself
             return enc.values, enc.scales
-        # one sorted selection per shard: the shard index is read once, not once per sample
-        parts = np.split(rows, np.flatnonzero(np.diff(rows // self.index.shard_size)) + 1)
-        sel = [(part, slice(None), slice(None), slice(None)) for part in parts]
-        values = np.concatenate([self._array(store, block).get_orthogonal_selection(x) for x in sel])
+        # sorted rows as runs of slices (zarr's index-array selection is ~20x slower on sharded arrays)
+        values = read_sorted_rows(self._array(store, block), rows)
         if not scaled:
             return values, None
-        arr = self._array(store, block, "scales")
-        return values, np.concatenate([arr.get_orthogonal_selection(x) for x in sel])
+        return values, read_sorted_rows(self._array(store, block, "scales"), rows)
 
     def read_targets(
         self, rows: np.ndarray

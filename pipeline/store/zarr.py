@@ -154,10 +154,9 @@ class ZarrTeacherStore:
         return Encoded(self.array(block)[start:stop], scales)
 
     def read_encoded_rows(self, block: int, rows: np.ndarray) -> Encoded:
-        """Arbitrary rows as stored (sort them within a shard: each selection re-reads the shard index)."""
-        sel = (rows, slice(None), slice(None), slice(None))
-        scales = self.array(block, "scales").get_orthogonal_selection(sel) if self.codec.scaled else None
-        return Encoded(self.array(block).get_orthogonal_selection(sel), scales)
+        """Arbitrary rows as stored (sorted rows read fastest: see `read_sorted_rows`)."""
+        scales = read_sorted_rows(self.array(block, "scales"), rows) if self.codec.scaled else None
+        return Encoded(read_sorted_rows(self.array(block), rows), scales)
 
     def read(self, block: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one level, decoded to float32 (n, H, W, C)."""
@@ -177,6 +176,21 @@ class ZarrTeacherStore:
             start = shard * self.shard_size
             out[block] = self.read(block, start, min(start + self.shard_size, self.array(block).shape[0]))
         return out
+
+
+def read_sorted_rows(arr: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """Rows of a (views, ...) array, in the given order, read as runs of consecutive rows.
+
+    note: zarr's `get_orthogonal_selection` with an index array is 15-20x slower than plain slices on
+    sharded (27x27x1024 / 64x64x1024) feature arrays (measured: ~25 MB/s vs ~500 MB/s per core), so sorted
+    rows are split into contiguous runs and each run is one slice.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size == 0:
+        return np.empty((0, *arr.shape[1:]), dtype=arr.dtype)
+    cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+    parts = [arr[int(run[0]) : int(run[-1]) + 1] for run in np.split(rows, cuts)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def num_shards(num_views: int, shard_size: int) -> int:

@@ -1,0 +1,581 @@
+"""Stage 2 of SAK: routers + task heads fine-tuned on a dense multi-task dataset, then evaluated.
+
+    stage-1 RUN (--init): checkpoint/student.safetensors + config.json (cache, stores, input normalisation)
+      -> resize_stem_input to the stage-2 input (512x512 PASCAL, 448x576 NYUD) -> SakMultiTask (mor | sum)
+    TrainSamples: scale 0.5-2, pad + crop, flip, photometric, from a replayable plan (datasets.py)
+      images (B, 3, H, W) uint8 -> student: normalised float; teachers (--online): the same uint8 pixels
+    loss = multi_task_loss (weights 1/2/5/10/50/1) + gamma * distillation_loss (live teachers, rebuilt from
+           the stage-1 stores exactly as online.py does; SAM at its fixed side, others at the input size)
+    AdamW (lr 2e-5, wd 1e-6), polynomial decay (power 0.9), no warm-up, clip 10; paper Table 11
+    RUN/metrics.jsonl  step, loss, loss/<task>, distill, lr, grad_norm per step
+    RUN/config.json    resolved run + code version
+    RUN/checkpoint/    model.safetensors (SakMultiTask state_dict) + model.json (configs, tasks, sha256)
+evaluate(RUN, ...) -> RUN/eval.json (one number per metric, delta_m), routers.png, predictions.png
+
+With --freeze-backbone only routers and heads train; the distillation loss then has no gradient to give
+and is not computed (no teachers are loaded). Stage-2 caches (--cache) are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sak.pipeline.errors import SakError
+from sak.pipeline.manifest import now_iso
+from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.views import cut_view
+from sak.student.checkpoint import RUN_CONFIG, checkpoint_dir, load_student
+from sak.student.datasets import (
+    DATASET_METRIC_NAME,
+    DEFAULT_INPUT_SIZE,
+    DenseDataset,
+    EvalSamples,
+    TrainSamples,
+    collate,
+)
+from sak.student.losses import distillation_loss
+from sak.student.metrics import (
+    EDGE_TOLERANCE,
+    SINGLE_TASK_BASELINES,
+    BoundaryMeter,
+    DepthMeter,
+    NormalsMeter,
+    SaliencyMeter,
+    SegmentationMeter,
+    mtl_gain,
+)
+from sak.student.model import SakStudent, StudentConfig
+from sak.student.stage2 import SakMultiTask, resize_stem_input
+from sak.student.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
+
+log = logging.getLogger("sak")
+
+METRICS = "metrics.jsonl"
+STAGE2_DIR = "checkpoint"
+STAGE2_KIND = "sak-stage2"
+METRIC_NAMES = {
+    "semseg": "mIoU",
+    "human_parts": "mIoU",
+    "sal": "maxF",
+    "normals": "mErr",
+    "edge": "odsF",
+    "depth": "RMSE",
+}
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage-2 fine-tuning; defaults are the paper's (Table 11, B.3, B.5).
+
+    dataset: "pascal", "nyud" or "folder"; data_root: its folder (see datasets.py for the layouts).
+    init: the stage-1 run folder (its checkpoint gives the student, its config the teachers' stores).
+    out: the stage-2 run folder. tasks: a subset of the dataset's tasks, () = all of them.
+    online: distillation targets from live teachers rebuilt from the stage-1 stores.
+    cache: a stage-2 target cache (not implemented yet: refused).
+    router: "mor" (the paper) or "sum" (ablation). freeze_backbone: train routers and heads only.
+    steps: iterations (40k); batch_size: global batch (4). lr, weight_decay: AdamW (2e-5, 1e-6).
+    poly_power: lr factor (1 - step / steps) ** power, no warm-up. grad_clip: max gradient norm (10).
+    gamma: weight of the distillation loss (eq. 6; 1.0). task_weights: (task, weight) pairs overriding
+      the paper's 1/2/5/10/50/1 (semseg, human_parts, sal, normals, edge, depth).
+    img_size: (H, W) input; None = 512x512 (PASCAL, folder) or 448x576 (NYUD).
+    scale_range, photometric: the training augmentation (random scale range; colour jitter on/off).
+    seed: head/router initialisation, data order and augmentation plans.
+    num_workers: DataLoader workers. log_every: console line every N steps. device: cpu | cuda | None.
+    """
+
+    dataset: str
+    data_root: str
+    init: str
+    out: str
+    tasks: tuple[str, ...] = ()
+    online: bool = False
+    cache: str | None = None
+    router: str = "mor"
+    freeze_backbone: bool = False
+    steps: int = 40_000
+    batch_size: int = 4
+    lr: float = 2e-5
+    weight_decay: float = 1e-6
+    poly_power: float = 0.9
+    grad_clip: float | None = 10.0
+    gamma: float = 1.0
+    task_weights: tuple[tuple[str, float], ...] = ()
+    img_size: tuple[int, int] | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
+    seed: int = 0
+    num_workers: int = 2
+    log_every: int = 50
+    device: str | None = None
+
+    @classmethod
+    def debug(cls, dataset: str, data_root: str, init: str, out: str, **overrides: Any) -> Stage2Config:
+        """Runs on a CPU in seconds: 64x64 input, 10 steps of 2, no workers."""
+        base: dict[str, Any] = dict(steps=10, batch_size=2, img_size=(64, 64), num_workers=0, log_every=5)
+        return cls(dataset=dataset, data_root=data_root, init=init, out=out, **{**base, **overrides})
+
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
+
+    def weights(self) -> dict[str, float]:
+        return {**DEFAULT_TASK_WEIGHTS, **dict(self.task_weights)}
+
+    def validate(self) -> None:
+        if self.cache is not None:
+            raise SakError(
+                "stage-2 target caches (--cache) are not implemented yet; use --online (live teachers)"
+            )
+        needs_teachers = self.gamma > 0 and not self.freeze_backbone
+        if needs_teachers and not self.online:
+            raise SakError("stage 2 distils from the teachers: pass --online (or --gamma 0)")
+        if self.steps < 1 or self.batch_size < 1:
+            raise SakError("--steps and --batch-size must be >= 1")
+        if self.router not in ("mor", "sum"):
+            raise SakError(f"--router must be mor or sum, got {self.router!r}")
+        h, w = self.input_size()
+        if h % 16 or w % 16 or h < 32 or w < 32:
+            raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the stage-1 run and the live teachers
+
+
+def load_stage1_run(init: str | Path, device: torch.device) -> tuple[SakStudent, dict]:
+    """The stage-1 student (latest checkpoint) and the run's config.json."""
+    run = Path(init).expanduser()
+    if not (run / RUN_CONFIG).exists():
+        raise SakError(f"--init {run} is not a stage-1 run folder (no {RUN_CONFIG})")
+    record = read_json(run / RUN_CONFIG)
+    if record.get("kind") != "sak-stage1-run":
+        raise SakError(f"--init {run}: {RUN_CONFIG} is not a stage-1 run (kind {record.get('kind')!r})")
+    student = load_student(checkpoint_dir(run) / "student.safetensors", device=device)
+    return student, record
+
+
+class Stage2Teachers:
+    """Live teachers for stage 2, rebuilt from the stage-1 stores exactly as OnlineTeachers does.
+
+    Teachers with a free input size see the augmented image itself (position embedding resampled to the
+    stage-2 size, as for the student); SAM sees it resized so its long side is its fixed side, then
+    zero-padded square (after normalisation). Returns the stores' levels on the teachers' native grids.
+    """
+
+    def __init__(self, stage1: dict, img_size: tuple[int, int], device: torch.device) -> None:
+        from sak.student.data import open_cache
+        from sak.student.online import OnlineTeachers
+
+        fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
+        index = open_cache(stage1["cache"]["path"], fps, require_complete=False)
+        online = OnlineTeachers(index.stores, index.plan.size, device)
+        self.stores, self.teachers, self.device = index.stores, online.teachers, device
+        for t in self.teachers.values():
+            if t.spec.fixed_input is None:
+                t.model.set_input_size(img_size=tuple(img_size))
+
+    def _input(self, t, images_u8: torch.Tensor) -> torch.Tensor:
+        fixed = t.spec.fixed_input
+        if fixed:  # resize the long side to `fixed` with the project's resize (uint8 pixels)
+            H, W = images_u8.shape[-2:]
+            size = (round(H * fixed / max(H, W)), round(W * fixed / max(H, W)))
+            images_u8 = torch.stack([cut_view(im, (0, 0, W, H), False, size) for im in images_u8.cpu()])
+        x = images_u8.to(self.device).float().div_(255.0)
+        mean = torch.tensor(t.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(t.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if fixed:
+            x = torch.nn.functional.pad(x, (0, fixed - x.shape[-1], 0, fixed - x.shape[-2]))
+        return x
+
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """(B, 3, H, W) uint8 -> {teacher: [(B, h, w, C) fp32]} at the stores' levels."""
+        out = {}
+        for store in self.stores:
+            t = self.teachers[store.teacher]
+            with torch.inference_mode():
+                x = self._input(t, images_u8)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                    maps = t.model.forward_intermediates(
+                        x, indices=list(t.spec.levels), norm=False, stop_early=True, intermediates_only=True
+                    )  # [(B, C, h, w)] patch maps (SAM and ViTs alike)
+            out[store.teacher] = [maps[p].permute(0, 2, 3, 1).float().clone() for p in store.positions]
+        return out
+
+
+def student_levels(maps: dict[str, list[torch.Tensor]], teachers: Stage2Teachers) -> dict:
+    return {s.teacher: [maps[s.teacher][p] for p in s.positions] for s in teachers.stores}
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_stage2(run: Path, model: SakMultiTask, meta: dict) -> Path:
+    d = run / STAGE2_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(tensors, str(d / "model.safetensors"), metadata={"code_version": code_version()})
+    write_json_atomic(
+        d / "model.json",
+        {
+            "kind": STAGE2_KIND,
+            **meta,
+            "student": model.student.config.to_dict(),
+            "tasks": model.tasks,
+            "router": model.router_kind,
+            "code_version": code_version(),
+            "weights_sha256": sha256_file(d / "model.safetensors"),
+            "saved": now_iso(),
+        },
+    )
+    return d
+
+
+def load_stage2(run: str | Path, device: torch.device | str = "cpu") -> tuple[SakMultiTask, dict]:
+    """Rebuild SakMultiTask from RUN/checkpoint/model.json and load its weights (checksum-verified)."""
+    d = Path(run).expanduser() / STAGE2_DIR
+    if not (d / "model.json").exists():
+        raise SakError(f"{run} holds no stage-2 checkpoint ({STAGE2_DIR}/model.json)")
+    meta = read_json(d / "model.json")
+    if meta.get("kind") != STAGE2_KIND:
+        raise SakError(f"{d / 'model.json'} is not a stage-2 checkpoint (kind {meta.get('kind')!r})")
+    if sha256_file(d / "model.safetensors") != meta["weights_sha256"]:
+        raise SakError(f"{d / 'model.safetensors'} does not match its recorded checksum")
+    config = StudentConfig.from_dict({**meta["student"], "pretrained": False})
+    student = SakStudent(config)
+    resize_stem_input(student, tuple(meta["img_size"]))
+    model = SakMultiTask(student, meta["tasks"], meta["router"])
+    model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
+    return model.to(device), meta
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class Stage2Result:
+    run: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)  # total loss per step
+    records: list[dict] = field(default_factory=list, repr=False)
+    model: SakMultiTask | None = field(default=None, repr=False)
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (images_u8.float() / 255.0 - mean) / std  # (B, 3, H, W)
+
+
+def train_stage2(cfg: Stage2Config) -> Stage2Result:
+    """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks."""
+    cfg.validate()
+    device = _device(cfg.device)
+    run = Path(cfg.out).expanduser()
+    if (run / STAGE2_DIR).exists() or (run / RUN_CONFIG).exists():
+        raise SakError(f"{run} already holds a run; choose another --out")
+    img_size = cfg.input_size()
+    data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
+    student, stage1 = load_stage1_run(cfg.init, device)
+    resize_stem_input(student, img_size)
+    torch.manual_seed(cfg.seed)
+    model = SakMultiTask(student, data.outputs, cfg.router).to(device)  # type: ignore[arg-type]
+    if cfg.freeze_backbone:
+        model.freeze_backbone()
+    use_teachers = cfg.gamma > 0 and not cfg.freeze_backbone
+    teachers = Stage2Teachers(stage1, img_size, device) if use_teachers else None
+    mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
+    weights = cfg.weights()
+
+    samples = TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric)
+    loader = torch.utils.data.DataLoader(
+        samples,
+        batch_size=cfg.batch_size,
+        sampler=range(cfg.steps * cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+    )
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
+    )
+    run.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "stage2": cfg.to_dict(),
+        "dataset": cfg.dataset,
+        "img_size": list(img_size),
+        "input_mean": stage1["resolved"]["input_mean"],
+        "input_std": stage1["resolved"]["input_std"],
+        "init": str(Path(cfg.init).resolve()),
+        "teachers": [s["teacher"] for s in stage1["cache"]["stores"]],
+    }
+    write_json_atomic(
+        run / RUN_CONFIG,
+        {
+            "kind": "sak-stage2-run",
+            **meta,
+            "tasks": data.outputs,
+            "task_weights": {t: weights[t] for t in data.tasks},
+            "train_images": len(data),
+            "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
+            "device": str(device),
+            "code_version": code_version(),
+            "created": now_iso(),
+        },
+    )
+    log.info(
+        f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
+        f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
+        f"{'live teachers' if teachers else 'no distillation'}, run {run}"
+    )
+    result = Stage2Result(run=run, steps=0, model=model)
+    model.train()
+    t_start = time.perf_counter()
+    with open(run / METRICS, "a") as metrics:
+        for step, batch in enumerate(loader, start=1):
+            images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
+            targets = {t: v.to(device) for t, v in batch["labels"].items()}
+            preds, _, distill_maps = model(normalize(images_u8.to(device), mean, std))
+            task_loss, parts = multi_task_loss(preds, targets, weights)
+            loss = task_loss
+            distill = None
+            if teachers is not None:
+                distill, _ = distillation_loss(student_levels(distill_maps, teachers), teachers(images_u8))
+                loss = task_loss + cfg.gamma * distill
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            params = [p for p in model.trainable_parameters() if p.grad is not None]
+            if cfg.grad_clip is not None:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            optimizer.step()
+            scheduler.step()
+            record = {
+                "kind": "train",
+                "step": step,
+                "loss": float(loss.detach()),  # note: host-device sync, once per step
+                **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
+                "distill": float(distill.detach()) if distill is not None else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "elapsed_s": time.perf_counter() - t_start,
+            }
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            result.losses.append(record["loss"])
+            result.records.append(record)
+            result.steps = step
+            if step % max(1, cfg.log_every) == 0 or step == 1:
+                log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {lr:.2e}")
+    save_stage2(run, model, {**meta, "step": result.steps})
+    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def make_meters(outputs: dict[str, int], dataset: str) -> dict[str, Any]:
+    tolerance = EDGE_TOLERANCE.get(DATASET_METRIC_NAME[dataset], EDGE_TOLERANCE["pascal_context"])
+    meters: dict[str, Any] = {}
+    for t, n in outputs.items():
+        if t in ("semseg", "human_parts"):
+            meters[t] = SegmentationMeter(n)
+        elif t == "sal":
+            meters[t] = SaliencyMeter()
+        elif t == "normals":
+            meters[t] = NormalsMeter()
+        elif t == "edge":
+            meters[t] = BoundaryMeter(tolerance)
+        elif t == "depth":
+            meters[t] = DepthMeter()
+    return meters
+
+
+def task_output(task: str, pred: torch.Tensor) -> torch.Tensor:
+    """Raw head output (B, out, H, W) -> what the meter takes (ids, probabilities, vectors, metres)."""
+    if task in ("semseg", "human_parts"):
+        return pred.argmax(1)  # (B, H, W)
+    if task in ("sal", "edge"):
+        return pred.sigmoid()[:, 0]  # (B, H, W)
+    return pred
+
+
+@torch.no_grad()
+def evaluate(
+    checkpoint: str | Path,
+    dataset: str,
+    data_root: str | Path,
+    split: str = "val",
+    out: str | Path | None = None,
+    batch_size: int = 4,
+    device: str | None = None,
+    baselines: dict[str, float] | None = None,
+    num_pictures: int = 4,
+) -> dict[str, Any]:
+    """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png, predictions.png."""
+    dev = _device(device)
+    model, meta = load_stage2(checkpoint, dev)
+    model.eval()
+    data = DenseDataset(dataset, data_root, split, tuple(model.tasks))
+    for t, n in data.outputs.items():
+        if n != model.tasks[t]:
+            raise SakError(f"task {t}: the model predicts {model.tasks[t]} channels, the dataset has {n}")
+    img_size = tuple(meta["img_size"])
+    loader = torch.utils.data.DataLoader(
+        EvalSamples(data, img_size), batch_size=batch_size, shuffle=False, collate_fn=collate
+    )
+    mean = torch.tensor(meta["input_mean"], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(meta["input_std"], device=dev).view(1, 3, 1, 1)
+    meters = make_meters(model.tasks, dataset)
+    gate_sum: dict[tuple[int, str], torch.Tensor] = {}
+    shown: list[dict] = []
+    for batch in loader:
+        preds, gates, _ = model(normalize(batch["images"].to(dev), mean, std))
+        for key, g in gates.items():
+            gate_sum[key] = gate_sum.get(key, 0) + g.sum(0).cpu()
+        outs = {t: task_output(t, p).cpu() for t, p in preds.items()}
+        for i, (h, w) in enumerate(batch["sizes"]):  # metrics on the unpadded region only
+            for t, meter in meters.items():
+                meter.update(outs[t][i : i + 1, ..., :h, :w], batch["labels"][t][i : i + 1, ..., :h, :w])
+            if len(shown) < num_pictures:
+                shown.append(
+                    {
+                        "image": batch["images"][i, :, :h, :w],
+                        "gt": {t: v[i, ..., :h, :w] for t, v in batch["labels"].items()},
+                        "pred": {t: v[i, ..., :h, :w] for t, v in outs.items()},
+                    }
+                )
+    results = {t: float(m.compute()) for t, m in meters.items()}
+    metric_ds = DATASET_METRIC_NAME[dataset]
+    backbone = meta["student"]["name"]
+    paper = SINGLE_TASK_BASELINES.get(metric_ds, {}).get(backbone)
+    report: dict[str, Any] = {
+        "kind": "sak-stage2-eval",
+        "dataset": dataset,
+        "split": split,
+        "images": len(data),
+        "metrics": {t: {"name": METRIC_NAMES[t], "value": v} for t, v in results.items()},
+        "code_version": code_version(),
+        "created": now_iso(),
+    }
+    if baselines is not None:
+        report["delta_m"] = mtl_gain(results, baselines)
+        report["baselines"] = dict(baselines)
+    elif paper is not None and all(t in paper for t in results):
+        report["delta_m"] = mtl_gain(results, dataset=metric_ds, backbone=backbone)
+        report["baselines"] = {t: paper[t] for t in results}
+    n = len(data)
+    levels = sorted({b for b, _ in gate_sum})
+    mean_gates = {f"{b}/{t}": (g / n).tolist() for (b, t), g in sorted(gate_sum.items())}
+    report["router_mean_gates"] = mean_gates
+    report["experts"] = ["stem", *(x["name"] for x in meta["student"]["teachers"])]
+    target = Path(out or checkpoint).expanduser()
+    target.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target / "eval.json", report)
+    plot_gates(gate_sum, n, levels, list(model.tasks), report["experts"], target / "routers.png")
+    plot_predictions(shown, list(model.tasks), model.tasks, target / "predictions.png")
+    report["pictures"] = [str(target / "routers.png"), str(target / "predictions.png")]
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"{'task':<12} {'metric':<6} {'value':>9}"]
+    for t, m in report["metrics"].items():
+        lines.append(f"{t:<12} {m['name']:<6} {m['value']:>9.4f}")
+    if "delta_m" in report:
+        lines.append(f"{'delta_m %':<19} {report['delta_m']:>9.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# pictures (matplotlib, Agg)
+
+
+def plot_gates(
+    gate_sum: dict[tuple[int, str], torch.Tensor],
+    count: int,
+    levels: list[int],
+    tasks: list[str],
+    experts: list[str],
+    path: Path,
+) -> None:
+    """The paper's Figure 4: mean gate weight per expert, one panel per level, grouped bars per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.0), squeeze=False, sharey=True)
+    width = 0.8 / len(experts)
+    for ax, b in zip(axes[0], levels):
+        for e, name in enumerate(experts):
+            values = [float(gate_sum[(b, t)][e]) / count for t in tasks]
+            ax.bar(np.arange(len(tasks)) + (e - (len(experts) - 1) / 2) * width, values, width, label=name)
+        ax.set_title(f"block {b}")
+        ax.set_xticks(np.arange(len(tasks)), tasks, rotation=30, fontsize=8)
+    axes[0][0].set_ylabel("mean gate weight")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _show(task: str, x: torch.Tensor, classes: int) -> tuple[np.ndarray, dict]:
+    """A label or prediction -> (image array, imshow kwargs)."""
+    x = x.float()
+    if task in ("semseg", "human_parts"):
+        return np.ma.masked_equal(x.numpy(), 255), {"cmap": "tab20", "vmin": 0, "vmax": max(1, classes - 1)}
+    if task == "normals":
+        n = torch.nn.functional.normalize(x, dim=0) if x.abs().sum() else x
+        return ((n.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1), {}
+    if task == "depth":
+        return np.ma.masked_equal(x.squeeze(0).numpy(), 0), {"cmap": "viridis"}
+    return np.ma.masked_equal(x.numpy(), 255), {"cmap": "gray", "vmin": 0, "vmax": 1}
+
+
+def plot_predictions(shown: list[dict], tasks: list[str], outputs: dict[str, int], path: Path) -> None:
+    """Rows: images; columns: input | GT and prediction per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not shown:
+        return
+    cols = 1 + 2 * len(tasks)
+    fig, axes = plt.subplots(len(shown), cols, figsize=(1.8 * cols, 1.8 * len(shown)), squeeze=False)
+    for r, s in enumerate(shown):
+        axes[r][0].imshow(s["image"].permute(1, 2, 0).numpy())
+        axes[r][0].set_title("input", fontsize=7)
+        for k, t in enumerate(tasks):
+            for j, (what, x) in enumerate((("GT", s["gt"][t]), ("pred", s["pred"][t]))):
+                img, kw = _show(t, x, outputs[t])
+                ax = axes[r][1 + 2 * k + j]
+                ax.imshow(img, **kw)
+                ax.set_title(f"{t} {what}", fontsize=7)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
