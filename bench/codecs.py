@@ -205,12 +205,10 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-# ------------------------------------------------------------------------ effect on training (hook)
-# Short stage-1 runs from an fp16 cache and from caches whose targets went through each lossy codec; the
-# figure is the Rep Sim difference on the held-out shards, every student judged against the fp16 targets. The loader (student/data.py) reads fp16/bf16/
-# fp32 stores only for now, so a lossy cache is SIMULATED: the fp16 cache is copied and every target
-# replaced by decode(encode(x)) stored as fp16 (fp16 rounding is ~100x below int8/fp8 error). Once the
-# loader reads int8/fp8 stores (Codec.decode_torch), extract with --codec directly instead.
+# ------------------------------------------------------------------------ effect on training
+# Short stage-1 runs from an fp16 cache and from a cache extracted with each lossy codec (same images, same
+# view plan, so the same views); the figure is the Rep Sim difference on the held-out shards, every student
+# judged against the fp16 targets. A second fp16 run with another seed gives the noise floor.
 
 
 def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
@@ -219,11 +217,7 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
     except ImportError as e:
         print(f"effect on training: skipped, sak.student.train is not importable ({e})")
         return []
-    import shutil
 
-    import zarr
-
-    from sak.pipeline.codecs import get_codec
     from sak.pipeline.extract import ExtractConfig, run_extraction
     from sak.student.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
 
@@ -234,31 +228,31 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
 
     for i in range(24):
         make_photo(i, 160 + 7 * i, 120 + 5 * i).save(images / f"img{i:03d}.png")
-    base = workdir / "fp16"
-    run_extraction(
-        ExtractConfig(
-            source=str(images),
-            out=str(base),
-            teachers=("dinov2_tiny", "clip_tiny"),
-            views_per_image=2,
-            size=64,
-            shard_size=8,
-            progress=False,
-        )
-    )
+
+    def extract(codec: str) -> Path:
+        out = workdir / codec
+        if not (out / "cache.json").exists():
+            run_extraction(
+                ExtractConfig(
+                    source=str(images),
+                    out=str(out),
+                    teachers=("dinov2_tiny", "clip_tiny"),
+                    views_per_image=2,
+                    size=64,
+                    shard_size=8,
+                    codec=codec,
+                    progress=False,
+                )
+            )
+        return out
+
+    base = extract("fp16")
     results = []
     # (label, codec of the targets, seed): a second fp16 run with another seed is the noise floor
     runs = [("fp16", "fp16", 0), ("fp16, seed 1 (noise)", "fp16", 1)]
     runs += [(c, c, 0) for c in codecs if c not in ("fp16", "fp32")]
     for label, name, seed in runs:
-        cache = base if name == "fp16" else workdir / name
-        if name != "fp16":
-            shutil.copytree(base, cache)
-            codec = get_codec(name)
-            for arr_path in sorted(p for p in (cache / "teachers").glob("*/levels/*") if p.is_dir()):
-                arr = zarr.open_array(str(arr_path), mode="r+")
-                x = torch.from_numpy(arr[:].astype(np.float32))
-                arr[:] = codec.decode(*codec.encode_parts(x)).half().numpy()
+        cache = extract(name)  # a real lossy cache, read by the loader as stored (int8/fp8 + scales)
         run = workdir / f"run-{name}-{seed}"
         cfg = Stage1Config.debug(str(cache), str(run), steps=steps, seed=seed, report_repsim=False)
         res = train_stage1(cfg)
