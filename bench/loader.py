@@ -12,7 +12,7 @@ Method.
   in batches of --batch-size, i.e. read the stored image bytes, decode, cut the view at the student size,
   normalise (the "image" column), and read + decompress every level of the 3 teacher stores into tensors
   in the stored dtype (the "targets" column). One untimed pass first (it opens the arrays and hashes each
-  shard's files once, see student/data.py ShardIntegrity); then --passes timed passes over the cache, so
+  shard's files once, see student/integrity.py ShardIntegrity); then --passes timed passes over the cache, so
   files are in the page cache: this is CPU cost, not disk bandwidth. Quantised targets (int8/fp8) are
   dequantised on the training device, not in the worker: that CPU time is shown apart ("dequant").
   "cores @1000/s" = 1000 / (samples/s per core): cores the paper's ViT-B student would need at 1000

@@ -79,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from sak.cli import train as train_cli
 
+    run = root / "run"
+    if run.exists():  # the demo's own run folder: start it afresh so `make demo` can be repeated
+        import shutil
+
+        shutil.rmtree(run)
     print(f"== stage-1 training of the tiny student from the cache ({args.steps} steps)", flush=True)
     return train_cli.main(
         [
