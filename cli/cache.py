@@ -22,6 +22,38 @@ def _parse_weights(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def target_options(command):
+    """What is stored per view, shared by `run` and `estimate` so the two cannot drift apart."""
+    options = [
+        click.option(
+            "--codec",
+            default="fp16",
+            show_default=True,
+            help="Target codec: fp16, bf16, fp32, int8 (per 32 channels), fp8 (see pipeline/codecs.py).",
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["zarr", "wds"]),
+            default="zarr",
+            show_default=True,
+            help="Store format.",
+        ),
+        click.option(
+            "--levels",
+            default="all",
+            show_default=True,
+            help="Tap positions to keep (0-3, -1 = deepest) or all.",
+        ),
+        click.option(
+            "--grid", default="native", show_default=True, help="Target grid: native, student or HxW."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="More log output.")
 def cli(verbose: bool) -> None:
@@ -92,24 +124,7 @@ def cli(verbose: bool) -> None:
     show_default=True,
     help="teacher: each model's own mean/std; imagenet: ImageNet's for all (the paper's code).",
 )
-@click.option(
-    "--codec",
-    default="fp16",
-    show_default=True,
-    help="Target codec: fp16, bf16, fp32, int8 (per 32 channels), fp8, or another of `estimate --help`.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["zarr", "wds"]),
-    default="zarr",
-    show_default=True,
-    help="Store format.",
-)
-@click.option(
-    "--levels", default="all", show_default=True, help="Tap positions to keep (0-3, -1 = deepest) or all."
-)
-@click.option("--grid", default="native", show_default=True, help="Target grid: native, student or HxW.")
+@target_options
 @click.option("--workers", type=int, help="Teacher actors [default: one per GPU, or half the CPUs].")
 @click.option(
     "--object-store-mb", default=1024, show_default=True, type=int, help="Embedded Ray object store size."
@@ -203,21 +218,7 @@ def verify(cache: str) -> int:
 @click.option(
     "--views-per-image", default=2, show_default=True, type=int, help="Views per image, as for `run`."
 )
-@click.option(
-    "--codec", default="fp16", show_default=True, help="Target codec (fp16, bf16, fp32, int8, fp8, ...)."
-)
-@click.option(
-    "--levels", default="all", show_default=True, help="Tap positions to keep (0-3, -1 = deepest) or all."
-)
-@click.option("--grid", default="native", show_default=True, help="Target grid: native, student or HxW.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["zarr", "wds"]),
-    default="zarr",
-    show_default=True,
-    help="Store format.",
-)
+@target_options
 @click.option(
     "--source", help="Count the images (and their bytes) of this source, as `run --source` reads it."
 )
