@@ -286,6 +286,42 @@ def estimate(**opts) -> None:
             json.dump(estimate_to_dict(est), f, indent=2)
 
 
+@cli.command()
+@click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
+@click.option("--data-root", required=True, help="PASCAL_MT / NYUD_MT (or their parent), or your folder.")
+@click.option("--init", "init", required=True, metavar="RUN", help="The stage-1 run (its teachers' stores).")
+@click.option("--out", required=True, help="Cache folder (created; an unfinished one resumes).")
+@click.option("--epochs", default=1, show_default=True, type=int, help="Epochs of plans to cache (0..E-1).")
+@click.option("--img-size", help="HxW crop, as `sak-train stage2` [default: 512x512, NYUD 448x576].")
+@click.option("--seed", default=0, show_default=True, type=int, help="The stage-2 run's --seed.")
+@click.option("--codec", default="fp16", show_default=True, help="Target codec (fp16, bf16, fp32, ...).")
+@click.option("--shard-size", default=64, show_default=True, type=int, help="Rows per shard file.")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="Images per teacher forward.")
+@click.option("--device", help="cpu or cuda [default: cuda when available].")
+def stage2(**opts) -> None:
+    """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
+    from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
+    from sak.cli.train import _img_size
+    from sak.pipeline.provenance import read_json
+    from sak.student.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
+
+    cfg = Stage2CacheConfig(
+        dataset=opts["dataset"],
+        data_root=opts["data_root"],
+        init=opts["init"],
+        out=opts["out"],
+        epochs=opts["epochs"],
+        img_size=_img_size(opts["img_size"]),
+        seed=opts["seed"],
+        codec=opts["codec"],
+        shard_size=opts["shard_size"],
+        batch_size=opts["batch_size"],
+        device=opts["device"],
+    )
+    out = build_stage2_cache(cfg)
+    click.echo(describe(read_json(out / CACHE_JSON)))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(cli, argv, "sak-cache")
 

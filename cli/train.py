@@ -254,7 +254,7 @@ def _img_size(text: str | None) -> tuple[int, int] | None:
 @click.option("--data-root", required=True, help="PASCAL_MT / NYUD_MT (or their parent), or your folder.")
 @click.option("--init", "init", required=True, metavar="RUN", help="The stage-1 run folder.")
 @click.option("--online", is_flag=True, help="Distillation targets from live teachers (the stage-1 stores').")
-@click.option("--cache", help="A stage-2 target cache (not implemented yet).")
+@click.option("--cache", help="A stage-2 target cache (`sak-cache stage2`) instead of live teachers.")
 @click.option("--tasks", help="Comma list of tasks [default: all of the dataset's].")
 @click.option("--router", type=click.Choice(["mor", "sum"]), default="mor", show_default=True)
 @click.option("--freeze-backbone", is_flag=True, help="Train routers and heads only.")

@@ -48,7 +48,7 @@ image 0), random crop (512x512 PASCAL, 448x576 NYUD), horizontal flip with the n
 negated, and photometric distortion (brightness, contrast, saturation, hue; each with probability 1/2,
 contrast before or after the colour jitter, as mmseg's PhotoMetricDistortion). Every random choice comes
 from `augment_plan(seed, name, epoch, ...)`, drawn with the project's SplitMix64 (`ViewSampler`) in a
-fixed order, so a plan is replayable on any machine (what a stage-2 cache would record).
+fixed order, so a plan is replayable on any machine (what a stage-2 cache records: stage2_cache.py).
 Evaluation pads right/bottom to the input size without resizing; `size` gives the unpadded (h, w).
 """
 
@@ -538,9 +538,12 @@ class TrainSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         epoch, k = divmod(int(position), len(self.data))
-        sample = self.data.load(int(self.order(epoch)[k]))
+        index = int(self.order(epoch)[k])
+        sample = self.data.load(index)
         h, w = sample["size"]
-        return apply_plan(sample, self.plan(sample["name"], epoch, h, w), self.crop)
+        out = apply_plan(sample, self.plan(sample["name"], epoch, h, w), self.crop)
+        out["row"] = epoch * len(self.data) + index  # the (epoch, image) row of a stage-2 cache
+        return out
 
 
 class EvalSamples(torch.utils.data.Dataset):
@@ -557,10 +560,14 @@ class EvalSamples(torch.utils.data.Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """-> {"names": [B], "images": (B, 3, H, W) uint8, "labels": {task: (B, ...)}, "sizes": [(h, w)]}."""
-    return {
+    """-> {"names": [B], "images": (B, 3, H, W) uint8, "labels": {task: (B, ...)}, "sizes": [(h, w)]},
+    plus "rows": [B] (epoch * N + image index) for training samples."""
+    batch = {
         "names": [s["name"] for s in samples],
         "images": torch.stack([s["image"] for s in samples]),
         "labels": {t: torch.stack([s["labels"][t] for s in samples]) for t in samples[0]["labels"]},
         "sizes": [tuple(s["size"]) for s in samples],
     }
+    if "row" in samples[0]:
+        batch["rows"] = [int(s["row"]) for s in samples]
+    return batch

@@ -13,7 +13,9 @@
 evaluate(RUN, ...) -> RUN/eval.json (one number per metric, delta_m), routers.png, predictions.png
 
 With --freeze-backbone only routers and heads train; the distillation loss then has no gradient to give
-and is not computed (no teachers are loaded). Stage-2 caches (--cache) are not implemented yet.
+and is not computed (no teachers are loaded). With --cache the targets come from a stage-2 target cache
+(stage2_cache.py: `sak-cache stage2`) built for the same dataset, images, seed, crop, augmentation and
+stage-1 teachers; a batch's rows (epoch * N + image) index it, and each image is checked against its sha256.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class Stage2Config:
     init: the stage-1 run folder (its checkpoint gives the student, its config the teachers' stores).
     out: the stage-2 run folder. tasks: a subset of the dataset's tasks, () = all of them.
     online: distillation targets from live teachers rebuilt from the stage-1 stores.
-    cache: a stage-2 target cache (not implemented yet: refused).
+    cache: a stage-2 target cache (`sak-cache stage2`) replacing the live teachers.
     router: "mor" (the paper) or "sum" (ablation). freeze_backbone: train routers and heads only.
     steps: iterations (40k); batch_size: global batch (4). lr, weight_decay: AdamW (2e-5, 1e-6).
     poly_power: lr factor (1 - step / steps) ** power, no warm-up. grad_clip: max gradient norm (10).
@@ -131,13 +133,11 @@ class Stage2Config:
         return {**DEFAULT_TASK_WEIGHTS, **dict(self.task_weights)}
 
     def validate(self) -> None:
-        if self.cache is not None:
-            raise SakError(
-                "stage-2 target caches (--cache) are not implemented yet; use --online (live teachers)"
-            )
+        if self.cache is not None and self.online:
+            raise SakError("give one of --online and --cache, not both")
         needs_teachers = self.gamma > 0 and not self.freeze_backbone
-        if needs_teachers and not self.online:
-            raise SakError("stage 2 distils from the teachers: pass --online (or --gamma 0)")
+        if needs_teachers and not (self.online or self.cache):
+            raise SakError("stage 2 distils from the teachers: pass --online or --cache (or --gamma 0)")
         if self.steps < 1 or self.batch_size < 1:
             raise SakError("--steps and --batch-size must be >= 1")
         if self.router not in ("mor", "sum"):
@@ -299,7 +299,25 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     if cfg.freeze_backbone:
         model.freeze_backbone()
     use_teachers = cfg.gamma > 0 and not cfg.freeze_backbone
-    teachers = Stage2Teachers(stage1, img_size, device) if use_teachers else None
+    teachers: Any = None
+    if use_teachers and cfg.cache is not None:
+        from sak.student.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
+
+        expected = {
+            "dataset": cfg.dataset,
+            "split": SPLIT,
+            "num_images": len(data),
+            "names_sha": names_hash(data.names),
+            "seed": int(cfg.seed),
+            "crop": list(img_size),
+            "scale_range": [float(x) for x in cfg.scale_range],
+            "photometric": bool(cfg.photometric),
+            "plan_version": PLAN_VERSION,
+            "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
+        }
+        teachers = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
+    elif use_teachers:
+        teachers = Stage2Teachers(stage1, img_size, device)
     mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
     std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
     weights = cfg.weights()
@@ -343,7 +361,7 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     log.info(
         f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
         f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
-        f"{'live teachers' if teachers else 'no distillation'}, run {run}"
+        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
     )
     result = Stage2Result(run=run, steps=0, model=model)
     model.train()
@@ -357,7 +375,11 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             loss = task_loss
             distill = None
             if teachers is not None:
-                distill, _ = distillation_loss(student_levels(distill_maps, teachers), teachers(images_u8))
+                if cfg.cache is not None:
+                    teacher_maps = teachers(batch, images_u8, device)
+                else:
+                    teacher_maps = teachers(images_u8)
+                distill, _ = distillation_loss(student_levels(distill_maps, teachers), teacher_maps)
                 loss = task_loss + cfg.gamma * distill
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)

@@ -126,7 +126,7 @@ def test_freeze_backbone_trains_only_routers_and_heads(stage1_run, folder, tmp_p
 def test_cli_errors_are_one_line(stage1_run, folder, tmp_path, capsys):
     base = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(stage1_run)]
     assert train_main([*base, "--cache", "x", "--out", str(tmp_path / "a")]) == 2
-    assert "not implemented" in capsys.readouterr().err
+    assert "not a stage-2 cache" in capsys.readouterr().err
     assert train_main([*base, "--out", str(tmp_path / "b"), "--img-size", "64x64"]) == 2
     assert "--online" in capsys.readouterr().err
     assert train_main([*base, "--online", "--img-size", "60", "--out", str(tmp_path / "c")]) == 2

@@ -1,0 +1,304 @@
+"""Stage-2 target caches: teacher targets of the exact augmented images the stage-2 student sees.
+
+A stage-2 view is the uint8 image `TrainSamples` gives for (seed, image, epoch): the replayable
+`augment_plan` (scale, pad, crop, flip, photometric jitter) applied by `apply_plan`, the very functions the
+trainer uses. `build_stage2_cache` replays the plans of epochs 0..E-1 for every training image and runs the
+stage-1 run's teachers on them exactly as `--online` does (`Stage2Teachers`: the stage-1 stores' weights and
+normalisation, SAM at its fixed side then zero-padded, the others at the crop size); `sak-train stage2
+--cache` then reads the targets of row (epoch, image) instead of running teachers.
+
+    OUT/cache.json               kind "sak-stage2-cache": dataset, data root, split, image-list hash, seed,
+                                 crop, scale range, photometric, epochs, plan version, stage-1 run and its
+                                 store fingerprints, per teacher: blocks, positions, grids, codec, shard files
+    OUT/views.parquet            one row per (epoch, image), row = epoch * N + image index (the split file's
+                                 order): row, epoch, image, name, height, width (the source image), scale,
+                                 flip, crop_y, crop_x, brightness, contrast, saturation, hue (null = step
+                                 skipped), contrast_first, valid_h, valid_w (unpadded part of the crop),
+                                 image_sha256 (of the augmented uint8 image, (3, H, W) C order)
+    OUT/teachers/<teacher>/      a Zarr teacher store (store/zarr.py): levels/<block> (rows, h, w, C) in the
+                                 stage-2 grid, shards.jsonl journal (resume skips finished shards)
+
+The trainer refuses (one line naming both values) a cache whose dataset, split, images, seed, crop,
+augmentation, plan version or teachers differ from the run's, or that holds fewer epochs than the run
+needs, and checks every batch image against the recorded sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from sak.pipeline.codecs import get_codec
+from sak.pipeline.errors import SakError
+from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
+from sak.pipeline.provenance import code_version, read_json, stable_hash, write_json_atomic
+from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
+from sak.student.datasets import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
+
+log = logging.getLogger("sak")
+
+KIND = "sak-stage2-cache"
+CACHE_JSON = "cache.json"
+VIEWS = "views.parquet"
+PLAN_VERSION = 1  # bump when augment_plan / apply_plan change what a (seed, image, epoch) view is
+SPLIT = "train"
+
+
+@dataclass(frozen=True)
+class Stage2CacheConfig:
+    """dataset, data_root: as for `sak-train stage2`; init: the stage-1 run (its teachers); out: the cache.
+
+    epochs: plans of epochs 0..epochs-1 are cached (a run of S steps of B needs ceil(S * B / N) epochs).
+    img_size: the crop (H, W), None = the dataset's default. scale_range, photometric, seed: the run's.
+    codec: target codec (fp16, bf16, fp32, ...). shard_size: rows per shard file. batch_size: images per
+    teacher forward. device: cpu | cuda | None (cuda when available).
+    """
+
+    dataset: str
+    data_root: str
+    init: str
+    out: str
+    epochs: int = 1
+    img_size: tuple[int, int] | None = None
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    photometric: bool = True
+    seed: int = 0
+    codec: str = "fp16"
+    shard_size: int = 64
+    batch_size: int = 8
+    device: str | None = None
+
+    def crop(self) -> tuple[int, int]:
+        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
+
+
+def names_hash(names: list[str]) -> str:
+    return stable_hash(list(names))
+
+
+def image_sha256(image: torch.Tensor) -> str:
+    return hashlib.sha256(image.contiguous().numpy().tobytes()).hexdigest()
+
+
+def augmented_image(samples: TrainSamples, epoch: int, index: int) -> tuple[torch.Tensor, dict]:
+    """The uint8 image TrainSamples gives for (epoch, image index), without reading labels; + its plan row."""
+    data = samples.data
+    name = data.names[index]
+    image = read_image(data._image_path(name))
+    h, w = image.shape[-2:]
+    plan = samples.plan(name, epoch, h, w)
+    out = apply_plan({"name": name, "image": image, "labels": {}}, plan, samples.crop)
+    row = {
+        "row": epoch * len(data) + index,
+        "epoch": epoch,
+        "image": index,
+        "name": name,
+        "height": int(h),
+        "width": int(w),
+        **{k: getattr(plan, k) for k in plan.__dataclass_fields__},
+        "valid_h": int(out["size"][0]),
+        "valid_w": int(out["size"][1]),
+        "image_sha256": image_sha256(out["image"]),
+    }
+    return out["image"], row
+
+
+def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> dict:
+    return {
+        "dataset": cfg.dataset,
+        "split": SPLIT,
+        "num_images": len(data),
+        "names_sha": names_hash(data.names),
+        "seed": int(cfg.seed),
+        "crop": list(cfg.crop()),
+        "scale_range": [float(x) for x in cfg.scale_range],
+        "photometric": bool(cfg.photometric),
+        "plan_version": PLAN_VERSION,
+        "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
+    }
+
+
+def _done(path: Path, shard: int) -> bool:
+    return (path / JOURNAL).exists() and shard in read_journal(path)
+
+
+def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
+    """Replay the stage-2 plans of every (epoch, image) and store the teachers' targets for them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sak.student.stage2_train import Stage2Teachers, _device, load_stage1_run
+
+    if cfg.epochs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
+        raise SakError("--epochs, --shard-size and --batch-size must be >= 1")
+    crop = cfg.crop()
+    if crop[0] % 16 or crop[1] % 16 or min(crop) < 32:
+        raise SakError(f"--img-size {crop[0]}x{crop[1]}: both sides must be multiples of 16 and >= 32")
+    codec = get_codec(cfg.codec)
+    out = Path(cfg.out).expanduser()
+    device = _device(cfg.device)
+    data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
+    _, stage1 = load_stage1_run(cfg.init, device)
+    identity = _identity(cfg, data, stage1)
+    if (out / CACHE_JSON).exists():
+        old = read_json(out / CACHE_JSON)
+        if old.get("kind") != KIND:
+            raise SakError(f"{out} holds something else ({CACHE_JSON} kind {old.get('kind')!r})")
+        for k, v in identity.items():
+            if old["identity"].get(k) != v:
+                raise SakError(
+                    f"{out} was built with {k} {old['identity'].get(k)!r}, not {v!r}: choose another --out"
+                )
+        if old["epochs"] != cfg.epochs or old["codec"] != cfg.codec or old["shard_size"] != cfg.shard_size:
+            raise SakError(f"{out} was built with other --epochs/--codec/--shard-size: choose another --out")
+    elif out.exists() and any(out.iterdir()):
+        raise SakError(f"--out {out} exists and is not a stage-2 cache; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    teachers = Stage2Teachers(stage1, crop, device)
+    samples = TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
+    n_rows = cfg.epochs * len(data)
+    n_shards = math.ceil(n_rows / cfg.shard_size)
+    record = {
+        "kind": KIND,
+        "identity": identity,
+        "data_root": str(Path(cfg.data_root).expanduser().resolve()),
+        "init": str(Path(cfg.init).expanduser().resolve()),
+        "epochs": cfg.epochs,
+        "rows": n_rows,
+        "codec": cfg.codec,
+        "shard_size": cfg.shard_size,
+        "num_shards": n_shards,
+        "views": VIEWS,
+        "complete": False,
+        "code_version": code_version(),
+        "created": now_iso(),
+    }
+    write_json_atomic(out / CACHE_JSON, record)
+
+    rows: list[dict] = []
+    paths = {info.teacher: out / "teachers" / info.teacher for info in teachers.stores}
+    stores: dict[str, ZarrTeacherStore] = {}
+    t0 = time.perf_counter()
+    for shard in range(n_shards):
+        start, stop = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, n_rows)
+        built = [augmented_image(samples, *divmod(r, len(data))) for r in range(start, stop)]
+        rows.extend(b[1] for b in built)
+        todo = [s for s in teachers.stores if not _done(paths[s.teacher], shard)]
+        if not todo:
+            continue  # resumed: this shard is on disk already
+        t_shard = time.perf_counter()
+        images = torch.stack([b[0] for b in built])
+        maps: dict[str, list[list[torch.Tensor]]] = {}
+        for i in range(0, len(images), cfg.batch_size):
+            for teacher, levels in teachers(images[i : i + cfg.batch_size]).items():
+                maps.setdefault(teacher, []).append([m.cpu() for m in levels])
+        for info in todo:
+            levels = [torch.cat(parts) for parts in zip(*maps[info.teacher])]
+            path = paths[info.teacher]
+            if info.teacher not in stores:
+                grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
+                create_store(path, n_rows, cfg.shard_size, grids, codec)  # idempotent
+                stores[info.teacher] = ZarrTeacherStore(path, cfg.codec, cfg.shard_size)
+            files = stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
+            append_journal(path, ShardRecord(shard, start, stop, files, time.perf_counter() - t_shard))
+        log.info(f"stage-2 cache: shard {shard + 1}/{n_shards} ({stop} of {n_rows} rows)")
+
+    table = pa.Table.from_pylist(rows)
+    pq.write_table(table, out / VIEWS)
+    record["teachers"] = []
+    for info in teachers.stores:
+        store = ZarrTeacherStore(paths[info.teacher], cfg.codec, cfg.shard_size)
+        journal = read_journal(store.path)
+        record["teachers"].append(
+            {
+                "teacher": info.teacher,
+                "stage1_fingerprint": info.fingerprint,
+                "path": f"teachers/{info.teacher}",
+                "blocks": list(info.blocks),
+                "positions": list(info.positions),
+                "grids": [list(store.array(b).shape[1:]) for b in info.blocks],
+                "shards": {str(s): journal[s].files for s in sorted(journal)},
+            }
+        )
+    record.update(complete=True, seconds=round(time.perf_counter() - t0, 3), finished=now_iso())
+    write_json_atomic(out / CACHE_JSON, record)
+    log.info(f"stage-2 cache {out}: {n_rows} rows ({cfg.epochs} epochs x {len(data)} images)")
+    return out
+
+
+def describe(cache: dict) -> str:
+    i = cache["identity"]
+    teachers = ", ".join(t["teacher"] for t in cache["teachers"])
+    return (
+        f"stage-2 cache: {i['dataset']} {i['split']} ({i['num_images']} images) x {cache['epochs']} epochs = "
+        f"{cache['rows']} rows, crop {i['crop'][0]}x{i['crop'][1]}, seed {i['seed']}, {cache['codec']}; "
+        f"teachers {teachers}"
+    )
+
+
+class Stage2CachedTargets:
+    """Targets of the batch's (epoch, image) rows from a stage-2 cache, in Stage2Teachers' output form.
+
+    `stores` carries each teacher's name and tap positions (what `student_levels` needs).
+    """
+
+    def __init__(self, path: str | Path, expected: dict, steps: int, batch_size: int) -> None:
+        import pyarrow.parquet as pq
+
+        self.root = Path(path).expanduser()
+        if not (self.root / CACHE_JSON).exists():
+            raise SakError(f"--cache {self.root} is not a stage-2 cache (no {CACHE_JSON})")
+        cache = read_json(self.root / CACHE_JSON)
+        if cache.get("kind") != KIND:
+            raise SakError(f"--cache {self.root}: {CACHE_JSON} kind is {cache.get('kind')!r}, not {KIND!r}")
+        if not cache.get("complete"):
+            raise SakError(f"--cache {self.root} is incomplete; re-run `sak-cache stage2` to finish it")
+        for key, want in expected.items():
+            have = cache["identity"].get(key)
+            if have != want:
+                raise SakError(f"--cache {self.root} was built with {key} {have!r}, this run has {want!r}")
+        needed = steps * batch_size
+        if needed > cache["rows"]:
+            raise SakError(
+                f"--cache {self.root} holds {cache['epochs']} epochs ({cache['rows']} samples), this run needs "
+                f"{needed} ({math.ceil(needed / cache['identity']['num_images'])} epochs)"
+            )
+        self.cache = cache
+        self.stores = [
+            SimpleNamespace(teacher=t["teacher"], positions=tuple(t["positions"])) for t in cache["teachers"]
+        ]
+        self._readers = {
+            t["teacher"]: (
+                ZarrTeacherStore(self.root / t["path"], cache["codec"], cache["shard_size"]),
+                t["blocks"],
+            )
+            for t in cache["teachers"]
+        }
+        self.sha = pq.read_table(self.root / VIEWS, columns=["image_sha256"]).column(0).to_pylist()
+
+    def __call__(
+        self, batch: dict, images_u8: torch.Tensor, device: torch.device
+    ) -> dict[str, list[torch.Tensor]]:
+        rows = np.asarray(batch["rows"], dtype=np.int64)
+        for r, im in zip(rows, images_u8):
+            if image_sha256(im.cpu()) != self.sha[r]:
+                raise SakError(
+                    f"--cache {self.root}: the augmented image of row {r} differs from the cached one "
+                    f"(augmentation code changed?); rebuild the cache"
+                )
+        order = np.argsort(rows, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        out = {}
+        for teacher, (store, blocks) in self._readers.items():
+            out[teacher] = [store.read_rows(b, rows[order])[inverse].to(device) for b in blocks]
+        return out

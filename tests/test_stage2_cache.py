@@ -1,0 +1,108 @@
+"""Stage-2 target caches: --cache and --online give the same per-step losses from the same views."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sak.cli.cache import main as cache_main
+from sak.pipeline.errors import SakError
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.student.datasets import DenseDataset, TrainSamples
+from sak.student.stage2_cache import image_sha256
+from sak.student.stage2_train import Stage2Config, train_stage2
+from sak.student.train import Stage1Config, train_stage1
+from tests.test_datasets import make_folder
+
+NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation
+CROP = (48, 64)  # not square: SAM sees the long side at its fixed size, zero-padded below
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local, photo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("s2cache")
+    cfg = ExtractConfig(
+        source=str(photo_dir), out=str(root / "cache"), teachers=("dinov2_tiny", "clip_tiny", "sam_tiny"),
+        views_per_image=1, size=64, shard_size=4, codec="fp16", progress=False,
+    )  # fmt: skip
+    run_extraction(cfg)
+    train_stage1(
+        Stage1Config.debug(str(root / "cache"), str(root / "s1"), steps=2, batch_size=2, eval_every=0)
+    )
+    folder = make_folder(root / "data", names=NAMES)
+    code = cache_main(
+        ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(root / "s1"),
+         "--out", str(root / "s2cache"), "--epochs", "2", "--img-size", f"{CROP[0]}x{CROP[1]}",
+         "--codec", "fp32", "--shard-size", "3", "--batch-size", "2", "--device", "cpu"]
+    )  # fmt: skip
+    assert code == 0
+    return root, folder
+
+
+def _run(root, folder, name, **kw):
+    kw = {"steps": 4, "batch_size": 2, "img_size": CROP, "lr": 1e-3, "device": "cpu", **kw}
+    cfg = Stage2Config.debug("folder", str(folder), str(root / "s1"), str(root / name), **kw)
+    return train_stage2(cfg)
+
+
+def test_cache_records_the_views(setup):
+    root, folder = setup
+    cache = json.loads((root / "s2cache/cache.json").read_text())
+    assert cache["kind"] == "sak-stage2-cache" and cache["complete"] and cache["rows"] == 8
+    assert cache["identity"]["crop"] == list(CROP) and cache["identity"]["seed"] == 0
+    assert [t["teacher"] for t in cache["teachers"]] == ["dinov2_tiny", "clip_tiny", "sam_tiny"]
+    views = pq.read_table(root / "s2cache/views.parquet").to_pylist()
+    assert [v["row"] for v in views] == list(range(8)) and [v["epoch"] for v in views] == [0] * 4 + [1] * 4
+    samples = TrainSamples(DenseDataset("folder", folder, "train"), CROP, seed=0)
+    s = samples[5]  # stream position 5 = epoch 1, some image: its row's image hash matches
+    assert views[s["row"]]["image_sha256"] == image_sha256(s["image"])
+
+
+def test_cache_and_online_give_equal_losses(setup):
+    root, folder = setup
+    online = _run(root, folder, "online", online=True)
+    cached = _run(root, folder, "cached", cache=str(root / "s2cache"))
+    print("online", online.losses, "cached", cached.losses)
+    assert len(online.losses) == len(cached.losses) == 4
+    for a, b, ra, rb in zip(online.losses, cached.losses, online.records, cached.records):
+        assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+        assert abs(ra["distill"] - rb["distill"]) <= 1e-4 * abs(ra["distill"]) and ra["distill"] > 0
+
+
+def test_mismatch_and_too_few_epochs_are_refused(setup):
+    root, folder = setup
+    with pytest.raises(SakError, match=r"seed 0.*has 1"):
+        _run(root, folder, "bad_seed", cache=str(root / "s2cache"), seed=1)
+    with pytest.raises(SakError, match=r"crop \[48, 64\].*\[64, 64\]"):
+        _run(root, folder, "bad_crop", cache=str(root / "s2cache"), img_size=(64, 64))
+    with pytest.raises(SakError, match="holds 2 epochs"):
+        _run(root, folder, "too_long", cache=str(root / "s2cache"), steps=5)
+
+
+def test_cached_run_reads_the_store_and_rerun_resumes(setup, monkeypatch):
+    root, folder = setup
+    from sak.pipeline.store.zarr import ZarrTeacherStore
+
+    read_rows = ZarrTeacherStore.read_rows
+    monkeypatch.setattr(ZarrTeacherStore, "read_rows", lambda self, b, rows: read_rows(self, b, rows) * 0)
+    zeroed = _run(root, folder, "zeroed", cache=str(root / "s2cache"), steps=1)
+    monkeypatch.undo()
+    cached = _run(root, folder, "cached1", cache=str(root / "s2cache"), steps=1)
+    assert zeroed.records[0]["distill"] != pytest.approx(cached.records[0]["distill"], rel=1e-3)
+    before = (root / "s2cache/teachers/sam_tiny/shards.jsonl").read_text()
+    args = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(root / "s1")]
+    args += ["--out", str(root / "s2cache"), "--epochs", "2", "--img-size", "48x64", "--codec", "fp32"]
+    assert cache_main([*args, "--shard-size", "3", "--device", "cpu"]) == 0  # complete: nothing redone
+    assert (root / "s2cache/teachers/sam_tiny/shards.jsonl").read_text() == before
+    assert cache_main([*args, "--shard-size", "3", "--seed", "1"]) == 2  # another plan: refused
