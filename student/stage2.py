@@ -243,3 +243,53 @@ class SakMultiTask(nn.Module):
         preds = {t: self.heads[t](routed[t], out_size) for t in self.tasks}
         distill_maps = self.student.align(features)
         return preds, gates, distill_maps
+
+
+# ------------------------------------------------------------------------- the authors' stage-2 checkpoints
+
+
+def convert_paper_stage2_state_dict(
+    paper_state_dict: Mapping[str, torch.Tensor], teacher_map: Mapping[str, str], model: SakMultiTask
+) -> dict[str, torch.Tensor]:
+    """The paper code's stage-2 state_dict -> ours, checked against `model`'s keys and shapes.
+
+    The backbone keys (`vit.*`, `tsap.*`, `out_norms.*`, `ts_aligners.*`) go through the stage-1
+    converter; `mor.*` and `heads.*` already have our names. The paper code's saliency head predicts two
+    classes (cross-entropy); ours one logit (balanced BCE). softmax(z)[1] = sigmoid(z1 - z0), so the
+    difference of the two output rows of `heads.sal.last_conv` is the exact single logit.
+    """
+    from sak.student.checkpoint import convert_paper_state_dict
+
+    ours = model.state_dict()
+    backbone = {k: v for k, v in paper_state_dict.items() if not k.startswith(("mor.", "heads."))}
+    expected = {k: v.shape for k, v in model.student.state_dict().items()}
+    out = {f"student.{k}": v for k, v in convert_paper_state_dict(backbone, teacher_map, expected).items()}
+    for key, value in paper_state_dict.items():
+        if key.startswith(("mor.", "heads.")):
+            if key.startswith("heads.sal.last_conv.") and value.shape[0] == 2 and ours[key].shape[0] == 1:
+                value = (value[1] - value[0]).unsqueeze(0)  # two-class logits -> one sigmoid logit
+            out[key] = value
+    missing = sorted(set(ours) - set(out))
+    extra = sorted(set(out) - set(ours))
+    if missing or extra:
+        raise SakError(
+            f"paper stage-2 checkpoint does not fit this model: missing {missing[:3]}, unexpected {extra[:3]}; "
+            f"check --tasks, --router and the teachers"
+        )
+    for key, value in out.items():
+        if value.shape != ours[key].shape:
+            raise SakError(
+                f"paper key for {key!r} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(ours[key].shape)}"
+            )
+    return out
+
+
+def load_paper_stage2_checkpoint(
+    model: SakMultiTask, source: str | Mapping[str, torch.Tensor], teacher_map: Mapping[str, str]
+) -> None:
+    """Load the authors' stage-2 checkpoint (a file or a state_dict) into `model`, strictly."""
+    from sak.student.checkpoint import read_paper_checkpoint
+
+    sd = source if isinstance(source, Mapping) else read_paper_checkpoint(source)
+    model.load_state_dict(convert_paper_stage2_state_dict(sd, teacher_map, model), strict=True)
