@@ -132,3 +132,11 @@ def rep_sim_by_teacher(
         name: torch.stack([rep_sim(s, t) for s, t in zip(maps, targets[name])]).mean()
         for name, maps in student_maps.items()
     }
+
+
+def clip_gradients(parameters, max_norm: float | None) -> torch.Tensor:
+    """Global gradient norm of `parameters` (those with a gradient), clipped to `max_norm` when given."""
+    params = [p for p in parameters if p.grad is not None]
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])

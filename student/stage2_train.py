@@ -45,7 +45,7 @@ from sak.student.datasets import (
     TrainSamples,
     collate,
 )
-from sak.student.losses import distillation_loss
+from sak.student.losses import clip_gradients, distillation_loss
 from sak.student.metrics import (
     EDGE_TOLERANCE,
     SINGLE_TASK_BASELINES,
@@ -384,11 +384,7 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             lr = optimizer.param_groups[0]["lr"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for p in model.trainable_parameters() if p.grad is not None]
-            if cfg.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = clip_gradients(model.trainable_parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             record = {

@@ -61,7 +61,7 @@ from sak.student.distributed import (
     shutdown,
 )
 from sak.student.evaluate import _autocast, evaluate_repsim
-from sak.student.losses import distillation_loss
+from sak.student.losses import clip_gradients, distillation_loss
 from sak.student.model import SakStudent, StudentConfig, TeacherTarget
 from sak.student.online import OnlineTeachers, cached_targets, stored_levels
 from sak.student.order import StreamPlan, holdout_rows, make_stream_plan
@@ -559,11 +559,7 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
                 loss, terms = distillation_loss(maps, targets, use_kernels=use_kernels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.grad_clip is not None:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            else:
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
             optimizer.step()
             scheduler.step()
             step += 1
