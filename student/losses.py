@@ -35,11 +35,10 @@ def distill_loss_reference(
         raise SakError(
             f"distillation term needs equal shapes, got {tuple(student.shape)} and {tuple(target.shape)}"
         )
-    s = student.float().reshape(student.shape[0], -1)  # (B, D)
-    t = target.float().reshape(target.shape[0], -1)  # (B, D)
-    cos = F.cosine_similarity(s, t, dim=1)  # (B,) per image over the whole map
-    l1 = F.smooth_l1_loss(s, t, beta=beta, reduction="mean")
-    return cos_weight * (1.0 - cos).mean() + l1_weight * l1
+    # the one torch implementation lives beside the kernel it is the reference of
+    from sak.kernels.distill_loss import distill_loss_reference as reference
+
+    return reference(student.float(), target.float(), cos_weight, l1_weight, beta)
 
 
 def resize_to_target(student_map_bchw: torch.Tensor, target_bhwc: torch.Tensor) -> torch.Tensor:

@@ -52,3 +52,16 @@ def photo_dir(tmp_path_factory) -> Path:
         path = root / ("sub" if i == 5 else ".") / f"photo{i}.{'jpg' if i % 2 else 'png'}"
         make_photo(i, w, h).save(path, quality=95) if i % 2 else make_photo(i, w, h).save(path)
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP barriers on busy shared cores cost
+    seconds per step: compute on one thread (restored afterwards). Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,14 +26,7 @@ SIZE = 64
 TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP barriers on busy shared cores cost
-    seconds per step: compute on one thread (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from sak.cli.cache import main as cache_main
 from sak.pipeline.errors import SakError
@@ -21,12 +20,7 @@ NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation
 CROP = (48, 64)  # not square: SAM sees the long side at its fixed size, zero-padded below
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
