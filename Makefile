@@ -1,15 +1,23 @@
-# Two targets a newcomer needs: `make demo` and `make test`. Both create .venv when it is missing.
+# Two targets a newcomer needs: `make demo` and `make test`. Both create .venv when it is missing and
+# install the LOCKED environment into it (requirements.lock: every package pinned, with hashes).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= demo_cache
+LOCK   := requirements.lock
+PIP_VERSION := 26.3
+UV_VERSION  := 0.13.9
+TOOLS  := .tools
 
-.PHONY: demo test test-slow lint bench venv clean
+.PHONY: demo test test-slow lint bench venv lock check-lock clean
 
-$(VENV)/.installed: pyproject.toml
+# The venv holds exactly the lock (checked after install), plus this package in editable mode.
+$(VENV)/.installed: $(LOCK) pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q pip==$(PIP_VERSION)
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) tests/lockcheck.py installed
 	touch $@
 
 venv: $(VENV)/.installed
@@ -28,6 +36,17 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py
+
+# Regenerate the lock from pyproject.toml (dependencies, the test and train extras, [tool.uv] pins) for
+# Linux x86_64 and Python 3.11. uv lives in its own tool venv so that .venv stays exactly the lock.
+lock:
+	test -x $(TOOLS)/bin/uv || ($(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install -q uv==$(UV_VERSION))
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra train --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+		-o $(LOCK)
+
+check-lock:  ## does .venv hold exactly the lock? (make venv runs this too)
+	$(PY) tests/lockcheck.py installed
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

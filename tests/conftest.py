@@ -1,8 +1,10 @@
-"""Shared fixtures: one local Ray for the whole session, small procedural photos, one tiny cache."""
+"""Shared fixtures: one local Ray for the whole session, small procedural photos, and the tiny caches
+that many modules train from, each extracted once per session (`tiny_caches`)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +67,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TINY_TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")
+
+
+@dataclass
+class TinyCaches:
+    """Tiny caches of `photo_dir` (64 px, shards of 4 views), each extracted on first use and then
+    shared by every test of the session: one extraction instead of one per module.
+
+    They are READ-ONLY: a test that damages, extends or rewrites a cache works on `copy(...)`."""
+
+    root: Path
+    source: Path
+    built: dict[tuple, Path] = field(default_factory=dict)
+
+    def get(
+        self, codec: str = "fp16", views_per_image: int = 2, teachers: tuple[str, ...] = TINY_TEACHERS
+    ) -> Path:
+        from sak.pipeline.extract import ExtractConfig, run_extraction
+
+        key = (codec, views_per_image, teachers)
+        if key not in self.built:
+            out = self.root / f"{codec}-v{views_per_image}-{'-'.join(t.split('_')[0] for t in teachers)}"
+            run_extraction(
+                ExtractConfig(
+                    source=str(self.source), out=str(out), teachers=teachers, views_per_image=views_per_image,
+                    size=64, shard_size=4, codec=codec, progress=False,
+                )
+            )  # fmt: skip
+            self.built[key] = out
+        return self.built[key]
+
+    def copy(self, dest: Path, **kw) -> Path:
+        """A private, writable copy of `get(**kw)` at `dest`."""
+        import shutil
+
+        return Path(shutil.copytree(self.get(**kw), dest))
+
+
+@pytest.fixture(scope="session")
+def tiny_stage1_run(tiny_caches, tmp_path_factory) -> Path:
+    """A 2-step stage-1 run of the tiny student on the 1-view tiny cache (what stage 2 starts from).
+    Read-only: stage-2 tests write their own folders and link this run in."""
+    from sak.student.train import Stage1Config, train_stage1
+
+    out = tmp_path_factory.mktemp("tiny_stage1") / "s1"
+    cache = tiny_caches.get(views_per_image=1)
+    train_stage1(Stage1Config.debug(str(cache), str(out), steps=2, batch_size=2, eval_every=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_caches(ray_local, photo_dir, tmp_path_factory) -> TinyCaches:
+    return TinyCaches(tmp_path_factory.mktemp("tiny_caches"), photo_dir)

@@ -16,7 +16,6 @@ import zarr
 from PIL import Image
 
 from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD
 from sak.pipeline.views import cut_view
 from sak.student.data import BatchReader, CacheLoader, input_normalization, open_cache
@@ -30,16 +29,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def cache(ray_local, photo_dir, tmp_path_factory):
+def cache(tiny_caches):
     """6 images x 2 views at 64 px, shards of 4 views (2 images): 3 shards, the last held out."""
-    out = tmp_path_factory.mktemp("data_cache") / "c"
-    run_extraction(
-        ExtractConfig(
-            source=str(photo_dir), out=str(out), teachers=TEACHERS, views_per_image=2, size=SIZE, shard_size=4,
-            progress=False,
-        )
-    )  # fmt: skip
-    return out
+    return tiny_caches.get(teachers=TEACHERS)
 
 
 def _reader(index, **kw):

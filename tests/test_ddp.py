@@ -9,8 +9,6 @@ import sys
 
 import pytest
 
-from sak.pipeline.extract import ExtractConfig, run_extraction
-
 DRIVER = """
 import hashlib, json, os, sys
 from sak.student.train import Stage1Config, train_stage1
@@ -21,7 +19,8 @@ seen = []
 def on_step(step, batch, record):
     seen.append({"rows": batch["rows"].tolist(), "epochs": batch["epochs"].tolist(), "loss": record["loss"]})
 
-cfg = Stage1Config.debug(cache, out, steps=4, batch_size=4, eval_every=2, eval_batch_size=2, num_workers=0)
+cfg = Stage1Config.debug(cache, out, steps=4, batch_size=4, eval_every=2, eval_batch_size=2, num_workers=0,
+                         teachers=("dinov2_tiny", "sam_tiny"))
 result = train_stage1(cfg, on_step=on_step)
 weights = b"".join(v.contiguous().numpy().tobytes() for v in result.model.state_dict().values())
 rank = int(os.environ["RANK"])
@@ -32,14 +31,10 @@ with open(os.path.join(dump, f"rank{rank}.json"), "w") as f:
 
 
 @pytest.fixture(scope="module")
-def cache(ray_local, photo_dir, tmp_path_factory):
-    """6 images x 2 views, shards of 2 images: 2 training shards (one per rank), 1 held out."""
-    out = tmp_path_factory.mktemp("ddp_cache") / "c"
-    cfg = ExtractConfig(
-        source=str(photo_dir), out=str(out), teachers=("dinov2_tiny", "sam_tiny"), views_per_image=2, size=64,
-        shard_size=4, progress=False,
-    )  # fmt: skip
-    return run_extraction(cfg)
+def cache(tiny_caches):
+    """6 images x 2 views, shards of 2 images: 2 training shards (one per rank), 1 held out. The
+    session's shared tiny cache; the driver trains on two of its three stores."""
+    return tiny_caches.get()
 
 
 def test_two_processes_see_disjoint_samples_and_keep_identical_weights(cache, tmp_path):

@@ -4,6 +4,7 @@ DESIGN §6, bytes agree with what a real extraction writes, and the CLI prints t
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,16 +18,38 @@ from sak.pipeline.estimate import (
     stored_bytes_per_view,
     teacher_macs,
 )
-from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.pipeline.teachers import WeightsChoice, build_model, get_teacher
 
 SIZE = 64
 
 
+def _sdpa_shapes_only(calls: list[float]):
+    """A stand-in for F.scaled_dot_product_attention that records the op's MACs from its operand
+    shapes (QK^T: B.H.Nq.Nk.D, then AV: B.H.Nq.Nk.Dv) and returns an output of the right shape without
+    computing anything, so the FLOP counter never sees the attention op."""
+
+    def sdpa(q, k, v, *args, **kwargs):
+        *batch, nq, d = q.shape
+        nk, dv = k.shape[-2], v.shape[-1]
+        calls.append(float(math.prod(batch) * nq * nk * (d + dv)))
+        return q.new_zeros((*batch, nq, dv))
+
+    return sdpa
+
+
 @pytest.mark.parametrize("name", ["dinov2_tiny", "clip_tiny", "sam_tiny"])
-def test_macs_equal_torch_flop_counter(name):
+def test_macs_equal_an_independent_count(name, monkeypatch):
     """Same architecture code path as extraction (timm forward_intermediates, stop_early): exact count,
-    including SAM's windowed blocks, their padding and the decomposed relative positions."""
+    including SAM's windowed blocks, their padding and the decomposed relative positions.
+
+    Why not compare the total with torch's FlopCounterMode directly: how it counts
+    `scaled_dot_product_attention` changes between torch releases (the fused CPU kernels gained and
+    changed their FLOP formulas), so an exact comparison would fail on some versions the lower bounds
+    allow. Attention is counted here from the operand shapes of every attention call, and
+    FlopCounterMode counts only the rest (linears, convolutions and SAM's relative-position einsums),
+    which it counts as plain matmuls the same way on every release."""
+    sdpa_macs: list[float] = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _sdpa_shapes_only(sdpa_macs))
     spec = get_teacher(name)
     model = build_model(spec, WeightsChoice("random"), SIZE)
     side = spec.model_input_side(SIZE)
@@ -38,8 +61,12 @@ def test_macs_equal_torch_flop_counter(name):
             stop_early=True,
             intermediates_only=True,
         )
+    assert sdpa_macs, "timm did not call scaled_dot_product_attention: the count would miss attention"
+    counted = counter.get_total_flops() / 2 + sum(sdpa_macs)
     linear, attention = teacher_macs(spec, SIZE)
-    assert linear + attention == pytest.approx(counter.get_total_flops() / 2, rel=1e-9)
+    assert linear + attention == pytest.approx(counted, rel=1e-9)
+    if spec.family != "sam":  # no relative positions: the split itself is exact
+        assert attention == pytest.approx(sum(sdpa_macs), rel=1e-9)
 
 
 def test_macs_match_design_section_6():
@@ -67,22 +94,10 @@ def test_bytes_per_view_from_grids_levels_and_codec():
     assert small.target_bytes_per_view < est.target_bytes_per_view / 50
 
 
-def test_estimate_is_within_10_percent_of_a_real_run(ray_local, photo_dir, tmp_path):
-    out = tmp_path / "cache"
+def test_estimate_is_within_10_percent_of_a_real_run(tiny_caches, photo_dir):
     teachers = ("dinov2_tiny", "sam_tiny")
     for codec in ("fp16", "int8"):
-        cfg = ExtractConfig(
-            source=str(photo_dir),
-            out=str(out),
-            teachers=teachers,
-            views_per_image=2,
-            size=SIZE,
-            shard_size=4,
-            batch_size=6,
-            codec=codec,
-            progress=False,
-        )
-        run_extraction(cfg)
+        out = tiny_caches.get(codec)  # the session's shared caches: 6 images x 2 views at 64 px
         meta = json.loads((out / "cache.json").read_text())
         est = estimate(
             EstimateConfig(teachers, size=SIZE, views_per_image=2, codec=codec, source=str(photo_dir))

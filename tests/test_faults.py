@@ -80,6 +80,34 @@ def _wait_for_shards(proc: subprocess.Popen, out: Path, n: int, timeout: float =
         time.sleep(0.05)
 
 
+def _own_actor_pids(proc: subprocess.Popen, actor: str) -> list[int]:
+    """Pids of `actor` processes that OUR driver started: descendants of the driver's pid (the embedded
+    Ray it starts, raylet then workers, are its children and grandchildren, whatever sessions they
+    open). Another run's actors on the same machine descend from another driver and are never matched."""
+    parent, cmdline = {}, {}
+    for entry in Path("/proc").iterdir():  # Linux: the test tiers run there
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                cmdline[int(entry.name)] = (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
+            except (FileNotFoundError, ProcessLookupError, PermissionError, IndexError, ValueError):
+                continue  # exited while we looked
+
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid in parent and pid not in seen and pid > 1:
+            if pid == proc.pid:
+                return True
+            seen.add(pid)
+            pid = parent[pid]
+        return False
+
+    return sorted(pid for pid, cmd in cmdline.items() if actor in cmd and pid != proc.pid and descends(pid))
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # clean up whatever the dead driver left (Ray daemons)
@@ -115,9 +143,9 @@ def test_kill_one_worker_actor_mid_run(many_photos, tmp_path):
     proc = _spawn(_run_args(many_photos, out))
     try:
         _wait_for_shards(proc, out, 2)
-        pids = subprocess.run(["pgrep", "-f", "TeacherWorker"], capture_output=True, text=True).stdout.split()
-        assert pids, "no TeacherWorker process found"
-        os.kill(int(pids[0]), signal.SIGKILL)  # kill -9 of a worker actor, mid-run
+        pids = _own_actor_pids(proc, "TeacherWorker")
+        assert pids, "no TeacherWorker process found in this run's process group"
+        os.kill(pids[0], signal.SIGKILL)  # kill -9 of a worker actor of OUR run, mid-run
         output, _ = proc.communicate(timeout=240)
     finally:
         _kill_group(proc)
@@ -206,20 +234,8 @@ def dataclasses_replace(cfg, **kw):
 
 
 @pytest.fixture(scope="module")
-def small_cache(ray_local, photo_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("faults") / "cache"
-    run_extraction(
-        ExtractConfig(
-            source=str(photo_dir),
-            out=str(out),
-            teachers=("clip_tiny",),
-            size=SIZE,
-            shard_size=4,
-            views_per_image=2,
-            progress=False,
-        )
-    )
-    return out
+def small_cache(tiny_caches) -> Path:
+    return tiny_caches.get()  # shared and read-only: each test damages its own copy
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -5,14 +5,12 @@ naming the shard and file, or, with --skip-bad-shards, leaves the shard out and 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from sak.cli.train import main as train_main
 from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.pipeline.manifest import read_cache, read_store_manifest
 from sak.student.train import Stage1Config, train_stage1
 
@@ -23,21 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def clean_cache(ray_local, photo_dir, tmp_path_factory) -> Path:
+def clean_cache(tiny_caches) -> Path:
     """6 images x 2 views, shards of 4 views: shards 0 and 1 train, shard 2 is held out."""
-    out = tmp_path_factory.mktemp("integrity") / "c"
-    run_extraction(
-        ExtractConfig(
-            source=str(photo_dir), out=str(out), teachers=("clip_tiny",), size=SIZE, views_per_image=2,
-            shard_size=4, progress=False,
-        )
-    )  # fmt: skip
-    return out
+    return tiny_caches.get()
 
 
 @pytest.fixture
-def cache(clean_cache, tmp_path) -> Path:
-    return Path(shutil.copytree(clean_cache, tmp_path / "cache"))
+def cache(tiny_caches, tmp_path) -> Path:
+    return tiny_caches.copy(tmp_path / "cache")
 
 
 def _shard_file(cache: Path, shard: int) -> tuple[Path, str]:

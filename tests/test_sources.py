@@ -448,9 +448,15 @@ def test_own_pixel_limit_and_no_pil_warning_leak():
 
 
 def test_check_image_raises_only_bad_image_on_corrupt_bytes():
+    """Fuzz: random byte flips and cuts. Whatever happens, only BadImage escapes; and inputs that are
+    corrupt for certain (cut well before the end of the data, or with the format's signature broken)
+    are refused, with the reason the user will read. A flip inside pixel data may still decode (JPEG
+    and WebP carry no checksums), so flipped inputs are only held to the first rule."""
     rng = random.Random(0)
+    refused = {"cut": 0, "signature": 0}
     for fmt in ("JPEG", "PNG", "WEBP"):
         good = encode(fmt, size=(48, 48))
+        check_image(good)  # the uncorrupted input is accepted
         for _ in range(40):
             data = bytearray(good)
             for _ in range(rng.randint(1, 8)):
@@ -461,6 +467,20 @@ def test_check_image_raises_only_bad_image_on_corrupt_bytes():
                 decode_rgb(data)
             except BadImage:
                 pass
+        for _ in range(15):  # cut: the trailing 32 bytes hold at most end markers, never needed pixels
+            cut = good[: rng.randint(1, len(good) - 32)]
+            with pytest.raises(BadImage, match=r"truncated or corrupt image data|not a decodable image"):
+                check_image(cut)
+            with pytest.raises(BadImage, match=r"truncated or corrupt image data|not a decodable image"):
+                decode_rgb(cut)
+            refused["cut"] += 1
+        for _ in range(5):  # a broken signature: no decoder recognises the file
+            data = bytearray(good)
+            data[rng.randrange(4)] ^= 0xFF
+            with pytest.raises(BadImage, match="not a decodable image"):
+                check_image(bytes(data))
+            refused["signature"] += 1
+    assert refused == {"cut": 45, "signature": 15}
 
 
 # ----------------------------------------------------------------------------- decode_rgb

@@ -9,11 +9,9 @@ import pytest
 
 from sak.cli.cache import main as cache_main
 from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.student.datasets import DenseDataset, TrainSamples
 from sak.student.stage2_cache import image_sha256
 from sak.student.stage2_train import Stage2Config, train_stage2
-from sak.student.train import Stage1Config, train_stage1
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation
@@ -24,16 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def setup(ray_local, photo_dir, tmp_path_factory):
+def setup(tiny_stage1_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("s2cache")
-    cfg = ExtractConfig(
-        source=str(photo_dir), out=str(root / "cache"), teachers=("dinov2_tiny", "clip_tiny", "sam_tiny"),
-        views_per_image=1, size=64, shard_size=4, codec="fp16", progress=False,
-    )  # fmt: skip
-    run_extraction(cfg)
-    train_stage1(
-        Stage1Config.debug(str(root / "cache"), str(root / "s1"), steps=2, batch_size=2, eval_every=0)
-    )
+    (root / "s1").symlink_to(tiny_stage1_run, target_is_directory=True)  # shared, read-only
     folder = make_folder(root / "data", names=NAMES)
     code = cache_main(
         ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(root / "s1"),

@@ -10,9 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from sak.cli.train import main as train_main
-from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.student.stage2_train import Stage2Config, evaluate, load_stage2, train_stage2
-from sak.student.train import Stage1Config, train_stage1
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]
@@ -22,15 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def stage1_run(ray_local, photo_dir, tmp_path_factory):
+def stage1_run(tiny_stage1_run, tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2")
-    cfg = ExtractConfig(
-        source=str(photo_dir), out=str(root / "cache"), teachers=("dinov2_tiny", "clip_tiny", "sam_tiny"),
-        views_per_image=1, size=64, shard_size=4, codec="fp16", progress=False,
-    )  # fmt: skip
-    run_extraction(cfg)
-    s1 = Stage1Config.debug(str(root / "cache"), str(root / "s1"), steps=2, batch_size=2, eval_every=0)
-    train_stage1(s1)
+    (root / "s1").symlink_to(tiny_stage1_run, target_is_directory=True)  # shared, read-only
     return root / "s1"
 
 

@@ -37,13 +37,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
-def cache32(ray_local, photo_dir, tmp_path_factory):
-    return _extract(photo_dir, tmp_path_factory.mktemp("train32") / "c", "fp32")
+def cache32(tiny_caches):
+    return tiny_caches.get("fp32", teachers=TEACHERS)
 
 
 @pytest.fixture(scope="module")
-def cache16(ray_local, photo_dir, tmp_path_factory):
-    return _extract(photo_dir, tmp_path_factory.mktemp("train16") / "c", "fp16")
+def cache16(tiny_caches):
+    return tiny_caches.get("fp16", teachers=TEACHERS)
 
 
 def _cfg(cache, out, **kw) -> Stage1Config:
@@ -226,13 +226,13 @@ def test_a_store_of_some_levels_trains_those_taps_only(cache32, tmp_path):
     ]
 
 
-def test_int8_cache_trains_close_to_online(ray_local, photo_dir, tmp_path):
+def test_int8_cache_trains_close_to_online(tiny_caches, tmp_path):
     """Quantised targets (int8, one scale per 32 channels) are dequantised on the training device."""
     try:
         get_codec("int8")
     except SakError:
         pytest.skip("this build has no int8 codec")
-    cache = _extract(photo_dir, tmp_path / "c8", "int8")
+    cache = tiny_caches.get("int8", teachers=TEACHERS)
     cached = train_stage1(_cfg(cache, tmp_path / "cached"))
     online = train_stage1(_cfg(cache, tmp_path / "online", online=True))
     rel = _relative(cached.losses, online.losses)
