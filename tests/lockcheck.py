@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import sys
+import sysconfig
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -107,7 +108,10 @@ def pyproject_problems(lock: Path = LOCK, pyproject: Path = PYPROJECT) -> list[s
 def installed_problems(lock: Path = LOCK) -> list[str]:
     """One line per difference between the running environment and the lock (as `pip freeze`)."""
     locked = read_lock(lock)
-    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # the environment's own site-packages, as `pip freeze` sees it: not whatever else is on sys.path at
+    # the time (Ray, once imported, puts its vendored psutil/colorama there)
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions(path=site)}
     problems = []
     for name, pin in sorted(locked.items()):
         have = installed.get(name)

@@ -82,3 +82,9 @@ def test_installed_check_names_a_stray_package(tmp_path):
     lock.write_text(text[: block.start()] + text[block.end() :])
     problems = installed_problems(lock=lock)
     assert any(p.startswith("numpy: ") and "not in requirements.lock" in p for p in problems), problems
+
+
+def test_installed_check_ignores_what_ray_puts_on_sys_path():
+    import ray  # noqa: F401  (importing Ray prepends its vendored third-party packages to sys.path)
+
+    assert not any(p.startswith(("psutil:", "colorama:")) for p in installed_problems())
