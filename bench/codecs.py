@@ -213,13 +213,14 @@ def plot(rows: list[dict], path: str) -> None:
 
 def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
     try:
-        from sak.student.train import Stage1Config, train_stage1
+        from sak.student.train.stage1 import train_stage1
+        from sak.student.train.stage1_config import Stage1Config
     except ImportError as e:
-        print(f"effect on training: skipped, sak.student.train is not importable ({e})")
+        print(f"effect on training: skipped, sak.student.train.stage1 is not importable ({e})")
         return []
 
     from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.student.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
+    from sak.student.train.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
 
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def make_cache(root: Path, images: int, size: int, shard_images: int) -> str:
 
 
 def trainer_row(cfg, warmup: int) -> dict:
-    from sak.student.train import train_stage1
+    from sak.student.train.stage1 import train_stage1
 
     train_stage1(cfg)
     records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -68,11 +68,11 @@ def trainer_row(cfg, warmup: int) -> dict:
 
 def student_only_row(cfg, steps: int, warmup: int) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
-    from sak.student.data import BatchReader, decode_targets, input_normalization, open_cache
-    from sak.student.losses import distillation_loss
-    from sak.student.online import stored_levels
-    from sak.student.order import make_stream_plan
-    from sak.student.train import build_student_for
+    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+    from sak.student.data.order import make_stream_plan
+    from sak.student.train.losses import distillation_loss
+    from sak.student.train.online import stored_levels
+    from sak.student.train.stage1 import build_student_for
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = open_cache(cfg.cache, cfg.teachers)
@@ -84,7 +84,7 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
     targets = decode_targets(batch, index.stores, device)
     model = build_student_for(cfg, index).to(device)
     if device.type == "cpu" and cfg.num_workers:
-        from sak.student.train import cpu_compute_threads
+        from sak.student.train.stage1 import cpu_compute_threads
 
         torch.set_num_threads(
             cpu_compute_threads(cfg.num_workers)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sak.cli.common import setup_logging
     from sak.pipeline.provenance import code_version
-    from sak.student.train import Stage1Config
+    from sak.student.train.stage1_config import Stage1Config
 
     setup_logging()
     with tempfile.TemporaryDirectory(prefix="sak-bench-train-") as tmp:

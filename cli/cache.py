@@ -303,7 +303,7 @@ def stage2(**opts) -> None:
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
     from sak.cli.train import _img_size
     from sak.pipeline.provenance import read_json
-    from sak.student.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
+    from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
 
     cfg = Stage2CacheConfig(
         dataset=opts["dataset"],

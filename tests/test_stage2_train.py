@@ -11,8 +11,9 @@ from safetensors.torch import load_file
 
 from sak.cli.train import main as train_main
 from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.student.stage2_train import Stage2Config, evaluate, load_stage2, train_stage2
-from sak.student.train import Stage1Config, train_stage1
+from sak.student.train.stage1 import train_stage1
+from sak.student.train.stage1_config import Stage1Config
+from sak.student.train.stage2 import Stage2Config, evaluate, load_stage2, train_stage2
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]

@@ -66,7 +66,7 @@ from PIL import Image
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.views import ViewSampler, cut_view, view_seed
-from sak.student.stage2 import NYUD_TASKS, PASCAL_CONTEXT_TASKS
+from sak.student.model.multitask import NYUD_TASKS, PASCAL_CONTEXT_TASKS
 
 IGNORE_INDEX = 255
 DATASETS = ("pascal", "nyud", "folder")
