@@ -32,9 +32,6 @@ import torch
 import torch.nn.functional as F
 from numcodecs import Blosc
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -49,8 +46,7 @@ def _photos(n: int, side: int) -> torch.Tensor:
             imgs.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
     except Exception:  # noqa: BLE001 - scikit-image is a test extra; procedural images suffice
         pass
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo
+    from sak.pipeline.synthetic import make_photo
 
     i = 0
     while len(imgs) < n:
@@ -224,8 +220,7 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
 
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo
+    from sak.pipeline.synthetic import make_photo
 
     for i in range(24):
         make_photo(i, 160 + 7 * i, 120 + 5 * i).save(images / f"img{i:03d}.png")

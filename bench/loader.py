@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,13 +51,9 @@ REAL_STUDENT = {t: (4, 24, 24, 1024) for t in REAL_NATIVE}  # ViT-B/16 at 384: a
 
 
 def make_photos(root: Path, images: int) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_photo  # procedural photos shared with the tests
+    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        make_photo(i, 320 + (i * 37) % 200, 240 + (i * 53) % 160).save(root / f"img{i:05d}.jpg", quality=90)
-    return root
+    return write_photo_folder(root, images)
 
 
 def make_cache(photos: Path, out: Path, size: int, codec: str, grid: str, shard_images: int) -> str:

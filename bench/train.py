@@ -30,15 +30,10 @@ import torch
 
 
 def make_cache(root: Path, images: int, size: int, shard_images: int) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_photo  # procedural photos shared with the tests
-
     from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
-    photos = root / "photos"
-    photos.mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        make_photo(i, 320 + (i * 37) % 200, 240 + (i * 53) % 160).save(photos / f"img{i:05d}.jpg", quality=90)
+    photos = write_photo_folder(root / "photos", images)
     cfg = ExtractConfig(
         source=str(photos),
         out=str(root / "cache"),

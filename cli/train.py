@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, parse_img_size, run_cli, setup_logging
 from sak.pipeline.errors import SakError
 
 
@@ -240,15 +240,6 @@ def repsim(**opts) -> None:
         click.echo(f"  {t:<16} {v:.4f}")
 
 
-def _img_size(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    h, sep, w = text.lower().partition("x")
-    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
-        raise SakError(f"--img-size {text!r} must look like HxW, e.g. 512x512 or 448x576")
-    return int(h), int(w)
-
-
 @cli.command()
 @click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
 @click.option("--data-root", required=True, help="PASCAL_MT / NYUD_MT (or their parent), or your folder.")
@@ -290,7 +281,7 @@ def stage2(**opts) -> None:
         weight_decay=opts["weight_decay"],
         gamma=opts["gamma"],
         grad_clip=opts["grad_clip"],
-        img_size=_img_size(opts["img_size"]),
+        img_size=parse_img_size(opts["img_size"]),
         seed=opts["seed"],
         num_workers=opts["num_workers"],
         log_every=opts["log_every"],

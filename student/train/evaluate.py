@@ -21,15 +21,11 @@ from sak.student.data.order import holdout_rows
 from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student
 from sak.student.train.checkpoint import RUN_CONFIG, checkpoint_dir
-from sak.student.train.distributed import DistEnv, all_reduce_sum
+from sak.student.train.distributed import DistEnv, all_reduce_sum, bf16_autocast
 from sak.student.train.losses import rep_sim_by_teacher
 from sak.student.train.online import OnlineTeachers, cached_targets, stored_levels
 
 # ------------------------------------------------------------------------------------------- evaluation
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -49,7 +45,7 @@ def evaluate_repsim(
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # per teacher, then count
     for batch in batches:
         images = batch["images"].to(device, non_blocking=True)
-        with _autocast(device):
+        with bf16_autocast(device):
             maps = stored_levels(model(images).distill_maps, stores)
         sims = rep_sim_by_teacher(maps, targets_of(batch))
         n = images.shape[0]

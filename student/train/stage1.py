@@ -57,10 +57,11 @@ from sak.student.train.distributed import (
     DistEnv,
     all_reduce_mean,
     barrier,
+    bf16_autocast,
     init_distributed,
     shutdown,
 )
-from sak.student.train.evaluate import _autocast, evaluate_repsim
+from sak.student.train.evaluate import evaluate_repsim
 from sak.student.train.losses import clip_gradients, distillation_loss
 from sak.student.train.online import OnlineTeachers, cached_targets, stored_levels
 from sak.student.train.stage1_config import RESUMABLE, Stage1Config, resolve_schedule
@@ -383,7 +384,7 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
             images = batch["images"].to(device, non_blocking=True)  # (B, 3, S, S)
             targets = targets_of(batch)  # {teacher: [(B, H, W, C)]}
             lr = optimizer.param_groups[0]["lr"]
-            with _autocast(device):
+            with bf16_autocast(device):
                 maps = stored_levels(train_model(images).distill_maps, index.stores)  # {t: [(B, C_t, h, w)]}
                 loss, terms = distillation_loss(maps, targets, use_kernels=use_kernels)
             optimizer.zero_grad(set_to_none=True)

@@ -94,7 +94,7 @@ def augmented_image(samples: TrainSamples, epoch: int, index: int) -> tuple[torc
     """The uint8 image TrainSamples gives for (epoch, image index), without reading labels; + its plan row."""
     data = samples.data
     name = data.names[index]
-    image = read_image(data._image_path(name))
+    image = read_image(data.image_path(name))
     h, w = image.shape[-2:]
     plan = samples.plan(name, epoch, h, w)
     out = apply_plan({"name": name, "image": image, "labels": {}}, plan, samples.crop)
