@@ -226,9 +226,57 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     model = SakMultiTask(student, data.outputs, cfg.router).to(device)  # type: ignore[arg-type]
     if cfg.freeze_backbone:
         model.freeze_backbone()
-    use_teachers = cfg.gamma > 0 and not cfg.freeze_backbone
-    teachers: Any = None
-    if use_teachers and cfg.cache is not None:
+    teachers = _distillation_targets(cfg, data, stage1, img_size, device)
+    loader = torch.utils.data.DataLoader(
+        TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric),
+        batch_size=cfg.batch_size,
+        sampler=range(cfg.steps * cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+    )
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
+    )
+    meta = _run_meta(cfg, stage1, img_size)
+    _write_run_record(run, meta, data, cfg.weights(), model, device)
+    log.info(
+        f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
+        f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
+        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
+    )
+    step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device)
+    result = Stage2Result(run=run, steps=0, model=model)
+    model.train()
+    t_start = time.perf_counter()
+    with open(run / METRICS, "a") as metrics:
+        for step, batch in enumerate(loader, start=1):
+            record = {
+                "kind": "train",
+                "step": step,
+                **step_of(batch),
+                "elapsed_s": time.perf_counter() - t_start,
+            }
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            result.losses.append(record["loss"])
+            result.records.append(record)
+            result.steps = step
+            if step % max(1, cfg.log_every) == 0 or step == 1:
+                log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e}")
+    save_stage2(run, model, {**meta, "step": result.steps})
+    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+    return result
+
+
+def _distillation_targets(
+    cfg: Stage2Config, data: DenseDataset, stage1: dict, img_size: tuple[int, int], device: torch.device
+) -> Any:
+    """Where the distillation targets come from: a stage-2 cache (--cache), live teachers (--online), or
+    nowhere (None: gamma 0 or a frozen backbone, where the distillation term has no gradient to give)."""
+    if cfg.gamma <= 0 or cfg.freeze_backbone:
+        return None
+    if cfg.cache is not None:
         from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
 
         expected = {
@@ -243,27 +291,13 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             "plan_version": PLAN_VERSION,
             "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
         }
-        teachers = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
-    elif use_teachers:
-        teachers = Stage2Teachers(stage1, img_size, device)
-    mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
-    weights = cfg.weights()
+        return Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
+    return Stage2Teachers(stage1, img_size, device)
 
-    samples = TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric)
-    loader = torch.utils.data.DataLoader(
-        samples,
-        batch_size=cfg.batch_size,
-        sampler=range(cfg.steps * cfg.batch_size),
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-    )
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
-    )
-    run.mkdir(parents=True, exist_ok=True)
-    meta = {
+
+def _run_meta(cfg: Stage2Config, stage1: dict, img_size: tuple[int, int]) -> dict:
+    """What the run record and the checkpoint's model.json both hold."""
+    return {
         "stage2": cfg.to_dict(),
         "dataset": cfg.dataset,
         "img_size": list(img_size),
@@ -272,6 +306,12 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
         "init": str(Path(cfg.init).resolve()),
         "teachers": [s["teacher"] for s in stage1["cache"]["stores"]],
     }
+
+
+def _write_run_record(
+    run: Path, meta: dict, data: DenseDataset, weights: dict, model: SakMultiTask, device: torch.device
+) -> None:
+    run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run / RUN_CONFIG,
         {
@@ -286,55 +326,55 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             "created": now_iso(),
         },
     )
-    log.info(
-        f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
-        f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
-        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
-    )
-    result = Stage2Result(run=run, steps=0, model=model)
-    model.train()
-    t_start = time.perf_counter()
-    with open(run / METRICS, "a") as metrics:
-        for step, batch in enumerate(loader, start=1):
-            images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
-            targets = {t: v.to(device) for t, v in batch["labels"].items()}
-            preds, _, distill_maps = model(normalize(images_u8.to(device), mean, std))
-            task_loss, parts = multi_task_loss(preds, targets, weights)
-            loss = task_loss
-            distill = None
-            if teachers is not None:
-                if cfg.cache is not None:
-                    teacher_maps = teachers(batch, images_u8, device)
-                else:
-                    teacher_maps = teachers(images_u8)
-                distill, _ = distillation_loss(student_levels(distill_maps, teachers), teacher_maps)
-                loss = task_loss + cfg.gamma * distill
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model.trainable_parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            record = {
-                "kind": "train",
-                "step": step,
-                "loss": float(loss.detach()),  # note: host-device sync, once per step
-                **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
-                "distill": float(distill.detach()) if distill is not None else None,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            result.losses.append(record["loss"])
-            result.records.append(record)
-            result.steps = step
-            if step % max(1, cfg.log_every) == 0 or step == 1:
-                log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {lr:.2e}")
-    save_stage2(run, model, {**meta, "step": result.steps})
-    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
-    return result
+
+
+class _Stage2Step:
+    """One optimizer step of stage 2 on a batch; returns the step's numbers for the metrics log."""
+
+    def __init__(
+        self,
+        cfg: Stage2Config,
+        model: SakMultiTask,
+        teachers: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        stage1: dict,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.model, self.teachers, self.device = cfg, model, teachers, device
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.weights = cfg.weights()
+        self.mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, batch: dict) -> dict:
+        cfg, device, teachers = self.cfg, self.device, self.teachers
+        images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
+        targets = {t: v.to(device) for t, v in batch["labels"].items()}
+        preds, _, distill_maps = self.model(normalize(images_u8.to(device), self.mean, self.std))
+        task_loss, parts = multi_task_loss(preds, targets, self.weights)
+        loss = task_loss
+        distill = None
+        if teachers is not None:
+            if cfg.cache is not None:
+                teacher_maps = teachers(batch, images_u8, device)
+            else:
+                teacher_maps = teachers(images_u8)
+            distill, _ = distillation_loss(student_levels(distill_maps, teachers), teacher_maps)
+            loss = task_loss + cfg.gamma * distill
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(self.model.trainable_parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "loss": float(loss.detach()),  # note: host-device sync, once per step
+            **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
+            "distill": float(distill.detach()) if distill is not None else None,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
