@@ -173,6 +173,20 @@ def test_no_private_names_across_modules(graph):
     assert not offences, "private names imported across modules: " + "; ".join(offences)
 
 
+def test_benchmarks_do_not_import_the_tests():
+    """bench/ scripts take shared helpers (e.g. sak.pipeline.synthetic) from the package, never from tests/."""
+    offences = []
+    for path in sorted((PYPROJECT.parent / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offences += [f"{path.name}: {n}" for n in names if n.split(".")[0] in ("tests", "conftest")]
+    assert not offences, "benchmarks import the tests: " + "; ".join(offences)
+
+
 def test_the_checks_see_a_cycle_and_a_private_import(tmp_path):
     """The checks themselves: a circle hidden in a lazy relative import and a private name are reported."""
     (tmp_path / "pkg").mkdir()
