@@ -32,9 +32,6 @@ import torch
 import torch.nn.functional as F
 from numcodecs import Blosc
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 # ------------------------------------------------------------------------------------------- data
 
 
@@ -49,8 +46,7 @@ def _photos(n: int, side: int) -> torch.Tensor:
             imgs.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
     except Exception:  # noqa: BLE001 - scikit-image is a test extra; procedural images suffice
         pass
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo
+    from sak.pipeline.synthetic import make_photo
 
     i = 0
     while len(imgs) < n:
@@ -213,18 +209,18 @@ def plot(rows: list[dict], path: str) -> None:
 
 def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
     try:
-        from sak.student.train import Stage1Config, train_stage1
+        from sak.student.train.stage1 import train_stage1
+        from sak.student.train.stage1_config import Stage1Config
     except ImportError as e:
-        print(f"effect on training: skipped, sak.student.train is not importable ({e})")
+        print(f"effect on training: skipped, sak.student.train.stage1 is not importable ({e})")
         return []
 
     from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.student.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
+    from sak.student.train.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
 
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import make_photo
+    from sak.pipeline.synthetic import make_photo
 
     for i in range(24):
         make_photo(i, 160 + 7 * i, 120 + 5 * i).save(images / f"img{i:03d}.png")

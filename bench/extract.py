@@ -25,12 +25,9 @@ import torch
 
 
 def make_images(folder: Path, n: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_photo  # procedural photos shared with the tests
+    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        make_photo(i, 320 + (i * 37) % 200, 240 + (i * 53) % 160).save(folder / f"img{i:05d}.jpg", quality=90)
+    write_photo_folder(folder, n)
 
 
 def bare_loop(

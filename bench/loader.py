@@ -12,7 +12,7 @@ Method.
   in batches of --batch-size, i.e. read the stored image bytes, decode, cut the view at the student size,
   normalise (the "image" column), and read + decompress every level of the 3 teacher stores into tensors
   in the stored dtype (the "targets" column). One untimed pass first (it opens the arrays and hashes each
-  shard's files once, see student/integrity.py ShardIntegrity); then --passes timed passes over the cache, so
+  shard's files once, see student/data/integrity.py ShardIntegrity); then --passes timed passes over the cache, so
   files are in the page cache: this is CPU cost, not disk bandwidth. Quantised targets (int8/fp8) are
   dequantised on the training device, not in the worker: that CPU time is shown apart ("dequant").
   "cores @1000/s" = 1000 / (samples/s per core): cores the paper's ViT-B student would need at 1000
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,13 +51,9 @@ REAL_STUDENT = {t: (4, 24, 24, 1024) for t in REAL_NATIVE}  # ViT-B/16 at 384: a
 
 
 def make_photos(root: Path, images: int) -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_photo  # procedural photos shared with the tests
+    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        make_photo(i, 320 + (i * 37) % 200, 240 + (i * 53) % 160).save(root / f"img{i:05d}.jpg", quality=90)
-    return root
+    return write_photo_folder(root, images)
 
 
 def make_cache(photos: Path, out: Path, size: int, codec: str, grid: str, shard_images: int) -> str:
@@ -73,8 +68,8 @@ def make_cache(photos: Path, out: Path, size: int, codec: str, grid: str, shard_
 
 def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
     """Per-core loader rates on one cache (this process, one thread)."""
-    from sak.student.data import BatchReader, decode_targets, input_normalization, open_cache
-    from sak.student.order import make_stream_plan
+    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+    from sak.student.data.order import make_stream_plan
 
     index = open_cache(cache)
     mean, std = input_normalization("imagenet", "tiny")

@@ -30,15 +30,10 @@ import torch
 
 
 def make_cache(root: Path, images: int, size: int, shard_images: int) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_photo  # procedural photos shared with the tests
-
     from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
-    photos = root / "photos"
-    photos.mkdir(parents=True, exist_ok=True)
-    for i in range(images):
-        make_photo(i, 320 + (i * 37) % 200, 240 + (i * 53) % 160).save(photos / f"img{i:05d}.jpg", quality=90)
+    photos = write_photo_folder(root / "photos", images)
     cfg = ExtractConfig(
         source=str(photos),
         out=str(root / "cache"),
@@ -53,7 +48,7 @@ def make_cache(root: Path, images: int, size: int, shard_images: int) -> str:
 
 
 def trainer_row(cfg, warmup: int) -> dict:
-    from sak.student.train import train_stage1
+    from sak.student.train.stage1 import train_stage1
 
     train_stage1(cfg)
     records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
@@ -68,11 +63,11 @@ def trainer_row(cfg, warmup: int) -> dict:
 
 def student_only_row(cfg, steps: int, warmup: int) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
-    from sak.student.data import BatchReader, decode_targets, input_normalization, open_cache
-    from sak.student.losses import distillation_loss
-    from sak.student.online import stored_levels
-    from sak.student.order import make_stream_plan
-    from sak.student.train import build_student_for
+    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+    from sak.student.data.order import make_stream_plan
+    from sak.student.train.losses import distillation_loss
+    from sak.student.train.online import stored_levels
+    from sak.student.train.stage1 import build_student_for
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = open_cache(cfg.cache, cfg.teachers)
@@ -84,7 +79,7 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
     targets = decode_targets(batch, index.stores, device)
     model = build_student_for(cfg, index).to(device)
     if device.type == "cpu" and cfg.num_workers:
-        from sak.student.train import cpu_compute_threads
+        from sak.student.train.stage1 import cpu_compute_threads
 
         torch.set_num_threads(
             cpu_compute_threads(cfg.num_workers)
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sak.cli.common import setup_logging
     from sak.pipeline.provenance import code_version
-    from sak.student.train import Stage1Config
+    from sak.student.train.stage1_config import Stage1Config
 
     setup_logging()
     with tempfile.TemporaryDirectory(prefix="sak-bench-train-") as tmp:

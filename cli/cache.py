@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import click
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, parse_img_size, run_cli, setup_logging
 from sak.pipeline.errors import SakError
 
 
@@ -301,9 +301,8 @@ def estimate(**opts) -> None:
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
-    from sak.cli.train import _img_size
     from sak.pipeline.provenance import read_json
-    from sak.student.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
+    from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
 
     cfg = Stage2CacheConfig(
         dataset=opts["dataset"],
@@ -311,7 +310,7 @@ def stage2(**opts) -> None:
         init=opts["init"],
         out=opts["out"],
         epochs=opts["epochs"],
-        img_size=_img_size(opts["img_size"]),
+        img_size=parse_img_size(opts["img_size"]),
         seed=opts["seed"],
         codec=opts["codec"],
         shard_size=opts["shard_size"],

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = cache_cli.main(["verify", cache])
     if rc:
         return rc
-    if importlib.util.find_spec("sak.student.train") is None:
+    if importlib.util.find_spec("sak.student.train.stage1") is None:
         print("(the stage-1 trainer is not part of this build yet; skipping training)")
         return 0
     from sak.cli import train as train_cli

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, parse_img_size, run_cli, setup_logging
 from sak.pipeline.errors import SakError
 
 
@@ -66,8 +66,8 @@ _FIELDS = {
 
 def _config_from_options(ctx: click.Context, opts: dict):
     """Options -> Stage1Config. With --resume, the run's recorded config plus the options given."""
-    from sak.student.checkpoint import RUN_CONFIG
-    from sak.student.train import Stage1Config
+    from sak.student.train.checkpoint import RUN_CONFIG
+    from sak.student.train.stage1_config import Stage1Config
 
     values = {field: opts[name] for name, field in _FIELDS.items()}
     values["teachers"] = _split(opts["teachers"])
@@ -193,7 +193,7 @@ def cli(verbose: bool) -> None:
 @click.pass_context
 def stage1(ctx: click.Context, **opts) -> None:
     """Stage 1: distil every selected teacher into the student, streaming targets from the cache."""
-    from sak.student.train import train_stage1
+    from sak.student.train.stage1 import train_stage1
 
     cfg = _config_from_options(ctx, opts)
     result = train_stage1(cfg, resume=bool(opts["resume"]))
@@ -223,7 +223,7 @@ def stage1(ctx: click.Context, **opts) -> None:
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 def repsim(**opts) -> None:
     """Rep Sim per teacher (mean per-token cosine to the targets) of a saved student, on held-out views."""
-    from sak.student.evaluate import repsim_of_checkpoint
+    from sak.student.train.evaluate import repsim_of_checkpoint
 
     sims, n = repsim_of_checkpoint(
         opts["checkpoint"],
@@ -238,15 +238,6 @@ def repsim(**opts) -> None:
     click.echo(f"Rep Sim on {n} held-out views of {opts['cache']}:")
     for t, v in sims.items():
         click.echo(f"  {t:<16} {v:.4f}")
-
-
-def _img_size(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    h, sep, w = text.lower().partition("x")
-    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
-        raise SakError(f"--img-size {text!r} must look like HxW, e.g. 512x512 or 448x576")
-    return int(h), int(w)
 
 
 @cli.command()
@@ -272,7 +263,7 @@ def _img_size(text: str | None) -> tuple[int, int] | None:
 @click.option("--out", required=True, help="Run folder: config.json, metrics.jsonl, checkpoint/.")
 def stage2(**opts) -> None:
     """Stage 2: MoR routers and task heads on PASCAL-Context, NYUD-v2 or your own dense dataset."""
-    from sak.student.stage2_train import Stage2Config, train_stage2
+    from sak.student.train.stage2 import Stage2Config, train_stage2
 
     cfg = Stage2Config(
         dataset=opts["dataset"],
@@ -290,7 +281,7 @@ def stage2(**opts) -> None:
         weight_decay=opts["weight_decay"],
         gamma=opts["gamma"],
         grad_clip=opts["grad_clip"],
-        img_size=_img_size(opts["img_size"]),
+        img_size=parse_img_size(opts["img_size"]),
         seed=opts["seed"],
         num_workers=opts["num_workers"],
         log_every=opts["log_every"],
@@ -312,7 +303,7 @@ def stage2(**opts) -> None:
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 def eval_cmd(**opts) -> None:
     """Stage-2 metrics (mIoU, maxF, mErr, odsF, RMSE, delta_m), router gates and prediction pictures."""
-    from sak.student.stage2_train import evaluate, format_table
+    from sak.student.train.stage2 import evaluate, format_table
 
     report = evaluate(
         opts["checkpoint"],

@@ -59,7 +59,7 @@ def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         try:
             return _to_rgb(im)
         except (ValueError, OSError) as exc:
-            raise BadImage(f"cannot convert mode {im.mode} to RGB ({_one_line(exc)})") from None
+            raise BadImage(f"cannot convert mode {im.mode} to RGB ({one_line(exc)})") from None
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -85,7 +85,7 @@ def _guarded() -> Iterator[None]:
         except BadImage:
             raise
         except Exception as exc:  # any other plugin failure is still "these bytes are not usable"
-            raise BadImage(f"not a decodable image ({_one_line(exc)})") from None
+            raise BadImage(f"not a decodable image ({one_line(exc)})") from None
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
@@ -99,7 +99,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImage("not a decodable image (cannot identify image file)") from None
     except Exception as exc:  # plugins raise SyntaxError, struct.error, ValueError... for bad headers
-        raise BadImage(f"not a decodable image ({_one_line(exc)})") from None
+        raise BadImage(f"not a decodable image ({one_line(exc)})") from None
     width, height = im.size
     if width * height > max_pixels:
         im.close()
@@ -128,9 +128,10 @@ def _load(im: Image.Image) -> None:
     try:
         im.load()
     except Exception as exc:  # OSError "image file is truncated", SyntaxError "broken PNG file", ...
-        raise BadImage(f"truncated or corrupt image data: {_one_line(exc)}") from None
+        raise BadImage(f"truncated or corrupt image data: {one_line(exc)}") from None
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line for an error message (whitespace collapsed, at most 200 chars)."""
     text = " ".join(str(exc).split())
     return (text[:200] or type(exc).__name__).rstrip()

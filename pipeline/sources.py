@@ -37,9 +37,9 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.images import (  # noqa: F401 (check_image and friends re-exported)
     DEFAULT_MAX_PIXELS,
     ImageInfo,
-    _one_line,
     check_image,
     decode_rgb,
+    one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def _list_tar(path: Path, shown: str) -> list[SourceItem]:
         index = _tar_index(abs_path)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise SakError(
-            f"cannot read tar {shown} ({_one_line(exc)}); re-create it as a plain (uncompressed) .tar "
+            f"cannot read tar {shown} ({one_line(exc)}); re-create it as a plain (uncompressed) .tar "
             "or remove it from --source"
         ) from None
     for name, why in index.refused:
@@ -378,7 +378,7 @@ def _open_parquet(abs_path: str, shown: str) -> pq.ParquetFile:
         raise _vanished(shown, abs_path) from None
     except (pa.ArrowException, OSError) as exc:
         raise SakError(
-            f"cannot read parquet {shown} ({_one_line(exc)}); re-write it or remove it from --source"
+            f"cannot read parquet {shown} ({one_line(exc)}); re-write it or remove it from --source"
         ) from None
 
 
@@ -554,7 +554,7 @@ class _TarReader:
         except (tarfile.TarError, OSError, EOFError) as exc:
             handle.close()
             raise SakError(
-                f"cannot read tar {path} ({_one_line(exc)}); the shard changed since listing"
+                f"cannot read tar {path} ({one_line(exc)}); the shard changed since listing"
             ) from None
         self._open[path] = (handle, index)
         if len(self._open) > _MAX_OPEN_TARS:
@@ -597,7 +597,7 @@ class _ParquetReader:
             values = _bytes_values(table.column(column)).take([row for _, row in wanted]).to_pylist()
         except (pa.ArrowException, OSError, IndexError, KeyError) as exc:
             raise SakError(
-                f"cannot read {item.origin} ({_one_line(exc)}); the file changed since listing, list it again"
+                f"cannot read {item.origin} ({one_line(exc)}); the file changed since listing, list it again"
             ) from None
         for (position, _), value in zip(wanted, values):
             if value is None:

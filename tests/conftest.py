@@ -7,25 +7,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from sak.pipeline.synthetic import make_photo
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def make_photo(seed: int, width: int, height: int) -> Image.Image:
-    """A structured RGB image (gradients, blobs, stripes): features differ across crops and flips."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    img = np.zeros((height, width, 3), np.float32)
-    for c in range(3):
-        fx, fy, phase = rng.uniform(0.01, 0.08, 2).tolist() + [rng.uniform(0, 6)]
-        img[..., c] = 0.5 + 0.5 * np.sin(fx * x + fy * y + phase)
-    for _ in range(4):
-        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(5, 0.3 * min(width, height))
-        img[(x - cx) ** 2 + (y - cy) ** 2 < r * r] = rng.uniform(0, 1, 3)
-    return Image.fromarray((img * 255).clip(0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +97,8 @@ class TinyCaches:
 def tiny_stage1_run(tiny_caches, tmp_path_factory) -> Path:
     """A 2-step stage-1 run of the tiny student on the 1-view tiny cache (what stage 2 starts from).
     Read-only: stage-2 tests write their own folders and link this run in."""
-    from sak.student.train import Stage1Config, train_stage1
+    from sak.student.train.stage1 import train_stage1
+    from sak.student.train.stage1_config import Stage1Config
 
     out = tmp_path_factory.mktemp("tiny_stage1") / "s1"
     cache = tiny_caches.get(views_per_image=1)

@@ -18,8 +18,8 @@ from PIL import Image
 from sak.pipeline.errors import SakError
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD
 from sak.pipeline.views import cut_view
-from sak.student.data import BatchReader, CacheLoader, input_normalization, open_cache
-from sak.student.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation
+from sak.student.data.loader import BatchReader, CacheLoader, input_normalization, open_cache
+from sak.student.data.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation
 
 SIZE = 64
 TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")

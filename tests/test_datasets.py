@@ -12,7 +12,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from sak.pipeline.errors import SakError
-from sak.student.datasets import (
+from sak.student.data.dense import (
     AugmentPlan,
     DenseDataset,
     EvalSamples,

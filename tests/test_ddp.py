@@ -11,7 +11,8 @@ import pytest
 
 DRIVER = """
 import hashlib, json, os, sys
-from sak.student.train import Stage1Config, train_stage1
+from sak.student.train.stage1 import train_stage1
+from sak.student.train.stage1_config import Stage1Config
 
 cache, out, dump = sys.argv[1:4]
 seen = []

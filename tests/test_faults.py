@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_photo
 
 from sak.cli.cache import main as cache_main
 from sak.pipeline.errors import SakError
 from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import read_cache
+from sak.pipeline.synthetic import make_photo
 from sak.pipeline.verify import verify_cache
 
 SIZE = 64

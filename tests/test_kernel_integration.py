@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from sak.student.losses import distillation_loss
-from sak.student.model import TeacherTarget, build_student
+from sak.student.model.student import TeacherTarget, build_student
+from sak.student.train.losses import distillation_loss
 
 STEPS = 30
 TOLERANCE = 1e-4  # relative, per step; fp32 throughout, so differences are summation order only

@@ -12,7 +12,8 @@ import pytest
 from sak.cli.train import main as train_main
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import read_cache, read_store_manifest
-from sak.student.train import Stage1Config, train_stage1
+from sak.student.train.stage1 import train_stage1
+from sak.student.train.stage1_config import Stage1Config
 
 SIZE = 64
 

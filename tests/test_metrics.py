@@ -12,7 +12,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.morphology import thin
 
 from sak.pipeline.errors import SakError
-from sak.student.metrics import (
+from sak.student.train.metrics import (
     EDGE_TOLERANCE,
     SALIENCY_THRESHOLDS,
     BoundaryMeter,

@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.errors import SakError
-from sak.student.model import SakStudent, TeacherTarget, build_student
-from sak.student.stage2 import (
+from sak.student.model.multitask import (
     NYUD_TASKS,
     PASCAL_CONTEXT_TASKS,
     MoRRouter,
     SakMultiTask,
     resize_stem_input,
 )
+from sak.student.model.student import SakStudent, TeacherTarget, build_student
 
 TINY_TEACHERS = [
     TeacherTarget("dinov2_tiny", 64),

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from sak.pipeline.errors import SakError
-from sak.student.model import TeacherTarget, build_student
-from sak.student.stage2 import (
+from sak.student.model.multitask import (
     PASCAL_CONTEXT_TASKS,
     SakMultiTask,
     convert_paper_stage2_state_dict,
     load_paper_stage2_checkpoint,
 )
+from sak.student.model.student import TeacherTarget, build_student
 
 PAPER = {"dinov2": ("dinov2_tiny", 64), "clip": ("clip_tiny", 96), "sam": ("sam_tiny", 48)}
 TEACHER_MAP = {p: ours for p, (ours, _) in PAPER.items()}

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from sak.cli.train import main as train_main
-from sak.student.stage2_train import Stage2Config, evaluate, load_stage2, train_stage2
+from sak.student.train.stage2 import Stage2Config, evaluate, load_stage2, train_stage2
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]

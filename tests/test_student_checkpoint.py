@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.errors import SakError
-from sak.student.checkpoint import (
+from sak.student.model.student import SakStudent, TeacherTarget, build_student
+from sak.student.model.weights import (
     convert_paper_state_dict,
     load_paper_checkpoint,
     load_student,
@@ -21,7 +22,6 @@ from sak.student.checkpoint import (
     save_student,
     sidecar_path,
 )
-from sak.student.model import SakStudent, TeacherTarget, build_student
 
 # paper name -> (our name, width); 64 is the tiny student's width, so dinov2 gets no aligner
 PAPER_TEACHERS = {"dinov2": ("dinov2_tiny", 64), "clip": ("clip_tiny", 96), "sam": ("sam_tiny", 48)}

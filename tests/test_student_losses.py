@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.errors import SakError
-from sak.student.losses import (
+from sak.student.train.losses import (
     distill_loss_reference,
     distill_term,
     distillation_loss,

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.errors import SakError
-from sak.student import model as model_mod
-from sak.student.model import (
+from sak.student.model import student as model_mod
+from sak.student.model.student import (
     SakStudent,
     StudentConfig,
     TeacherTarget,

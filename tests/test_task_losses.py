@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sak.pipeline.errors import SakError
-from sak.student.task_losses import (
+from sak.student.train.task_losses import (
     DEFAULT_TASK_WEIGHTS,
     balanced_bce_loss,
     cross_entropy_loss,

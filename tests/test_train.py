@@ -16,8 +16,9 @@ from sak.cli.train import main as train_main
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.student.data import open_cache
-from sak.student.train import Stage1Config, build_student_for, resolve_schedule, train_stage1
+from sak.student.data.loader import open_cache
+from sak.student.train.stage1 import build_student_for, train_stage1
+from sak.student.train.stage1_config import Stage1Config, resolve_schedule
 
 SIZE = 64
 TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")

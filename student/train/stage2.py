@@ -2,7 +2,7 @@
 
     stage-1 RUN (--init): checkpoint/student.safetensors + config.json (cache, stores, input normalisation)
       -> resize_stem_input to the stage-2 input (512x512 PASCAL, 448x576 NYUD) -> SakMultiTask (mor | sum)
-    TrainSamples: scale 0.5-2, pad + crop, flip, photometric, from a replayable plan (datasets.py)
+    TrainSamples: scale 0.5-2, pad + crop, flip, photometric, from a replayable plan (data/dense.py)
       images (B, 3, H, W) uint8 -> student: normalised float; teachers (--online): the same uint8 pixels
     loss = multi_task_loss (weights 1/2/5/10/50/1) + gamma * distillation_loss (live teachers, rebuilt from
            the stage-1 stores exactly as online.py does; SAM at its fixed side, others at the input size)
@@ -35,9 +35,7 @@ from safetensors.torch import load_file, save_file
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
-from sak.pipeline.views import cut_view
-from sak.student.checkpoint import RUN_CONFIG, checkpoint_dir, load_student
-from sak.student.datasets import (
+from sak.student.data.dense import (
     DATASET_METRIC_NAME,
     DEFAULT_INPUT_SIZE,
     DenseDataset,
@@ -45,8 +43,12 @@ from sak.student.datasets import (
     TrainSamples,
     collate,
 )
-from sak.student.losses import clip_gradients, distillation_loss
-from sak.student.metrics import (
+from sak.student.model.multitask import SakMultiTask, resize_stem_input
+from sak.student.model.student import SakStudent, StudentConfig
+from sak.student.train.checkpoint import RUN_CONFIG
+from sak.student.train.distributed import resolve_device
+from sak.student.train.losses import clip_gradients, distillation_loss
+from sak.student.train.metrics import (
     EDGE_TOLERANCE,
     SINGLE_TASK_BASELINES,
     BoundaryMeter,
@@ -56,9 +58,8 @@ from sak.student.metrics import (
     SegmentationMeter,
     mtl_gain,
 )
-from sak.student.model import SakStudent, StudentConfig
-from sak.student.stage2 import SakMultiTask, resize_stem_input
-from sak.student.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
+from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, student_levels
+from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
 
 log = logging.getLogger("sak")
 
@@ -79,7 +80,7 @@ METRIC_NAMES = {
 class Stage2Config:
     """Stage-2 fine-tuning; defaults are the paper's (Table 11, B.3, B.5).
 
-    dataset: "pascal", "nyud" or "folder"; data_root: its folder (see datasets.py for the layouts).
+    dataset: "pascal", "nyud" or "folder"; data_root: its folder (see data/dense.py for the layouts).
     init: the stage-1 run folder (its checkpoint gives the student, its config the teachers' stores).
     out: the stage-2 run folder. tasks: a subset of the dataset's tasks, () = all of them.
     online: distillation targets from live teachers rebuilt from the stage-1 stores.
@@ -151,75 +152,6 @@ class Stage2Config:
 
 
 # ----------------------------------------------------------------------------------------------
-# the stage-1 run and the live teachers
-
-
-def load_stage1_run(init: str | Path, device: torch.device) -> tuple[SakStudent, dict]:
-    """The stage-1 student (latest checkpoint) and the run's config.json."""
-    run = Path(init).expanduser()
-    if not (run / RUN_CONFIG).exists():
-        raise SakError(f"--init {run} is not a stage-1 run folder (no {RUN_CONFIG})")
-    record = read_json(run / RUN_CONFIG)
-    if record.get("kind") != "sak-stage1-run":
-        raise SakError(f"--init {run}: {RUN_CONFIG} is not a stage-1 run (kind {record.get('kind')!r})")
-    student = load_student(checkpoint_dir(run) / "student.safetensors", device=device)
-    return student, record
-
-
-class Stage2Teachers:
-    """Live teachers for stage 2, rebuilt from the stage-1 stores exactly as OnlineTeachers does.
-
-    Teachers with a free input size see the augmented image itself (position embedding resampled to the
-    stage-2 size, as for the student); SAM sees it resized so its long side is its fixed side, then
-    zero-padded square (after normalisation). Returns the stores' levels on the teachers' native grids.
-    """
-
-    def __init__(self, stage1: dict, img_size: tuple[int, int], device: torch.device) -> None:
-        from sak.student.data import open_cache
-        from sak.student.online import OnlineTeachers
-
-        fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
-        index = open_cache(stage1["cache"]["path"], fps, require_complete=False)
-        online = OnlineTeachers(index.stores, index.plan.size, device)
-        self.stores, self.teachers, self.device = index.stores, online.teachers, device
-        for t in self.teachers.values():
-            if t.spec.fixed_input is None:
-                t.model.set_input_size(img_size=tuple(img_size))
-
-    def _input(self, t, images_u8: torch.Tensor) -> torch.Tensor:
-        fixed = t.spec.fixed_input
-        if fixed:  # resize the long side to `fixed` with the project's resize (uint8 pixels)
-            H, W = images_u8.shape[-2:]
-            size = (round(H * fixed / max(H, W)), round(W * fixed / max(H, W)))
-            images_u8 = torch.stack([cut_view(im, (0, 0, W, H), False, size) for im in images_u8.cpu()])
-        x = images_u8.to(self.device).float().div_(255.0)
-        mean = torch.tensor(t.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(t.std, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if fixed:
-            x = torch.nn.functional.pad(x, (0, fixed - x.shape[-1], 0, fixed - x.shape[-2]))
-        return x
-
-    def __call__(self, images_u8: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """(B, 3, H, W) uint8 -> {teacher: [(B, h, w, C) fp32]} at the stores' levels."""
-        out = {}
-        for store in self.stores:
-            t = self.teachers[store.teacher]
-            with torch.inference_mode():
-                x = self._input(t, images_u8)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-                    maps = t.model.forward_intermediates(
-                        x, indices=list(t.spec.levels), norm=False, stop_early=True, intermediates_only=True
-                    )  # [(B, C, h, w)] patch maps (SAM and ViTs alike)
-            out[store.teacher] = [maps[p].permute(0, 2, 3, 1).float().clone() for p in store.positions]
-        return out
-
-
-def student_levels(maps: dict[str, list[torch.Tensor]], teachers: Stage2Teachers) -> dict:
-    return {s.teacher: [maps[s.teacher][p] for p in s.positions] for s in teachers.stores}
-
-
-# ----------------------------------------------------------------------------------------------
 # checkpoints
 
 
@@ -275,10 +207,6 @@ class Stage2Result:
     model: SakMultiTask | None = field(default=None, repr=False)
 
 
-def _device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     return (images_u8.float() / 255.0 - mean) / std  # (B, 3, H, W)
 
@@ -286,7 +214,7 @@ def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 def train_stage2(cfg: Stage2Config) -> Stage2Result:
     """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks."""
     cfg.validate()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     run = Path(cfg.out).expanduser()
     if (run / STAGE2_DIR).exists() or (run / RUN_CONFIG).exists():
         raise SakError(f"{run} already holds a run; choose another --out")
@@ -298,10 +226,58 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     model = SakMultiTask(student, data.outputs, cfg.router).to(device)  # type: ignore[arg-type]
     if cfg.freeze_backbone:
         model.freeze_backbone()
-    use_teachers = cfg.gamma > 0 and not cfg.freeze_backbone
-    teachers: Any = None
-    if use_teachers and cfg.cache is not None:
-        from sak.student.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
+    teachers = _distillation_targets(cfg, data, stage1, img_size, device)
+    loader = torch.utils.data.DataLoader(
+        TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric),
+        batch_size=cfg.batch_size,
+        sampler=range(cfg.steps * cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+    )
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
+    )
+    meta = _run_meta(cfg, stage1, img_size)
+    _write_run_record(run, meta, data, cfg.weights(), model, device)
+    log.info(
+        f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
+        f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
+        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
+    )
+    step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device)
+    result = Stage2Result(run=run, steps=0, model=model)
+    model.train()
+    t_start = time.perf_counter()
+    with open(run / METRICS, "a") as metrics:
+        for step, batch in enumerate(loader, start=1):
+            record = {
+                "kind": "train",
+                "step": step,
+                **step_of(batch),
+                "elapsed_s": time.perf_counter() - t_start,
+            }
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            result.losses.append(record["loss"])
+            result.records.append(record)
+            result.steps = step
+            if step % max(1, cfg.log_every) == 0 or step == 1:
+                log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e}")
+    save_stage2(run, model, {**meta, "step": result.steps})
+    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+    return result
+
+
+def _distillation_targets(
+    cfg: Stage2Config, data: DenseDataset, stage1: dict, img_size: tuple[int, int], device: torch.device
+) -> Any:
+    """Where the distillation targets come from: a stage-2 cache (--cache), live teachers (--online), or
+    nowhere (None: gamma 0 or a frozen backbone, where the distillation term has no gradient to give)."""
+    if cfg.gamma <= 0 or cfg.freeze_backbone:
+        return None
+    if cfg.cache is not None:
+        from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
 
         expected = {
             "dataset": cfg.dataset,
@@ -315,27 +291,13 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             "plan_version": PLAN_VERSION,
             "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
         }
-        teachers = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
-    elif use_teachers:
-        teachers = Stage2Teachers(stage1, img_size, device)
-    mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
-    weights = cfg.weights()
+        return Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
+    return Stage2Teachers(stage1, img_size, device)
 
-    samples = TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric)
-    loader = torch.utils.data.DataLoader(
-        samples,
-        batch_size=cfg.batch_size,
-        sampler=range(cfg.steps * cfg.batch_size),
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-    )
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
-    )
-    run.mkdir(parents=True, exist_ok=True)
-    meta = {
+
+def _run_meta(cfg: Stage2Config, stage1: dict, img_size: tuple[int, int]) -> dict:
+    """What the run record and the checkpoint's model.json both hold."""
+    return {
         "stage2": cfg.to_dict(),
         "dataset": cfg.dataset,
         "img_size": list(img_size),
@@ -344,6 +306,12 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
         "init": str(Path(cfg.init).resolve()),
         "teachers": [s["teacher"] for s in stage1["cache"]["stores"]],
     }
+
+
+def _write_run_record(
+    run: Path, meta: dict, data: DenseDataset, weights: dict, model: SakMultiTask, device: torch.device
+) -> None:
+    run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         run / RUN_CONFIG,
         {
@@ -358,55 +326,55 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             "created": now_iso(),
         },
     )
-    log.info(
-        f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
-        f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
-        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
-    )
-    result = Stage2Result(run=run, steps=0, model=model)
-    model.train()
-    t_start = time.perf_counter()
-    with open(run / METRICS, "a") as metrics:
-        for step, batch in enumerate(loader, start=1):
-            images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
-            targets = {t: v.to(device) for t, v in batch["labels"].items()}
-            preds, _, distill_maps = model(normalize(images_u8.to(device), mean, std))
-            task_loss, parts = multi_task_loss(preds, targets, weights)
-            loss = task_loss
-            distill = None
-            if teachers is not None:
-                if cfg.cache is not None:
-                    teacher_maps = teachers(batch, images_u8, device)
-                else:
-                    teacher_maps = teachers(images_u8)
-                distill, _ = distillation_loss(student_levels(distill_maps, teachers), teacher_maps)
-                loss = task_loss + cfg.gamma * distill
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = clip_gradients(model.trainable_parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            record = {
-                "kind": "train",
-                "step": step,
-                "loss": float(loss.detach()),  # note: host-device sync, once per step
-                **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
-                "distill": float(distill.detach()) if distill is not None else None,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "elapsed_s": time.perf_counter() - t_start,
-            }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            result.losses.append(record["loss"])
-            result.records.append(record)
-            result.steps = step
-            if step % max(1, cfg.log_every) == 0 or step == 1:
-                log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {lr:.2e}")
-    save_stage2(run, model, {**meta, "step": result.steps})
-    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
-    return result
+
+
+class _Stage2Step:
+    """One optimizer step of stage 2 on a batch; returns the step's numbers for the metrics log."""
+
+    def __init__(
+        self,
+        cfg: Stage2Config,
+        model: SakMultiTask,
+        teachers: Any,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        stage1: dict,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.model, self.teachers, self.device = cfg, model, teachers, device
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.weights = cfg.weights()
+        self.mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
+
+    def __call__(self, batch: dict) -> dict:
+        cfg, device, teachers = self.cfg, self.device, self.teachers
+        images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
+        targets = {t: v.to(device) for t, v in batch["labels"].items()}
+        preds, _, distill_maps = self.model(normalize(images_u8.to(device), self.mean, self.std))
+        task_loss, parts = multi_task_loss(preds, targets, self.weights)
+        loss = task_loss
+        distill = None
+        if teachers is not None:
+            if cfg.cache is not None:
+                teacher_maps = teachers(batch, images_u8, device)
+            else:
+                teacher_maps = teachers(images_u8)
+            distill, _ = distillation_loss(student_levels(distill_maps, teachers), teacher_maps)
+            loss = task_loss + cfg.gamma * distill
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(self.model.trainable_parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {
+            "loss": float(loss.detach()),  # note: host-device sync, once per step
+            **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
+            "distill": float(distill.detach()) if distill is not None else None,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +420,7 @@ def evaluate(
     num_pictures: int = 4,
 ) -> dict[str, Any]:
     """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png, predictions.png."""
-    dev = _device(device)
+    dev = resolve_device(device)
     model, meta = load_stage2(checkpoint, dev)
     model.eval()
     data = DenseDataset(dataset, data_root, split, tuple(model.tasks))

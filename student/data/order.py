@@ -4,7 +4,7 @@ seeded per-epoch order, each slot's images are shuffled within windows of `shuff
 epoch e reads view e mod K of each image; the last `holdout_shards` shards are never trained on (Rep Sim
 is measured there). The permutations use the project's SplitMix64, not numpy's or torch's generators,
 so a resumed run on other hardware replays the same batches. Kept apart from the reading and loading
-in student/data.py because it is pure: testable on plain numbers, and the order a resume must reproduce.
+in loader.py because it is pure: testable on plain numbers, and the order a resume must reproduce.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import logging
 import struct
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.views import ViewSampler
-
-if TYPE_CHECKING:
-    from sak.student.data import CacheIndex
+from sak.student.data.index import CacheIndex
 
 log = logging.getLogger("sak")
 

@@ -10,7 +10,7 @@ The stem stream Z is never modified by the adapters. Stage 2 (routers, task head
 `forward_features`, which returns the stem's and every teacher path's per-level maps before any aligner.
 
 Module attributes are named so that the paper code's state_dict converts by a plain key mapping
-(see student/checkpoint.py): `stem.*` (paper `vit.*`), `adapter_paths.<teacher>.<i>.*` (paper `tsap.*`),
+(see student/model/weights.py): `stem.*` (paper `vit.*`), `adapter_paths.<teacher>.<i>.*` (paper `tsap.*`),
 `level_norms.<teacher>.<block>.*` (paper `out_norms.<block>_<teacher>.*`), `aligners.<teacher>.<block>.*`
 (paper `ts_aligners.<block>_<teacher>.*`).
 """

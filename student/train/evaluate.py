@@ -2,7 +2,7 @@
 over levels and images), on a cache's held-out shards. `evaluate_repsim` is the measurement the training
 loop calls every `eval_every` steps; `repsim_of_checkpoint` measures a saved student (a run folder or a
 student .safetensors) outside training, for `sak-train repsim` and the benchmarks. Kept apart from the
-training loop so that measuring needs none of it (this module does not import student/train.py).
+training loop so that measuring needs none of it (this module does not import student/train/stage1.py).
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ import torch
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import read_cache
 from sak.pipeline.provenance import read_json
-from sak.student.checkpoint import RUN_CONFIG, checkpoint_dir, load_student
-from sak.student.data import BatchReader, StoreInfo, eval_batches, input_normalization, open_cache
-from sak.student.distributed import DistEnv, all_reduce_sum
-from sak.student.losses import rep_sim_by_teacher
-from sak.student.model import SakStudent
-from sak.student.online import OnlineTeachers, cached_targets, stored_levels
-from sak.student.order import holdout_rows
+from sak.student.data.index import StoreInfo
+from sak.student.data.loader import BatchReader, eval_batches, input_normalization, open_cache
+from sak.student.data.order import holdout_rows
+from sak.student.model.student import SakStudent
+from sak.student.model.weights import load_student
+from sak.student.train.checkpoint import RUN_CONFIG, checkpoint_dir
+from sak.student.train.distributed import DistEnv, all_reduce_sum, bf16_autocast
+from sak.student.train.losses import rep_sim_by_teacher
+from sak.student.train.online import OnlineTeachers, cached_targets, stored_levels
 
 # ------------------------------------------------------------------------------------------- evaluation
-
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 @torch.no_grad()
@@ -47,7 +45,7 @@ def evaluate_repsim(
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)  # per teacher, then count
     for batch in batches:
         images = batch["images"].to(device, non_blocking=True)
-        with _autocast(device):
+        with bf16_autocast(device):
             maps = stored_levels(model(images).distill_maps, stores)
         sims = rep_sim_by_teacher(maps, targets_of(batch))
         n = images.shape[0]

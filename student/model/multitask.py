@@ -16,7 +16,7 @@ Module names follow the paper code so its state_dict keys come out unchanged:
     heads.<task>.linear_fuse.{0,1}.*                Conv3x3(C, C) (with bias), BatchNorm2d(C)
     heads.<task>.last_conv.*                        Conv1x1(C, outputs)
 <block> is the 0-based stem block of the level (2, 5, 8, 11 for ViT-B), <task> the paper's task name.
-The student's own weights sit under `student.*` (see student/checkpoint.py for the paper's `vit.*`).
+The student's own weights sit under `student.*` (see student/model/weights.py for the paper's `vit.*`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from sak.pipeline.errors import SakError
-from sak.student.model import INIT_STD, SakStudent
+from sak.student.model.student import INIT_STD, SakStudent
 
 ROUTER_NOISE_FLOOR = 1e-2  # noise std = softplus(raw) + 1e-2 (paper code)
 HEAD_REDUCTION = 4  # per-level Linear C -> C/4; 4 levels concatenated give C again
@@ -258,7 +258,7 @@ def convert_paper_stage2_state_dict(
     classes (cross-entropy); ours one logit (balanced BCE). softmax(z)[1] = sigmoid(z1 - z0), so the
     difference of the two output rows of `heads.sal.last_conv` is the exact single logit.
     """
-    from sak.student.checkpoint import convert_paper_state_dict
+    from sak.student.model.weights import convert_paper_state_dict
 
     ours = model.state_dict()
     backbone = {k: v for k, v in paper_state_dict.items() if not k.startswith(("mor.", "heads."))}
@@ -289,7 +289,7 @@ def load_paper_stage2_checkpoint(
     model: SakMultiTask, source: str | Mapping[str, torch.Tensor], teacher_map: Mapping[str, str]
 ) -> None:
     """Load the authors' stage-2 checkpoint (a file or a state_dict) into `model`, strictly."""
-    from sak.student.checkpoint import read_paper_checkpoint
+    from sak.student.model.weights import read_paper_checkpoint
 
     sd = source if isinstance(source, Mapping) else read_paper_checkpoint(source)
     model.load_state_dict(convert_paper_stage2_state_dict(sd, teacher_map, model), strict=True)

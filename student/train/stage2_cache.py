@@ -41,7 +41,9 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
 from sak.pipeline.provenance import code_version, read_json, stable_hash, write_json_atomic
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
-from sak.student.datasets import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
+from sak.student.data.dense import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
+from sak.student.train.distributed import resolve_device
+from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
 
 log = logging.getLogger("sak")
 
@@ -92,7 +94,7 @@ def augmented_image(samples: TrainSamples, epoch: int, index: int) -> tuple[torc
     """The uint8 image TrainSamples gives for (epoch, image index), without reading labels; + its plan row."""
     data = samples.data
     name = data.names[index]
-    image = read_image(data._image_path(name))
+    image = read_image(data.image_path(name))
     h, w = image.shape[-2:]
     plan = samples.plan(name, epoch, h, w)
     out = apply_plan({"name": name, "image": image, "labels": {}}, plan, samples.crop)
@@ -135,8 +137,6 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from sak.student.stage2_train import Stage2Teachers, _device, load_stage1_run
-
     if cfg.epochs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
         raise SakError("--epochs, --shard-size and --batch-size must be >= 1")
     crop = cfg.crop()
@@ -144,7 +144,7 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
         raise SakError(f"--img-size {crop[0]}x{crop[1]}: both sides must be multiples of 16 and >= 32")
     codec = get_codec(cfg.codec)
     out = Path(cfg.out).expanduser()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
     _, stage1 = load_stage1_run(cfg.init, device)
     identity = _identity(cfg, data, stage1)

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from sak.pipeline.errors import SakError
-from sak.student.data import StoreInfo, decode_targets
+from sak.student.data.index import StoreInfo
+from sak.student.data.loader import decode_targets
 
 
 def store_teacher_weights(store: StoreInfo):

@@ -9,13 +9,10 @@ shard up front so that all ranks and workers leave out the same ones.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import sha256_file
-
-if TYPE_CHECKING:
-    from sak.student.data import CacheIndex
+from sak.student.data.index import CacheIndex
 
 
 class ShardIntegrity:

@@ -66,7 +66,7 @@ from PIL import Image
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.views import ViewSampler, cut_view, view_seed
-from sak.student.stage2 import NYUD_TASKS, PASCAL_CONTEXT_TASKS
+from sak.student.model.multitask import NYUD_TASKS, PASCAL_CONTEXT_TASKS
 
 IGNORE_INDEX = 255
 DATASETS = ("pascal", "nyud", "folder")
@@ -441,7 +441,8 @@ class DenseDataset(torch.utils.data.Dataset):
             raise SakError(f"{self.root}/{task}: no labelled pixel in the training split")
         return top
 
-    def _image_path(self, name: str) -> Path:
+    def image_path(self, name: str) -> Path:
+        """The source image file of `name` (any of IMAGE_EXTS) in this layout."""
         folder = {"pascal": "JPEGImages", "nyud": "images", "folder": "images"}[self.dataset]
         p = _find(self.root / folder, name, IMAGE_EXTS)
         if p is None:
@@ -493,7 +494,7 @@ class DenseDataset(torch.utils.data.Dataset):
     def load(self, index: int) -> dict:
         """The unaugmented sample: image (3, H, W) uint8 and labels in the module's in-memory form."""
         name = self.names[index]
-        image = read_image(self._image_path(name))
+        image = read_image(self.image_path(name))
         h, w = image.shape[-2:]
         labels = {}
         for t in self.tasks:

@@ -1,0 +1,67 @@
+"""What a cache holds, as the student reads it: the selected teacher stores and the per-row columns.
+
+`open_cache` (loader.py) builds a `CacheIndex`; the data order (order.py), the integrity checks
+(integrity.py) and the loader all take one. It sits below them so none of them imports another back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sak.pipeline.views import ViewPlan
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """One selected teacher store: where it is and what its levels look like."""
+
+    fingerprint: str
+    teacher: str  # registry name, e.g. "clip_tiny"; the student's adapter path has the same name
+    dim: int
+    path: Path
+    codec: str
+    format: str  # "zarr" | "wds"
+    blocks: tuple[int, ...]  # tapped block of each stored level, in the store's level order
+    positions: tuple[int, ...]  # which of the teacher's (and student's) 4 taps each stored level is
+    grids: tuple[tuple[int, int], ...]  # (H, W) of each level (the teacher's grid, or a resampled one)
+    manifest: dict = field(compare=False, repr=False)
+
+    @property
+    def side(self) -> int:
+        """Side of the view this teacher saw (the plan size, or SAM's fixed input)."""
+        return int(self.manifest["identity"]["input_size"][0])
+
+
+@dataclass
+class CacheIndex:
+    """A validated cache: per-image and per-row columns as numpy arrays (cheap to fork into workers)."""
+
+    root: Path
+    cache: dict
+    plan: ViewPlan
+    stores: list[StoreInfo]
+    shard_size: int  # rows per shard (a multiple of K)
+    num_views: int
+    num_shards: int
+    # per image j (rows j*K .. j*K+K-1)
+    image_shard: np.ndarray  # (N,) int64: which images/ tar
+    image_offset: np.ndarray  # (N,) int64
+    image_nbytes: np.ndarray  # (N,) int64
+    # per row
+    boxes: np.ndarray  # (V, 4) int64: x0, y0, x1, y1 in source pixels, half-open
+    flips: np.ndarray  # (V,) bool
+
+    @property
+    def views_per_image(self) -> int:
+        return self.plan.views_per_image
+
+    @property
+    def num_images(self) -> int:
+        return self.num_views // self.views_per_image
+
+    @property
+    def images_per_shard(self) -> int:
+        return self.shard_size // self.views_per_image

@@ -1,0 +1,82 @@
+"""The stage-1 run that stage 2 starts from, and its teachers run live on stage-2 images.
+
+Shared by the stage-2 trainer (stage2.py, `--online`) and the stage-2 target cache (stage2_cache.py),
+which must produce the same targets; both import it from here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sak.pipeline.errors import SakError
+from sak.pipeline.provenance import read_json
+from sak.pipeline.views import cut_view
+from sak.student.data.loader import open_cache
+from sak.student.model.student import SakStudent
+from sak.student.model.weights import load_student
+from sak.student.train.checkpoint import RUN_CONFIG, checkpoint_dir
+from sak.student.train.online import OnlineTeachers
+
+
+def load_stage1_run(init: str | Path, device: torch.device) -> tuple[SakStudent, dict]:
+    """The stage-1 student (latest checkpoint) and the run's config.json."""
+    run = Path(init).expanduser()
+    if not (run / RUN_CONFIG).exists():
+        raise SakError(f"--init {run} is not a stage-1 run folder (no {RUN_CONFIG})")
+    record = read_json(run / RUN_CONFIG)
+    if record.get("kind") != "sak-stage1-run":
+        raise SakError(f"--init {run}: {RUN_CONFIG} is not a stage-1 run (kind {record.get('kind')!r})")
+    student = load_student(checkpoint_dir(run) / "student.safetensors", device=device)
+    return student, record
+
+
+class Stage2Teachers:
+    """Live teachers for stage 2, rebuilt from the stage-1 stores exactly as OnlineTeachers does.
+
+    Teachers with a free input size see the augmented image itself (position embedding resampled to the
+    stage-2 size, as for the student); SAM sees it resized so its long side is its fixed side, then
+    zero-padded square (after normalisation). Returns the stores' levels on the teachers' native grids.
+    """
+
+    def __init__(self, stage1: dict, img_size: tuple[int, int], device: torch.device) -> None:
+        fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
+        index = open_cache(stage1["cache"]["path"], fps, require_complete=False)
+        online = OnlineTeachers(index.stores, index.plan.size, device)
+        self.stores, self.teachers, self.device = index.stores, online.teachers, device
+        for t in self.teachers.values():
+            if t.spec.fixed_input is None:
+                t.model.set_input_size(img_size=tuple(img_size))
+
+    def _input(self, t, images_u8: torch.Tensor) -> torch.Tensor:
+        fixed = t.spec.fixed_input
+        if fixed:  # resize the long side to `fixed` with the project's resize (uint8 pixels)
+            H, W = images_u8.shape[-2:]
+            size = (round(H * fixed / max(H, W)), round(W * fixed / max(H, W)))
+            images_u8 = torch.stack([cut_view(im, (0, 0, W, H), False, size) for im in images_u8.cpu()])
+        x = images_u8.to(self.device).float().div_(255.0)
+        mean = torch.tensor(t.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(t.std, device=x.device).view(1, 3, 1, 1)
+        x = (x - mean) / std
+        if fixed:
+            x = torch.nn.functional.pad(x, (0, fixed - x.shape[-1], 0, fixed - x.shape[-2]))
+        return x
+
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, list[torch.Tensor]]:
+        """(B, 3, H, W) uint8 -> {teacher: [(B, h, w, C) fp32]} at the stores' levels."""
+        out = {}
+        for store in self.stores:
+            t = self.teachers[store.teacher]
+            with torch.inference_mode():
+                x = self._input(t, images_u8)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+                    maps = t.model.forward_intermediates(
+                        x, indices=list(t.spec.levels), norm=False, stop_early=True, intermediates_only=True
+                    )  # [(B, C, h, w)] patch maps (SAM and ViTs alike)
+            out[store.teacher] = [maps[p].permute(0, 2, 3, 1).float().clone() for p in store.positions]
+        return out
+
+
+def student_levels(maps: dict[str, list[torch.Tensor]], teachers: Stage2Teachers) -> dict:
+    return {s.teacher: [maps[s.teacher][p] for p in s.positions] for s in teachers.stores}
