@@ -74,7 +74,9 @@ def test_the_cache_holds_every_kind_of_file_and_verifies(damage_cache, capsys):
 
 def test_the_schema_validates_a_cache_with_plain_jsonschema(damage_cache):
     """As another team would: the shipped schema file, the stock validator, no project code."""
-    schema_path = Path(__import__("sak.pipeline", fromlist=["x"]).__file__).parent / "schema/cache-v1.schema.json"
+    schema_path = (
+        Path(__import__("sak.pipeline", fromlist=["x"]).__file__).parent / "schema/cache-v1.schema.json"
+    )
     schema = json.loads(schema_path.read_text())
     assert schema == generate_schema()
     jsonschema.validate(json.loads((damage_cache / "cache.json").read_text()), schema)
@@ -121,6 +123,8 @@ def test_one_flipped_byte_in_any_file_fails_verify_and_never_trains_silently_wro
             outcome = "bad"
             failures.append(f"train: {rel}: exit {code}, stderr: {err!r}")
         outcomes.setdefault(_kind(rel), set()).add(outcome)
+        with capsys.disabled():  # the table, with -s
+            print(f"{rel:<60} {_kind(rel):<15} verify names it: {bool(lines)}  train: {outcome}")
         shutil.rmtree(copy)
         shutil.rmtree(tmp_path / f"run{i}", ignore_errors=True)
     assert not failures, "\n".join(failures)
