@@ -30,7 +30,15 @@ def create_teacher_store(fmt: str, path: Path, num_views: int, shard_size: int, 
         return create_wds_store(path, num_views, shard_size, grids, codec)
     from sak.pipeline.store.zarr import create_store
 
-    return create_store(path, num_views, shard_size, grids, codec)
+    try:
+        return create_store(path, num_views, shard_size, grids, codec)
+    except SakError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
+        raise SakError(
+            f"{path}: the store's Zarr metadata cannot be read ({type(e).__name__}); run `sak-cache verify`, "
+            f"or delete the store folder to compute it again"
+        ) from e
 
 
 def open_teacher_store(fmt: str, path: str | Path, codec: str, shard_size: int):
