@@ -10,6 +10,7 @@ everything reads the cache, so the source may move away.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import tarfile
@@ -70,10 +71,24 @@ def image_tar_name(shard: int) -> str:
 
 
 @dataclass(frozen=True)
+class IndexRow:
+    """One row of images/index.parquet (IMAGE_INDEX_SCHEMA, same names and order)."""
+
+    key: str
+    ext: str
+    width: int
+    height: int
+    image_shard: int
+    offset: int  # of the image's bytes in its tar
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class TarResult:
     """What one ingest task returns: the index rows of the images it kept, those it skipped, its tar."""
 
-    rows: list[dict]  # rows of images/index.parquet (IMAGE_INDEX_SCHEMA)
+    rows: list[IndexRow]
     skipped: list[SkippedInput]
     tar: ImageTar | None  # None: no valid image in the chunk, no tar
 
@@ -98,16 +113,16 @@ def write_image_tar(
             tar.addfile(member, io.BytesIO(data))
             offset = tar.offset - 512 * ((len(data) + 511) // 512)  # data starts right after its header(s)
             rows.append(
-                {
-                    "key": item.key,
-                    "ext": item.ext,
-                    "width": info.width,
-                    "height": info.height,
-                    "image_shard": shard,
-                    "offset": offset,
-                    "nbytes": len(data),
-                    "sha256": sha256_bytes(data),
-                }
+                IndexRow(
+                    key=item.key,
+                    ext=item.ext,
+                    width=info.width,
+                    height=info.height,
+                    image_shard=shard,
+                    offset=offset,
+                    nbytes=len(data),
+                    sha256=sha256_bytes(data),
+                )
             )
         tar.close()
         f.flush()
@@ -180,7 +195,7 @@ def ingest(
 
     view_rows = {name: [] for name in VIEWS_SCHEMA.names}
     for r in index_rows:
-        for v in plan.views(r["key"], r["width"], r["height"]):
+        for v in plan.views(r.key, r.width, r.height):
             for name, value in (
                 ("key", v.key),
                 ("view", v.view),
@@ -189,14 +204,15 @@ def ingest(
                 ("x1", v.x1),
                 ("y1", v.y1),
                 ("flip", v.flip),
-                ("image_shard", r["image_shard"]),
+                ("image_shard", r.image_shard),
             ):
                 view_rows[name].append(value)
     pq.write_table(pa.table(view_rows, schema=VIEWS_SCHEMA), cache_dir / VIEWS_FILE)
-    pq.write_table(pa.Table.from_pylist(index_rows, schema=IMAGE_INDEX_SCHEMA), cache_dir / IMAGE_INDEX_FILE)
+    index_table = pa.Table.from_pylist([dataclasses.asdict(r) for r in index_rows], schema=IMAGE_INDEX_SCHEMA)
+    pq.write_table(index_table, cache_dir / IMAGE_INDEX_FILE)
 
     num_views = len(index_rows) * plan.views_per_image
-    dataset_fp = stable_hash([(r["key"], r["sha256"]) for r in index_rows], 16)
+    dataset_fp = stable_hash([(r.key, r.sha256) for r in index_rows], 16)
     tables = {rel: FileDigest(sha256=sha256_file(cache_dir / rel), bytes=(cache_dir / rel).stat().st_size)
               for rel in (IMAGE_INDEX_FILE, VIEWS_FILE)}  # fmt: skip
     cache = CacheManifest(
