@@ -9,7 +9,7 @@ PIP_VERSION := 26.3
 UV_VERSION  := 0.13.9
 TOOLS  := .tools
 
-.PHONY: demo test test-slow lint bench venv lock check-lock clean
+.PHONY: demo test test-slow lint bench venv lock check-lock clean schema
 
 # The venv holds exactly the lock (checked after install), plus this package in editable mode.
 $(VENV)/.installed: $(LOCK) pyproject.toml
@@ -33,6 +33,9 @@ test-slow: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+schema: $(VENV)/.installed  ## regenerate pipeline/schema/cache-v1.schema.json from the format's records
+	$(PY) -m sak.pipeline.schema_gen
 
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py

@@ -99,18 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         )
         out = run_extraction(cfg)
         cache = read_cache(out)
-        manifests = [read_store_manifest(out / e["path"]) for e in cache["stores"].values()]
-        tp = manifests[0]["throughput"]
-        pipeline_rate = tp["steady_views_per_s"] or tp["views_per_s"]
+        manifests = [read_store_manifest(out / e.path) for e in cache.stores.values()]
+        tp = manifests[0].throughput
+        pipeline_rate = tp.steady_views_per_s or tp.views_per_s
         per_view = {}
         for m in manifests:
-            store = out / "teachers" / m["fingerprint"]
+            store = out / "teachers" / m.fingerprint
             nbytes = sum(p.stat().st_size for p in (store / "levels").rglob("*") if p.is_file())
-            per_view[m["teacher"]["name"]] = nbytes / cache["num_views"]
+            per_view[m.teacher.name] = nbytes / cache.num_views
     cpus = os.cpu_count() or 1
     threads = 1 if device == "cuda" else max(1, cpus // (2 * max(1, cpus // 2)))
     bare_rate = bare_loop(
-        teachers, args.size, args.batch_size, max(64, cache["num_views"]), args.random_init, device, threads
+        teachers, args.size, args.batch_size, max(64, cache.num_views), args.random_init, device, threads
     )
     ratio = pipeline_rate / bare_rate
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"\nsak-cache extraction benchmark  device={dev_name}  teachers={','.join(teachers)}  "
-        f"views={cache['num_views']}  size={args.size}  batch={args.batch_size}"
+        f"views={cache.num_views}  size={args.size}  batch={args.batch_size}"
     )
     print(f"{'measure':<44} {'views/s':>10}")
     print("-" * 56)

@@ -200,9 +200,12 @@ def ls_(root: str) -> None:
 @click.argument("cache")
 def verify(cache: str) -> int:
     """Recompute every checksum and count; exit 1 naming each failing file and shard."""
-    from sak.pipeline.verify import verify_cache
+    from sak.pipeline.verify import check_cache
 
-    problems = verify_cache(cache)
+    report = check_cache(cache)
+    problems = report.problems
+    for note in report.notes:
+        click.echo(f"note: {note}", err=True)
     for p in problems:
         click.echo(f"FAIL {p}")
     if problems:
@@ -301,7 +304,7 @@ def estimate(**opts) -> None:
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
-    from sak.pipeline.provenance import read_json
+    from sak.pipeline.format import read_stage2_cache
     from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
 
     cfg = Stage2CacheConfig(
@@ -318,7 +321,7 @@ def stage2(**opts) -> None:
         device=opts["device"],
     )
     out = build_stage2_cache(cfg)
-    click.echo(describe(read_json(out / CACHE_JSON)))
+    click.echo(describe(read_stage2_cache(out / CACHE_JSON)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

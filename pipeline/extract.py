@@ -23,6 +23,21 @@ import torch
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
+from sak.pipeline.format import (
+    CacheManifest,
+    CodecSpec,
+    ExtractRecord,
+    Preprocessing,
+    ShardEntry,
+    StoreEntry,
+    StoreIdentity,
+    StoreManifest,
+    TeacherRecord,
+    Throughput,
+    WeightsRecord,
+    load,
+    write_store_manifest,
+)
 from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import (
@@ -38,11 +53,11 @@ from sak.pipeline.manifest import (
     read_store_manifest,
     save_stats,
     shard_stats,
+    store_files_table,
     store_fingerprint,
     write_cache,
-    write_store_manifest,
 )
-from sak.pipeline.preprocess import cut_shard_views
+from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file
 from sak.pipeline.runtime import Progress, log, ray_session
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
@@ -57,6 +72,8 @@ from sak.pipeline.teachers import (
     resolve_weights,
 )
 from sak.pipeline.views import ViewPlan
+
+DEFAULT_SHARD_VIEWS = 64
 
 DEFAULT_SHARD_VIEWS = 64
 
@@ -100,189 +117,90 @@ class ExtractConfig:
         return self.shard_size
 
 
+# ------------------------------------------------------------------------- messages across the Ray boundary
+
+
+@dataclass(frozen=True)
+class StoreJob:
+    """One store as a TeacherWorker needs it: which teacher, its weights, where and how to write."""
+
+    teacher: str
+    weights: WeightsChoice
+    path: str
+    codec: str
+    shard_size: int
+    format: str
+    blocks: tuple[int, ...]  # kept levels
+    grid: tuple[int, int]  # stored (H, W)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to compute: rows [start, stop) for the listed teachers (those that have not done it)."""
+
+    shard: int
+    start: int
+    stop: int
+    teachers: tuple[str, ...]
+
+    @property
+    def views(self) -> int:
+        return self.stop - self.start
+
+
 @dataclass
 class StorePlan:
     spec: TeacherSpec
     weights: WeightsChoice
     fingerprint: str
     path: Path
-    manifest: dict
+    manifest: StoreManifest  # as it will be written (shards, stats, files filled in at the end)
     blocks: tuple[int, ...]  # kept levels
     grid: tuple[int, int]  # stored (H, W)
     done: dict[int, ShardRecord] = field(default_factory=dict)
+
+    def job(self) -> StoreJob:
+        m = self.manifest
+        return StoreJob(
+            self.spec.name,
+            self.weights,
+            str(self.path),
+            m.codec,
+            m.shard_size,
+            m.format,
+            self.blocks,
+            self.grid,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SakError(f"cannot write to output folder {out}: {e.strerror}; pass a writable --out") from e
-
-
-def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: int) -> dict:
-    if (out / "cache.json").exists():
-        cache = read_cache(out)
-        stored = ViewPlan.from_dict(cache["view_plan"])
-        for name, mine, theirs in (
-            ("--views-per-image", plan.views_per_image, stored.views_per_image),
-            ("--size", plan.size, stored.size),
-            ("--seed", plan.seed, stored.seed),
-        ):
-            if mine != theirs:
-                raise SakError(
-                    f"{out} was created with {name} {theirs}, this run asks for {mine}; "
-                    f"use the same value to add a store, or another --out for a new cache"
-                )
-        if cfg.shard_size is not None and shard_size != cache["shard_size"]:
-            raise SakError(f"{out} has --shard-size {cache['shard_size']}, this run asks for {shard_size}")
-        log.info(f"reusing images and views of {out} ({cache['num_views']} views)")
-        return cache
-    if not cfg.source:
-        raise SakError(f"{out} holds no cache yet; pass --source with the images to extract")
-    return ingest(
-        cfg.source,
-        out,
-        plan,
-        shard_size,
-        limit=cfg.limit,
-        min_side=cfg.min_image_side,
-        max_pixels=cfg.max_pixels,
-        progress=cfg.progress,
-    )
-
-
-def _store_plan(
-    cfg: ExtractConfig, cache: dict, out: Path, spec: TeacherSpec, choice: WeightsChoice
-) -> StorePlan:
-    codec = get_codec(cfg.codec)
-    weights = choice.describe(spec)
-    mean, std = normalization_for(spec, cfg.normalization)
-    side = spec.model_input_side(cfg.size)
-    blocks = select_levels(spec, cfg.levels)
-    grid = resolve_grid(spec, cfg.size, cfg.grid)
-    identity = {
-        "schema_version": SCHEMA_VERSION,
-        "teacher": spec.name,
-        "timm_name": spec.timm_name,
-        "pretrained_tag": spec.pretrained_tag,
-        "model_kwargs": dict(spec.model_kwargs),
-        "weights": weights["id"],
-        "input_size": [side, side],
-        "view_size": cfg.size,
-        "preprocessing": {
-            "resize": "cut_view: bicubic+antialias, float32, rounded to uint8",
-            "normalization": cfg.normalization,
-            "mean": mean,
-            "std": std,
-            "pad": "zeros right/bottom after normalisation" if spec.fixed_input else None,
-        },
-        "levels": list(blocks),
-        "token_selection": TOKEN_SELECTION,
-        "grid": list(grid),
-        "codec": codec.name,
-        **codec.identity(),  # scaled codecs: granularity, group, scale dtype
-        "dtype": codec.true_dtype,
-        "format": cfg.format,
-        "dataset_fingerprint": cache["dataset"]["fingerprint"],
-        "view_plan": cache["view_plan"],
-    }
-    identity.update(identity_fields(spec, cfg.size, cfg.levels, cfg.grid))  # levels, grid (+ mode, resample)
-    fp = store_fingerprint(identity)
-    path = out / "teachers" / fp
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "sak-teacher-store",
-        "fingerprint": fp,
-        "teacher": {
-            "name": spec.name,
-            "family": spec.family,
-            "timm_name": spec.timm_name,
-            "pretrained_tag": spec.pretrained_tag,
-            "depth": spec.depth,
-            "dim": spec.dim,
-            "patch_size": spec.patch_size,
-            "tiny": spec.tiny,
-        },
-        "weights": weights,
-        "random_init": weights["random_init"],
-        "identity": identity,
-        "format": cfg.format,
-        "codec": codec.name,
-        "codec_spec": codec.describe(),
-        "num_views": cache["num_views"],
-        "shard_size": cache["shard_size"],
-        "levels": level_records(
-            cfg.format, codec, cache["num_views"], {b: (*grid, spec.dim) for b in blocks}
-        ),
-        "views_sha256": cache["views"]["sha256"],
-        "dataset_fingerprint": cache["dataset"]["fingerprint"],
-        "view_plan": cache["view_plan"],
-        "skipped_inputs": cache["dataset"]["skipped"],
-        "created": now_iso(),
-        "code_version": code_version(),
-        "config": _config_record(cfg),
-        "shards": [],
-        "complete": False,
-        "stats": [],
-        "throughput": {},
-    }
-    plan = StorePlan(spec, choice, fp, path, manifest, blocks=blocks, grid=grid)
-    if (path / "manifest.json").exists():
-        old = read_store_manifest(path)
-        plan.manifest["created"] = old.get("created", plan.manifest["created"])
-    create_teacher_store(
-        cfg.format,
-        path,
-        cache["num_views"],
-        cache["shard_size"],
-        {b: (*grid, spec.dim) for b in blocks},
-        codec,
-    )
-    plan.done = read_journal(path)
-    return plan
-
-
-def _config_record(cfg: ExtractConfig) -> dict:
-    rec = dataclasses.asdict(cfg)
-    rec["weights"] = dict(cfg.weights)
-    return rec
-
-
-def _finalize(plan: StorePlan, cache: dict, seconds: float, counter: dict) -> None:
-    shards = sorted(plan.done.values(), key=lambda r: r.shard)
-    m = plan.manifest
-    m["shards"] = [
-        {"index": r.shard, "start": r.start, "stop": r.stop, "samples": r.stop - r.start, "files": r.files}
-        for r in shards
-    ]
-    m["complete"] = len(shards) == cache["num_shards"]
-    m["stats"] = [
-        {"block": b, **s}
-        for b, s in zip(
-            plan.blocks,
-            merge_stats(plan.path, [r.shard for r in shards], [plan.spec.dim] * len(plan.blocks)),
-        )
-    ]
-    views_done = counter["views"]
-    m["throughput"] = {
-        "views_this_run": views_done,
-        "seconds_this_run": round(seconds, 3),  # includes start-up: actors, teacher loading
-        "views_per_s": round(views_done / seconds, 3) if seconds > 0 else None,
-        # from the first finished shard to the last: the rate once every actor is busy
-        "steady_views_per_s": counter.get("steady_views_per_s"),
-    }
-    m["updated"] = now_iso()
-    write_store_manifest(plan.path, m)
-
-
 def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
+    specs, out, plan, shard_size, choices = _setup(cfg)
+    with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
+        cache = _open_or_ingest(cfg, out, plan, shard_size)
+        stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
+        cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
+        schedule = Schedule.of(_shard_jobs(cache, stores))
+        t0 = time.monotonic()
+        try:
+            _run_shards(cfg, out, stores, schedule)
+        finally:
+            for sp in stores:
+                _finalize(sp, cache, time.monotonic() - t0, schedule)
+            _register_stores(out, cache, stores, finished=True)
+    for sp in stores:
+        if sp.manifest.random_init:
+            log.warning(
+                f"store {sp.fingerprint} holds RANDOM-INIT {sp.spec.name} features: not a real teacher"
+            )
+    return out
+
+
+def _setup(cfg: ExtractConfig):
+    """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
     out = Path(cfg.out).expanduser().resolve()
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
@@ -301,69 +219,267 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     shard_size = cfg.resolved_shard_size()
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
     _check_out_dir(out)
+    return specs, out, plan, shard_size, choices
 
-    with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
-        cache = _open_or_ingest(cfg, out, plan, shard_size)
-        stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
-        for sp in stores:  # register stores early so `inspect` shows a run in progress
-            cache["stores"][sp.fingerprint] = {
-                "teacher": sp.spec.name,
-                "path": f"teachers/{sp.fingerprint}",
-                "format": cfg.format,
-                "codec": cfg.codec,
-                "complete": False,
-                "random_init": sp.manifest["random_init"],
-            }
-        write_cache(out, cache)
-        t0 = time.monotonic()
-        counter = {"views": 0}
-        try:
-            _run_shards(cfg, cache, out, stores, counter)
-        finally:
-            seconds = time.monotonic() - t0
-            for sp in stores:
-                _finalize(sp, cache, seconds, counter)
-                entry = cache["stores"][sp.fingerprint]
-                entry["complete"] = sp.manifest["complete"]
-                entry["manifest_sha256"] = sha256_file(sp.path / STORE_MANIFEST)  # an edited manifest shows
-            write_cache(out, cache)
+
+def _check_out_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SakError(f"cannot write to output folder {out}: {e.strerror}; pass a writable --out") from e
+
+
+def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: int) -> CacheManifest:
+    if (out / "cache.json").exists():
+        cache = read_cache(out)
+        for name, mine, theirs in (
+            ("--views-per-image", plan.views_per_image, cache.view_plan.views_per_image),
+            ("--size", plan.size, cache.view_plan.size),
+            ("--seed", plan.seed, cache.view_plan.seed),
+        ):
+            if mine != theirs:
+                raise SakError(
+                    f"{out} was created with {name} {theirs}, this run asks for {mine}; "
+                    f"use the same value to add a store, or another --out for a new cache"
+                )
+        if cfg.shard_size is not None and shard_size != cache.shard_size:
+            raise SakError(f"{out} has --shard-size {cache.shard_size}, this run asks for {shard_size}")
+        log.info(f"reusing images and views of {out} ({cache.num_views} views)")
+        return cache
+    if not cfg.source:
+        raise SakError(f"{out} holds no cache yet; pass --source with the images to extract")
+    return ingest(
+        cfg.source,
+        out,
+        plan,
+        shard_size,
+        limit=cfg.limit,
+        min_side=cfg.min_image_side,
+        max_pixels=cfg.max_pixels,
+        progress=cfg.progress,
+    )
+
+
+def _store_identity(
+    cfg: ExtractConfig, cache: CacheManifest, spec: TeacherSpec, weights: WeightsRecord
+) -> StoreIdentity:
+    """What determines a store's bytes; the hash of its JSON is the fingerprint."""
+    codec = get_codec(cfg.codec)
+    mean, std = normalization_for(spec, cfg.normalization)
+    side = spec.model_input_side(cfg.size)
+    shape = identity_fields(spec, cfg.size, cfg.levels, cfg.grid)  # levels, grid (+ mode, resample)
+    return StoreIdentity(
+        schema_version=SCHEMA_VERSION,
+        teacher=spec.name,
+        timm_name=spec.timm_name,
+        pretrained_tag=spec.pretrained_tag,
+        model_kwargs=dict(spec.model_kwargs),
+        weights=weights.id,
+        input_size=[side, side],
+        view_size=cfg.size,
+        preprocessing=Preprocessing(
+            resize="cut_view: bicubic+antialias, float32, rounded to uint8",
+            normalization=cfg.normalization,
+            mean=list(mean),
+            std=list(std),
+            pad="zeros right/bottom after normalisation" if spec.fixed_input else None,
+        ),
+        levels=shape["levels"],
+        token_selection=TOKEN_SELECTION,
+        grid=shape["grid"],
+        codec=codec.name,
+        codec_spec=_codec_spec(codec) if codec.scaled else None,
+        dtype=codec.true_dtype,
+        format=cfg.format,
+        dataset_fingerprint=cache.dataset.fingerprint,
+        view_plan=cache.view_plan,
+        grid_mode=shape.get("grid_mode"),
+        resample=shape.get("resample"),
+    )
+
+
+def _codec_spec(codec) -> CodecSpec:
+    return load(CodecSpec, codec.describe(), f"codec {codec.name}")
+
+
+def _store_plan(
+    cfg: ExtractConfig, cache: CacheManifest, out: Path, spec: TeacherSpec, choice: WeightsChoice
+) -> StorePlan:
+    codec = get_codec(cfg.codec)
+    weights = load(WeightsRecord, choice.describe(spec), f"weights of {spec.name}")
+    blocks = select_levels(spec, cfg.levels)
+    grid = resolve_grid(spec, cfg.size, cfg.grid)
+    identity = _store_identity(cfg, cache, spec, weights)
+    fp = store_fingerprint(identity)
+    path = out / "teachers" / fp
+    created = read_store_manifest(path).created if (path / STORE_MANIFEST).exists() else now_iso()
+    grids = {b: (*grid, spec.dim) for b in blocks}
+    manifest = StoreManifest(
+        schema_version=SCHEMA_VERSION,
+        fingerprint=fp,
+        teacher=TeacherRecord(
+            name=spec.name,
+            family=spec.family,
+            timm_name=spec.timm_name,
+            pretrained_tag=spec.pretrained_tag,
+            depth=spec.depth,
+            dim=spec.dim,
+            patch_size=spec.patch_size,
+            tiny=spec.tiny,
+        ),
+        weights=weights,
+        random_init=weights.random_init,
+        identity=identity,
+        format=cfg.format,
+        codec=codec.name,
+        codec_spec=_codec_spec(codec),
+        num_views=cache.num_views,
+        shard_size=cache.shard_size,
+        levels=level_records(cfg.format, codec, cache.num_views, grids),
+        views_sha256=cache.views.sha256,
+        dataset_fingerprint=cache.dataset.fingerprint,
+        view_plan=cache.view_plan,
+        skipped_inputs=cache.dataset.skipped,
+        created=created,
+        code_version=code_version(),
+        config=_config_record(cfg),
+        shards=[],
+        complete=False,
+        stats=[],
+        throughput=Throughput(
+            views_this_run=0, seconds_this_run=0.0, views_per_s=None, steady_views_per_s=None
+        ),
+        updated=created,
+    )
+    create_teacher_store(cfg.format, path, cache.num_views, cache.shard_size, grids, codec)
+    return StorePlan(spec, choice, fp, path, manifest, blocks=blocks, grid=grid, done=read_journal(path))
+
+
+def _config_record(cfg: ExtractConfig) -> ExtractRecord:
+    rec = dataclasses.asdict(cfg)
+    rec.update(teachers=list(cfg.teachers), weights=dict(cfg.weights))
+    return ExtractRecord(**rec)
+
+
+def _register_stores(
+    out: Path, cache: CacheManifest, stores: list[StorePlan], finished: bool
+) -> CacheManifest:
+    """List the stores in cache.json; once finished, as their manifests say, with the manifests' sha256
+    (so an edited manifest shows)."""
+    entries = dict(cache.stores)
     for sp in stores:
-        if sp.manifest["random_init"]:
-            log.warning(
-                f"store {sp.fingerprint} holds RANDOM-INIT {sp.spec.name} features: not a real teacher"
-            )
-    return out
+        old = entries.get(sp.fingerprint)
+        entries[sp.fingerprint] = StoreEntry(
+            teacher=sp.spec.name,
+            path=f"teachers/{sp.fingerprint}",
+            format=sp.manifest.format,
+            codec=sp.manifest.codec,
+            complete=sp.manifest.complete if finished else False,
+            random_init=sp.manifest.random_init,
+            manifest_sha256=sha256_file(sp.path / STORE_MANIFEST)
+            if finished
+            else old and old.manifest_sha256,
+        )
+    return write_cache(out, dataclasses.replace(cache, stores=entries))
 
 
-def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePlan], counter: dict) -> None:
-    """Compute every shard not yet done; counts finished views into `counter` as they land."""
-    import ray
+def _finalize(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: Schedule) -> None:
+    """Write the store's manifest from its journal: shards, statistics, throughput, every file's digest."""
+    shards = sorted(plan.done.values(), key=lambda r: r.shard)
+    widths = [plan.spec.dim] * len(plan.blocks)
+    plan.manifest = dataclasses.replace(
+        plan.manifest,
+        shards=[
+            ShardEntry(index=r.shard, start=r.start, stop=r.stop, samples=r.stop - r.start, files=r.files)
+            for r in shards
+        ],
+        complete=len(shards) == cache.num_shards,
+        stats=merge_stats(plan.path, [r.shard for r in shards], list(plan.blocks), widths),
+        throughput=schedule.throughput(seconds),
+        updated=now_iso(),
+        files=store_files_table(plan.path, {rel: d for r in shards for rel, d in r.files.items()}),
+    )
+    write_store_manifest(plan.path, plan.manifest)
 
-    num_views, shard_size = cache["num_views"], cache["shard_size"]
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+@dataclass
+class Schedule:
+    """The driver's scheduling state: shards waiting, being cut (CPU tasks), being computed (actors)."""
+
+    queue: list[ShardJob]  # next job last
+    total_views: int
+    max_in_flight: int = 1  # backpressure: shards between decode and write, 2 per worker + 1
+    cutting: dict = field(default_factory=dict)  # ref -> ShardJob
+    computing: dict = field(default_factory=dict)  # ref -> (ShardJob, worker index)
+    load: list[int] = field(default_factory=list)  # shards on each worker
+    failure: Exception | None = None
+    views_done: int = 0
+    first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
+    views_at_first: int = 0
+    steady_views_per_s: float | None = None
+
+    @classmethod
+    def of(cls, jobs: list[ShardJob]) -> Schedule:
+        return cls(list(reversed(jobs)), sum(j.views for j in jobs))
+
+    def start(self, n_workers: int) -> None:
+        self.load, self.max_in_flight = [0] * n_workers, 2 * n_workers + 1
+
+    def can_submit(self) -> bool:
+        in_flight = len(self.cutting) + len(self.computing)
+        return bool(self.queue) and self.failure is None and in_flight < self.max_in_flight
+
+    def busy(self) -> bool:
+        return bool((self.queue and self.failure is None) or self.cutting or self.computing)
+
+    def idlest_worker(self) -> int:
+        w = min(range(len(self.load)), key=self.load.__getitem__)
+        self.load[w] += 1
+        return w
+
+    def landed(self, job: ShardJob) -> None:
+        self.views_done += job.views
+        if self.first_done is None:
+            self.first_done, self.views_at_first = time.monotonic(), self.views_done
+        elif self.views_done > self.views_at_first:
+            rate = (self.views_done - self.views_at_first) / max(time.monotonic() - self.first_done, 1e-9)
+            self.steady_views_per_s = round(rate, 3)
+
+    def throughput(self, seconds: float) -> Throughput:
+        return Throughput(
+            views_this_run=self.views_done,
+            seconds_this_run=round(seconds, 3),  # includes start-up: actors, teacher loading
+            views_per_s=round(self.views_done / seconds, 3) if seconds > 0 else None,
+            steady_views_per_s=self.steady_views_per_s,  # from the first finished shard to the last
+        )
+
+
+def _shard_jobs(cache: CacheManifest, stores: list[StorePlan]) -> list[ShardJob]:
     jobs = []
-    for s in range(cache["num_shards"]):
-        todo = [sp.spec.name for sp in stores if s not in sp.done]
+    for s in range(cache.num_shards):
+        todo = tuple(sp.spec.name for sp in stores if s not in sp.done)
         if todo:
             jobs.append(
-                {
-                    "shard": s,
-                    "start": s * shard_size,
-                    "stop": min((s + 1) * shard_size, num_views),
-                    "teachers": todo,
-                }
+                ShardJob(s, s * cache.shard_size, min((s + 1) * cache.shard_size, cache.num_views), todo)
             )
-    skipped = cache["num_shards"] - len(jobs)
-    if skipped:
-        log.info(f"skipping {skipped} shard(s) already done; {len(jobs)} to compute")
-    if not jobs:
-        return
+    if cache.num_shards > len(jobs):
+        log.info(f"skipping {cache.num_shards - len(jobs)} shard(s) already done; {len(jobs)} to compute")
+    return jobs
 
-    rows = _shard_rows(out)
-    sizes = sorted({sp.spec.model_input_side(cfg.size) if sp.spec.fixed_input else cfg.size for sp in stores})
+
+def _start_workers(cfg: ExtractConfig, stores: list[StorePlan], n_jobs: int) -> list:
+    """TeacherWorker actors, one per GPU (or per two CPUs), each holding every selected teacher."""
+    import ray
+
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_workers = cfg.workers or (gpus if gpus else max(1, cpus // 2))
-    n_workers = min(n_workers, len(jobs))
+    n_workers = min(cfg.workers or (gpus if gpus else max(1, cpus // 2)), n_jobs)
     threads = 1 if gpus else max(1, cpus // (2 * n_workers))
     # A worker that dies (kill -9, OOM, preemption) is restarted and its shard retried: writes are whole-shard
     # overwrites, so a retry is idempotent. Application errors (a bad file, ENOSPC) are not retried.
@@ -374,94 +490,99 @@ def _run_shards(cfg: ExtractConfig, cache: dict, out: Path, stores: list[StorePl
         max_restarts=3,
         max_task_retries=3,
     )
-    store_args = [
-        {
-            "teacher": sp.spec.name,
-            "weights": dataclasses.asdict(sp.weights),
-            "path": str(sp.path),
-            "codec": cfg.codec,
-            "shard_size": shard_size,
-            "format": cfg.format,
-            "blocks": list(sp.blocks),
-            "grid": list(sp.grid),
-        }
-        for sp in stores
-    ]
-    workers = [
-        worker_cls.remote(store_args, cfg.size, cfg.normalization, cfg.batch_size, threads)
+    jobs = [sp.job() for sp in stores]
+    return [
+        worker_cls.remote(jobs, cfg.size, cfg.normalization, cfg.batch_size, threads)
         for _ in range(n_workers)
     ]
-    cut = ray.remote(num_cpus=1)(cut_shard_views)
-    by_name = {sp.spec.name: sp for sp in stores}
 
-    max_in_flight = 2 * n_workers + 1  # backpressure: decoded views waiting + shards being computed
-    bar = Progress(sum(j["stop"] - j["start"] for j in jobs), "views", "extract", enabled=cfg.progress)
-    queue = list(reversed(jobs))
-    cutting: dict = {}  # ref -> job
-    computing: dict = {}  # ref -> (job, worker index)
-    load = [0] * n_workers
-    first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
-    views_at_first = 0
-    failure: Exception | None = None
+
+def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule: Schedule) -> None:
+    """Compute every queued shard: cut its views (CPU task), run the teachers (actor), journal the result."""
+    import ray
+
+    if not schedule.queue:
+        return
+    rows = _shard_rows(out)
+    sizes = sorted({sp.spec.model_input_side(cfg.size) if sp.spec.fixed_input else cfg.size for sp in stores})
+    workers = _start_workers(cfg, stores, len(schedule.queue))
+    schedule.start(len(workers))
+    cut = ray.remote(num_cpus=1)(cut_shard_views)
+    bar = Progress(schedule.total_views, "views", "extract", enabled=cfg.progress)
     try:
-        while (queue and failure is None) or cutting or computing:
-            while queue and failure is None and len(cutting) + len(computing) < max_in_flight:
-                job = queue.pop()
-                cutting[cut.remote(str(out), rows[job["start"] : job["stop"]], sizes)] = job
-            ready, _ = ray.wait(list(cutting) + list(computing), num_returns=1, timeout=1.0)
+        while schedule.busy():
+            while schedule.can_submit():
+                job = schedule.queue.pop()
+                schedule.cutting[cut.remote(str(out), rows[job.start : job.stop], sizes)] = job
+            ready, _ = ray.wait(list(schedule.cutting) + list(schedule.computing), num_returns=1, timeout=1.0)
             for ref in ready:
-                if ref in cutting:
-                    job = cutting.pop(ref)
-                    if failure is not None:
-                        continue
-                    w = min(range(n_workers), key=load.__getitem__)
-                    load[w] += 1
-                    computing[workers[w].process.remote(job, ref)] = (job, w)
+                if ref in schedule.cutting:
+                    job = schedule.cutting.pop(ref)
+                    if schedule.failure is None:
+                        w = schedule.idlest_worker()
+                        schedule.computing[workers[w].process.remote(job, ref)] = (job, w)
                     continue
-                job, w = computing.pop(ref)
-                load[w] -= 1
+                job, w = schedule.computing.pop(ref)
+                schedule.load[w] -= 1
                 try:
-                    results = ray.get(ref)
+                    records = ray.get(ref)
                 except Exception as e:  # keep what is done; report after in-flight shards settle
-                    failure = failure or e
+                    schedule.failure = schedule.failure or e
                     continue
-                for name, rec in results.items():
-                    record = ShardRecord.from_json(rec)
-                    append_journal(by_name[name].path, record)
-                    by_name[name].done[record.shard] = record
-                counter["views"] += job["stop"] - job["start"]
-                bar.update(job["stop"] - job["start"])
-                if first_done is None:
-                    first_done, views_at_first = time.monotonic(), counter["views"]
-                elif counter["views"] > views_at_first:
-                    rate = (counter["views"] - views_at_first) / max(time.monotonic() - first_done, 1e-9)
-                    counter["steady_views_per_s"] = round(rate, 3)
+                _journal(stores, records)
+                schedule.landed(job)
+                bar.update(job.views)
     finally:
         bar.close()
         for w in workers:
             ray.kill(w)
-    if failure is not None:
-        msg = str(failure).strip().splitlines()
-        if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
-            raise SakError(
-                f"no space left on the device holding {out} while writing teacher shards; free space and "
-                f"re-run the same command (the {sum(len(sp.done) for sp in stores)} shard(s) already "
-                f"recorded are complete and kept)"
-            )
-        raise SakError(
-            f"extraction failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
-            f"shards are kept, re-run the same command to continue"
+    if schedule.failure is not None:
+        raise _failure_error(schedule.failure, out, sum(len(sp.done) for sp in stores))
+
+
+def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
+    """A shard counts as done once its record is in the store's journal (fsynced)."""
+    by_name = {sp.spec.name: sp for sp in stores}
+    for name, record in records.items():
+        append_journal(by_name[name].path, record)
+        by_name[name].done[record.shard] = record
+
+
+def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
+    msg = str(failure).strip().splitlines()
+    if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
+        return SakError(
+            f"no space left on the device holding {out} while writing teacher shards; free space and "
+            f"re-run the same command (the {done} shard(s) already recorded are complete and kept)"
         )
+    return SakError(
+        f"extraction failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
+        f"shards are kept, re-run the same command to continue"
+    )
 
 
-def _shard_rows(out: Path) -> list[dict]:
+def _shard_rows(out: Path) -> list[ViewRow]:
     """views.parquet joined with the image index: everything a CPU task needs to cut a view."""
-    views = pq.read_table(out / VIEWS_FILE).to_pylist()
-    index = {r["key"]: r for r in pq.read_table(out / IMAGE_INDEX_FILE).to_pylist()}
+    views = read_table(out / VIEWS_FILE).to_pylist()
+    index = {r["key"]: r for r in read_table(out / IMAGE_INDEX_FILE).to_pylist()}
+    rows = []
     for v in views:
-        img = index[v["key"]]
-        v["offset"], v["nbytes"] = img["offset"], img["nbytes"]
-    return views
+        img = index.get(v["key"])
+        if img is None:
+            raise SakError(f"{out}: views.parquet names image {v['key']!r} that images/index.parquet lacks")
+        box = (v["x0"], v["y0"], v["x1"], v["y1"])
+        rows.append(ViewRow(v["key"], img["image_shard"], img["offset"], img["nbytes"], box, bool(v["flip"])))
+    return rows
+
+
+def read_table(path: Path):
+    """A Parquet table of the cache; a damaged or missing one is a one-line SakError naming it."""
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise SakError(
+            f"{path} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
+        ) from e
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -474,7 +595,9 @@ class TeacherWorker:
     compression and file writes overlap the next shard's teacher compute.
     """
 
-    def __init__(self, stores: list[dict], plan_size: int, normalization: str, batch_size: int, threads: int):
+    def __init__(
+        self, stores: list[StoreJob], plan_size: int, normalization: str, batch_size: int, threads: int
+    ) -> None:
         from sak.pipeline.teachers import get_teacher
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -483,20 +606,18 @@ class TeacherWorker:
         self.batch_size = batch_size
         self.teachers, self.stores, self.sizes, self.shapes = {}, {}, {}, {}
         for s in stores:
-            spec = get_teacher(s["teacher"])
-            self.teachers[spec.name] = load_teacher(
-                spec, WeightsChoice(**s["weights"]), plan_size, normalization, self.device
-            )
-            self.stores[spec.name] = open_teacher_store(s["format"], s["path"], s["codec"], s["shard_size"])
-            self.shapes[spec.name] = (tuple(s["blocks"]), tuple(s["grid"]))  # kept blocks, stored (H, W)
+            spec = get_teacher(s.teacher)
+            self.teachers[spec.name] = load_teacher(spec, s.weights, plan_size, normalization, self.device)
+            self.stores[spec.name] = open_teacher_store(s.format, s.path, s.codec, s.shard_size)
+            self.shapes[spec.name] = (s.blocks, s.grid)  # kept blocks, stored (H, W)
             self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
         self.lock = threading.Lock()
 
-    def process(self, job: dict, views: dict[int, object]) -> dict[str, dict]:
+    def process(self, job: ShardJob, views: dict[int, object]) -> dict[str, ShardRecord]:
         t0 = time.monotonic()
         feats: dict[str, list[list[torch.Tensor]]] = {}
         with self.lock:
-            for name in job["teachers"]:
+            for name in job.teachers:
                 teacher = self.teachers[name]
                 blocks, grid = self.shapes[name]
                 batch_views = torch.from_numpy(views[self.sizes[name]].copy())  # (n, 3, s, s) uint8
@@ -510,10 +631,9 @@ class TeacherWorker:
         records = {}
         for name, levels in feats.items():
             store, (blocks, _) = self.stores[name], self.shapes[name]
-            files = store.write_shard(job["shard"], job["start"], dict(zip(blocks, levels)))
-            stats = shard_stats([lv.numpy() for lv in levels])
-            save_stats(store.path, job["shard"], stats)
+            files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
+            save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
             records[name] = ShardRecord(
-                job["shard"], job["start"], job["stop"], files, time.monotonic() - t0
-            ).to_json()
+                shard=job.shard, start=job.start, stop=job.stop, files=files, seconds=time.monotonic() - t0
+            )
         return records

@@ -10,17 +10,31 @@ everything reads the cache, so the source may move away.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sak.pipeline.errors import BadImage, SakError
+from sak.pipeline.format import (
+    IMAGE_INDEX_FILE,
+    VIEWS_FILE,
+    CacheManifest,
+    DatasetRecord,
+    FileDigest,
+    FileRef,
+    ImagesRecord,
+    ImageTar,
+    SkippedInput,
+    write_cache,
+)
 from sak.pipeline.images import check_image
-from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, now_iso, write_cache
+from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_bytes, sha256_file, stable_hash
 from sak.pipeline.runtime import Progress, log
 from sak.pipeline.sources import SourceItem, list_source, read_bytes
@@ -56,9 +70,32 @@ def image_tar_name(shard: int) -> str:
     return f"images/images-{shard:06d}.tar"
 
 
+@dataclass(frozen=True)
+class IndexRow:
+    """One row of images/index.parquet (IMAGE_INDEX_SCHEMA, same names and order)."""
+
+    key: str
+    ext: str
+    width: int
+    height: int
+    image_shard: int
+    offset: int  # of the image's bytes in its tar
+    nbytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class TarResult:
+    """What one ingest task returns: the index rows of the images it kept, those it skipped, its tar."""
+
+    rows: list[IndexRow]
+    skipped: list[SkippedInput]
+    tar: ImageTar | None  # None: no valid image in the chunk, no tar
+
+
 def write_image_tar(
     cache_dir: str, shard: int, items: list[SourceItem], min_side: int, max_pixels: int
-) -> dict:
+) -> TarResult:
     """Validate a chunk of source images and write the good ones to one tar. Returns index rows and
     skipped inputs. Runs as a Ray task; idempotent (the whole tar is rewritten)."""
     rows, skipped = [], []
@@ -69,40 +106,40 @@ def write_image_tar(
             try:
                 info = check_image(data, min_side=min_side, max_pixels=max_pixels)
             except BadImage as e:
-                skipped.append({"key": item.key, "origin": item.origin, "reason": str(e)})
+                skipped.append(SkippedInput(key=item.key, origin=item.origin, reason=str(e)))
                 continue
             member = tarfile.TarInfo(f"{item.key}.{item.ext}")
             member.size, member.mode, member.mtime = len(data), 0o644, 0
             tar.addfile(member, io.BytesIO(data))
             offset = tar.offset - 512 * ((len(data) + 511) // 512)  # data starts right after its header(s)
             rows.append(
-                {
-                    "key": item.key,
-                    "ext": item.ext,
-                    "width": info.width,
-                    "height": info.height,
-                    "image_shard": shard,
-                    "offset": offset,
-                    "nbytes": len(data),
-                    "sha256": sha256_bytes(data),
-                }
+                IndexRow(
+                    key=item.key,
+                    ext=item.ext,
+                    width=info.width,
+                    height=info.height,
+                    image_shard=shard,
+                    offset=offset,
+                    nbytes=len(data),
+                    sha256=sha256_bytes(data),
+                )
             )
         tar.close()
         f.flush()
         os.fsync(f.fileno())
     if rows:
         os.replace(tmp, final)
-        tar_record = {
-            "index": shard,
-            "file": image_tar_name(shard),
-            "count": len(rows),
-            "bytes": final.stat().st_size,
-            "sha256": sha256_file(final),
-        }
+        tar_record = ImageTar(
+            index=shard,
+            file=image_tar_name(shard),
+            count=len(rows),
+            bytes=final.stat().st_size,
+            sha256=sha256_file(final),
+        )
     else:  # nothing valid in this chunk: no tar at all
         tmp.unlink()
         tar_record = None
-    return {"rows": rows, "skipped": skipped, "tar": tar_record}
+    return TarResult(rows, skipped, tar_record)
 
 
 def ingest(
@@ -115,7 +152,7 @@ def ingest(
     min_side: int,
     max_pixels: int,
     progress: bool = True,
-) -> dict:
+) -> CacheManifest:
     """Build the dataset part of a new cache and return its `cache.json` content (also written)."""
     import ray
 
@@ -128,7 +165,7 @@ def ingest(
     task = ray.remote(num_cpus=1)(write_image_tar)
     max_in_flight = 2 * max(1, int(ray.available_resources().get("CPU", 1)))
     bar = Progress(len(items), "images", "ingest", enabled=progress)
-    results: dict[int, dict] = {}
+    results: dict[int, TarResult] = {}
     pending: dict = {}
     next_chunk = 0
     while next_chunk < len(chunks) or pending:
@@ -143,22 +180,22 @@ def ingest(
             bar.update(len(chunks[idx]))
     bar.close()
 
-    index_rows = [r for i in range(len(chunks)) for r in results[i]["rows"]]
-    skipped = [s for i in range(len(chunks)) for s in results[i]["skipped"]]
-    tars = [results[i]["tar"] for i in range(len(chunks)) if results[i]["tar"]]
+    index_rows = [r for i in range(len(chunks)) for r in results[i].rows]
+    skipped = [s for i in range(len(chunks)) for s in results[i].skipped]
+    tars = [results[i].tar for i in range(len(chunks)) if results[i].tar]
     if not index_rows:
         raise SakError(
-            f"no usable image in {source} ({len(skipped)} skipped, e.g. {skipped[0]['origin']}: "
-            f"{skipped[0]['reason']})"
+            f"no usable image in {source} ({len(skipped)} skipped, e.g. {skipped[0].origin}: "
+            f"{skipped[0].reason})"
             if skipped
             else f"no image in {source}"
         )
     for s in skipped:
-        log.warning(f"skipped {s['origin']}: {s['reason']}")
+        log.warning(f"skipped {s.origin}: {s.reason}")
 
     view_rows = {name: [] for name in VIEWS_SCHEMA.names}
     for r in index_rows:
-        for v in plan.views(r["key"], r["width"], r["height"]):
+        for v in plan.views(r.key, r.width, r.height):
             for name, value in (
                 ("key", v.key),
                 ("view", v.view),
@@ -167,37 +204,40 @@ def ingest(
                 ("x1", v.x1),
                 ("y1", v.y1),
                 ("flip", v.flip),
-                ("image_shard", r["image_shard"]),
+                ("image_shard", r.image_shard),
             ):
                 view_rows[name].append(value)
     pq.write_table(pa.table(view_rows, schema=VIEWS_SCHEMA), cache_dir / VIEWS_FILE)
-    pq.write_table(pa.Table.from_pylist(index_rows, schema=IMAGE_INDEX_SCHEMA), cache_dir / IMAGE_INDEX_FILE)
+    index_table = pa.Table.from_pylist([dataclasses.asdict(r) for r in index_rows], schema=IMAGE_INDEX_SCHEMA)
+    pq.write_table(index_table, cache_dir / IMAGE_INDEX_FILE)
 
     num_views = len(index_rows) * plan.views_per_image
-    dataset_fp = stable_hash([(r["key"], r["sha256"]) for r in index_rows], 16)
-    cache = {
-        "schema_version": SCHEMA_VERSION,
-        "kind": "sak-cache",
-        "created": now_iso(),
-        "code_version": code_version(),
-        "dataset": {
-            "source": str(source),
-            "fingerprint": dataset_fp,
-            "num_images": len(index_rows),
-            "num_inputs": len(items),
-            "skipped": skipped,
-        },
-        "view_plan": plan.to_dict(),
-        "shard_size": shard_size,
-        "num_views": num_views,
-        "num_shards": -(-num_views // shard_size),
-        "images": {"index": IMAGE_INDEX_FILE, "shards": tars},
-        "views": {"file": VIEWS_FILE, "sha256": sha256_file(cache_dir / VIEWS_FILE)},
-        "stores": {},
-    }
-    write_cache(cache_dir, cache)
+    dataset_fp = stable_hash([(r.key, r.sha256) for r in index_rows], 16)
+    tables = {rel: FileDigest(sha256=sha256_file(cache_dir / rel), bytes=(cache_dir / rel).stat().st_size)
+              for rel in (IMAGE_INDEX_FILE, VIEWS_FILE)}  # fmt: skip
+    cache = CacheManifest(
+        schema_version=SCHEMA_VERSION,
+        created=now_iso(),
+        code_version=code_version(),
+        dataset=DatasetRecord(
+            source=str(source),
+            fingerprint=dataset_fp,
+            num_images=len(index_rows),
+            num_inputs=len(items),
+            skipped=skipped,
+        ),
+        view_plan=plan,
+        shard_size=shard_size,
+        num_views=num_views,
+        num_shards=-(-num_views // shard_size),
+        images=ImagesRecord(index=IMAGE_INDEX_FILE, shards=tars),
+        views=FileRef(file=VIEWS_FILE, sha256=tables[VIEWS_FILE].sha256),
+        stores={},
+        files=tables,
+    )
+    cache = write_cache(cache_dir, cache)
     log.info(
         f"ingested {len(index_rows)} images ({len(skipped)} skipped) -> {num_views} views in "
-        f"{cache['num_shards']} shards"
+        f"{cache.num_shards} shards"
     )
     return cache

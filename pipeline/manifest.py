@@ -1,4 +1,5 @@
-"""Manifests: `cache.json` (the dataset part of a cache) and one `manifest.json` per teacher store.
+"""Manifests (typed in format.py): `cache.json` and one `manifest.json` per teacher store; the shard
+journal and the feature statistics.
 
 A shard counts as done only after its files are written, flushed and their sha256 recorded. Records go to
 an append-only journal (`shards.jsonl`, one fsynced JSON line per shard) while extraction runs, so a crash
@@ -11,143 +12,87 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from sak.pipeline.errors import SakError
-from sak.pipeline.provenance import SCHEMA_VERSION, read_json, stable_hash, write_json_atomic
+from sak.pipeline.format import (
+    CACHE_FILE,
+    IMAGE_INDEX_FILE,
+    JOURNAL,
+    STORE_MANIFEST,
+    VIEWS_FILE,
+    CacheManifest,
+    FileDigest,
+    LevelStats,
+    ShardEntry,
+    ShardRecord,
+    StoreIdentity,
+    from_json,
+    read_cache,
+    read_store_manifest,
+    store_file_kind,
+    to_json,
+    validate,
+    write_cache,
+    write_store_manifest,
+)
+from sak.pipeline.provenance import sha256_file, stable_hash
 
-CACHE_FILE = "cache.json"
-VIEWS_FILE = "views.parquet"
-IMAGE_INDEX_FILE = "images/index.parquet"
-STORE_MANIFEST = "manifest.json"
-JOURNAL = "shards.jsonl"
+__all__ = [  # the format's names, for the modules that read manifests through this one
+    "CACHE_FILE",
+    "IMAGE_INDEX_FILE",
+    "JOURNAL",
+    "STORE_MANIFEST",
+    "VIEWS_FILE",
+    "CacheManifest",
+    "ShardEntry",
+    "ShardRecord",
+    "read_cache",
+    "read_store_manifest",
+    "write_cache",
+    "write_store_manifest",
+]
 
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-# ------------------------------------------------------------------------------------------- validation
-
-_CACHE_FIELDS = {
-    "schema_version": int,
-    "kind": str,
-    "code_version": str,
-    "dataset": dict,
-    "view_plan": dict,
-    "shard_size": int,
-    "num_views": int,
-    "num_shards": int,
-    "images": dict,
-    "views": dict,
-    "stores": dict,
-}
-_STORE_FIELDS = {
-    "schema_version": int,
-    "kind": str,
-    "fingerprint": str,
-    "teacher": dict,
-    "weights": dict,
-    "format": str,
-    "codec": str,
-    "num_views": int,
-    "shard_size": int,
-    "levels": list,
-    "views_sha256": str,
-    "dataset_fingerprint": str,
-    "shards": list,
-    "complete": bool,
-}
-
-
-def _validate(data: Any, fields: dict[str, type], kind: str, path: Path) -> dict:
-    if not isinstance(data, dict):
-        raise SakError(f"{path}: expected a JSON object, found {type(data).__name__}; the file is damaged")
-    if data.get("kind") != kind:
-        raise SakError(
-            f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}; not a SAK cache file"
-        )
-    version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise SakError(
-            f"{path}: field 'schema_version' is {version!r}, this code reads version {SCHEMA_VERSION}; "
-            f"use a sak-cache release that matches the cache"
-        )
-    for name, typ in fields.items():
-        if name not in data:
-            raise SakError(f"{path}: required field {name!r} is missing; the file is damaged")
-        if not isinstance(data[name], typ) or (typ is int and isinstance(data[name], bool)):
-            raise SakError(
-                f"{path}: field {name!r} should be {typ.__name__}, found {type(data[name]).__name__}"
-            )
-    return data
-
-
-def read_cache(cache_dir: str | Path) -> dict:
-    path = Path(cache_dir) / CACHE_FILE
-    if not path.exists():
-        raise SakError(f"{cache_dir} is not a SAK cache (no {CACHE_FILE}); create one with `sak-cache run`")
-    return _validate(read_json(path), _CACHE_FIELDS, "sak-cache", path)
-
-
-def write_cache(cache_dir: str | Path, data: dict) -> None:
-    write_json_atomic(Path(cache_dir) / CACHE_FILE, data)
-
-
-def read_store_manifest(store_dir: str | Path) -> dict:
-    path = Path(store_dir) / STORE_MANIFEST
-    return _validate(read_json(path), _STORE_FIELDS, "sak-teacher-store", path)
-
-
-def write_store_manifest(store_dir: str | Path, data: dict) -> None:
-    write_json_atomic(Path(store_dir) / STORE_MANIFEST, data)
-
-
 # ------------------------------------------------------------------------------------------ fingerprint
 
 
-def store_fingerprint(identity: dict) -> str:
+def store_fingerprint(identity: StoreIdentity) -> str:
     """Fingerprint of a teacher store: hash of everything that determines its bytes (timm name and tag,
     weights id, input size, preprocessing, levels, token selection, grid, dtype/codec, schema version),
     plus the dataset and view plan it was computed on."""
-    return f"{identity['teacher']}-{stable_hash(identity, 12)}"
+    return f"{identity.teacher}-{stable_hash(to_json(identity), 12)}"
+
+
+# -------------------------------------------------------------------------------------------- digests
+
+
+def store_files_table(store_dir: Path, shard_digests: dict[str, str]) -> dict[str, FileDigest]:
+    """Digest of every file of a store the format names, but its manifest: shard files from their journal
+    records (hashed when written), the small ones (Zarr metadata, layout, journal, statistics) now."""
+    table = {}
+    for path in sorted(p for p in Path(store_dir).rglob("*") if p.is_file()):
+        rel = path.relative_to(store_dir).as_posix()
+        if rel == STORE_MANIFEST or store_file_kind(rel) is None:
+            continue  # not the format's (a leftover temp file): verify reports it
+        digest = shard_digests.get(rel) or sha256_file(path)
+        table[rel] = FileDigest(sha256=digest, bytes=path.stat().st_size)
+    return table
 
 
 # -------------------------------------------------------------------------------------------- journal
 
 
-@dataclass
-class ShardRecord:
-    shard: int
-    start: int
-    stop: int
-    files: dict[str, str]  # relative path -> sha256
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "shard": self.shard,
-            "start": self.start,
-            "stop": self.stop,
-            "files": self.files,
-            "seconds": round(self.seconds, 4),
-        }
-
-    @classmethod
-    def from_json(cls, d: dict) -> ShardRecord:
-        return cls(
-            int(d["shard"]), int(d["start"]), int(d["stop"]), dict(d["files"]), float(d.get("seconds", 0.0))
-        )
-
-
 def append_journal(store_dir: str | Path, record: ShardRecord) -> None:
     """One JSON line per completed shard; flushed and fsynced before the shard counts as done."""
     with open(Path(store_dir) / JOURNAL, "a") as f:
-        f.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+        f.write(json.dumps(to_json(record), sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -158,11 +103,17 @@ def read_journal(store_dir: str | Path) -> dict[int, ShardRecord]:
     done: dict[int, ShardRecord] = {}
     if not path.exists():
         return done
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as e:
+        raise SakError(f"{path} cannot be read ({e.strerror}); run `sak-cache verify`") from e
+    for line in lines:
         try:
-            rec = ShardRecord.from_json(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            data = json.loads(line)
+            validate(data, ShardRecord, path)
+        except (json.JSONDecodeError, SakError):
             continue  # a crash mid-append leaves at most one torn line; its shard is redone
+        rec = from_json(ShardRecord, data)
         done[rec.shard] = rec
     return done
 
@@ -192,21 +143,29 @@ def save_stats(store_dir: Path, shard: int, stats: np.ndarray) -> str:
     return rel
 
 
-def merge_stats(store_dir: Path, shards: list[int], widths: list[int]) -> list[dict]:
+def merge_stats(store_dir: Path, shards: list[int], blocks: list[int], widths: list[int]) -> list[LevelStats]:
     """Channel mean and std per level over all shards (from the per-shard sums)."""
     total = None
     for s in shards:
-        part = np.load(store_dir / f"stats/{s:06d}.npy", allow_pickle=False)
+        path = store_dir / f"stats/{s:06d}.npy"
+        try:
+            part = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SakError(f"{path} cannot be read ({e}); run `sak-cache verify`") from e
         total = part if total is None else total + part
     out = []
-    for i, c in enumerate(widths):
+    for i, (block, c) in enumerate(zip(blocks, widths)):
         if total is None:
-            out.append({"mean": [], "std": []})
+            out.append(LevelStats(block=block, mean=[], std=[]))
             continue
         n = np.maximum(total[i, 0, :c], 1)
         mean = total[i, 1, :c] / n
         var = np.maximum(total[i, 2, :c] / n - mean**2, 0)
         out.append(
-            {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in np.sqrt(var)]}
+            LevelStats(
+                block=block,
+                mean=[round(float(v), 6) for v in mean],
+                std=[round(float(v), 6) for v in np.sqrt(var)],
+            )
         )
     return out

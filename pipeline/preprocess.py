@@ -5,6 +5,7 @@ One decode of an image feeds all of its views and every teacher's input size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,20 +50,31 @@ def decode_image(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
-def cut_shard_views(cache_dir: str, rows: list[dict], sizes: list[int]) -> dict[int, np.ndarray]:
-    """Views of consecutive rows (dicts with key, x0..y1, flip, image_shard, offset, nbytes) at each
-    square size -> {size: (n, 3, size, size) uint8}. Consecutive rows of one image share one decode."""
+@dataclass(frozen=True)
+class ViewRow:
+    """One view as a CPU task cuts it: its image (tar, offset, size in images/) and its box and flip."""
+
+    key: str
+    image_shard: int
+    offset: int
+    nbytes: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in source pixels, half-open
+    flip: bool
+
+
+def cut_shard_views(cache_dir: str, rows: list[ViewRow], sizes: list[int]) -> dict[int, np.ndarray]:
+    """Views of consecutive rows at each square size -> {size: (n, 3, size, size) uint8}. Consecutive rows
+    of one image share one decode."""
     reader = ImageReader(cache_dir)
     out = {s: np.empty((len(rows), 3, s, s), np.uint8) for s in sizes}
     image, image_key = None, None
     try:
         for i, r in enumerate(rows):
-            if r["key"] != image_key:
-                image = decode_image(reader.read(r["image_shard"], r["offset"], r["nbytes"]))
-                image_key = r["key"]
-            box = (r["x0"], r["y0"], r["x1"], r["y1"])
+            if r.key != image_key:
+                image = decode_image(reader.read(r.image_shard, r.offset, r.nbytes))
+                image_key = r.key
             for s in sizes:
-                out[s][i] = cut_view(image, box, bool(r["flip"]), (s, s)).numpy()
+                out[s][i] = cut_view(image, r.box, r.flip, (s, s)).numpy()
     finally:
         reader.close()
     return out

@@ -81,4 +81,13 @@ def read_json(path: str | os.PathLike) -> Any:
     except FileNotFoundError as e:
         raise SakError(f"{path} does not exist") from e
     except json.JSONDecodeError as e:
-        raise SakError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged") from e
+        raise SakError(
+            f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is damaged: run `sak-cache verify`"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise SakError(
+            f"{path} is not valid JSON (a byte that is not UTF-8 at offset {e.start}); the file is damaged: "
+            f"run `sak-cache verify`"
+        ) from e
+    except OSError as e:
+        raise SakError(f"{path} cannot be read ({e.strerror})") from e

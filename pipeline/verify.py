@@ -1,110 +1,203 @@
 """`sak-cache verify / inspect / ls`: check a cache against its manifests, and describe caches.
 
-verify recomputes every checksum and count: image tars, views.parquet, every shard file of every teacher
-store, and that all stores describe the same views in the same order (same views.parquet digest, dataset
-fingerprint, view count and shard boundaries). Each problem names the exact file and shard.
+verify recomputes every digest the format records (format.py): cache.json's own content digest, image
+tars, images/index.parquet, views.parquet, every store manifest, and every file of every teacher store
+(shards, Zarr metadata, layout, journal, statistics); it checks the counts and that all stores describe
+the same views in the same order (views.parquet digest, dataset fingerprint, view count, shard
+boundaries), and reports any file in the cache the format does not name. Each problem names the file.
+A v1 cache written before the `files` tables existed verifies what it records; the files it names but
+does not digest are listed as notes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import CACHE_FILE, STORE_MANIFEST, read_cache, read_store_manifest
-from sak.pipeline.provenance import sha256_file
+from sak.pipeline.format import (
+    CACHE_FILE,
+    IMAGE_INDEX_FILE,
+    STORE_MANIFEST,
+    CacheManifest,
+    StoreEntry,
+    StoreManifest,
+    cache_content_digest,
+    cache_file_kind,
+    read_cache,
+    read_store_manifest,
+    store_file_kind,
+)
+from sak.pipeline.provenance import sha256_file, stable_hash
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)  # each fails verify
+    notes: list[str] = field(default_factory=list)  # facts worth knowing that do not
 
 
 def verify_cache(cache_dir: str | Path, progress=None) -> list[str]:
     """All problems found (empty list: the cache is intact)."""
+    return check_cache(cache_dir, progress).problems
+
+
+def check_cache(cache_dir: str | Path, progress=None) -> Report:
     root = Path(cache_dir)
     cache = read_cache(root)
-    problems: list[str] = []
+    report = Report()
+    digests = _Digests(root, report.problems)
+    if cache.content_sha256 is not None and cache_content_digest(cache) != cache.content_sha256:
+        report.problems.append(f"{CACHE_FILE} was modified after it was written (its content digest differs)")
+    for tar in cache.images.shards:
+        digests.check(tar.file, tar.sha256, f"image shard {tar.index}")
+    for rel, digest in (cache.files or {}).items():
+        digests.check(rel, digest.sha256, "cache file", size=digest.bytes)
+    if digests.check(cache.views.file, cache.views.sha256, "views table"):
+        n = _rows(root / cache.views.file, report.problems)
+        if n is not None and n != cache.num_views:
+            report.problems.append(f"views table: {n} rows, cache.json says {cache.num_views} views")
+    _check_index(root, cache, report)
+    n_images = sum(t.count for t in cache.images.shards)
+    if n_images != cache.dataset.num_images:
+        report.problems.append(
+            f"images: tars hold {n_images} images, cache.json says {cache.dataset.num_images}"
+        )
+    manifests = {}
+    for fp, entry in cache.stores.items():
+        manifests[fp] = _verify_store(root, cache, fp, entry, digests, report.problems, progress)
+    _check_names(root, cache, manifests, report)
+    return report
 
-    def check_file(rel: str, digest: str, what: str) -> bool:
-        path = root / rel
+
+class _Digests:
+    """sha256 checks of files relative to the cache; each file hashed once."""
+
+    def __init__(self, root: Path, problems: list[str]) -> None:
+        self.root, self.problems, self.seen = root, problems, {}
+
+    def check(self, rel: str, digest: str, what: str, size: int | None = None) -> bool:
+        if rel in self.seen:
+            return self.seen[rel]
+        path = self.root / rel
+        ok = False
         if not path.is_file():
-            problems.append(f"{what}: file {rel} is missing")
-            return False
-        if sha256_file(path) != digest:
-            problems.append(f"{what}: file {rel} does not match its recorded sha256 (corrupted or modified)")
-            return False
-        return True
+            self.problems.append(f"{what}: file {rel} is missing")
+        elif (size is not None and path.stat().st_size != size) or sha256_file(path) != digest:
+            self.problems.append(
+                f"{what}: file {rel} does not match its recorded sha256 (corrupted or modified)"
+            )
+        else:
+            ok = True
+        self.seen[rel] = ok
+        return ok
 
-    for tar in cache["images"]["shards"]:
-        check_file(tar["file"], tar["sha256"], f"image shard {tar['index']}")
-    if check_file(cache["views"]["file"], cache["views"]["sha256"], "views table"):
-        n = pq.read_metadata(root / cache["views"]["file"]).num_rows
-        if n != cache["num_views"]:
-            problems.append(f"views table: {n} rows, cache.json says {cache['num_views']} views")
-    n_images = sum(t["count"] for t in cache["images"]["shards"])
-    if n_images != cache["dataset"]["num_images"]:
-        problems.append(
-            f"images: tars hold {n_images} images, cache.json says {cache['dataset']['num_images']}"
+
+def _rows(path: Path, problems: list[str]) -> int | None:
+    try:
+        return pq.read_metadata(path).num_rows
+    except (OSError, ValueError) as e:
+        problems.append(f"file {path.name} cannot be read as Parquet ({type(e).__name__})")
+        return None
+
+
+def _check_index(root: Path, cache: CacheManifest, report: Report) -> None:
+    """images/index.parquet: readable, and its (key, sha256) rows hash to the dataset fingerprint (this
+    covers caches that do not record the index's own digest)."""
+    try:
+        table = pq.read_table(root / IMAGE_INDEX_FILE, columns=["key", "sha256"]).to_pydict()
+    except (OSError, ValueError) as e:
+        report.problems.append(f"image index: file {IMAGE_INDEX_FILE} cannot be read ({type(e).__name__})")
+        return
+    if stable_hash(list(zip(table["key"], table["sha256"])), 16) != cache.dataset.fingerprint:
+        report.problems.append(
+            f"image index: file {IMAGE_INDEX_FILE} does not match the dataset fingerprint in cache.json"
         )
 
-    for fp, entry in cache["stores"].items():
-        problems += _verify_store(root, cache, fp, entry, progress)
-    return problems
 
-
-def _verify_store(root: Path, cache: dict, fp: str, entry: dict, progress) -> list[str]:
-    import zarr
-
-    problems: list[str] = []
-    where = f"store {entry['teacher']} ({fp})"
-    store_dir = root / entry["path"]
-    manifest_path = store_dir / STORE_MANIFEST
-    if not manifest_path.is_file():
-        return [f"{where}: manifest {entry['path']}/{STORE_MANIFEST} is missing"]
-    if entry.get("manifest_sha256") and sha256_file(manifest_path) != entry["manifest_sha256"]:
+def _verify_store(
+    root: Path,
+    cache: CacheManifest,
+    fp: str,
+    entry: StoreEntry,
+    digests: _Digests,
+    problems: list[str],
+    progress,
+) -> StoreManifest | None:
+    where = f"store {entry.teacher} ({fp})"
+    store_dir = root / entry.path
+    if not (store_dir / STORE_MANIFEST).is_file():
+        problems.append(f"{where}: manifest {entry.path}/{STORE_MANIFEST} is missing")
+        return None
+    if entry.manifest_sha256 and sha256_file(store_dir / STORE_MANIFEST) != entry.manifest_sha256:
         problems.append(
-            f"{where}: {entry['path']}/{STORE_MANIFEST} was modified after the run that wrote it "
+            f"{where}: {entry.path}/{STORE_MANIFEST} was modified after the run that wrote it "
             f"(its sha256 differs from cache.json)"
         )
     try:
         m = read_store_manifest(store_dir)
     except SakError as e:
-        return [*problems, f"{where}: {e}"]
-    for field, expected in (
-        ("views_sha256", cache["views"]["sha256"]),
-        ("num_views", cache["num_views"]),
-        ("shard_size", cache["shard_size"]),
-        ("dataset_fingerprint", cache["dataset"]["fingerprint"]),
-        ("fingerprint", fp),
+        problems.append(f"{where}: {e}")
+        return None
+    for name, mine, expected in (
+        ("views_sha256", m.views_sha256, cache.views.sha256),
+        ("num_views", m.num_views, cache.num_views),
+        ("shard_size", m.shard_size, cache.shard_size),
+        ("dataset_fingerprint", m.dataset_fingerprint, cache.dataset.fingerprint),
+        ("fingerprint", m.fingerprint, fp),
     ):
-        if m[field] != expected:
+        if mine != expected:
             problems.append(
-                f"{where}: manifest field {field!r} is {m[field]!r}, the cache has {expected!r} "
+                f"{where}: manifest field {name!r} is {mine!r}, the cache has {expected!r} "
                 f"(the store does not describe this cache's views)"
             )
-    if m.get("format", "zarr") == "wds":
-        problems += _verify_wds_layout(store_dir, m, where)
-    for level in m["levels"] if m.get("format", "zarr") == "zarr" else []:
-        for key, shape_key in (("array", "shape"), ("scales", "scales_shape")):
-            if key not in level:
+    # every file the manifest digests (shard files are checked below, with their shard)
+    shard_files = {f"{entry.path}/{rel}" for s in m.shards for rel in s.files}
+    for rel, digest in (m.files or {}).items():
+        if f"{entry.path}/{rel}" not in shard_files:
+            digests.check(f"{entry.path}/{rel}", digest.sha256, where, size=digest.bytes)
+    problems += (
+        _verify_wds_layout(store_dir, m, where) if m.format == "wds" else _verify_arrays(store_dir, m, where)
+    )
+    problems += _verify_shards(cache, m, entry, digests, where, progress)
+    return m
+
+
+def _verify_arrays(store_dir: Path, m: StoreManifest, where: str) -> list[str]:
+    import zarr
+
+    problems = []
+    for level in m.levels:
+        for rel, shape in ((level.array, level.shape), (level.scales, level.scales_shape)):
+            if rel is None:
                 continue
             try:
-                arr = zarr.open_array(str(store_dir / level[key]), mode="r")
+                arr = zarr.open_array(str(store_dir / rel), mode="r")
             except Exception as e:  # noqa: BLE001 - any failure to open is a finding, not a crash
-                problems.append(f"{where}: array {level[key]} cannot be opened ({type(e).__name__})")
+                problems.append(f"{where}: array {rel} cannot be opened ({type(e).__name__})")
                 continue
-            if list(arr.shape) != level[shape_key]:
-                problems.append(
-                    f"{where}: array {level[key]} has shape {list(arr.shape)}, manifest says {level[shape_key]}"
-                )
+            if list(arr.shape) != shape:
+                problems.append(f"{where}: array {rel} has shape {list(arr.shape)}, manifest says {shape}")
+    return problems
+
+
+def _verify_shards(
+    cache: CacheManifest, m: StoreManifest, entry: StoreEntry, digests: _Digests, where: str, progress
+) -> list[str]:
+    problems = []
     seen: dict[int, int] = {}
-    for shard in m["shards"]:
-        s = shard["index"]
+    for shard in m.shards:
+        s = shard.index
         seen[s] = seen.get(s, 0) + 1
-        expected = (s * m["shard_size"], min((s + 1) * m["shard_size"], m["num_views"]))
-        if (shard["start"], shard["stop"]) != expected:
+        expected = (s * m.shard_size, min((s + 1) * m.shard_size, m.num_views))
+        if (shard.start, shard.stop) != expected:
             problems.append(
-                f"{where}: shard {s} covers rows {shard['start']}..{shard['stop']}, expected {expected}"
+                f"{where}: shard {s} covers rows {shard.start}..{shard.stop}, expected {expected}"
             )
-        for rel, digest in shard["files"].items():
-            path = store_dir / rel
+        for rel, digest in shard.files.items():
+            path = digests.root / entry.path / rel
             if not path.is_file():
                 problems.append(f"{where}: shard {s}: file {rel} is missing")
             elif sha256_file(path) != digest:
@@ -114,29 +207,72 @@ def _verify_store(root: Path, cache: dict, fp: str, entry: dict, progress) -> li
     dupes = sorted(s for s, c in seen.items() if c > 1)
     if dupes:
         problems.append(f"{where}: shard(s) {dupes} recorded more than once")
-    missing = sorted(set(range(cache["num_shards"])) - set(seen))
+    missing = sorted(set(range(cache.num_shards)) - set(seen))
     if missing:
         head = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         problems.append(
-            f"{where}: {len(missing)} of {cache['num_shards']} shard(s) not done ({head}); "
+            f"{where}: {len(missing)} of {cache.num_shards} shard(s) not done ({head}); "
             f"re-run `sak-cache run` to finish"
         )
     return problems
 
 
-def _verify_wds_layout(store_dir: Path, m: dict, where: str) -> list[str]:
+def _verify_wds_layout(store_dir: Path, m: StoreManifest, where: str) -> list[str]:
     """WebDataset store: every done shard's tar holds this cache's sample keys in order with every
     member (headers only; the sha256 check covers the bytes)."""
     from sak.pipeline.store.wds import WdsTeacherStore
 
-    store = WdsTeacherStore(store_dir, m["codec"], m["shard_size"])
-    blocks = [lv["block"] for lv in m["levels"]]
+    store = WdsTeacherStore(store_dir, m.codec, m.shard_size)
+    blocks = [lv.block for lv in m.levels]
     problems = []
-    for shard in m["shards"]:
-        problems += [
-            f"{where}: shard {shard['index']}: {p}" for p in store.check_shard(shard["index"], blocks)
-        ]
+    try:
+        for shard in m.shards:
+            problems += [f"{where}: shard {shard.index}: {p}" for p in store.check_shard(shard.index, blocks)]
+    except SakError as e:  # views.parquet unreadable: reported with the views table
+        problems.append(f"{where}: sample keys cannot be read ({e})")
     return problems
+
+
+def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Report) -> None:
+    """Every file of the cache is one the format names and one its manifests record (the lock excepted)."""
+    tars = {t.file for t in cache.images.shards}
+    stores = {entry.path: manifests.get(fp) for fp, entry in cache.stores.items()}
+    undigested: list[str] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        parts = rel.split("/")
+        if parts[0] == "teachers" and len(parts) > 2:
+            store_path, inner = "/".join(parts[:2]), "/".join(parts[2:])
+            if store_path not in stores:
+                report.problems.append(f"file {rel} belongs to no store listed in cache.json")
+                continue
+            m = stores[store_path]
+            if store_file_kind(inner) is None:
+                report.problems.append(
+                    f"file {rel} is not a file of the cache format (a leftover? remove it)"
+                )
+            elif m is not None and inner != STORE_MANIFEST and not _recorded(m, inner):
+                if m.files is None and store_file_kind(inner) not in ("zarr shard", "wds shard"):
+                    undigested.append(rel)
+                else:
+                    report.problems.append(f"file {rel} is not recorded in its store's manifest")
+            continue
+        kind = cache_file_kind(rel)
+        if kind is None:
+            report.problems.append(f"file {rel} is not a file of the cache format (a leftover? remove it)")
+        elif kind == "image tar" and rel not in tars:
+            report.problems.append(f"file {rel} is not an image tar recorded in cache.json")
+        elif kind == "image index" and cache.files is None:
+            undigested.append(rel)
+    if undigested:
+        report.notes.append(
+            f"{len(undigested)} file(s) named by the format carry no digest (written before sak-cache recorded "
+            f"them; checked for readability only): {', '.join(undigested[:6])}{' ...' if len(undigested) > 6 else ''}"
+        )
+
+
+def _recorded(m: StoreManifest, rel: str) -> bool:
+    return (m.files is not None and rel in m.files) or any(rel in s.files for s in m.shards)
 
 
 def _human(n: float) -> str:
@@ -155,42 +291,42 @@ def describe_cache(cache_dir: str | Path) -> str:
     """The `inspect` text: dataset, plan, images and one row per teacher store, random-init flagged."""
     root = Path(cache_dir)
     cache = read_cache(root)
-    ds, plan = cache["dataset"], cache["view_plan"]
-    img_bytes = sum(t["bytes"] for t in cache["images"]["shards"])
+    ds, plan = cache.dataset, cache.view_plan
+    img_bytes = sum(t.bytes for t in cache.images.shards)
     lines = [
-        f"cache    {root}  (schema {cache['schema_version']}, written by sak-cache {cache['code_version']})",
-        f"source   {ds['source']}: {ds['num_images']} images used, {len(ds['skipped'])} skipped",
-        f"views    {cache['num_views']} ({plan['views_per_image']} per image, {plan['size']}px, seed {plan['seed']}, "
-        f"{plan['algorithm']}), {cache['num_shards']} shard(s) of {cache['shard_size']}",
-        f"images   {len(cache['images']['shards'])} tar(s), {_human(img_bytes)}",
+        f"cache    {root}  (schema {cache.schema_version}, written by sak-cache {cache.code_version})",
+        f"source   {ds.source}: {ds.num_images} images used, {len(ds.skipped)} skipped",
+        f"views    {cache.num_views} ({plan.views_per_image} per image, {plan.size}px, seed {plan.seed}, "
+        f"{plan.algorithm}), {cache.num_shards} shard(s) of {cache.shard_size}",
+        f"images   {len(cache.images.shards)} tar(s), {_human(img_bytes)}",
     ]
-    for s in ds["skipped"][:20]:
-        lines.append(f"  skipped {s['origin']}: {s['reason']}")
+    for s in ds.skipped[:20]:
+        lines.append(f"  skipped {s.origin}: {s.reason}")
     header = f"{'teacher':<12} {'fingerprint':<26} {'levels':<14} {'shape (H,W,C)':<15} {'codec':<5} {'done':>9} {'bytes':>10} {'per view':>10}"
     lines += ["", header, "-" * len(header)]
     warnings = []
-    for fp, entry in cache["stores"].items():
-        store_dir = root / entry["path"]
+    for fp, entry in cache.stores.items():
+        store_dir = root / entry.path
         try:
             m = read_store_manifest(store_dir)
         except SakError as e:
-            lines.append(f"{entry['teacher']:<12} {fp:<26} unreadable manifest: {e}")
+            lines.append(f"{entry.teacher:<12} {fp:<26} unreadable manifest: {e}")
             continue
         nbytes = _dir_bytes(store_dir)
-        blocks = ",".join(str(lv["block"]) for lv in m["levels"])
-        shape = "x".join(str(v) for v in m["levels"][0]["shape"][1:]) if m["levels"] else "-"
-        done = f"{len(m['shards'])}/{cache['num_shards']}"
-        codec = f"{m['codec']}/{m.get('format', 'zarr')}"  # e.g. fp16/zarr, int8/wds
+        blocks = ",".join(str(lv.block) for lv in m.levels)
+        shape = "x".join(str(v) for v in m.levels[0].shape[1:]) if m.levels else "-"
+        done = f"{len(m.shards)}/{cache.num_shards}"
+        codec = f"{m.codec}/{m.format}"  # e.g. fp16/zarr, int8/wds
         lines.append(
-            f"{entry['teacher']:<12} {fp:<26} {blocks:<14} {shape:<15} {codec:<5} {done:>9} "
-            f"{_human(nbytes):>10} {_human(nbytes / max(1, cache['num_views'])):>10}"
+            f"{entry.teacher:<12} {fp:<26} {blocks:<14} {shape:<15} {codec:<5} {done:>9} "
+            f"{_human(nbytes):>10} {_human(nbytes / max(1, cache.num_views)):>10}"
         )
-        if m["weights"].get("random_init"):
+        if m.weights.random_init:
             warnings.append(
-                f"WARNING: {entry['teacher']} ({fp}) holds features of a RANDOM-INIT model "
-                f"({m['weights']['id']}): not a real teacher, for tests only"
+                f"WARNING: {entry.teacher} ({fp}) holds features of a RANDOM-INIT model "
+                f"({m.weights.id}): not a real teacher, for tests only"
             )
-    if not cache["stores"]:
+    if not cache.stores:
         lines.append("(no teacher store yet)")
     return "\n".join(lines + ([""] + warnings if warnings else []))
 
@@ -209,12 +345,12 @@ def list_caches(root: str | Path) -> list[str]:
             lines.append(f"{cache_dir}  unreadable: {e}")
             continue
         teachers = []
-        for entry in cache["stores"].values():
-            flag = "" if entry.get("complete") else "(incomplete)"
-            flag += "(random-init)" if entry.get("random_init") else ""
-            teachers.append(entry["teacher"] + flag)
+        for entry in cache.stores.values():
+            flag = "" if entry.complete else "(incomplete)"
+            flag += "(random-init)" if entry.random_init else ""
+            teachers.append(entry.teacher + flag)
         lines.append(
-            f"{cache_dir}  {cache['dataset']['num_images']} images, {cache['num_views']} views, "
+            f"{cache_dir}  {cache.dataset.num_images} images, {cache.num_views} views, "
             f"{_human(_dir_bytes(cache_dir))}, teachers: {', '.join(teachers) or '-'}"
         )
     return lines

@@ -321,6 +321,7 @@ def test_a_webdataset_store_reads_like_the_zarr_one(cache, tmp_path):
         files[shard] = writer.write_shard(shard, start, levels)
     manifest = json.loads((info.path / "manifest.json").read_text())
     shards = [{**r, "files": files[r["index"]]} for r in manifest["shards"]]
+    manifest.pop("files")  # the Zarr store's files table does not describe the hand-made WebDataset store
     (target / "manifest.json").write_text(json.dumps({**manifest, "format": "wds", "shards": shards}))
     meta["stores"][fp] = {**meta["stores"][fp], "path": f"teachers/{fp}-wds", "format": "wds"}
     (dst / "cache.json").write_text(json.dumps(meta))

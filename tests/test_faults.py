@@ -134,7 +134,7 @@ def test_kill_driver_then_rerun_finishes_without_recomputing(many_photos, tmp_pa
     assert min(done_before.values()) >= 1
     assert verify_cache(out) == []  # every shard present once, checksums match, stores agree
     cache = read_cache(out)
-    assert all(e["complete"] for e in cache["stores"].values())
+    assert all(e.complete for e in cache.stores.values())
 
 
 @pytest.mark.slow  # ~40 s
@@ -299,7 +299,7 @@ def test_decompression_bomb_is_skipped_and_recorded(ray_local, photo_dir, tmp_pa
     run_extraction(
         ExtractConfig(source=str(src), out=str(out), teachers=("clip_tiny",), size=SIZE, progress=False)
     )
-    skipped = {s["key"]: s["reason"] for s in read_cache(out)["dataset"]["skipped"]}
+    skipped = {s.key: s.reason for s in read_cache(out).dataset.skipped}
     assert "too many pixels: 50000x50000" in skipped["bomb"]
     assert verify_cache(out) == []
 

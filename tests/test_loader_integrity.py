@@ -34,9 +34,9 @@ def cache(tiny_caches, tmp_path) -> Path:
 
 def _shard_file(cache: Path, shard: int) -> tuple[Path, str]:
     """(path, store fingerprint) of one file of a teacher shard."""
-    fp, entry = next(iter(read_cache(cache)["stores"].items()))
-    record = next(r for r in read_store_manifest(cache / entry["path"])["shards"] if r["index"] == shard)
-    return cache / entry["path"] / sorted(record["files"])[0], fp
+    fp, entry = next(iter(read_cache(cache).stores.items()))
+    record = next(r for r in read_store_manifest(cache / entry.path).shards if r.index == shard)
+    return cache / entry.path / sorted(record.files)[0], fp
 
 
 def _flip_byte(path: Path) -> None:

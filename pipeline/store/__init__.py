@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sak.pipeline.errors import SakError
+from sak.pipeline.format import LevelRecord
 
 STORE_FORMATS = ("zarr", "wds")
 
@@ -29,7 +30,15 @@ def create_teacher_store(fmt: str, path: Path, num_views: int, shard_size: int, 
         return create_wds_store(path, num_views, shard_size, grids, codec)
     from sak.pipeline.store.zarr import create_store
 
-    return create_store(path, num_views, shard_size, grids, codec)
+    try:
+        return create_store(path, num_views, shard_size, grids, codec)
+    except SakError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
+        raise SakError(
+            f"{path}: the store's Zarr metadata cannot be read ({type(e).__name__}); run `sak-cache verify`, "
+            f"or delete the store folder to compute it again"
+        ) from e
 
 
 def open_teacher_store(fmt: str, path: str | Path, codec: str, shard_size: int):
@@ -43,27 +52,26 @@ def open_teacher_store(fmt: str, path: str | Path, codec: str, shard_size: int):
     return ZarrTeacherStore(path, codec, shard_size)
 
 
-def level_records(fmt: str, codec, num_views: int, grids: dict[int, tuple[int, int, int]]) -> list[dict]:
+def level_records(
+    fmt: str, codec, num_views: int, grids: dict[int, tuple[int, int, int]]
+) -> list[LevelRecord]:
     """One manifest entry per level: where its values (and scales) are, shapes, dtypes, codec."""
+    zarr = check_format(fmt) == "zarr"
     out = []
     for b, (h, w, c) in sorted(grids.items()):
-        rec = {"block": int(b)}
-        rec["array" if check_format(fmt) == "zarr" else "member"] = (
-            f"levels/{b}" if fmt == "zarr" else f"<samplekey>.{b}.npy"
-        )
-        rec.update(
-            {
-                "shape": [num_views, h, w, c],
-                "dtype": codec.true_dtype,
-                "store_dtype": codec.store_dtype,
-                "codec": codec.name,
-            }
-        )
-        if codec.scaled:
-            rec["scales" if fmt == "zarr" else "scales_member"] = (
-                f"scales/{b}" if fmt == "zarr" else f"<samplekey>.{b}.scales.npy"
+        out.append(
+            LevelRecord(
+                block=int(b),
+                array=f"levels/{b}" if zarr else None,
+                member=None if zarr else f"<samplekey>.{b}.npy",
+                shape=[num_views, h, w, c],
+                dtype=codec.true_dtype,
+                store_dtype=codec.store_dtype,
+                codec=codec.name,
+                scales=f"scales/{b}" if zarr and codec.scaled else None,
+                scales_member=f"<samplekey>.{b}.scales.npy" if codec.scaled and not zarr else None,
+                scales_shape=[num_views, *codec.scale_shape(h, w, c)] if codec.scaled else None,
+                scales_dtype="float16" if codec.scaled else None,
             )
-            rec["scales_shape"] = [num_views, *codec.scale_shape(h, w, c)]
-            rec["scales_dtype"] = "float16"
-        out.append(rec)
+        )
     return out

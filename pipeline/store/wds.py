@@ -145,7 +145,12 @@ class WdsTeacherStore:
             views = self.path.parent.parent / "views.parquet"
             if not views.exists():
                 raise SakError(f"{views} not found: pass sample_keys, or keep the store inside its cache")
-            table = pq.read_table(views, columns=["key", "view"]).to_pydict()
+            try:
+                table = pq.read_table(views, columns=["key", "view"]).to_pydict()
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                raise SakError(
+                    f"{views} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
+                ) from e
             self._keys = [sample_key(k, v) for k, v in zip(table["key"], table["view"])]
         return self._keys
 

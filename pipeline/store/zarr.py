@@ -114,7 +114,13 @@ class ZarrTeacherStore:
     def array(self, block: int, kind: str = "levels") -> zarr.Array:
         """The values (`kind="levels"`) or scales (`kind="scales"`) array of one level."""
         if (kind, block) not in self._arrays:
-            self._arrays[kind, block] = zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+            try:
+                self._arrays[kind, block] = zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+            except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
+                raise SakError(
+                    f"{self.path / kind / str(block)}: the Zarr array cannot be opened ({type(e).__name__}); "
+                    f"its metadata is damaged or missing: run `sak-cache verify`"
+                ) from e
         return self._arrays[kind, block]
 
     def shard_file(self, block: int, shard: int, kind: str = "levels") -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sak.pipeline.format import CacheManifest, StoreManifest
 from sak.pipeline.views import ViewPlan
 
 
@@ -27,12 +28,12 @@ class StoreInfo:
     blocks: tuple[int, ...]  # tapped block of each stored level, in the store's level order
     positions: tuple[int, ...]  # which of the teacher's (and student's) 4 taps each stored level is
     grids: tuple[tuple[int, int], ...]  # (H, W) of each level (the teacher's grid, or a resampled one)
-    manifest: dict = field(compare=False, repr=False)
+    manifest: StoreManifest = field(compare=False, repr=False)
 
     @property
     def side(self) -> int:
         """Side of the view this teacher saw (the plan size, or SAM's fixed input)."""
-        return int(self.manifest["identity"]["input_size"][0])
+        return self.manifest.identity.input_size[0]
 
 
 @dataclass
@@ -40,7 +41,7 @@ class CacheIndex:
     """A validated cache: per-image and per-row columns as numpy arrays (cheap to fork into workers)."""
 
     root: Path
-    cache: dict
+    cache: CacheManifest
     plan: ViewPlan
     stores: list[StoreInfo]
     shard_size: int  # rows per shard (a multiple of K)

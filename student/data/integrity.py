@@ -26,9 +26,9 @@ class ShardIntegrity:
 
     def __init__(self, index: CacheIndex, with_targets: bool = True) -> None:
         self.index, self.with_targets = index, with_targets
-        self._tars = {int(t["index"]): t for t in index.cache["images"]["shards"]}
+        self._tars = {t.index: t for t in index.cache.images.shards}
         self._shard_files = {  # fingerprint -> {shard: {relpath: sha256}}
-            s.fingerprint: {int(r["index"]): r["files"] for r in s.manifest["shards"]} for s in index.stores
+            s.fingerprint: {r.index: r.files for r in s.manifest.shards} for s in index.stores
         }
         self._verdicts: dict[Path, str | None] = {}  # file -> problem (None: intact)
         self._shards: dict[int, list[str]] = {}  # shard -> problems
@@ -57,9 +57,9 @@ class ShardIntegrity:
         rows = self.shard_rows(shard)
         images = range(rows.start // idx.views_per_image, rows.stop // idx.views_per_image)
         for tar in sorted({int(t) for t in idx.image_shard[images.start : images.stop]}):
-            entry = self._tars.get(tar, {})
-            rel = entry.get("file", f"image tar {tar}")
-            problem = self._file(idx.root / rel, entry.get("sha256"))
+            entry = self._tars.get(tar)
+            rel = entry.file if entry else f"image tar {tar}"
+            problem = self._file(idx.root / rel, entry.sha256 if entry else None)
             if problem:
                 found.append(f"image tar {rel} (images/ shard {tar}) {problem}")
         for store in idx.stores if self.with_targets else []:

@@ -38,7 +38,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, read_cache, read_store_manifest
+from sak.pipeline.format import (
+    IMAGE_INDEX_FILE,
+    VIEWS_FILE,
+    CacheManifest,
+    StoreManifest,
+    read_cache,
+    read_store_manifest,
+    to_json,
+)
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
 from sak.pipeline.store.zarr import read_sorted_rows
@@ -56,15 +64,17 @@ READABLE_FORMATS = ("zarr", "wds")
 # ------------------------------------------------------------------------------------------ the cache
 
 
-def select_stores(cache: dict, teachers: tuple[str, ...] | list[str] | None, where: str) -> list[str]:
+def select_stores(
+    cache: CacheManifest, teachers: tuple[str, ...] | list[str] | None, where: str
+) -> list[str]:
     """Fingerprints of the stores to train on: each entry a teacher name or a store fingerprint; none
     given = every store. Two stores of one teacher must be told apart by fingerprint."""
-    stores = cache["stores"]
+    stores = cache.stores
     if not stores:
         raise SakError(f"{where} holds no teacher store yet; add one with `sak-cache run --out {where}`")
     by_teacher: dict[str, list[str]] = {}
     for fp, entry in stores.items():
-        by_teacher.setdefault(entry["teacher"], []).append(fp)
+        by_teacher.setdefault(entry.teacher, []).append(fp)
     wanted = list(teachers) if teachers else list(by_teacher)
     chosen: list[str] = []
     for name in wanted:
@@ -73,7 +83,7 @@ def select_stores(cache: dict, teachers: tuple[str, ...] | list[str] | None, whe
             continue
         fps = by_teacher.get(name)
         if not fps:
-            known = ", ".join(f"{e['teacher']} ({fp})" for fp, e in stores.items())
+            known = ", ".join(f"{e.teacher} ({fp})" for fp, e in stores.items())
             raise SakError(f"{where} has no store of teacher {name!r}; its stores: {known}")
         if len(fps) > 1:
             raise SakError(
@@ -81,7 +91,7 @@ def select_stores(cache: dict, teachers: tuple[str, ...] | list[str] | None, whe
                 f"fingerprint in --teachers"
             )
         chosen.append(fps[0])
-    names = [stores[fp]["teacher"] for fp in chosen]
+    names = [stores[fp].teacher for fp in chosen]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise SakError(
@@ -91,31 +101,35 @@ def select_stores(cache: dict, teachers: tuple[str, ...] | list[str] | None, whe
 
 
 _AGREEMENT = (  # (manifest field, cache.json value, what it means)
-    ("views_sha256", lambda c: c["views"]["sha256"], "views.parquet digest (which views, in which order)"),
-    ("dataset_fingerprint", lambda c: c["dataset"]["fingerprint"], "dataset fingerprint"),
-    ("view_plan", lambda c: c["view_plan"], "view plan"),
-    ("num_views", lambda c: c["num_views"], "number of views"),
-    ("shard_size", lambda c: c["shard_size"], "shard size"),
+    ("views_sha256", lambda c: c.views.sha256, "views.parquet digest (which views, in which order)"),
+    ("dataset_fingerprint", lambda c: c.dataset.fingerprint, "dataset fingerprint"),
+    ("view_plan", lambda c: c.view_plan, "view plan"),
+    ("num_views", lambda c: c.num_views, "number of views"),
+    ("shard_size", lambda c: c.shard_size, "shard size"),
 )
 
 
-def check_stores_agree(cache: dict, manifests: dict[str, dict], where: str) -> None:
+def check_stores_agree(cache: CacheManifest, manifests: dict[str, StoreManifest], where: str) -> None:
     """Every selected store must describe the cache's views in the cache's order and shard boundaries."""
     items = list(manifests.items())
     for key, from_cache, meaning in _AGREEMENT:
         for (fp_a, a), (fp_b, b) in zip(items, items[1:]):
-            if a.get(key) != b.get(key):
+            if getattr(a, key) != getattr(b, key):
                 raise SakError(
-                    f"teacher stores disagree on the {meaning} ({key}): {a['teacher']['name']} ({fp_a}) has "
-                    f"{a.get(key)!r}, {b['teacher']['name']} ({fp_b}) has {b.get(key)!r}; stores trained "
-                    f"together must come from one cache's views"
+                    f"teacher stores disagree on the {meaning} ({key}): {a.teacher.name} ({fp_a}) has "
+                    f"{_shown(getattr(a, key))!r}, {b.teacher.name} ({fp_b}) has {_shown(getattr(b, key))!r}; "
+                    f"stores trained together must come from one cache's views"
                 )
         for fp, m in items:
-            if m.get(key) != from_cache(cache):
+            if getattr(m, key) != from_cache(cache):
                 raise SakError(
-                    f"store {m['teacher']['name']} ({fp}) was computed with {meaning} {m.get(key)!r}, but "
-                    f"{where}/cache.json has {from_cache(cache)!r}; the store belongs to another cache"
+                    f"store {m.teacher.name} ({fp}) was computed with {meaning} {_shown(getattr(m, key))!r}, "
+                    f"but {where}/cache.json has {_shown(from_cache(cache))!r}; the store belongs to another cache"
                 )
+
+
+def _shown(value):
+    return to_json(value)
 
 
 def open_cache(
@@ -126,28 +140,29 @@ def open_cache(
     root = Path(cache_dir).expanduser().resolve()
     cache = read_cache(root)
     fps = select_stores(cache, teachers, str(cache_dir))
-    manifests = {fp: read_store_manifest(root / cache["stores"][fp]["path"]) for fp in fps}
+    manifests = {fp: read_store_manifest(root / cache.stores[fp].path) for fp in fps}
     if require_complete:
         for fp, m in manifests.items():
-            if not m["complete"]:
+            if not m.complete:
                 raise SakError(
-                    f"store {m['teacher']['name']} ({fp}) is incomplete ({len(m['shards'])} of "
-                    f"{cache['num_shards']} shards); finish it with `sak-cache run --out {cache_dir} "
-                    f"--teachers {m['teacher']['name']}`, or leave it out of --teachers"
+                    f"store {m.teacher.name} ({fp}) is incomplete ({len(m.shards)} of "
+                    f"{cache.num_shards} shards); finish it with `sak-cache run --out {cache_dir} "
+                    f"--teachers {m.teacher.name}`, or leave it out of --teachers"
                 )
     check_stores_agree(cache, manifests, str(cache_dir))
     views_path = root / VIEWS_FILE
-    if sha256_file(views_path) != cache["views"]["sha256"]:
+    if not views_path.is_file() or sha256_file(views_path) != cache.views.sha256:
         raise SakError(
             f"{views_path} does not match the digest in cache.json; the file changed (run `sak-cache verify`)"
         )
-    plan = ViewPlan.from_dict(cache["view_plan"])
-    k, num_views, shard_size = plan.views_per_image, cache["num_views"], cache["shard_size"]
+    _check_recorded_digests(root, cache, manifests)
+    plan = cache.view_plan
+    k, num_views, shard_size = plan.views_per_image, cache.num_views, cache.shard_size
     if shard_size % k:
         raise SakError(f"{cache_dir}: shard size {shard_size} is not a multiple of {k} views per image")
 
-    views = pq.read_table(views_path)
-    index = pq.read_table(root / IMAGE_INDEX_FILE)
+    views = _read_table(views_path)
+    index = _read_table(root / IMAGE_INDEX_FILE)
     if views.num_rows != num_views or index.num_rows * k != num_views:
         raise SakError(
             f"{cache_dir}: {views.num_rows} views and {index.num_rows} images do not make {num_views} views "
@@ -164,30 +179,27 @@ def open_cache(
 
     stores = []
     for fp, m in manifests.items():
-        levels = m["levels"]
-        taps = list(get_teacher(m["teacher"]["name"]).levels)
-        for lv in levels:
-            if int(lv["shape"][0]) != num_views:
-                raise SakError(f"store {fp}: level {lv['block']} has {lv['shape'][0]} rows, not {num_views}")
-            if int(lv["block"]) not in taps:
-                raise SakError(
-                    f"store {fp}: block {lv['block']} is not one of {m['teacher']['name']}'s taps {taps}"
-                )
-        if m["format"] not in READABLE_FORMATS:
+        taps = list(get_teacher(m.teacher.name).levels)
+        for lv in m.levels:
+            if lv.shape[0] != num_views:
+                raise SakError(f"store {fp}: level {lv.block} has {lv.shape[0]} rows, not {num_views}")
+            if lv.block not in taps:
+                raise SakError(f"store {fp}: block {lv.block} is not one of {m.teacher.name}'s taps {taps}")
+        if m.format not in READABLE_FORMATS:
             raise SakError(
-                f"store {fp} has format {m['format']!r}; the loader reads {', '.join(READABLE_FORMATS)}"
+                f"store {fp} has format {m.format!r}; the loader reads {', '.join(READABLE_FORMATS)}"
             )
         stores.append(
             StoreInfo(
                 fingerprint=fp,
-                teacher=m["teacher"]["name"],
-                dim=int(m["teacher"]["dim"]),
-                path=root / cache["stores"][fp]["path"],
-                codec=m["codec"],
-                format=m["format"],
-                blocks=tuple(int(lv["block"]) for lv in levels),
-                positions=tuple(taps.index(int(lv["block"])) for lv in levels),
-                grids=tuple((int(lv["shape"][1]), int(lv["shape"][2])) for lv in levels),
+                teacher=m.teacher.name,
+                dim=m.teacher.dim,
+                path=root / cache.stores[fp].path,
+                codec=m.codec,
+                format=m.format,
+                blocks=tuple(lv.block for lv in m.levels),
+                positions=tuple(taps.index(lv.block) for lv in m.levels),
+                grids=tuple((lv.shape[1], lv.shape[2]) for lv in m.levels),
                 manifest=m,
             )
         )
@@ -199,13 +211,40 @@ def open_cache(
         stores=stores,
         shard_size=shard_size,
         num_views=num_views,
-        num_shards=cache["num_shards"],
+        num_shards=cache.num_shards,
         image_shard=index.column("image_shard").to_numpy().astype(np.int64),
         image_offset=index.column("offset").to_numpy().astype(np.int64),
         image_nbytes=index.column("nbytes").to_numpy().astype(np.int64),
         boxes=boxes,
         flips=views.column("flip").to_numpy(zero_copy_only=False).astype(bool),
     )
+
+
+def _read_table(path: Path):
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise SakError(
+            f"{path} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
+        ) from e
+
+
+def _check_recorded_digests(root: Path, cache: CacheManifest, manifests: dict[str, StoreManifest]) -> None:
+    """The small files the loader reads besides shards (the image index, each store's Zarr metadata or
+    WebDataset layout) against the digests the format records for them (caches that record them)."""
+    files = [(root / rel, d) for rel, d in (cache.files or {}).items()]
+    for fp, m in manifests.items():
+        store = root / cache.stores[fp].path
+        files += [
+            (store / rel, d)
+            for rel, d in (m.files or {}).items()
+            if rel.endswith(("zarr.json", "layout.json"))
+        ]
+    for path, digest in files:
+        if not path.is_file() or path.stat().st_size != digest.bytes or sha256_file(path) != digest.sha256:
+            raise SakError(
+                f"{path} does not match its recorded sha256 (damaged or modified); run `sak-cache verify`"
+            )
 
 
 def input_normalization(mode: str, student: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -94,7 +94,7 @@ def repsim_of_checkpoint(
     if not teachers:  # the run's own stores when this cache has them, else the student's teacher names
         recorded = read_json(Path(checkpoint) / RUN_CONFIG)["cache"]["stores"] if run_cfg is not None else []
         fps = tuple(s["fingerprint"] for s in recorded)
-        teachers = fps if fps and set(fps) <= set(read_cache(cache)["stores"]) else tuple(model.teacher_names)
+        teachers = fps if fps and set(fps) <= set(read_cache(cache).stores) else tuple(model.teacher_names)
     index = open_cache(cache, teachers, require_complete=not online)
     dims = {s.teacher: s.dim for s in index.stores}
     for t in model.config.teachers:

@@ -28,22 +28,23 @@ def store_teacher_weights(store: StoreInfo):
     from sak.pipeline.teachers import WeightsChoice, get_teacher
 
     spec = get_teacher(store.teacher)
-    w, config = store.manifest["weights"], store.manifest.get("config", {})
-    if w["source"] == "random":
-        choice = WeightsChoice("random", seed=int(config.get("seed", 0)))
-    elif w["source"] == "file":
-        if not w.get("path") or not Path(w["path"]).is_file():
+    w, config = store.manifest.weights, store.manifest.config
+    if w.source == "random":
+        choice = WeightsChoice("random", seed=config.seed)
+    elif w.source == "file":
+        if not w.path or not Path(w.path).is_file():
             raise SakError(
-                f"--online needs the weights file of {store.teacher} ({store.fingerprint}), {w.get('path')}, "
+                f"--online needs the weights file of {store.teacher} ({store.fingerprint}), {w.path}, "
                 f"which is gone"
             )
-        choice = WeightsChoice("file", w["path"])
+        choice = WeightsChoice("file", w.path)
     else:
         choice = WeightsChoice("pretrained")
-    if choice.describe(spec)["id"] != w["id"]:
+    rebuilt = choice.describe(spec)["id"]
+    if rebuilt != w.id:
         raise SakError(
             f"cannot rebuild teacher {store.teacher} of store {store.fingerprint}: its weights were "
-            f"{w['id']!r}, the rebuilt teacher would have {choice.describe(spec)['id']!r}"
+            f"{w.id!r}, the rebuilt teacher would have {rebuilt!r}"
         )
     return spec, choice
 
@@ -58,11 +59,9 @@ class OnlineTeachers:
         self.teachers, self.stores = {}, {s.teacher: s for s in stores}
         for store in stores:
             spec, choice = store_teacher_weights(store)
-            identity = store.manifest["identity"]
-            norm = store.manifest.get("config", {}).get("normalization", "teacher")
-            teacher = load_teacher(spec, choice, plan_size, norm, str(device))
-            pre = identity["preprocessing"]
-            if not np.allclose(teacher.mean, pre["mean"]) or not np.allclose(teacher.std, pre["std"]):
+            pre = store.manifest.identity.preprocessing
+            teacher = load_teacher(spec, choice, plan_size, pre.normalization, str(device))
+            if not np.allclose(teacher.mean, pre.mean) or not np.allclose(teacher.std, pre.std):
                 raise SakError(f"teacher {store.teacher}: normalisation differs from its store's manifest")
             if spec.model_input_side(plan_size) != store.side:
                 raise SakError(f"teacher {store.teacher}: input size differs from its store's manifest")

@@ -148,9 +148,7 @@ def build_student_for(cfg: Stage1Config, index: CacheIndex) -> SakStudent:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.init_paper:
-        mapping = dict(cfg.paper_teachers) or {
-            s.manifest["teacher"]["family"]: s.teacher for s in index.stores
-        }
+        mapping = dict(cfg.paper_teachers) or {s.manifest.teacher.family: s.teacher for s in index.stores}
         load_paper_checkpoint(model, cfg.init_paper, mapping)
     return model
 
@@ -189,8 +187,8 @@ def _check_resume(run: Path, cfg: Stage1Config, env: DistEnv, index: CacheIndex)
         )
     was = recorded["cache"]
     now = {
-        "dataset_fingerprint": index.cache["dataset"]["fingerprint"],
-        "views_sha256": index.cache["views"]["sha256"],
+        "dataset_fingerprint": index.cache.dataset.fingerprint,
+        "views_sha256": index.cache.views.sha256,
         "stores": [s.fingerprint for s in index.stores],
     }
     if [was["dataset_fingerprint"], was["views_sha256"], [s["fingerprint"] for s in was["stores"]]] != list(
@@ -353,9 +351,9 @@ def _run_record(s: _Session, resume: bool) -> dict:
         },
         "cache": {
             "path": str(index.root),
-            "dataset_fingerprint": index.cache["dataset"]["fingerprint"],
-            "views_sha256": index.cache["views"]["sha256"],
-            "view_plan": index.cache["view_plan"],
+            "dataset_fingerprint": index.cache.dataset.fingerprint,
+            "views_sha256": index.cache.views.sha256,
+            "view_plan": index.cache.view_plan.to_dict(),
             "stores": [
                 {"fingerprint": st.fingerprint, "teacher": st.teacher, "codec": st.codec}
                 for st in index.stores

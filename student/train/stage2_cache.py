@@ -25,6 +25,7 @@ needs, and checks every batch image against the recorded sha256.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -38,8 +39,15 @@ import torch
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
+from sak.pipeline.format import (
+    Stage2Cache,
+    Stage2Identity,
+    Stage2Teacher,
+    read_stage2_cache,
+    write_stage2_cache,
+)
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
-from sak.pipeline.provenance import code_version, read_json, stable_hash, write_json_atomic
+from sak.pipeline.provenance import code_version, stable_hash
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 from sak.student.data.dense import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
 from sak.student.train.distributed import resolve_device
@@ -113,19 +121,19 @@ def augmented_image(samples: TrainSamples, epoch: int, index: int) -> tuple[torc
     return out["image"], row
 
 
-def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> dict:
-    return {
-        "dataset": cfg.dataset,
-        "split": SPLIT,
-        "num_images": len(data),
-        "names_sha": names_hash(data.names),
-        "seed": int(cfg.seed),
-        "crop": list(cfg.crop()),
-        "scale_range": [float(x) for x in cfg.scale_range],
-        "photometric": bool(cfg.photometric),
-        "plan_version": PLAN_VERSION,
-        "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
-    }
+def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> Stage2Identity:
+    return Stage2Identity(
+        dataset=cfg.dataset,
+        split=SPLIT,
+        num_images=len(data),
+        names_sha=names_hash(data.names),
+        seed=int(cfg.seed),
+        crop=list(cfg.crop()),
+        scale_range=[float(x) for x in cfg.scale_range],
+        photometric=bool(cfg.photometric),
+        plan_version=PLAN_VERSION,
+        fingerprints=[s["fingerprint"] for s in stage1["cache"]["stores"]],
+    )
 
 
 def _done(path: Path, shard: int) -> bool:
@@ -149,15 +157,14 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     _, stage1 = load_stage1_run(cfg.init, device)
     identity = _identity(cfg, data, stage1)
     if (out / CACHE_JSON).exists():
-        old = read_json(out / CACHE_JSON)
-        if old.get("kind") != KIND:
-            raise SakError(f"{out} holds something else ({CACHE_JSON} kind {old.get('kind')!r})")
-        for k, v in identity.items():
-            if old["identity"].get(k) != v:
+        old = read_stage2_cache(out / CACHE_JSON)
+        for k in Stage2Identity.__dataclass_fields__:
+            if getattr(old.identity, k) != getattr(identity, k):
                 raise SakError(
-                    f"{out} was built with {k} {old['identity'].get(k)!r}, not {v!r}: choose another --out"
+                    f"{out} was built with {k} {getattr(old.identity, k)!r}, not {getattr(identity, k)!r}: "
+                    f"choose another --out"
                 )
-        if old["epochs"] != cfg.epochs or old["codec"] != cfg.codec or old["shard_size"] != cfg.shard_size:
+        if old.epochs != cfg.epochs or old.codec != cfg.codec or old.shard_size != cfg.shard_size:
             raise SakError(f"{out} was built with other --epochs/--codec/--shard-size: choose another --out")
     elif out.exists() and any(out.iterdir()):
         raise SakError(f"--out {out} exists and is not a stage-2 cache; choose an empty folder")
@@ -167,22 +174,21 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     samples = TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
     n_rows = cfg.epochs * len(data)
     n_shards = math.ceil(n_rows / cfg.shard_size)
-    record = {
-        "kind": KIND,
-        "identity": identity,
-        "data_root": str(Path(cfg.data_root).expanduser().resolve()),
-        "init": str(Path(cfg.init).expanduser().resolve()),
-        "epochs": cfg.epochs,
-        "rows": n_rows,
-        "codec": cfg.codec,
-        "shard_size": cfg.shard_size,
-        "num_shards": n_shards,
-        "views": VIEWS,
-        "complete": False,
-        "code_version": code_version(),
-        "created": now_iso(),
-    }
-    write_json_atomic(out / CACHE_JSON, record)
+    record = Stage2Cache(
+        identity=identity,
+        data_root=str(Path(cfg.data_root).expanduser().resolve()),
+        init=str(Path(cfg.init).expanduser().resolve()),
+        epochs=cfg.epochs,
+        rows=n_rows,
+        codec=cfg.codec,
+        shard_size=cfg.shard_size,
+        num_shards=n_shards,
+        views=VIEWS,
+        complete=False,
+        code_version=code_version(),
+        created=now_iso(),
+    )
+    write_stage2_cache(out / CACHE_JSON, record)
 
     rows: list[dict] = []
     paths = {info.teacher: out / "teachers" / info.teacher for info in teachers.stores}
@@ -209,38 +215,43 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
                 create_store(path, n_rows, cfg.shard_size, grids, codec)  # idempotent
                 stores[info.teacher] = ZarrTeacherStore(path, cfg.codec, cfg.shard_size)
             files = stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
-            append_journal(path, ShardRecord(shard, start, stop, files, time.perf_counter() - t_shard))
+            record_ = ShardRecord(
+                shard=shard, start=start, stop=stop, files=files, seconds=time.perf_counter() - t_shard
+            )
+            append_journal(path, record_)
         log.info(f"stage-2 cache: shard {shard + 1}/{n_shards} ({stop} of {n_rows} rows)")
 
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, out / VIEWS)
-    record["teachers"] = []
+    done = []
     for info in teachers.stores:
         store = ZarrTeacherStore(paths[info.teacher], cfg.codec, cfg.shard_size)
         journal = read_journal(store.path)
-        record["teachers"].append(
-            {
-                "teacher": info.teacher,
-                "stage1_fingerprint": info.fingerprint,
-                "path": f"teachers/{info.teacher}",
-                "blocks": list(info.blocks),
-                "positions": list(info.positions),
-                "grids": [list(store.array(b).shape[1:]) for b in info.blocks],
-                "shards": {str(s): journal[s].files for s in sorted(journal)},
-            }
+        done.append(
+            Stage2Teacher(
+                teacher=info.teacher,
+                stage1_fingerprint=info.fingerprint,
+                path=f"teachers/{info.teacher}",
+                blocks=list(info.blocks),
+                positions=list(info.positions),
+                grids=[list(store.array(b).shape[1:]) for b in info.blocks],
+                shards={str(s): journal[s].files for s in sorted(journal)},
+            )
         )
-    record.update(complete=True, seconds=round(time.perf_counter() - t0, 3), finished=now_iso())
-    write_json_atomic(out / CACHE_JSON, record)
+    record = dataclasses.replace(
+        record, teachers=done, complete=True, seconds=round(time.perf_counter() - t0, 3), finished=now_iso()
+    )
+    write_stage2_cache(out / CACHE_JSON, record)
     log.info(f"stage-2 cache {out}: {n_rows} rows ({cfg.epochs} epochs x {len(data)} images)")
     return out
 
 
-def describe(cache: dict) -> str:
-    i = cache["identity"]
-    teachers = ", ".join(t["teacher"] for t in cache["teachers"])
+def describe(cache: Stage2Cache) -> str:
+    i = cache.identity
+    teachers = ", ".join(t.teacher for t in cache.teachers or [])
     return (
-        f"stage-2 cache: {i['dataset']} {i['split']} ({i['num_images']} images) x {cache['epochs']} epochs = "
-        f"{cache['rows']} rows, crop {i['crop'][0]}x{i['crop'][1]}, seed {i['seed']}, {cache['codec']}; "
+        f"stage-2 cache: {i.dataset} {i.split} ({i.num_images} images) x {cache.epochs} epochs = "
+        f"{cache.rows} rows, crop {i.crop[0]}x{i.crop[1]}, seed {i.seed}, {cache.codec}; "
         f"teachers {teachers}"
     )
 
@@ -257,33 +268,36 @@ class Stage2CachedTargets:
         self.root = Path(path).expanduser()
         if not (self.root / CACHE_JSON).exists():
             raise SakError(f"--cache {self.root} is not a stage-2 cache (no {CACHE_JSON})")
-        cache = read_json(self.root / CACHE_JSON)
-        if cache.get("kind") != KIND:
-            raise SakError(f"--cache {self.root}: {CACHE_JSON} kind is {cache.get('kind')!r}, not {KIND!r}")
-        if not cache.get("complete"):
+        try:
+            cache = read_stage2_cache(self.root / CACHE_JSON)
+        except SakError as e:
+            raise SakError(f"--cache {self.root}: {e}") from None
+        if not cache.complete or cache.teachers is None:
             raise SakError(f"--cache {self.root} is incomplete; re-run `sak-cache stage2` to finish it")
         for key, want in expected.items():
-            have = cache["identity"].get(key)
+            have = getattr(cache.identity, key, None)
             if have != want:
                 raise SakError(f"--cache {self.root} was built with {key} {have!r}, this run has {want!r}")
         needed = steps * batch_size
-        if needed > cache["rows"]:
+        if needed > cache.rows:
             raise SakError(
-                f"--cache {self.root} holds {cache['epochs']} epochs ({cache['rows']} samples), this run needs "
-                f"{needed} ({math.ceil(needed / cache['identity']['num_images'])} epochs)"
+                f"--cache {self.root} holds {cache.epochs} epochs ({cache.rows} samples), this run needs "
+                f"{needed} ({math.ceil(needed / cache.identity.num_images)} epochs)"
             )
         self.cache = cache
         self.stores = [
-            SimpleNamespace(teacher=t["teacher"], positions=tuple(t["positions"])) for t in cache["teachers"]
+            SimpleNamespace(teacher=t.teacher, positions=tuple(t.positions)) for t in cache.teachers
         ]
         self._readers = {
-            t["teacher"]: (
-                ZarrTeacherStore(self.root / t["path"], cache["codec"], cache["shard_size"]),
-                t["blocks"],
-            )
-            for t in cache["teachers"]
+            t.teacher: (ZarrTeacherStore(self.root / t.path, cache.codec, cache.shard_size), t.blocks)
+            for t in cache.teachers
         }
-        self.sha = pq.read_table(self.root / VIEWS, columns=["image_sha256"]).column(0).to_pylist()
+        try:
+            self.sha = pq.read_table(self.root / VIEWS, columns=["image_sha256"]).column(0).to_pylist()
+        except (OSError, ValueError) as e:
+            raise SakError(
+                f"--cache {self.root}: {VIEWS} cannot be read ({type(e).__name__}); the file is damaged"
+            ) from e
 
     def __call__(
         self, batch: dict, images_u8: torch.Tensor, device: torch.device
