@@ -20,7 +20,8 @@ sets the variable after something else imported `sak.kernels` must still get int
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,9 @@ BACKENDS = ("torch", "triton")
 # Tests set this to True: every buffer a kernel is meant to fill starts as NaN (integers as -1), so an
 # element the kernel forgot to write fails the comparison instead of passing by luck.
 poison_outputs = False
+
+# Tests set this to True: a Triton failure raises instead of falling back to torch (see `triton_or_torch`).
+strict = False
 
 
 def interpreting() -> bool:
@@ -133,6 +137,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"
+
+
+_FAILED: dict[Hashable, str] = {}  # launch key -> why its Triton launch failed (torch from then on)
+
+
+def triton_or_torch(key: Hashable, run_triton: Callable[[], Any], run_torch: Callable[[], Any]) -> Any:
+    """`run_triton()`, or `run_torch()` when it raises (a compile error, an unsupported shape, no resources).
+
+    The first failure of a launch `key` (op, dtypes, shape) warns once, names the cause and is remembered:
+    later calls with the same key go straight to torch instead of failing (and compiling) again. Kernels
+    never wait on one another, so a launch either returns or raises: there is no hang to fall back from.
+    With `strict` (tests) the error is raised instead.
+    """
+    if key not in _FAILED:
+        try:
+            return run_triton()
+        except Exception as e:
+            if strict:
+                raise
+            _FAILED[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            warnings.warn(
+                f"{key[0] if isinstance(key, tuple) else key}: the Triton kernel failed "
+                f"({_FAILED[key]}); using the torch implementation for this shape from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return run_torch()
+
+
+def triton_failures() -> dict[str, str]:
+    """Launch keys that fell back to torch and why (for run and benchmark records)."""
+    return {str(k): why for k, why in _FAILED.items()}
 
 
 def new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
