@@ -308,6 +308,11 @@ def _config(num_warps: int = 4):
     return [triton.Config({}, num_warps=num_warps, num_stages=1)]
 
 
+def _finalize_blocks(lc: _Launch) -> dict[str, int]:
+    """Tile of the finalize kernel: 32 images x 64 chunks (4 sums of 2048 fp32 over 128 threads, no spills)."""
+    return dict(BLOCK_B=min(32, triton.next_power_of_2(lc.B)), BLOCK_K=min(64, triton.next_power_of_2(lc.n_split)))
+
+
 def _fwd_triton(s, t, cos_weight, l1_weight, beta, rows=None, reverse=False):
     """s, t (B, ...) -> (loss (), cos (B,), coef (B, 2)), all fp32."""
     lc = _Launch(s, t, rows)
@@ -329,8 +334,7 @@ def _fwd_triton(s, t, cos_weight, l1_weight, beta, rows=None, reverse=False):
         partial, coef, cos, loss, lc.B, lc.n_split, lc.n_chunks, float(cos_weight), float(l1_weight),
         1.0 / lc.B, 1.0 / (lc.B * lc.P * lc.C), COS_EPS,
         configs=_config(),
-        BLOCK_B=min(64, triton.next_power_of_2(lc.B)),
-        BLOCK_K=min(64, triton.next_power_of_2(lc.n_split)),
+        **_finalize_blocks(lc),
     )  # fmt: skip
     return loss.reshape(()), cos, coef
 
