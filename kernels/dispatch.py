@@ -118,6 +118,11 @@ def launch(
     return dict(constexprs)
 
 
+def tl_dtype(dtype: torch.dtype) -> Any:
+    """The triton.language dtype of a torch floating dtype the kernels take."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
 def dot_dtype(dtype: torch.dtype) -> Any:
     """Operand dtype of tl.dot: the input dtype on GPU, float32 under the interpreter (bf16 dot is broken there)."""
     if interpreting():
@@ -270,5 +275,7 @@ def register_spills(compiled: Any, arch: int = 90) -> tuple[int, int]:
         cmd = [ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
-    stores, loads = (int(n) for n in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups())
+    stores, loads = (
+        int(n) for n in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    )
     return regs, stores + loads

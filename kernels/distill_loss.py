@@ -255,7 +255,9 @@ def as_bpc(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     P = x[0, ..., 0].numel() if x.dim() > 2 else 1
     mid_shape, mid_stride = x.shape[1:-1], x.stride()[1:-1]
     merges = all(
-        mid_stride[i] == mid_stride[i + 1] * mid_shape[i + 1] for i in range(len(mid_shape) - 1) if mid_shape[i] > 1
+        mid_stride[i] == mid_stride[i + 1] * mid_shape[i + 1]
+        for i in range(len(mid_shape) - 1)
+        if mid_shape[i] > 1
     )
     if not (merges and _is_dense(x)):
         x = x.contiguous()
@@ -310,7 +312,9 @@ def _config(num_warps: int = 4):
 
 def _finalize_blocks(lc: _Launch) -> dict[str, int]:
     """Tile of the finalize kernel: 32 images x 64 chunks (4 sums of 2048 fp32 over 128 threads, no spills)."""
-    return dict(BLOCK_B=min(32, triton.next_power_of_2(lc.B)), BLOCK_K=min(64, triton.next_power_of_2(lc.n_split)))
+    return dict(
+        BLOCK_B=min(32, triton.next_power_of_2(lc.B)), BLOCK_K=min(64, triton.next_power_of_2(lc.n_split))
+    )
 
 
 def _fwd_triton(s, t, cos_weight, l1_weight, beta, rows=None, reverse=False):
@@ -414,7 +418,11 @@ def _distill_loss_op(
 @_distill_loss_op.register_fake
 def _(student, target, cos_weight, l1_weight, beta):
     B, f32 = student.shape[0], torch.float32
-    return student.new_empty((), dtype=f32), student.new_empty((B,), dtype=f32), student.new_empty((B, 2), dtype=f32)
+    return (
+        student.new_empty((), dtype=f32),
+        student.new_empty((B,), dtype=f32),
+        student.new_empty((B, 2), dtype=f32),
+    )
 
 
 @torch.library.custom_op("sak::distill_loss_bwd", mutates_args=())

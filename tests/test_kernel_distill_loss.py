@@ -127,7 +127,9 @@ def test_many_images_and_chunks_in_reverse_program_order(interpreted_triton):
 
 
 @pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_strided_student_and_stored_target_dtype_without_copies(interpreted_triton, monkeypatch, target_dtype):
+def test_strided_student_and_stored_target_dtype_without_copies(
+    interpreted_triton, monkeypatch, target_dtype
+):
     # the trainer's case: a permuted (B, H, W, C) view of a channels-first fp32 student map, and the target
     # in the dtype the cache stores; the op must read both in place (no .contiguous(), no cast)
     g = torch.Generator().manual_seed(5)
@@ -186,7 +188,9 @@ def test_opcheck(monkeypatch, backend):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     student, target = make_pair((3, 4, 50), torch.float32)
     torch.library.opcheck(torch.ops.sak.distill_loss_fwd, (student, target, 0.9, 0.1, 1.0))
-    torch.library.opcheck(torch.ops.sak.distill_loss_fwd, (student.detach(), target.bfloat16(), 0.9, 0.1, 1.0))
+    torch.library.opcheck(
+        torch.ops.sak.distill_loss_fwd, (student.detach(), target.bfloat16(), 0.9, 0.1, 1.0)
+    )
     _, _, coef = torch.ops.sak.distill_loss_fwd(student.detach(), target, 0.9, 0.1, 1.0)
     bwd_args = (torch.tensor(0.7), student.detach(), target, coef, 0.1, 1.0)
     torch.library.opcheck(torch.ops.sak.distill_loss_bwd, bwd_args)
@@ -226,7 +230,9 @@ def loss_kernel_builds(shape, student_dtype, target_dtype):
     common = dict(P=lc.P, C=lc.C, n_split=lc.n_split, n_chunks=lc.n_chunks)
     common.update(zip(("ssb", "ssp", "ssc"), lc.s.stride()))
     common.update(zip(("stb", "stp", "stc"), lc.t.stride()))
-    partial = dict(s_ptr=lc.s, t_ptr=lc.t, partial_ptr=torch.empty(1, dtype=f32), **common, beta=1.0, inv_beta=1.0)
+    partial = dict(
+        s_ptr=lc.s, t_ptr=lc.t, partial_ptr=torch.empty(1, dtype=f32), **common, beta=1.0, inv_beta=1.0
+    )
     grad = dict(grad_loss_ptr=torch.empty(1, dtype=f32), coef_ptr=torch.empty(1, dtype=f32), s_ptr=lc.s)
     grad.update(t_ptr=lc.t, g_ptr=lc.s, **common, l1_scale=1e-9, beta=1.0, inv_beta=1.0)
     finalize = dict(partial_ptr=torch.empty(1, dtype=f32), coef_ptr=torch.empty(1, dtype=f32))
@@ -269,7 +275,9 @@ def test_kernels_compile_for_h100(sm90_compile):
 @pytest.mark.parametrize(
     "shape", [(128, 27, 27, 768), (128, 64, 64, 768), (64, 37, 37, 1024), (64, 64, 64, 1024)], ids=str
 )
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str)
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)], ids=str
+)
 def test_every_real_shape_compiles_without_spills(sm90_compile, shape, dtypes):
     for fn, args, constexprs, config in loss_kernel_builds(shape, *dtypes):
         regs, spills = dispatch.register_spills(dispatch.compile_only(fn, args, constexprs, config))
