@@ -122,8 +122,9 @@ class Stage1Config:
     report_repsim: also measure Rep Sim before training; both are logged and returned.
     save_every: checkpoint every N steps (0: only at the end). log_every: a console line every N steps.
     stop_after: stop with a checkpoint after this step, as if preempted; `resume` continues the schedule.
-    device: "cpu", "cuda" or None (CUDA when available). use_kernels: the fused Triton adapter and loss;
-    None (default) turns them on when training on CUDA, False keeps the plain torch ops.
+    device: "cpu", "cuda" or None (CUDA when available). use_kernels: the fused Triton adapter and loss
+    (opt-in); None (default) and False keep the eager torch ops, which stay the default until a GPU run shows
+    the kernels beating torch.compile at the real shapes (README, "Kernels").
     grad_checkpointing: recompute stem blocks in backward. tensorboard: also write RUN/tb.
     """
 
@@ -400,7 +401,7 @@ def _train(cfg: Stage1Config, env: DistEnv, resume: bool, on_step) -> Stage1Resu
         _check_resume(run, cfg, env, index)
     mean, std = input_normalization(cfg.normalization, cfg.student)
     model = build_student_for(cfg, index).to(device)
-    use_kernels = cfg.use_kernels if cfg.use_kernels is not None else torch.device(device).type == "cuda"
+    use_kernels = bool(cfg.use_kernels)  # opt-in: the torch path is the measured default
     model.use_kernels = use_kernels  # fused adapters; the loss below follows the same flag
     online = OnlineTeachers(index.stores, index.plan.size, device) if cfg.online else None
     reader = BatchReader(
