@@ -31,3 +31,7 @@ bench: $(VENV)/.installed
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+.PHONY: gpu-check
+gpu-check: $(VENV)/.installed  ## on a lent H100/H200: GPU tests + kernel/train/extract benchmarks -> bench/results/ (< 8 min); elsewhere prints the plan
+	$(PY) bench/gpu_check.py

@@ -400,6 +400,7 @@ def test_gpu_real_shapes(monkeypatch, C, dtype):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("SAK_KERNELS", raising=False)  # CUDA default: Triton
     monkeypatch.setattr(dispatch, "poison_outputs", True)
+    monkeypatch.setattr(dispatch, "strict", True)  # a failing kernel fails the test, no quiet fallback
     inputs = make_inputs(C, dtype, with_z=True, device="cuda", tokens=(128, 577))
     assert dispatch.kernel_backend(inputs[0]) == "triton"
     check_against_float64(inputs, dtype)

@@ -307,6 +307,7 @@ def test_gpu_target_shapes(monkeypatch, shape, dtype):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("SAK_KERNELS", raising=False)  # CUDA default: Triton
     monkeypatch.setattr(dispatch, "poison_outputs", True)
+    monkeypatch.setattr(dispatch, "strict", True)  # a failing kernel fails the test, no quiet fallback
     student, target = make_pair(shape, dtype, device="cuda")
     assert dispatch.kernel_backend(student) == "triton"
     check_against_float64(student, target, dtype)
