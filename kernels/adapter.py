@@ -236,10 +236,12 @@ def _token_reduce_kernel(
 
 
 def _configs(kind: str, dtype: torch.dtype) -> list:
-    """Launch configs per kernel and input dtype: one small config under the interpreter, a tuning set on GPU.
+    """Launch configs per kernel and matmul dtype: one small config under the interpreter, a tuning set on GPU.
 
-    The GPU sets are those with the fewest register spills when compiled for sm_90 at R = 256 (ptxas -v);
-    fp32 operands (IEEE dots) need half the tile of 16-bit ones to stay in registers and shared memory.
+    The GPU sets hold only configs with no register spills when compiled for sm_90 as the runtime specialises
+    the real launch (128 x 577 tokens, C = 768 and 1024, BLOCK_R = 256), for x in the matmul dtype and for
+    fp32 x under autocast (`ptxas -v`; the slow test `test_every_gpu_config_compiles_for_h100_without_spills`
+    keeps it so). fp32 operands (IEEE dots) need half the tile of 16-bit ones.
     """
     C = triton.Config
     if dispatch.interpreting():
@@ -260,17 +262,17 @@ def _configs(kind: str, dtype: torch.dtype) -> list:
             "reduce": [C({}, num_warps=8, num_stages=3)],
         }[kind]
     return {
-        "fwd": [
+        "fwd": [  # 4 warps spill at BLOCK_M = 64
             C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=16, num_stages=3),
             C({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=8, num_stages=4),
+            C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+            C({"BLOCK_M": 32, "BLOCK_C": 64}, num_warps=8, num_stages=3),
         ],
-        "bwd": [
-            C({"BLOCK_C": 32}, num_warps=16, num_stages=3),
+        "bwd": [  # BLOCK_M = 32 (_bwd_block_m): every 64-token tile spilled, whatever the warps
             C({"BLOCK_C": 32}, num_warps=8, num_stages=3),
-            C({"BLOCK_C": 64}, num_warps=16, num_stages=3),
+            C({"BLOCK_C": 32}, num_warps=8, num_stages=2),
             C({"BLOCK_C": 64}, num_warps=8, num_stages=3),
+            C({"BLOCK_C": 16}, num_warps=8, num_stages=3),
         ],
         "reduce": [
             C({}, num_warps=8, num_stages=3),
@@ -289,8 +291,9 @@ def _block_r(R: int) -> int:
 
 
 def _bwd_block_m(dtype: torch.dtype) -> int:
-    # fixed (not tuned): it sizes the per-tile partial-sum buffers
-    return 32 if dispatch.interpreting() or dtype == torch.float32 else 64
+    """Tokens per backward tile, fixed (not tuned): it sizes the per-tile partial-sum buffers. 32 for every
+    dtype: (64, 256) fp32 tiles of gw, h and dh spill registers on sm_90 at every warp count tried."""
+    return 32
 
 
 def _fwd_triton(x, z, w_down, b_down, w_up, b_up, scale, save_h: bool):

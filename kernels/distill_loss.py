@@ -252,7 +252,7 @@ def as_bpc(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     A 2-D (B, D) tensor is (B, 1, D).
     """
     B, C = x.shape[0], x.shape[-1]
-    P = x[0, ..., 0].numel() if x.dim() > 2 else 1
+    P = math.prod(x.shape[1:-1])  # 1 for a 2-D x
     mid_shape, mid_stride = x.shape[1:-1], x.stride()[1:-1]
     merges = all(
         mid_stride[i] == mid_stride[i + 1] * mid_shape[i + 1]
@@ -271,11 +271,13 @@ def as_bpc(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def _tiles(P: int, C: int) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_P, BLOCK_C): one tile is BLOCK_P x BLOCK_C elements, one chunk ~32K elements of an image."""
+    """(ROWS, BLOCK_P, BLOCK_C): a tile is BLOCK_P positions x BLOCK_C channels, a chunk ROWS positions x all
+    C channels, about 32K elements (at least one row of tiles): e.g. 40 x 768 for a ViT-B-width map.
+    A 2-D (B, D) input (P = 1) is one chunk per image: fine for tests, not for large D."""
     tile, chunk = (256, 1024) if dispatch.interpreting() else (2048, 32768)
     block_c = min(triton.next_power_of_2(C), tile if P == 1 else 256)
     block_p = max(1, tile // block_c)
-    rows = block_p * max(1, min(triton.cdiv(P, block_p), chunk // (block_p * block_c)))
+    rows = block_p * max(1, min(triton.cdiv(P, block_p), chunk // (block_p * C)))
     return rows, block_p, block_c
 
 
