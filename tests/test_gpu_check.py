@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,24 @@ def test_goals_from_recorded_figures():
         dict(device="X", date="d", code_version="c", torch="t", total_s=1.0, steps=[], goals=missing)
     )
     assert "not measured" in text
+
+
+def test_a_step_over_its_budget_is_killed_and_recorded(tmp_path):
+    # a step that would run for a minute, with a child of its own: both go at the budget, the check goes on
+    sleeper = (
+        "import subprocess, sys, time; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    )
+    step = gpu_check.Step("slow", (sys.executable, "-c", sleeper), 5, "sleeps")
+    record = gpu_check.run_step(step, tmp_path / "slow.json", deadline=time.monotonic() + 600)
+    assert record["status"] == "timeout after 5 s" and record["seconds"] < 30
+    writer = (
+        "import json, sys; json.dump({'rows': [1, 2]}, open(sys.argv[1], 'w')); print('1 passed in 0.1s')"
+    )
+    ok = gpu_check.Step("gpu-tests", (sys.executable, "-c", writer, "{json}"), 30, "writes figures")
+    record = gpu_check.run_step(ok, tmp_path / "ok.json", deadline=time.monotonic() + 600)
+    assert record["status"] == "ok" and record["figures"] == {"rows": [1, 2]}
+    assert record["summary"] == "1 passed in 0.1s"
+    failing = gpu_check.Step("bad", (sys.executable, "-c", "raise SystemExit(3)"), 30, "fails")
+    record = gpu_check.run_step(failing, tmp_path / "bad.json", deadline=time.monotonic() + 600)
+    assert record["status"] == "failed (exit 3)"
