@@ -2,23 +2,27 @@
 
 Shapes: x, z (..., C) tokens, flattened here to (M, C); w_down (R, C) and w_up (C, R) like nn.Linear
 weights; b_down (R,), b_up (C,); scale a 0-d or 1-element tensor. All dots accumulate in fp32.
+Two dtypes: x's (u, the residual add, the output, the grads of x and z) and the matmul dtype MM, the
+weights' dtype (x's own, or the autocast dtype: `fused_adapter` casts the weights as autocast would).
+Every matmul operand is rounded to MM, and h, gelu(h), y and the matmul grads are rounded to MM where
+eager autocast rounds them, so the op returns what the eager module returns under autocast.
 
 Forward (`_adapter_fwd_kernel`, one program per BLOCK_M tokens):
-    phase 1  h = u @ w_down.T + b_down        (BLOCK_M, BLOCK_R) fp32, kept in registers over the C loop
-    phase 2  a = gelu(h), cast to the input dtype (what eager autocast/bf16 would feed the next matmul)
-             out[:, c] = u[:, c] + scale * (a @ w_up[c].T + b_up[c]) for each C chunk, u re-read (L2 hit)
+    phase 1  h = MM(u) @ w_down.T + b_down     (BLOCK_M, BLOCK_R) fp32 over the C loop, then rounded to MM
+    phase 2  a = MM(gelu(h))                   (what eager feeds the next matmul)
+             y = MM(a @ w_up[c].T + b_up[c]); out[:, c] = u[:, c] + scale * y for each C chunk (u re-read)
 The bottleneck activation never goes to global memory, except that h itself (M, R) is stored when a
 backward will follow (`save_h`).
 
 Backward STORES h rather than recomputing it: recomputing needs u @ w_down.T again, i.e. re-reading the
 whole (M, C) input (C = 4R), while storing costs one write plus one read of the (M, R) tensor: about half the
-bytes and none of the FLOPs. h is stored in the input dtype, the precision eager PyTorch saves it in.
+bytes and none of the FLOPs. h is stored in MM, the precision eager PyTorch saves it in.
 Under `torch.no_grad()` (or when nothing requires grad) nothing is stored.
 
 Backward (`_adapter_bwd_tokens_kernel`, one program per BLOCK_M tokens, then two reduction GEMMs):
-    gw  = g @ w_up                              (BLOCK_M, R)   g = grad of out
-    dh  = scale * gw * gelu'(h)                 stored (M, R) in the input dtype for the weight gradient
-    du  = g + dh @ w_down                       (M, C) = grad of x (and of z)
+    gw  = MM(g) @ w_up                          (BLOCK_M, R)   g = grad of out
+    dh  = MM(scale * gw) * gelu'(h)             stored (M, R) in MM for the weight gradient
+    du  = g + MM(MM(dh) @ w_down)               (M, C) = grad of x (and of z)
     per-tile partial sums: colsum(g) (-> b_up, scale), colsum(dh) (-> b_down), sum(gelu(h) * gw) (-> scale)
     dw_up   = scale * g.T @ gelu(h)             `_token_reduce_kernel`, gelu applied while loading h
     dw_down = dh.T @ u                          `_token_reduce_kernel`, u = x + z formed while loading

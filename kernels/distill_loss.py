@@ -440,8 +440,19 @@ def _distill_loss_bwd_op(
     args = (grad_loss, student, target, coef, l1_weight, beta)
     if _use_triton(student, target):
         key = ("distill_loss_bwd", student.dtype, target.dtype, student.shape[1:])
-        return dispatch.triton_or_torch(key, lambda: _bwd_triton(*args), lambda: _bwd_torch(*args))
-    return _bwd_torch(*args)
+        grad = dispatch.triton_or_torch(key, lambda: _bwd_triton(*args), lambda: _bwd_torch(*args))
+    else:
+        grad = _bwd_torch(*args)
+    return _in_strides_of(grad, student)
+
+
+def _in_strides_of(grad: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """grad laid out as torch.empty_like(student) (what the fake promises torch.compile): as is in the
+    trainer's case (the kernel writes in the student's own strides), else copied once."""
+    if _is_dense(student) and grad.stride() == student.stride():
+        return grad
+    out = torch.empty_like(student)
+    return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
 @_distill_loss_bwd_op.register_fake

@@ -325,8 +325,13 @@ def adapter_kernel_builds(io_dtype, mm_dtype, C=768):
     bwd.update(dh_ptr=t(mm), gsum_ptr=t(f32), dhsum_ptr=t(f32), dscale_ptr=t(f32), M=M, C=C, R=R)
     block_i, block_j, block_k = adapter._reduce_blocks(mm)
     tokens_per_split = 4096  # as _token_reduce picks for 132 SMs at these sizes (a multiple of BLOCK_K)
-    reduce = dict(a_ptr=t(io), b_ptr=t(mm), b2_ptr=t(mm), out_ptr=t(f32), M=M, NI=C, NJ=R)
-    reduce.update(tokens_per_split=tokens_per_split)
+    # dw_up = g.T @ gelu(h): a = g (M, C), b = h (M, R)
+    reduce_up = dict(a_ptr=t(io), b_ptr=t(mm), b2_ptr=t(mm), out_ptr=t(f32), M=M, NI=C, NJ=R)
+    reduce_up.update(tokens_per_split=tokens_per_split)
+    # dw_down = dh.T @ (x + z): a = dh (M, R), b = x, b2 = z (M, C)
+    reduce_down = dict(a_ptr=t(mm), b_ptr=t(io), b2_ptr=t(io), out_ptr=t(f32), M=M, NI=R, NJ=C)
+    reduce_down.update(tokens_per_split=tokens_per_split)
+    blocks = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, **common)
     block_r = adapter._block_r(R)
     return [
         (adapter._adapter_fwd_kernel, fwd, dict(HAS_Z=True, SAVE_H=True, BLOCK_R=block_r, **common), "fwd"),
@@ -336,12 +341,8 @@ def adapter_kernel_builds(io_dtype, mm_dtype, C=768):
             dict(BLOCK_M=adapter._bwd_block_m(mm), BLOCK_R=block_r, **common),
             "bwd",
         ),
-        (
-            adapter._token_reduce_kernel,
-            reduce,
-            dict(GELU_B=True, HAS_B2=False, BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, **common),
-            "reduce",
-        ),
+        (adapter._token_reduce_kernel, reduce_up, dict(GELU_B=True, HAS_B2=False, **blocks), "reduce"),
+        (adapter._token_reduce_kernel, reduce_down, dict(GELU_B=False, HAS_B2=True, **blocks), "reduce"),
     ]
 
 

@@ -111,6 +111,7 @@ def test_loss_under_contention_from_another_stream(compiled_triton):
     torch.cuda.synchronize()
     busy = torch.cuda.Stream()
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    busy.wait_stream(torch.cuda.current_stream())  # `a` is ready before the busy stream reads it
     with torch.cuda.stream(busy):
         for _ in range(40):  # a few hundred ms of matmuls, queued before the loss below
             a = (a @ a).clamp_(-1, 1)
