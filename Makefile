@@ -53,3 +53,7 @@ check-lock:  ## does .venv hold exactly the lock? (make venv runs this too)
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
+
+.PHONY: gpu-check
+gpu-check: $(VENV)/.installed  ## on a lent H100/H200: GPU tests + kernel/train/extract benchmarks -> bench/results/ (< 8 min); elsewhere prints the plan
+	$(PY) bench/gpu_check.py

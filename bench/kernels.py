@@ -4,15 +4,22 @@
     python bench/kernels.py --small               # CPU smoke run: tiny shapes, Triton through the interpreter
     python bench/kernels.py --json out.json       # also write rows, peaks, resolved config and code version
 
-Bandwidth and FLOP rates count the work every provider must do (read the inputs and grad_output once, write
-the outputs and input grads once; matmul FLOPs), so the columns compare providers on equal terms. Peaks are
-measured here: bandwidth by a large device copy, matmul throughput by a large bf16 matmul.
-Goals on H100: adapter fwd+bwd >= 1.3x torch.compile; loss >= 3x eager and >= 70% of peak bandwidth.
+Two input modes, each a row group (`--modes`):
+  autocast  the training case: fp32 activations and parameters under torch.autocast(--dtype); the loss gets
+            a permuted (B, H, W, C) view of a channels-first fp32 student map and the target in --dtype
+  native    every input already in --dtype (contiguous)
+Bandwidth and FLOP rates count the work every provider must do (adapter: read the inputs and grad_output
+once, write the outputs and input grads once; loss: the forward reads student and target, the backward reads
+them again and writes the student's gradient, the fewest bytes of any loss that does not keep a whole image
+on chip between the per-image sums and the gradient; matmul FLOPs), so the columns compare providers on
+equal terms. Peaks are measured here: bandwidth by a large device copy, matmul throughput by a bf16 matmul.
+Goals on H100: adapter fwd+bwd >= 1.3x torch.compile under autocast; loss fwd+bwd >= 70% of peak bandwidth.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -32,6 +39,7 @@ from sak.kernels.distill_loss import distill_loss, distill_loss_reference  # noq
 from sak.pipeline.provenance import code_version, write_json_atomic  # noqa: E402
 
 PROVIDERS = ("triton", "eager", "compile")
+MODES = ("autocast", "native")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +47,7 @@ class BenchConfig:
     small: bool = False  # tiny shapes that the CPU interpreter gets through in seconds
     dtype: str = "bfloat16"
     providers: tuple[str, ...] = PROVIDERS
+    modes: tuple[str, ...] = MODES  # autocast: fp32 inputs under autocast(dtype); native: inputs in dtype
     with_z: bool = False  # adapter input z added to x (u = x + z)
     compile_mode: str = "default"  # torch.compile mode of the "compile" provider
     warmup_ms: int = 25  # CUDA: do_bench warmup / repetition time
@@ -119,22 +128,39 @@ def _provider_fn(provider: str, fused: Callable, reference: Callable, cfg: Bench
 
 
 def _fwd_and_fwd_bwd(
-    fn: Callable, args: tuple, kwargs: dict, grad_inputs: list, grad_out: torch.Tensor | None
+    fn: Callable, args: tuple, kwargs: dict, grad_inputs: list, grad_out: torch.Tensor | None, autocast
 ):
+    """autocast: None, or (device type, dtype) to run the forward under torch.autocast."""
+
+    def context():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(autocast[0], dtype=autocast[1])
+
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), context():
             return fn(*args, **kwargs)
 
     def fwd_bwd():
-        out = fn(*args, **kwargs)
+        with context():
+            out = fn(*args, **kwargs)
         # autograd.grad, not .backward(): no accumulation into .grad, which would add a read-modify-write
         return torch.autograd.grad(out, grad_inputs, grad_out)
 
     return fwd, fwd_bwd
 
 
-def bench_adapter(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def _mode_dtypes(mode: str, dtype: torch.dtype, device: torch.device):
+    """(input dtype, autocast spec or None) of a mode."""
+    if mode == "autocast":
+        return torch.float32, (device.type, dtype)
+    return dtype, None
+
+
+def bench_adapter(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, mode: str) -> list[dict]:
     rows = []
+    autocast_dtype = dtype
+    dtype, autocast = _mode_dtypes(mode, dtype, device)
     for name, tokens, C, R in adapter_shapes(cfg.small):
         M = tokens[0] * tokens[1]
         gen = torch.Generator(device=device).manual_seed(0)
@@ -145,8 +171,8 @@ def bench_adapter(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) ->
         x = rand(*tokens, C)
         z = rand(*tokens, C) if cfg.with_z else None
         params = [rand(R, C, std=C**-0.5), rand(R, std=0.1), rand(C, R, std=R**-0.5), rand(C, std=0.1)]
-        scale = torch.ones((), device=device, requires_grad=True)
-        grad_out = torch.randn(*tokens, C, generator=gen, device=device).to(dtype)
+        scale = torch.ones((1,) if autocast else (), device=device, requires_grad=True)  # the model's (1,)
+        grad_out = torch.randn(*tokens, C, generator=gen, device=device).to(dtype)  # out is in x's dtype
         args = (x, *params, scale)
         grad_inputs = [x, *params, scale] + ([z] if z is not None else [])
         es = x.element_size()
@@ -159,30 +185,44 @@ def bench_adapter(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) ->
         }
         for provider in cfg.providers:
             fn = _provider_fn(provider, fused_adapter, adapter_reference, cfg)
-            fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, args, {"z": z}, grad_inputs, grad_out)
+            fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, args, {"z": z}, grad_inputs, grad_out, autocast)
+            label = f"{name} {M}x{C} r{R} {_mode_label(mode, autocast_dtype)}"
             for pass_name, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 n_bytes, flops = work[pass_name]
                 ms = time_ms(call, cfg, device)
-                rows.append(_row("adapter", f"{name} {M}x{C} r{R}", provider, pass_name, ms, n_bytes, flops))
+                rows.append(_row("adapter", label, provider, pass_name, ms, n_bytes, flops))
     return rows
 
 
-def bench_loss(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def _mode_label(mode: str, dtype: torch.dtype) -> str:
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    return f"fp32@autocast-{short}" if mode == "autocast" else short
+
+
+def bench_loss(cfg: BenchConfig, device: torch.device, dtype: torch.dtype, mode: str) -> list[dict]:
+    """autocast mode: the trainer's inputs, a permuted view of a channels-first fp32 student map and the
+    target as the cache stores it (dtype); native: both contiguous in dtype."""
     rows = []
     for name, shape in loss_shapes(cfg.small):
         gen = torch.Generator(device=device).manual_seed(0)
-        student = torch.randn(*shape, generator=gen, device=device).to(dtype).requires_grad_()
+        B, H, W, C = shape
+        if mode == "autocast":
+            leaf = torch.randn(B, C, H, W, generator=gen, device=device).requires_grad_()  # (B, C, H, W)
+            student = leaf.permute(0, 2, 3, 1)  # (B, H, W, C) view, as student.losses hands it over
+        else:
+            leaf = torch.randn(*shape, generator=gen, device=device).to(dtype).requires_grad_()
+            student = leaf
         target = torch.randn(*shape, generator=gen, device=device).to(dtype)
-        es = student.element_size()
-        numel = student.numel()
-        work = {"fwd": (2 * numel * es, 0), "fwd+bwd": (3 * numel * es, 0)}  # read s, t (+ write grad)
+        es_s, es_t, numel = student.element_size(), target.element_size(), student.numel()
+        # forward: read s and t; backward: read them again and write the gradient
+        work = {"fwd": (numel * (es_s + es_t), 0), "fwd+bwd": (numel * (2 * es_s + 2 * es_t + es_s), 0)}
+        label = f"{name} {'x'.join(map(str, shape))} {_mode_label(mode, dtype)}"
         for provider in cfg.providers:
             fn = _provider_fn(provider, distill_loss, distill_loss_reference, cfg)
-            fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, (student, target), {}, [student], None)
+            fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, (student, target), {}, [leaf], None, None)
             for pass_name, call in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
                 n_bytes, flops = work[pass_name]
                 ms = time_ms(call, cfg, device)
-                label = f"{name} {'x'.join(map(str, shape))}"
                 rows.append(_row("distill_loss", label, provider, pass_name, ms, n_bytes, flops))
     return rows
 
@@ -213,7 +253,7 @@ def add_ratios(rows: list[dict], peaks: dict[str, float]) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'op':<13}{'shape':<30}{'provider':<9}{'pass':<9}{'ms':>10}{'GB/s':>9}{'%bw':>6}"
+    head = f"{'op':<13}{'shape':<48}{'provider':<9}{'pass':<9}{'ms':>10}{'GB/s':>9}{'%bw':>6}"
     head += f"{'TFLOP/s':>9}{'%mm':>6}{'x eager':>9}{'x compile':>10}"
     lines = [head, "-" * len(head)]
 
@@ -223,7 +263,7 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         tflops = f"{r['tflops']:9.2f}{r['pct_flops']:6.1f}" if r["flops"] else f"{'-':>9}{'-':>6}"
         lines.append(
-            f"{r['op']:<13}{r['shape']:<30}{r['provider']:<9}{r['pass']:<9}{r['ms']:10.3f}{r['gbs']:9.1f}"
+            f"{r['op']:<13}{r['shape']:<48}{r['provider']:<9}{r['pass']:<9}{r['ms']:10.3f}{r['gbs']:9.1f}"
             f"{r['pct_bw']:6.1f}{tflops}{ratio(r['x_eager']):>9}{ratio(r['x_compile']):>10}"
         )
     return "\n".join(lines)
@@ -235,7 +275,9 @@ def run(cfg: BenchConfig) -> dict:
         raise SystemExit("no CUDA device: the full shapes need a GPU; use --small for a CPU smoke run")
     dtype = getattr(torch, cfg.dtype)
     peaks = measure_peaks(device, cfg)
-    rows = bench_adapter(cfg, device, dtype) + bench_loss(cfg, device, dtype)
+    rows = []
+    for mode in cfg.modes:
+        rows += bench_adapter(cfg, device, dtype, mode) + bench_loss(cfg, device, dtype, mode)
     add_ratios(rows, peaks)
     return {
         "code_version": code_version(),
@@ -255,6 +297,7 @@ def run(cfg: BenchConfig) -> dict:
             "TRITON_INTERPRET": dispatch.interpreting(),
             "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
             "autotuned": dispatch.tuned_configs(),
+            "triton_fallbacks": dispatch.triton_failures(),
         },
         "peaks": peaks,
         "rows": rows,
@@ -270,22 +313,33 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--providers", default=",".join(PROVIDERS), help="comma list of " + ", ".join(PROVIDERS)
     )
+    parser.add_argument(
+        "--modes", default=",".join(MODES), help="comma list of " + ", ".join(MODES) + " (see the docstring)"
+    )
     parser.add_argument("--with-z", action="store_true", help="benchmark the adapter with z (u = x + z)")
     parser.add_argument(
         "--compile-mode", default="default", help="torch.compile mode of the compile provider"
     )
+    parser.add_argument("--warmup-ms", type=int, default=25, help="CUDA: do_bench warmup time per case")
+    parser.add_argument("--rep-ms", type=int, default=100, help="CUDA: do_bench repetition time per case")
     parser.add_argument("--json", metavar="OUT", help="write rows, peaks, config and code version here")
     args = parser.parse_args(argv)
     providers = tuple(p for p in args.providers.split(",") if p)
     unknown = set(providers) - set(PROVIDERS)
     if unknown:
         parser.error(f"unknown providers {sorted(unknown)}; known: {', '.join(PROVIDERS)}")
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if set(modes) - set(MODES):
+        parser.error(f"unknown modes {sorted(set(modes) - set(MODES))}; known: {', '.join(MODES)}")
     cfg = BenchConfig(
         small=args.small,
         dtype=args.dtype,
         providers=providers,
+        modes=modes,
         with_z=args.with_z,
         compile_mode=args.compile_mode,
+        warmup_ms=args.warmup_ms,
+        rep_ms=args.rep_ms,
     )
     result = run(cfg)
     env, peaks = result["environment"], result["peaks"]

@@ -11,8 +11,12 @@ Rows of the table (one student, one per-step batch, one device):
 Step times are medians over the timed steps (the first --warmup steps are dropped); the data-wait fraction
 is the mean share of a step spent waiting for the loader. The cache row approaching the student-only row
 means the loader keeps up. Without --cache a cache of procedural images with the tiny random-init teachers
-(dinov2_tiny, clip_tiny, sam_tiny) is extracted first, on an embedded Ray. `--json OUT` also writes the
-figures with the resolved config and code version.
+(dinov2_tiny, clip_tiny, sam_tiny, or --extract-teachers, random init) is extracted first, on an embedded
+Ray. `--kernels on|off|both` runs every row with the fused kernels, without, or both ways. `--json OUT` also
+writes the figures with the resolved config and code version.
+
+    python bench/train.py --student vit_b --device cuda --size 384 --extract-teachers dinov2_l,clip_l,sam_l \
+        --kernels both                                          # what `make gpu-check` runs
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ from pathlib import Path
 
 import torch
 
+TINY_TEACHERS = "dinov2_tiny,clip_tiny,sam_tiny"
 
-def make_cache(root: Path, images: int, size: int, shard_images: int) -> str:
+
+def make_cache(
+    root: Path, images: int, size: int, shard_images: int, teachers: str = TINY_TEACHERS, batch_size: int = 32
+) -> str:
     from sak.pipeline.extract import ExtractConfig, run_extraction
     from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
@@ -37,7 +45,8 @@ def make_cache(root: Path, images: int, size: int, shard_images: int) -> str:
     cfg = ExtractConfig(
         source=str(photos),
         out=str(root / "cache"),
-        teachers=("dinov2_tiny", "clip_tiny", "sam_tiny"),
+        teachers=tuple(t for t in teachers.split(",") if t),
+        batch_size=batch_size,
         views_per_image=2,
         size=size,
         shard_size=2 * shard_images,
@@ -78,6 +87,8 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
     images = batch["images"].to(device)  # (B, 3, S, S)
     targets = decode_targets(batch, index.stores, device)
     model = build_student_for(cfg, index).to(device)
+    use_kernels = bool(cfg.use_kernels)
+    model.use_kernels = use_kernels
     if device.type == "cpu" and cfg.num_workers:
         from sak.student.train.stage1 import cpu_compute_threads
 
@@ -89,7 +100,8 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _ = distillation_loss(stored_levels(model(images).distill_maps, index.stores), targets)
+            maps = stored_levels(model(images).distill_maps, index.stores)
+            loss, _ = distillation_loss(maps, targets, use_kernels=use_kernels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -115,6 +127,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda [default: cuda when available]")
     p.add_argument("--skip-online", action="store_true")
+    p.add_argument(
+        "--extract-teachers",
+        default=TINY_TEACHERS,
+        help="teachers of the cache this script extracts (random init)",
+    )
+    p.add_argument(
+        "--extract-batch-size", type=int, default=32, help="views per teacher forward when extracting"
+    )
+    p.add_argument(
+        "--kernels", choices=["off", "on", "both"], default="off", help="fused kernels in every row"
+    )
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -125,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     with tempfile.TemporaryDirectory(prefix="sak-bench-train-") as tmp:
         root = Path(tmp)
-        cache = args.cache or make_cache(root, args.images, args.size, shard_images=4)
+        cache = args.cache or make_cache(
+            root, args.images, args.size, 4, args.extract_teachers, args.extract_batch_size
+        )
         base = Stage1Config(
             cache=cache,
             out="",
@@ -140,15 +165,19 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
         rows = {}
-        rows[f"cache ({args.num_workers} workers)"] = trainer_row(
-            Stage1Config.from_dict({**base.to_dict(), "out": str(root / "cache_run")}), args.warmup
-        )
-        if not args.skip_online:
-            rows["online teachers"] = trainer_row(
-                Stage1Config.from_dict({**base.to_dict(), "out": str(root / "online_run"), "online": True}),
+        for kernels in {"off": [False], "on": [True], "both": [False, True]}[args.kernels]:
+            tag = " +kernels" if kernels else ""
+            with_kernels = {**base.to_dict(), "use_kernels": kernels}
+            rows[f"cache ({args.num_workers} workers){tag}"] = trainer_row(
+                Stage1Config.from_dict({**with_kernels, "out": str(root / f"cache_run{tag.strip()}")}),
                 args.warmup,
             )
-        rows["student only (in memory)"] = student_only_row(base, args.steps, args.warmup)
+            if not args.skip_online:
+                online = {**with_kernels, "out": str(root / f"online_run{tag.strip()}"), "online": True}
+                rows[f"online teachers{tag}"] = trainer_row(Stage1Config.from_dict(online), args.warmup)
+            rows[f"student only (in memory){tag}"] = student_only_row(
+                Stage1Config.from_dict(with_kernels), args.steps, args.warmup
+            )
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = (

@@ -185,7 +185,7 @@ def cli(verbose: bool) -> None:
     "--kernels/--no-kernels",
     "use_kernels",
     default=None,
-    help="Fused Triton adapter and loss kernels [default: on when training on CUDA].",
+    help="Fused Triton adapter and loss kernels (opt-in) [default: off, the torch ops; see README 'Kernels'].",
 )
 @click.option("--grad-checkpointing", is_flag=True, help="Recompute stem blocks in backward.")
 @click.option("--no-tensorboard", is_flag=True, help="Do not write RUN/tb.")

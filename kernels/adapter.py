@@ -2,23 +2,27 @@
 
 Shapes: x, z (..., C) tokens, flattened here to (M, C); w_down (R, C) and w_up (C, R) like nn.Linear
 weights; b_down (R,), b_up (C,); scale a 0-d or 1-element tensor. All dots accumulate in fp32.
+Two dtypes: x's (u, the residual add, the output, the grads of x and z) and the matmul dtype MM, the
+weights' dtype (x's own, or the autocast dtype: `fused_adapter` casts the weights as autocast would).
+Every matmul operand is rounded to MM, and h, gelu(h), y and the matmul grads are rounded to MM where
+eager autocast rounds them, so the op returns what the eager module returns under autocast.
 
 Forward (`_adapter_fwd_kernel`, one program per BLOCK_M tokens):
-    phase 1  h = u @ w_down.T + b_down        (BLOCK_M, BLOCK_R) fp32, kept in registers over the C loop
-    phase 2  a = gelu(h), cast to the input dtype (what eager autocast/bf16 would feed the next matmul)
-             out[:, c] = u[:, c] + scale * (a @ w_up[c].T + b_up[c]) for each C chunk, u re-read (L2 hit)
+    phase 1  h = MM(u) @ w_down.T + b_down     (BLOCK_M, BLOCK_R) fp32 over the C loop, then rounded to MM
+    phase 2  a = MM(gelu(h))                   (what eager feeds the next matmul)
+             y = MM(a @ w_up[c].T + b_up[c]); out[:, c] = u[:, c] + scale * y for each C chunk (u re-read)
 The bottleneck activation never goes to global memory, except that h itself (M, R) is stored when a
 backward will follow (`save_h`).
 
 Backward STORES h rather than recomputing it: recomputing needs u @ w_down.T again, i.e. re-reading the
 whole (M, C) input (C = 4R), while storing costs one write plus one read of the (M, R) tensor: about half the
-bytes and none of the FLOPs. h is stored in the input dtype, the precision eager PyTorch saves it in.
+bytes and none of the FLOPs. h is stored in MM, the precision eager PyTorch saves it in.
 Under `torch.no_grad()` (or when nothing requires grad) nothing is stored.
 
 Backward (`_adapter_bwd_tokens_kernel`, one program per BLOCK_M tokens, then two reduction GEMMs):
-    gw  = g @ w_up                              (BLOCK_M, R)   g = grad of out
-    dh  = scale * gw * gelu'(h)                 stored (M, R) in the input dtype for the weight gradient
-    du  = g + dh @ w_down                       (M, C) = grad of x (and of z)
+    gw  = MM(g) @ w_up                          (BLOCK_M, R)   g = grad of out
+    dh  = MM(scale * gw) * gelu'(h)             stored (M, R) in MM for the weight gradient
+    du  = g + MM(MM(dh) @ w_down)               (M, C) = grad of x (and of z)
     per-tile partial sums: colsum(g) (-> b_up, scale), colsum(dh) (-> b_down), sum(gelu(h) * gw) (-> scale)
     dw_up   = scale * g.T @ gelu(h)             `_token_reduce_kernel`, gelu applied while loading h
     dw_down = dh.T @ u                          `_token_reduce_kernel`, u = x + z formed while loading
@@ -65,6 +69,7 @@ def _adapter_fwd_kernel(
     R,
     HAS_Z: tl.constexpr,
     SAVE_H: tl.constexpr,
+    MM_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -90,13 +95,15 @@ def _adapter_fwd_kernel(
             z = tl.load(z_ptr + row_off[:, None] + cc[None, :], mask=tile_ok, other=0.0)
             u = (u.to(tl.float32) + z.to(tl.float32)).to(in_dtype)  # rounded like eager x + z
         wd_t = tl.load(wd_ptr + rr[None, :] * C + cc[:, None], mask=r_ok[None, :] & c_ok[:, None], other=0.0)
-        h = tl.dot(u.to(DOT_DTYPE), wd_t.to(DOT_DTYPE), h, input_precision=DOT_PRECISION)  # (BM, BR)
+        u_mm = u.to(MM_DTYPE).to(DOT_DTYPE)  # autocast's cast of the matmul input
+        h = tl.dot(u_mm, wd_t.to(DOT_DTYPE), h, input_precision=DOT_PRECISION)  # (BM, BR)
     h += tl.load(bd_ptr + rr, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+    h = h.to(MM_DTYPE).to(tl.float32)  # the linear's output dtype, as eager rounds it
     if SAVE_H:
         h_mask = row_ok[:, None] & r_ok[None, :]
-        tl.store(h_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :], h.to(in_dtype), mask=h_mask)
-    # exact GELU; padded R columns have h = 0 so a = 0 there
-    a = (0.5 * h * (1.0 + tl.erf(h * _SQRT1_2))).to(in_dtype).to(DOT_DTYPE)  # (BM, BR)
+        tl.store(h_ptr + rows.to(tl.int64)[:, None] * R + rr[None, :], h.to(MM_DTYPE), mask=h_mask)
+    # exact GELU of the rounded h, rounded again (eager runs GELU in the matmul dtype); padded R columns: 0
+    a = (0.5 * h * (1.0 + tl.erf(h * _SQRT1_2))).to(MM_DTYPE).to(DOT_DTYPE)  # (BM, BR)
 
     # phase 2: out = u + scale * (a @ w_up.T + b_up), one C chunk at a time
     for c0 in range(0, C, BLOCK_C):
@@ -106,6 +113,7 @@ def _adapter_fwd_kernel(
         wu_t = tl.load(wu_ptr + cc[None, :] * R + rr[:, None], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         y = tl.dot(a, wu_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BM, BC) fp32
         y += tl.load(bu_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+        y = y.to(MM_DTYPE).to(tl.float32)  # the up linear's output, rounded as eager
         u = tl.load(x_ptr + row_off[:, None] + cc[None, :], mask=tile_ok, other=0.0)
         if HAS_Z:
             z = tl.load(z_ptr + row_off[:, None] + cc[None, :], mask=tile_ok, other=0.0)
@@ -128,6 +136,7 @@ def _adapter_bwd_tokens_kernel(
     M,
     C,
     R,
+    MM_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -150,7 +159,8 @@ def _adapter_bwd_tokens_kernel(
         c_ok = cc < C
         g = tl.load(g_ptr + row_off[:, None] + cc[None, :], mask=row_ok[:, None] & c_ok[None, :], other=0.0)
         wu = tl.load(wu_ptr + cc[:, None] * R + rr[None, :], mask=c_ok[:, None] & r_ok[None, :], other=0.0)
-        gw = tl.dot(g.to(DOT_DTYPE), wu.to(DOT_DTYPE), gw, input_precision=DOT_PRECISION)  # (BM, BR)
+        g_mm = g.to(MM_DTYPE).to(DOT_DTYPE)
+        gw = tl.dot(g_mm, wu.to(DOT_DTYPE), gw, input_precision=DOT_PRECISION)  # (BM, BR)
         tl.store(gsum_ptr + pid * C + cc, tl.reduce(g.to(tl.float32), 0, _SUM), mask=c_ok)
 
     h_mask = row_ok[:, None] & r_ok[None, :]
@@ -159,7 +169,8 @@ def _adapter_bwd_tokens_kernel(
     cdf = 0.5 * (1.0 + tl.erf(h * _SQRT1_2))
     a = (h * cdf).to(in_dtype).to(tl.float32)  # the activation the forward fed to w_up
     tl.store(dscale_ptr + pid, tl.reduce(tl.reduce(a * gw, 1, _SUM), 0, _SUM))
-    dh = scale * gw * (cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI)  # zero on padded rows/cols
+    da = (scale * gw).to(MM_DTYPE).to(tl.float32)  # grad of gelu(h), in the dtype eager keeps it
+    dh = da * (cdf + h * tl.exp(-0.5 * h * h) * _INV_SQRT_2PI)  # zero on padded rows/cols
     tl.store(dhsum_ptr + pid * R + rr, tl.reduce(dh, 0, _SUM), mask=r_ok)
     dh_lp = dh.to(in_dtype)
     tl.store(dh_ptr + h_off, dh_lp, mask=h_mask)
@@ -172,6 +183,7 @@ def _adapter_bwd_tokens_kernel(
         tile_ok = row_ok[:, None] & c_ok[None, :]
         wd = tl.load(wd_ptr + rr[:, None] * C + cc[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
         du = tl.dot(dh_lp, wd.to(DOT_DTYPE), input_precision=DOT_PRECISION)  # (BM, BC)
+        du = du.to(MM_DTYPE).to(tl.float32)  # grad of the down linear's input, rounded as eager
         g = tl.load(g_ptr + row_off[:, None] + cc[None, :], mask=tile_ok, other=0.0)
         du += g.to(tl.float32)
         tl.store(du_ptr + row_off[:, None] + cc[None, :], du.to(du_ptr.dtype.element_ty), mask=tile_ok)
@@ -188,6 +200,7 @@ def _token_reduce_kernel(
     tokens_per_split,
     GELU_B: tl.constexpr,
     HAS_B2: tl.constexpr,
+    MM_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -216,7 +229,8 @@ def _token_reduce_kernel(
         if GELU_B:
             bf = b.to(tl.float32)
             b = (0.5 * bf * (1.0 + tl.erf(bf * _SQRT1_2))).to(in_dtype)
-        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
+        a_mm = a.to(MM_DTYPE).to(DOT_DTYPE)
+        acc = tl.dot(tl.trans(a_mm), b.to(MM_DTYPE).to(DOT_DTYPE), acc, input_precision=DOT_PRECISION)
     out = out_ptr + split.to(tl.int64) * NI * NJ + ii[:, None] * NJ + jj[None, :]
     tl.store(out, acc, mask=i_ok[:, None] & j_ok[None, :])
 
@@ -226,10 +240,12 @@ def _token_reduce_kernel(
 
 
 def _configs(kind: str, dtype: torch.dtype) -> list:
-    """Launch configs per kernel and input dtype: one small config under the interpreter, a tuning set on GPU.
+    """Launch configs per kernel and matmul dtype: one small config under the interpreter, a tuning set on GPU.
 
-    The GPU sets are those with the fewest register spills when compiled for sm_90 at R = 256 (ptxas -v);
-    fp32 operands (IEEE dots) need half the tile of 16-bit ones to stay in registers and shared memory.
+    The GPU sets hold only configs with no register spills when compiled for sm_90 as the runtime specialises
+    the real launch (128 x 577 tokens, C = 768 and 1024, BLOCK_R = 256), for x in the matmul dtype and for
+    fp32 x under autocast (`ptxas -v`; the slow test `test_every_gpu_config_compiles_for_h100_without_spills`
+    keeps it so). fp32 operands (IEEE dots) need half the tile of 16-bit ones.
     """
     C = triton.Config
     if dispatch.interpreting():
@@ -250,17 +266,17 @@ def _configs(kind: str, dtype: torch.dtype) -> list:
             "reduce": [C({}, num_warps=8, num_stages=3)],
         }[kind]
     return {
-        "fwd": [
+        "fwd": [  # 4 warps spill at BLOCK_M = 64
             C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=16, num_stages=3),
             C({"BLOCK_M": 64, "BLOCK_C": 64}, num_warps=8, num_stages=3),
-            C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=8, num_stages=4),
+            C({"BLOCK_M": 64, "BLOCK_C": 32}, num_warps=8, num_stages=2),
+            C({"BLOCK_M": 32, "BLOCK_C": 64}, num_warps=8, num_stages=3),
         ],
-        "bwd": [
-            C({"BLOCK_C": 32}, num_warps=16, num_stages=3),
+        "bwd": [  # BLOCK_M = 32 (_bwd_block_m): every 64-token tile spilled, whatever the warps
             C({"BLOCK_C": 32}, num_warps=8, num_stages=3),
-            C({"BLOCK_C": 64}, num_warps=16, num_stages=3),
+            C({"BLOCK_C": 32}, num_warps=8, num_stages=2),
             C({"BLOCK_C": 64}, num_warps=8, num_stages=3),
+            C({"BLOCK_C": 16}, num_warps=8, num_stages=3),
         ],
         "reduce": [
             C({}, num_warps=8, num_stages=3),
@@ -279,44 +295,48 @@ def _block_r(R: int) -> int:
 
 
 def _bwd_block_m(dtype: torch.dtype) -> int:
-    # fixed (not tuned): it sizes the per-tile partial-sum buffers
-    return 32 if dispatch.interpreting() or dtype == torch.float32 else 64
+    """Tokens per backward tile, fixed (not tuned): it sizes the per-tile partial-sum buffers. 32 for every
+    dtype: (64, 256) fp32 tiles of gw, h and dh spill registers on sm_90 at every warp count tried."""
+    return 32
 
 
 def _fwd_triton(x, z, w_down, b_down, w_up, b_up, scale, save_h: bool):
     M, C = x.shape  # (M, C)
     R = w_down.shape[0]
+    mm = w_down.dtype  # matmul operand dtype: x's, or the autocast dtype
     block_r = _block_r(R)
-    for cfg in _configs("fwd", x.dtype):
+    for cfg in _configs("fwd", mm):
         dispatch.assert_dot_dims(
             BLOCK_M=cfg.kwargs["BLOCK_M"], BLOCK_C=cfg.kwargs["BLOCK_C"], BLOCK_R=block_r
         )
     out = dispatch.new_buffer((M, C), x.dtype, x.device)
-    h = dispatch.new_buffer((M, R) if save_h else (0,), x.dtype, x.device)
+    h = dispatch.new_buffer((M, R) if save_h else (0,), mm, x.device)
     if M == 0:
         return out, h
     dispatch.launch(
         _adapter_fwd_kernel,
         lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),),
         x, x if z is None else z, w_down, b_down, w_up, b_up, scale, out, h, M, C, R,
-        configs=_configs("fwd", x.dtype),
+        configs=_configs("fwd", mm),
         key=("C", "R"),
         HAS_Z=z is not None,
         SAVE_H=save_h,
-        DOT_DTYPE=dispatch.dot_dtype(x.dtype),
-        DOT_PRECISION=dispatch.dot_precision(x.dtype),
+        MM_DTYPE=dispatch.tl_dtype(mm),
+        DOT_DTYPE=dispatch.dot_dtype(mm),
+        DOT_PRECISION=dispatch.dot_precision(mm),
         BLOCK_R=block_r,
     )  # fmt: skip
     return out, h
 
 
-def _token_reduce(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None = None, gelu_b: bool = False):
-    """fp32 (NI, NJ) = a.T @ f(b) over M tokens; a (M, NI), b (M, NJ); f adds b2 and/or applies GELU."""
+def _token_reduce(
+    a: torch.Tensor, b: torch.Tensor, mm: torch.dtype, b2: torch.Tensor | None = None, gelu_b: bool = False
+):
+    """fp32 (NI, NJ) = a.T @ f(b) over M tokens; a (M, NI), b (M, NJ); f adds b2 and/or applies GELU; both
+    operands rounded to the matmul dtype `mm`."""
     M, NI = a.shape
     NJ = b.shape[1]
-    block_i, block_j, block_k = (
-        (64, 64, 32) if dispatch.interpreting() or b.dtype == torch.float32 else (64, 64, 64)
-    )
+    block_i, block_j, block_k = _reduce_blocks(mm)
     dispatch.assert_dot_dims(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k)
     tiles = triton.cdiv(NI, block_i) * triton.cdiv(NJ, block_j)
     # enough splits of the token axis to give every SM a few programs
@@ -328,12 +348,13 @@ def _token_reduce(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None = No
         _token_reduce_kernel,
         lambda meta: (triton.cdiv(NI, block_i), triton.cdiv(NJ, block_j), n_splits),
         a, b, b if b2 is None else b2, partial, M, NI, NJ, tokens_per_split,
-        configs=_configs("reduce", b.dtype),
+        configs=_configs("reduce", mm),
         key=("NI", "NJ"),
         GELU_B=gelu_b,
         HAS_B2=b2 is not None,
-        DOT_DTYPE=dispatch.dot_dtype(b.dtype),
-        DOT_PRECISION=dispatch.dot_precision(b.dtype),
+        MM_DTYPE=dispatch.tl_dtype(mm),
+        DOT_DTYPE=dispatch.dot_dtype(mm),
+        DOT_PRECISION=dispatch.dot_precision(mm),
         BLOCK_I=block_i,
         BLOCK_J=block_j,
         BLOCK_K=block_k,
@@ -341,16 +362,21 @@ def _token_reduce(a: torch.Tensor, b: torch.Tensor, b2: torch.Tensor | None = No
     return partial[0] if n_splits == 1 else partial.sum(0)
 
 
+def _reduce_blocks(mm: torch.dtype) -> tuple[int, int, int]:
+    return (64, 64, 32) if dispatch.interpreting() or mm == torch.float32 else (64, 64, 64)
+
+
 def _bwd_triton(g, x, z, h, w_down, w_up, b_up, scale):
     M, C = g.shape
     R = w_down.shape[0]
+    mm = w_down.dtype
     block_r = _block_r(R)
-    block_m = _bwd_block_m(x.dtype)
-    for cfg in _configs("bwd", x.dtype):
+    block_m = _bwd_block_m(mm)
+    for cfg in _configs("bwd", mm):
         dispatch.assert_dot_dims(BLOCK_M=block_m, BLOCK_C=cfg.kwargs["BLOCK_C"], BLOCK_R=block_r)
     n_tiles = triton.cdiv(M, block_m)
     du = dispatch.new_buffer((M, C), x.dtype, x.device)
-    dh = dispatch.new_buffer((M, R), x.dtype, x.device)
+    dh = dispatch.new_buffer((M, R), mm, x.device)
     gsum = dispatch.new_buffer((n_tiles, C), torch.float32, x.device)
     dhsum = dispatch.new_buffer((n_tiles, R), torch.float32, x.device)
     dscale_part = dispatch.new_buffer((n_tiles,), torch.float32, x.device)
@@ -359,10 +385,11 @@ def _bwd_triton(g, x, z, h, w_down, w_up, b_up, scale):
             _adapter_bwd_tokens_kernel,
             lambda meta: (n_tiles,),
             g, h, w_down, w_up, scale, du, dh, gsum, dhsum, dscale_part, M, C, R,
-            configs=_configs("bwd", x.dtype),
+            configs=_configs("bwd", mm),
             key=("C", "R"),
-            DOT_DTYPE=dispatch.dot_dtype(x.dtype),
-            DOT_PRECISION=dispatch.dot_precision(x.dtype),
+            MM_DTYPE=dispatch.tl_dtype(mm),
+            DOT_DTYPE=dispatch.dot_dtype(mm),
+            DOT_PRECISION=dispatch.dot_precision(mm),
             BLOCK_M=block_m,
             BLOCK_R=block_r,
         )  # fmt: skip
@@ -372,8 +399,8 @@ def _bwd_triton(g, x, z, h, w_down, w_up, b_up, scale):
     d_b_up = s * g_colsum
     d_b_down = dhsum.sum(0)
     if M > 0:
-        d_w_up = s * _token_reduce(g, h, gelu_b=True)  # (C, R)
-        d_w_down = _token_reduce(dh, x, z)  # (R, C)
+        d_w_up = s * _token_reduce(g, h, mm, gelu_b=True)  # (C, R)
+        d_w_down = _token_reduce(dh, x, mm, z)  # (R, C)
     else:
         d_w_up, d_w_down = (
             w_up.new_zeros(w_up.shape, dtype=torch.float32),
@@ -387,25 +414,33 @@ def _bwd_triton(g, x, z, h, w_down, w_up, b_up, scale):
 
 
 def _fwd_torch(x, z, w_down, b_down, w_up, b_up, scale, save_h: bool):
-    u = x if z is None else x + z  # (M, C)
-    h = F.linear(u, w_down, b_down)  # (M, R)
-    out = u + scale.reshape(()) * F.linear(F.gelu(h), w_up, b_up)
-    return out, (h if save_h else x.new_empty(0))
+    mm = w_down.dtype  # matmul dtype (x's, or autocast's)
+    u = x if z is None else x + z  # (M, C) in x's dtype
+    h = F.linear(u.to(mm), w_down, b_down)  # (M, R) in mm
+    y = F.linear(F.gelu(h), w_up, b_up)  # (M, C) in mm
+    out = (u.float() + scale.float().reshape(()) * y.float()).to(x.dtype)
+    return out, (h if save_h else x.new_empty(0, dtype=mm))
 
 
 def _bwd_torch(g, x, z, h, w_down, w_up, b_up, scale):
-    u = (x if z is None else x + z).float()  # (M, C), rounded like the forward's u
+    """The kernels' backward in torch, with the same rounding points to the matmul dtype `mm`."""
+    mm = w_down.dtype
+
+    def rnd(t):  # round to the matmul dtype, compute on in fp32
+        return t.to(mm).float()
+
+    u = rnd(x if z is None else x + z)  # (M, C), the down matmul's input
     g = g.float()
     hf = h.float()  # (M, R)
     cdf = 0.5 * (1.0 + torch.erf(hf * SQRT1_2))
-    a = (hf * cdf).to(h.dtype).float()
+    a = rnd(hf * cdf)
     s = scale.float().reshape(())
-    gw = g @ w_up.float()  # (M, R)
+    gw = rnd(g) @ w_up.float()  # (M, R)
     g_colsum = g.sum(0)  # (C,)
     d_scale = (a * gw).sum() + (g_colsum * b_up.float()).sum()
-    dh = s * gw * (cdf + hf * torch.exp(-0.5 * hf * hf) * INV_SQRT_2PI)
-    du = g + dh @ w_down.float()
-    return du, dh.T @ u, dh.sum(0), s * (g.T @ a), s * g_colsum, d_scale
+    dh = rnd(s * gw) * (cdf + hf * torch.exp(-0.5 * hf * hf) * INV_SQRT_2PI)
+    du = g + rnd(rnd(dh) @ w_down.float())
+    return du, rnd(dh).T @ u, dh.sum(0), s * (rnd(g).T @ a), s * g_colsum, d_scale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,23 +458,34 @@ def _adapter_fwd_op(
     scale: torch.Tensor,
     save_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out (..., C), h (M, R) or empty) of the adapter; h is what backward needs."""
+    """(out (..., C) in x's dtype, h (M, R) in the weights' dtype or empty) of the adapter; h is what
+    backward needs. The weights' dtype is the matmul dtype (x's, or the autocast dtype: see fused_adapter)."""
     C = x.shape[-1]
     x2 = x.reshape(-1, C).contiguous()  # (M, C)
     z2 = None if z is None else z.reshape(-1, C).contiguous()
     args = (w_down.contiguous(), b_down.contiguous(), w_up.contiguous(), b_up.contiguous())
     scale1 = scale.reshape(1).contiguous()
-    if dispatch.kernel_backend(x, z, *args, scale, dtype=x.dtype) == "triton":
-        out, h = _fwd_triton(x2, z2, *args, scale1, save_h)
+    if _backend(w_down.dtype, x, z, *args, scale) == "triton":
+        out, h = dispatch.triton_or_torch(
+            ("adapter_fwd", x.dtype, w_down.dtype, C, w_down.shape[0]),
+            lambda: _fwd_triton(x2, z2, *args, scale1, save_h),
+            lambda: _fwd_torch(x2, z2, *args, scale1, save_h),
+        )
     else:
         out, h = _fwd_torch(x2, z2, *args, scale1, save_h)
     return out.reshape(x.shape), h
 
 
+def _backend(mm: torch.dtype, x: torch.Tensor, *tensors: torch.Tensor | None) -> str:
+    """Triton only if both x's dtype and the matmul dtype `mm` are ones the kernels take."""
+    dtype = mm if x.dtype in dispatch.TRITON_DTYPES else x.dtype
+    return dispatch.kernel_backend(x, *tensors, dtype=dtype)
+
+
 @_adapter_fwd_op.register_fake
 def _(x, z, w_down, b_down, w_up, b_up, scale, save_h):
     m = x.numel() // x.shape[-1]
-    return torch.empty_like(x), x.new_empty((m, w_down.shape[0]) if save_h else (0,))
+    return torch.empty_like(x), x.new_empty((m, w_down.shape[0]) if save_h else (0,), dtype=w_down.dtype)
 
 
 @torch.library.custom_op("sak::adapter_bwd", mutates_args=())
@@ -461,10 +507,15 @@ def _adapter_bwd_op(
     if h.numel() == 0 and g.shape[0] > 0:
         raise RuntimeError("sak::adapter_bwd needs the h saved by sak::adapter_fwd(save_h=True)")
     wd, wu, bu = w_down.contiguous(), w_up.contiguous(), b_up.contiguous()
-    if dispatch.kernel_backend(g, x, z, h, wd, wu, bu, scale, dtype=x.dtype) == "triton":
-        grads = _bwd_triton(g, x2, z2, h, wd, wu, bu, scale.reshape(1).contiguous())
+    g = g.to(x.dtype)
+    if _backend(wd.dtype, x, g, z, h, wd, wu, bu, scale) == "triton":
+        grads = dispatch.triton_or_torch(
+            ("adapter_bwd", x.dtype, wd.dtype, C, wd.shape[0]),
+            lambda: _bwd_triton(g, x2, z2, h, wd, wu, bu, scale.reshape(1).contiguous()),
+            lambda: _bwd_torch(g, x2, z2, h, wd, wu, bu, scale),
+        )
     else:
-        grads = _bwd_torch(g.to(x.dtype), x2, z2, h, wd, wu, bu, scale)
+        grads = _bwd_torch(g, x2, z2, h, wd, wu, bu, scale)
     du, dwd, dbd, dwu, dbu, dscale = grads
     return (
         du.to(x.dtype).reshape(x.shape),
@@ -520,18 +571,32 @@ def fused_adapter(
 ) -> torch.Tensor:
     """u + scale * (gelu(u @ w_down.T + b_down) @ w_up.T + b_up) with u = x (+ z); x, z (..., C).
 
-    Weights and biases are used in x's dtype (cast here, so autograd returns their grads in their own dtype);
-    scale keeps its dtype. Triton on CUDA, torch on CPU, or as forced by SAK_KERNELS (see dispatch).
+    Follows autocast as eager PyTorch does: inside `torch.autocast(device, dtype)` the two linears run in the
+    autocast dtype (their inputs, weights and biases cast to it, fp32 accumulation, outputs h and y rounded
+    to it, GELU on the rounded h and rounded again), while u = x + z, the residual add and the output stay
+    in x's dtype (fp32 in training: the stem's stream). Outside autocast the matmuls run in x's dtype.
+    Weights are cast here, so autograd returns their grads in their own dtype; scale keeps its dtype.
+    Triton on CUDA, torch on CPU, or as forced by SAK_KERNELS (see dispatch).
     """
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=x.device)
     assert scale.numel() == 1, f"scale must have one element, got shape {tuple(scale.shape)}"
-    w_down, b_down, w_up, b_up = (t.to(x.dtype) for t in (w_down, b_down, w_up, b_up))
+    mm = matmul_dtype(x)
+    w_down, b_down, w_up, b_up = (t.to(mm) for t in (w_down, b_down, w_up, b_up))
     z = None if z is None else z.to(x.dtype)
     tensors = (x, z, w_down, b_down, w_up, b_up, scale)
     save_h = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     out, _ = torch.ops.sak.adapter_fwd(x, z, w_down, b_down, w_up, b_up, scale, save_h)
     return out
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype eager `F.linear(x, ...)` would compute in here: the autocast dtype when autocast is on for
+    x's device type (and x is floating), else x's own dtype."""
+    device = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def adapter_reference(
@@ -543,7 +608,8 @@ def adapter_reference(
     scale: torch.Tensor,
     z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Plain torch: eager in x's dtype (the baseline the fused op is benchmarked against)."""
+    """Plain torch: eager in x's dtype, or under autocast as autocast runs it (the baseline the fused op is
+    benchmarked against)."""
     if not torch.is_tensor(scale):
         scale = torch.tensor(float(scale), device=x.device)
     u = x if z is None else x + z  # (..., C)
@@ -557,4 +623,4 @@ def adapter_flops(tokens: int, C: int, R: int, backward: bool = False) -> int:
     return (6 if backward else 2) * 2 * tokens * C * R
 
 
-__all__ = ["fused_adapter", "adapter_reference", "adapter_flops", "MAX_BOTTLENECK"]
+__all__ = ["fused_adapter", "adapter_reference", "adapter_flops", "matmul_dtype", "MAX_BOTTLENECK"]

@@ -20,7 +20,8 @@ sets the variable after something else imported `sak.kernels` must still get int
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +44,9 @@ BACKENDS = ("torch", "triton")
 # Tests set this to True: every buffer a kernel is meant to fill starts as NaN (integers as -1), so an
 # element the kernel forgot to write fails the comparison instead of passing by luck.
 poison_outputs = False
+
+# Tests set this to True: a Triton failure raises instead of falling back to torch (see `triton_or_torch`).
+strict = False
 
 
 def interpreting() -> bool:
@@ -114,6 +118,11 @@ def launch(
     return dict(constexprs)
 
 
+def tl_dtype(dtype: torch.dtype) -> Any:
+    """The triton.language dtype of a torch floating dtype the kernels take."""
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
+
+
 def dot_dtype(dtype: torch.dtype) -> Any:
     """Operand dtype of tl.dot: the input dtype on GPU, float32 under the interpreter (bf16 dot is broken there)."""
     if interpreting():
@@ -133,6 +142,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return "tf32"
+
+
+_FAILED: dict[Hashable, str] = {}  # launch key -> why its Triton launch failed (torch from then on)
+
+
+def triton_or_torch(key: Hashable, run_triton: Callable[[], Any], run_torch: Callable[[], Any]) -> Any:
+    """`run_triton()`, or `run_torch()` when it raises (a compile error, an unsupported shape, no resources).
+
+    The first failure of a launch `key` (op, dtypes, shape) warns once, names the cause and is remembered:
+    later calls with the same key go straight to torch instead of failing (and compiling) again. Kernels
+    never wait on one another, so a launch either returns or raises: there is no hang to fall back from.
+    With `strict` (tests) the error is raised instead.
+    """
+    if key not in _FAILED:
+        try:
+            return run_triton()
+        except Exception as e:
+            if strict:
+                raise
+            _FAILED[key] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            warnings.warn(
+                f"{key[0] if isinstance(key, tuple) else key}: the Triton kernel failed "
+                f"({_FAILED[key]}); using the torch implementation for this shape from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return run_torch()
+
+
+def triton_failures() -> dict[str, str]:
+    """Launch keys that fell back to torch and why (for run and benchmark records)."""
+    return {str(k): why for k, why in _FAILED.items()}
 
 
 def new_buffer(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -166,22 +207,75 @@ def tuned_configs() -> dict[str, str]:
     return out
 
 
+def runtime_specialization(fn: Callable, args: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) the Triton runtime would compile `fn` with for these argument values.
+
+    As `JITFunction.run` does at launch: an int equal to 1 becomes a constant, ints and pointers divisible
+    by 16 (16-byte aligned) get `tt.divisibility = 16`, floats and bools are not specialised, and parameters
+    marked `do_not_specialize` keep their plain type. So pass the REAL values: a size that is a multiple of
+    16 at the real shapes compiles to different (vectorised) code than an arbitrary one.
+    """
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    jit_fn = triton.jit(fn)
+    params = {p.name: p for p in jit_fn.params}
+    signature, constexprs, attrs = {}, {}, {}
+    for name, value in args.items():
+        param = params[name]
+        kind, spec = native_specialize_impl(
+            CUDABackend, value, False, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
+        if kind == "constexpr":
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        signature[name] = kind
+        if isinstance(spec, str):
+            attrs[(jit_fn.arg_names.index(name),)] = CUDABackend.parse_attr(spec)
+    return signature, constexprs, attrs
+
+
 def compile_only(
     fn: Callable, args: dict[str, Any], constexprs: dict[str, Any], config: Any, arch: int = 90
 ) -> Any:
     """Compile kernel `fn` for an NVIDIA GPU of compute capability `arch` without needing one (PTX + cubin).
 
-    `args` maps every non-constexpr parameter to an example value (tensor, int or float) that fixes its type.
+    `args` maps every non-constexpr parameter to the value a real launch passes (tensors: any tensor of the
+    right dtype, 16-byte aligned like every torch allocation; ints: the real sizes and strides), so the
+    kernel is specialised as the runtime would specialise it (`runtime_specialization`).
     Catches what the interpreter does not (e.g. non-constexpr globals, layout or shared-memory limits).
     """
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import mangle_type
 
     assert not interpreting(), "compile_only needs TRITON_INTERPRET unset"
-    constexprs = {**constexprs, **config.kwargs}
-    signature = {name: mangle_type(value) for name, value in args.items()}
+    signature, specialized, attrs = runtime_specialization(fn, args)
+    constexprs = {**specialized, **constexprs, **config.kwargs}
     signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(triton.jit(fn), signature, constexprs=constexprs)
+    source = ASTSource(triton.jit(fn), signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def register_spills(compiled: Any, arch: int = 90) -> tuple[int, int]:
+    """(registers per thread, spill bytes stored + loaded) of a `compile_only` result, from `ptxas -v`."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        cmd = [ptxas, "-v", f"--gpu-name={gpu}", ptx, "-o", os.path.join(tmp, "k.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    stores, loads = (
+        int(n) for n in re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
+    )
+    return regs, stores + loads

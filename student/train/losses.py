@@ -69,12 +69,12 @@ def distill_term(
     use_kernels: the fused one-pass op `sak.kernels.distill_loss.distill_loss` (Triton on CUDA, its torch
     implementation elsewhere; SAK_KERNELS forces one) instead of the plain reference below.
     """
-    s = resize_to_target(student_map_bchw, target_bhwc).contiguous()  # (B, H, W, C) fp32
+    s = resize_to_target(student_map_bchw, target_bhwc)  # (B, H, W, C) fp32, maybe a strided view
     if use_kernels:
         from sak.kernels.distill_loss import distill_loss
 
-        return distill_loss(s, target_bhwc.float().contiguous())
-    return distill_loss_reference(s, target_bhwc.float())
+        return distill_loss(s, target_bhwc)  # reads the strided map and the stored dtype in place
+    return distill_loss_reference(s.contiguous(), target_bhwc.float())
 
 
 def _check_pairing(

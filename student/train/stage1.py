@@ -264,7 +264,7 @@ def _set_up(cfg: Stage1Config, env: DistEnv, resume: bool) -> _Session:
         _check_resume(run, cfg, env, index)
     mean, std = input_normalization(cfg.normalization, cfg.student)
     model = build_student_for(cfg, index).to(device)
-    model.use_kernels = _uses_kernels(cfg, device)  # fused adapters; the loss follows the same flag
+    model.use_kernels = _uses_kernels(cfg)  # fused adapters; the loss follows the same flag
     online = OnlineTeachers(index.stores, index.plan.size, device) if cfg.online else None
     reader = BatchReader(
         index,
@@ -323,8 +323,10 @@ def _set_up(cfg: Stage1Config, env: DistEnv, resume: bool) -> _Session:
     )
 
 
-def _uses_kernels(cfg: Stage1Config, device: torch.device) -> bool:
-    return cfg.use_kernels if cfg.use_kernels is not None else torch.device(device).type == "cuda"
+def _uses_kernels(cfg: Stage1Config) -> bool:
+    """Opt-in: the torch path is the default until a GPU run shows the kernels beating torch.compile at
+    the real shapes (README, "Kernels")."""
+    return bool(cfg.use_kernels)
 
 
 def _run_record(s: _Session, resume: bool) -> dict:

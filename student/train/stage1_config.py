@@ -68,8 +68,9 @@ class Stage1Config:
     report_repsim: also measure Rep Sim before training; both are logged and returned.
     save_every: checkpoint every N steps (0: only at the end). log_every: a console line every N steps.
     stop_after: stop with a checkpoint after this step, as if preempted; `resume` continues the schedule.
-    device: "cpu", "cuda" or None (CUDA when available). use_kernels: the fused Triton adapter and loss;
-    None (default) turns them on when training on CUDA, False keeps the plain torch ops.
+    device: "cpu", "cuda" or None (CUDA when available). use_kernels: the fused Triton adapter and loss
+    (opt-in); None (default) and False keep the eager torch ops, which stay the default until a GPU run shows
+    the kernels beating torch.compile at the real shapes (README, "Kernels").
     grad_checkpointing: recompute stem blocks in backward. tensorboard: also write RUN/tb.
     """
 
