@@ -21,6 +21,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # a new embedded Ray, whatever cluster this machine may also be running
             num_cpus=2,
             object_store_memory=300 * 1024 * 1024,
             include_dashboard=False,
