@@ -28,6 +28,7 @@ from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.targets import parse_grid, resolve_grid, select_levels
 from sak.pipeline.teachers import TeacherSpec, parse_teachers
+from sak.pipeline.units import UNITS_NOTE, human_bytes
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 GPU_PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -103,6 +104,7 @@ class TeacherEstimate:
     bytes_per_view: float  # on disk
     macs_linear: float  # per view, patch embed + linear layers
     macs_attention: float  # per view, attention matmuls (+ SAM relative positions)
+    blocks_run: int  # transformer blocks the teacher runs: up to the deepest kept level (stop early)
 
     @property
     def macs(self) -> float:
@@ -229,9 +231,10 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         blocks = select_levels(spec, cfg.levels)
         h, w = resolve_grid(spec, cfg.size, cfg.grid)
         raw, disk = stored_bytes_per_view(h, w, spec.dim, len(blocks), cfg.codec, compression, cfg.format)
-        linear, attention = teacher_macs(spec, cfg.size, max(blocks) + 1)
+        blocks_run = max(blocks) + 1  # forward_levels stops after the deepest kept block
+        linear, attention = teacher_macs(spec, cfg.size, blocks_run)
         est.teachers.append(
-            TeacherEstimate(spec.name, blocks, (h, w), spec.dim, raw, disk, linear, attention)
+            TeacherEstimate(spec.name, blocks, (h, w), spec.dim, raw, disk, linear, attention, blocks_run)
         )
     return est
 
@@ -239,16 +242,8 @@ def estimate(cfg: EstimateConfig) -> Estimate:
 # ------------------------------------------------------------------------------------------ report
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def format_estimate(est: Estimate) -> str:
-    """The readable table `sak-cache estimate` prints (decimal units: 1 MB = 1e6 bytes)."""
+    """The readable table `sak-cache estimate` prints (sizes in decimal units, `units.human_bytes`)."""
     cfg = est.config
     lines = [
         f"estimate  {est.num_images:,} images x {cfg.views_per_image} view(s) = {est.num_views:,} views at "
@@ -277,7 +272,10 @@ def format_estimate(est: Estimate) -> str:
         f"{human_bytes(est.target_bytes_per_view):>10} {human_bytes(est.target_bytes):>10} "
         f"{total_macs / 1e9:>18.1f} {est.gpu_hours():>9.2f}",
         "",
-        f"teacher compute  {2 * total_macs / 1e12:.2f} TFLOP per view (GMAC = linear + attention)",
+        f"teacher compute  {2 * total_macs / 1e12:.2f} TFLOP per view (GMAC = linear + attention; each "
+        f"teacher runs blocks up to its deepest kept level: "
+        f"{', '.join(f'{t.name} {t.blocks_run}' for t in est.teachers)})",
+        f"sizes            {UNITS_NOTE}",
         f"images/          {human_bytes(est.image_bytes)} ({human_bytes(est.image_bytes / max(est.num_images, 1))} "
         f"per image, {'measured on the source' if cfg.source else 'assumed'})",
         f"cache total      {human_bytes(est.target_bytes + est.image_bytes)}",

@@ -624,8 +624,8 @@ class TeacherWorker:
                 parts = []
                 for i in range(0, batch_views.shape[0], self.batch_size):
                     x = batch_views[i : i + self.batch_size].to(self.device, non_blocking=True)
-                    # keep and resample on the device, then copy the (smaller) targets: host-device sync
-                    shaped = shape_targets(teacher.spec, teacher.forward_levels(x), blocks, grid)
+                    # run up to the deepest kept block, resample on the device, then copy the (smaller) targets: host-device sync
+                    shaped = shape_targets(teacher.spec, teacher.forward_levels(x, blocks), blocks, grid)
                     parts.append([shaped[b].cpu() for b in blocks])
                 feats[name] = [torch.cat([p[level] for p in parts]) for level in range(len(blocks))]
         records = {}

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.teachers import normalize_u8
 from sak.student.data.dense import (
     DATASET_METRIC_NAME,
     DEFAULT_INPUT_SIZE,
@@ -207,10 +208,6 @@ class Stage2Result:
     model: SakMultiTask | None = field(default=None, repr=False)
 
 
-def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (images_u8.float() / 255.0 - mean) / std  # (B, 3, H, W)
-
-
 def train_stage2(cfg: Stage2Config) -> Stage2Result:
     """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks."""
     cfg.validate()
@@ -351,7 +348,7 @@ class _Stage2Step:
         cfg, device, teachers = self.cfg, self.device, self.teachers
         images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
         targets = {t: v.to(device) for t, v in batch["labels"].items()}
-        preds, _, distill_maps = self.model(normalize(images_u8.to(device), self.mean, self.std))
+        preds, _, distill_maps = self.model(normalize_u8(images_u8.to(device), self.mean, self.std))
         task_loss, parts = multi_task_loss(preds, targets, self.weights)
         loss = task_loss
         distill = None
@@ -437,7 +434,7 @@ def evaluate(
     gate_sum: dict[tuple[int, str], torch.Tensor] = {}
     shown: list[dict] = []
     for batch in loader:
-        preds, gates, _ = model(normalize(batch["images"].to(dev), mean, std))
+        preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
         for key, g in gates.items():
             gate_sum[key] = gate_sum.get(key, 0) + g.sum(0).cpu()
         outs = {t: task_output(t, p).cpu() for t, p in preds.items()}
