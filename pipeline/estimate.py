@@ -26,7 +26,15 @@ from pathlib import Path
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
-from sak.pipeline.targets import parse_grid, resolve_grid, select_levels
+from sak.pipeline.targets import (
+    codec_field,
+    format_field,
+    grid_field,
+    levels_field,
+    parse_grid,
+    resolve_grid,
+    select_levels,
+)
 from sak.pipeline.teachers import TeacherSpec, parse_teachers
 from sak.pipeline.units import UNITS_NOTE, human_bytes
 
@@ -77,21 +85,42 @@ MLP_RATIO = 4
 class EstimateConfig:
     """What `sak-cache estimate` takes: the options of `run` that decide the cache, plus the machine."""
 
-    teachers: tuple[str, ...]
-    size: int = 384  # view side; SAM always sees its fixed input
-    views_per_image: int = 2
-    codec: str = "fp16"
-    levels: str = "all"  # tap positions (targets.py)
-    grid: str = "native"  # native | student | HxW (targets.py)
-    format: str = "zarr"  # zarr | wds
-    source: str | None = None  # count images (and their bytes) from a source
-    images: int | None = None  # ... or give the count
-    limit: int | None = None  # as `run --limit`
-    gpu: str = "h100"  # GPU_PEAK_BF16_TFLOPS key
-    utilization: float = 0.4  # achieved fraction of peak over the whole job
-    samples_per_s: float = 2000.0  # student read rate, views/s, all GPUs together
-    compression: float | None = None  # lossless factor; None: ASSUMED_COMPRESSION[codec]
-    image_kb: float = ASSUMED_IMAGE_KB  # mean stored image size when no source is given
+    teachers: tuple[str, ...] = field(metadata={"help": "Comma list of teachers, as for `run`."})
+    size: int = field(default=384, metadata={"help": "View side in pixels (SAM sees 1024)."})
+    views_per_image: int = field(default=2, metadata={"help": "Views per image, as for `run`."})
+    codec: str = codec_field()
+    levels: str = levels_field()
+    grid: str = grid_field()
+    format: str = format_field()
+    source: str | None = field(
+        default=None,
+        metadata={"help": "Count the images (and their bytes) of this source, as `run --source` reads it."},
+    )
+    images: int | None = field(
+        default=None, metadata={"help": "Number of images, when no --source is given."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N images, as for `run`."})
+    gpu: str = field(
+        default="h100",
+        metadata={
+            "help": "GPU kind for GPU-hours (peak bf16 table in estimate.py).",
+            "parse": str.lower,
+            "group": "machine",
+        },
+    )
+    utilization: float = field(
+        default=0.4, metadata={"help": "Achieved fraction of the GPU's bf16 peak.", "group": "machine"}
+    )
+    samples_per_s: float = field(
+        default=1000.0, metadata={"help": "Student read rate (views/s, all GPUs).", "group": "machine"}
+    )
+    compression: float | None = field(
+        default=None,
+        metadata={"help": "Lossless factor on top of the codec [default: measured table]."},
+    )
+    image_kb: float = field(
+        default=ASSUMED_IMAGE_KB, metadata={"help": "Mean stored image size without --source."}
+    )
 
 
 @dataclass
