@@ -127,7 +127,7 @@ def stage1(**opts) -> None:
     from sak.student.train.stage1 import train_stage1
 
     cfg = _config_from_options(opts)
-    result = train_stage1(cfg, resume=bool(opts["resume"]))
+    result = train_stage1(cfg, resume=bool(STAGE1_OPTIONS.build(Stage1Command, opts).resume))
     if result.step < result.total_steps:
         click.echo(f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}")
         return
