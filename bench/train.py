@@ -72,6 +72,7 @@ def trainer_row(cfg, warmup: int) -> dict:
 
 def student_only_row(cfg, steps: int, warmup: int) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
+    from sak.pipeline.teachers import bf16_autocast
     from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
     from sak.student.data.order import make_stream_plan
     from sak.student.train.losses import distillation_loss
@@ -99,7 +100,7 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with bf16_autocast(device):
             maps = stored_levels(model(images).distill_maps, index.stores)
             loss, _ = distillation_loss(maps, targets, use_kernels=use_kernels)
         optimizer.zero_grad(set_to_none=True)

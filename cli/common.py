@@ -23,16 +23,6 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
-def parse_img_size(text: str | None) -> tuple[int, int] | None:
-    """`--img-size HxW` (stage 2) -> (H, W); None when not given."""
-    if not text:
-        return None
-    h, sep, w = text.lower().partition("x")
-    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
-        raise SakError(f"--img-size {text!r} must look like HxW, e.g. 512x512 or 448x576")
-    return int(h), int(w)
-
-
 def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str) -> int:
     """Run a click group in-process and return its exit code (callable from tests as `main([...])`).
 

@@ -26,8 +26,17 @@ from pathlib import Path
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
-from sak.pipeline.targets import parse_grid, resolve_grid, select_levels
+from sak.pipeline.targets import (
+    codec_field,
+    format_field,
+    grid_field,
+    levels_field,
+    parse_grid,
+    resolve_grid,
+    select_levels,
+)
 from sak.pipeline.teachers import TeacherSpec, parse_teachers
+from sak.pipeline.units import UNITS_NOTE, human_bytes
 
 # Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 GPU_PEAK_BF16_TFLOPS: dict[str, float] = {
@@ -76,21 +85,42 @@ MLP_RATIO = 4
 class EstimateConfig:
     """What `sak-cache estimate` takes: the options of `run` that decide the cache, plus the machine."""
 
-    teachers: tuple[str, ...]
-    size: int = 384  # view side; SAM always sees its fixed input
-    views_per_image: int = 2
-    codec: str = "fp16"
-    levels: str = "all"  # tap positions (targets.py)
-    grid: str = "native"  # native | student | HxW (targets.py)
-    format: str = "zarr"  # zarr | wds
-    source: str | None = None  # count images (and their bytes) from a source
-    images: int | None = None  # ... or give the count
-    limit: int | None = None  # as `run --limit`
-    gpu: str = "h100"  # GPU_PEAK_BF16_TFLOPS key
-    utilization: float = 0.4  # achieved fraction of peak over the whole job
-    samples_per_s: float = 2000.0  # student read rate, views/s, all GPUs together
-    compression: float | None = None  # lossless factor; None: ASSUMED_COMPRESSION[codec]
-    image_kb: float = ASSUMED_IMAGE_KB  # mean stored image size when no source is given
+    teachers: tuple[str, ...] = field(metadata={"help": "Comma list of teachers, as for `run`."})
+    size: int = field(default=384, metadata={"help": "View side in pixels (SAM sees 1024)."})
+    views_per_image: int = field(default=2, metadata={"help": "Views per image, as for `run`."})
+    codec: str = codec_field()
+    levels: str = levels_field()
+    grid: str = grid_field()
+    format: str = format_field()
+    source: str | None = field(
+        default=None,
+        metadata={"help": "Count the images (and their bytes) of this source, as `run --source` reads it."},
+    )
+    images: int | None = field(
+        default=None, metadata={"help": "Number of images, when no --source is given."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N images, as for `run`."})
+    gpu: str = field(
+        default="h100",
+        metadata={
+            "help": "GPU kind for GPU-hours (peak bf16 table in estimate.py).",
+            "parse": str.lower,
+            "group": "machine",
+        },
+    )
+    utilization: float = field(
+        default=0.4, metadata={"help": "Achieved fraction of the GPU's bf16 peak.", "group": "machine"}
+    )
+    samples_per_s: float = field(
+        default=1000.0, metadata={"help": "Student read rate (views/s, all GPUs).", "group": "machine"}
+    )
+    compression: float | None = field(
+        default=None,
+        metadata={"help": "Lossless factor on top of the codec [default: measured table]."},
+    )
+    image_kb: float = field(
+        default=ASSUMED_IMAGE_KB, metadata={"help": "Mean stored image size without --source."}
+    )
 
 
 @dataclass
@@ -103,6 +133,7 @@ class TeacherEstimate:
     bytes_per_view: float  # on disk
     macs_linear: float  # per view, patch embed + linear layers
     macs_attention: float  # per view, attention matmuls (+ SAM relative positions)
+    blocks_run: int  # transformer blocks the teacher runs: up to the deepest kept level (stop early)
 
     @property
     def macs(self) -> float:
@@ -229,9 +260,10 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         blocks = select_levels(spec, cfg.levels)
         h, w = resolve_grid(spec, cfg.size, cfg.grid)
         raw, disk = stored_bytes_per_view(h, w, spec.dim, len(blocks), cfg.codec, compression, cfg.format)
-        linear, attention = teacher_macs(spec, cfg.size, max(blocks) + 1)
+        blocks_run = max(blocks) + 1  # forward_levels stops after the deepest kept block
+        linear, attention = teacher_macs(spec, cfg.size, blocks_run)
         est.teachers.append(
-            TeacherEstimate(spec.name, blocks, (h, w), spec.dim, raw, disk, linear, attention)
+            TeacherEstimate(spec.name, blocks, (h, w), spec.dim, raw, disk, linear, attention, blocks_run)
         )
     return est
 
@@ -239,16 +271,8 @@ def estimate(cfg: EstimateConfig) -> Estimate:
 # ------------------------------------------------------------------------------------------ report
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def format_estimate(est: Estimate) -> str:
-    """The readable table `sak-cache estimate` prints (decimal units: 1 MB = 1e6 bytes)."""
+    """The readable table `sak-cache estimate` prints (sizes in decimal units, `units.human_bytes`)."""
     cfg = est.config
     lines = [
         f"estimate  {est.num_images:,} images x {cfg.views_per_image} view(s) = {est.num_views:,} views at "
@@ -277,7 +301,10 @@ def format_estimate(est: Estimate) -> str:
         f"{human_bytes(est.target_bytes_per_view):>10} {human_bytes(est.target_bytes):>10} "
         f"{total_macs / 1e9:>18.1f} {est.gpu_hours():>9.2f}",
         "",
-        f"teacher compute  {2 * total_macs / 1e12:.2f} TFLOP per view (GMAC = linear + attention)",
+        f"teacher compute  {2 * total_macs / 1e12:.2f} TFLOP per view (GMAC = linear + attention; each "
+        f"teacher runs blocks up to its deepest kept level: "
+        f"{', '.join(f'{t.name} {t.blocks_run}' for t in est.teachers)})",
+        f"sizes            {UNITS_NOTE}",
         f"images/          {human_bytes(est.image_bytes)} ({human_bytes(est.image_bytes / max(est.num_images, 1))} "
         f"per image, {'measured on the source' if cfg.source else 'assumed'})",
         f"cache total      {human_bytes(est.target_bytes + est.image_bytes)}",

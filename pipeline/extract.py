@@ -15,6 +15,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,7 +62,16 @@ from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file
 from sak.pipeline.runtime import Progress, log, ray_session
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
-from sak.pipeline.targets import identity_fields, resolve_grid, select_levels, shape_targets
+from sak.pipeline.targets import (
+    codec_field,
+    format_field,
+    grid_field,
+    identity_fields,
+    levels_field,
+    resolve_grid,
+    select_levels,
+    shape_targets,
+)
 from sak.pipeline.teachers import (
     TOKEN_SELECTION,
     TeacherSpec,
@@ -75,35 +85,123 @@ from sak.pipeline.views import ViewPlan
 
 DEFAULT_SHARD_VIEWS = 64
 
-DEFAULT_SHARD_VIEWS = 64
+
+def parse_weights(text: str) -> tuple[str, str]:
+    """`--weights NAME=PATH` -> (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise SakError(
+            f"--weights {text!r} must look like NAME=PATH, e.g. dinov2_l=/ckpt/dinov2_l.safetensors"
+        )
+    return name.strip(), path.strip()
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
     """Everything `sak-cache run` needs; recorded in every manifest it writes."""
 
-    source: str | None  # image folder, WebDataset tars or Parquet; may be None when the cache exists
-    out: str  # the cache folder
-    teachers: tuple[str, ...]  # registry names, e.g. ("dinov2_l", "clip_l", "sam_l")
-    views_per_image: int = 2
-    size: int = 384  # view side in pixels (the student input); SAM always sees 1024
-    shard_size: int | None = None  # views per shard; default: 64 rounded up to a multiple of K
-    batch_size: int = 32  # views per teacher forward
-    limit: int | None = None  # use only the first N images (sorted by key)
-    address: str | None = None  # Ray cluster address; None = embedded local Ray
-    weights: tuple[tuple[str, str], ...] = ()  # (teacher, local weights file)
-    random_init: bool = False  # random weights for every teacher without --weights (tests, demos)
-    seed: int = 0  # view plan seed, and the seed of random-init weights
-    normalization: str = "teacher"  # "teacher": each teacher's own mean/std; "imagenet": the paper code's
-    codec: str = "fp16"  # codecs.py: fp16 | bf16 | fp32 | int8 | fp8 | ...
-    format: str = "zarr"  # store format: zarr | wds
-    levels: str = "all"  # tap positions to keep (targets.py): "all", "1,3", "-1"
-    grid: str = "native"  # target grid (targets.py): native | student | HxW
-    workers: int | None = None  # teacher actors; default one per GPU, or half the CPUs
-    object_store_mb: int = 1024  # embedded Ray's object store
-    min_image_side: int = 32
-    max_pixels: int = 178_956_970
-    progress: bool = True
+    source: str | None = field(
+        metadata={
+            "help": "Image folder (recursive; jpg/jpeg/png/webp), WebDataset .tar shards (a file, folder or "
+            "brace pattern), or .parquet with an image-bytes column. Optional when --out already holds a "
+            "cache (its stored images are reused).",
+            "required": False,
+        }
+    )
+    out: str = field(
+        metadata={
+            "help": "Cache folder. Created if missing; an existing cache gains a store per new teacher and "
+            "resumes unfinished ones."
+        }
+    )
+    teachers: tuple[str, ...] = field(
+        metadata={
+            "help": "Comma list of teachers: dinov2_b, dinov2_l, clip_b, clip_l, sam_b, sam_l, or the tiny "
+            "random-init dinov2_tiny, clip_tiny, sam_tiny."
+        }
+    )
+    views_per_image: int = field(
+        default=2,
+        metadata={
+            "help": "K deterministic random-resized-crop+flip views per image; epoch e replays view e mod K "
+            "[an existing cache: its own].",
+            "group": "views",
+        },
+    )
+    size: int = field(
+        default=384,
+        metadata={
+            "help": "View side in pixels (SAM sees 1024) [an existing cache: its own].",
+            "group": "views",
+        },
+    )
+    shard_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Views per shard file (a multiple of K) [default: 64 rounded up; an existing cache: its own].",
+            "group": "views",
+        },
+    )
+    batch_size: int = field(default=32, metadata={"help": "Views per teacher forward.", "group": "compute"})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N images (sorted by key)."})
+    address: str | None = field(
+        default=None,
+        metadata={
+            "help": "Ray cluster address (e.g. ray://head:10001 or auto); default: embedded local Ray.",
+            "group": "compute",
+        },
+    )
+    weights: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "Local .safetensors/.pth weights for a teacher (repeatable); default: timm hub weights.",
+            "multiple": True,
+            "parse": parse_weights,
+            "metavar": "NAME=PATH",
+            "group": "teachers",
+        },
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={
+            "help": "Random weights for teachers without --weights. For tests: the cache is flagged as "
+            "random-init everywhere.",
+            "group": "teachers",
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the view plan and random init [an existing cache: its own].",
+            "group": "views",
+        },
+    )
+    normalization: str = field(
+        default="teacher",
+        metadata={
+            "help": "teacher: each model's own mean/std; imagenet: ImageNet's for all (the paper's code).",
+            "choices": ("teacher", "imagenet"),
+            "group": "teachers",
+        },
+    )
+    codec: str = codec_field()
+    format: str = format_field()
+    levels: str = levels_field()
+    grid: str = grid_field()  # canonical: "native" | "student" | "HxW" (parse_grid at the config boundary)
+    workers: int | None = field(
+        default=None,
+        metadata={"help": "Teacher actors [default: one per GPU, or half the CPUs].", "group": "compute"},
+    )
+    object_store_mb: int = field(
+        default=1024, metadata={"help": "Embedded Ray object store size.", "group": "compute"}
+    )
+    min_image_side: int = field(
+        default=32, metadata={"help": "Skip images whose shorter side is smaller (recorded in the manifest)."}
+    )
+    max_pixels: int = field(
+        default=178_956_970, metadata={"help": "Skip images with more pixels (decompression-bomb guard)."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Progress bar and progress log lines."})
 
     def resolved_shard_size(self) -> int:
         k = self.views_per_image
@@ -197,6 +295,34 @@ def run_extraction(cfg: ExtractConfig) -> Path:
                 f"store {sp.fingerprint} holds RANDOM-INIT {sp.spec.name} features: not a real teacher"
             )
     return out
+
+
+RECORDED_IN_CACHE = ("views_per_image", "size", "seed", "shard_size")  # what every store must agree on
+
+
+def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractConfig:
+    """A recorded value is a default too: when `cfg.out` already holds a cache, the view plan (K, size,
+    seed) and shard size not in `given` (the fields the user set) are the cache's own, so
+    `run --out CACHE --teachers sam_l` adds a store without restating them. A given value that disagrees
+    with the recorded one is refused, naming both."""
+    out = Path(cfg.out).expanduser()
+    if not (out / "cache.json").exists():
+        return cfg
+    cache = read_cache(out)
+    plan = cache.view_plan
+    recorded = dict(
+        views_per_image=plan.views_per_image, size=plan.size, seed=plan.seed, shard_size=cache.shard_size
+    )
+    given = set(given)
+    for name in RECORDED_IN_CACHE:
+        mine = getattr(cfg, name)
+        if name in given and mine != recorded[name]:
+            option = "--" + name.replace("_", "-")
+            raise SakError(
+                f"{out} was created with {option} {recorded[name]}, this run asks for {mine}; "
+                f"leave {option} out (or give {recorded[name]}) to add a store, or use another --out"
+            )
+    return dataclasses.replace(cfg, **{k: v for k, v in recorded.items() if k not in given})
 
 
 def _setup(cfg: ExtractConfig):
@@ -624,8 +750,8 @@ class TeacherWorker:
                 parts = []
                 for i in range(0, batch_views.shape[0], self.batch_size):
                     x = batch_views[i : i + self.batch_size].to(self.device, non_blocking=True)
-                    # keep and resample on the device, then copy the (smaller) targets: host-device sync
-                    shaped = shape_targets(teacher.spec, teacher.forward_levels(x), blocks, grid)
+                    # run up to the deepest kept block, resample on the device, then copy the (smaller) targets: host-device sync
+                    shaped = shape_targets(teacher.spec, teacher.forward_levels(x, blocks), blocks, grid)
                     parts.append([shaped[b].cpu() for b in blocks])
                 feats[name] = [torch.cat([p[level] for p in parts]) for level in range(len(blocks))]
         records = {}

@@ -22,17 +22,44 @@ two are different objectives, hence different fingerprints.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import field
 
 import torch
 import torch.nn.functional as F
 
 from sak.pipeline.errors import SakError
+from sak.pipeline.store import STORE_FORMATS
 from sak.pipeline.teachers import TeacherSpec
 
 STUDENT_PATCH = 16  # every registered student (vit_s/b/l, tiny) has patch 16
 RESAMPLE = (
     "bilinear, align_corners=False, antialias=True (area-like when shrinking), float32, before encoding"
 )
+
+
+# What is stored per view, as config fields (and so `sak-cache` options) shared by `run` and `estimate`
+# (ExtractConfig, EstimateConfig): one definition, so the two cannot drift apart.
+
+
+def codec_field():
+    help = "Target codec: fp16, bf16, fp32, int8 (per 32 channels), fp8 (see pipeline/codecs.py)."
+    return field(default="fp16", metadata={"help": help, "group": "targets"})
+
+
+def format_field():
+    return field(
+        default="zarr", metadata={"help": "Store format.", "choices": STORE_FORMATS, "group": "targets"}
+    )
+
+
+def levels_field():
+    help = "Tap positions to keep (0-3, -1 = deepest) or all; the teacher stops after the deepest."
+    return field(default="all", metadata={"help": help, "group": "targets"})
+
+
+def grid_field():
+    help = "Target grid: native, student or HxW."
+    return field(default="native", metadata={"help": help, "parse": parse_grid, "group": "targets"})
 
 
 def parse_levels(text: str | Sequence[int] | None) -> tuple[int, ...] | None:

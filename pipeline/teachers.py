@@ -15,7 +15,7 @@ Weights come from one of three places, and which one is part of the store's fing
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +26,23 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import sha256_file
 
 log = logging.getLogger(__name__)
+
+
+def normalize_u8(
+    images_u8: torch.Tensor, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor
+) -> torch.Tensor:
+    """The one input normalisation: (B, 3, H, W) uint8 -> float32 (x / 255 - mean) / std per channel.
+    Used by the teachers (extraction, online, stage 2), the student loader and the stage-2 datasets."""
+    x = images_u8.float().div_(255.0)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+def bf16_autocast(device: torch.device):
+    """bf16 autocast on CUDA; on the CPU a no-op context (the model runs in fp32)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,12 +110,16 @@ def parse_teachers(text: str | list[str]) -> list[TeacherSpec]:
     return [get_teacher(n) for n in names]
 
 
-def _even_levels(depth: int) -> tuple[int, ...]:
-    return tuple(depth * k // 4 - 1 for k in (1, 2, 3, 4))
+def tap_levels(depth: int) -> list[int]:
+    """The one level-tap rule, for teachers and the student alike: 0-based block indices after L/4, L/2,
+    3L/4 and L blocks ([2, 5, 8, 11] for 12 blocks, [5, 11, 17, 23] for 24)."""
+    if depth < 4 or depth % 4:
+        raise SakError(f"a model of depth {depth} cannot be tapped at L/4, L/2, 3L/4, L; use a multiple of 4")
+    return [depth * k // 4 - 1 for k in (1, 2, 3, 4)]
 
 
 def _vit(name, family, timm_name, tag, depth, dim, patch, **kw) -> TeacherSpec:
-    return TeacherSpec(name, family, timm_name, tag, depth, dim, patch, _even_levels(depth), **kw)
+    return TeacherSpec(name, family, timm_name, tag, depth, dim, patch, tuple(tap_levels(depth)), **kw)
 
 
 @register_teacher("dinov2_b")
@@ -302,38 +323,28 @@ class LoadedTeacher:
         return self.spec.grid(self.plan_size)
 
     def prepare(self, views_u8: torch.Tensor) -> torch.Tensor:
-        """(B, 3, h, w) uint8 views at `input_hw` -> normalised float model input, SAM padded square."""
-        x = views_u8.float().div_(255.0)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        side = self.spec.model_input_side(self.plan_size)
-        pad_h, pad_w = side - x.shape[-2], side - x.shape[-1]
-        if pad_h or pad_w:  # zero padding right and bottom, after normalisation
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        """(B, 3, h, w) uint8 views -> normalised float model input; a teacher with a fixed input side
+        (SAM) gets it zero-padded right and bottom to that square, after normalisation (as SAM pads)."""
+        x = normalize_u8(views_u8, self.mean, self.std)
+        side = self.spec.fixed_input
+        if side and (x.shape[-2] != side or x.shape[-1] != side):
+            x = F.pad(x, (0, side - x.shape[-1], 0, side - x.shape[-2]))
         return x
 
     @torch.inference_mode()
-    def forward_levels(self, views_u8: torch.Tensor) -> list[torch.Tensor]:
-        """(B, 3, h, w) uint8 -> one (B, H, W, C) float32 map per tapped level."""
+    def forward_levels(
+        self, views_u8: torch.Tensor, blocks: Sequence[int] | None = None
+    ) -> list[torch.Tensor]:
+        """(B, 3, h, w) uint8 -> one (B, h', w', C) float32 map per block of `blocks` (default: every tap
+        in `spec.levels`), shallowest first. The model stops after the deepest block asked for, so a store
+        that keeps only shallow levels never pays for the deeper blocks (`estimate` bills the same)."""
+        blocks = sorted(self.spec.levels if blocks is None else blocks)
         x = self.prepare(views_u8)
-        autocast = x.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            if self.spec.family == "sam":  # SAM blocks run on (B, H, W, C); timm hands back NCHW
-                maps = self.model.forward_intermediates(
-                    x, indices=list(self.spec.levels), norm=False, stop_early=True, intermediates_only=True
-                )
-                return [m.permute(0, 2, 3, 1).float() for m in maps]
-            tokens = self.model.forward_intermediates(
-                x,
-                indices=list(self.spec.levels),
-                norm=False,
-                stop_early=True,
-                intermediates_only=True,
-                output_fmt="NLC",
-            )  # list of (B, H*W, C): prefix tokens already dropped
-        h, w = self.grid
-        return [t.float().reshape(t.shape[0], h, w, t.shape[-1]) for t in tokens]
+        with bf16_autocast(x.device):
+            maps = self.model.forward_intermediates(
+                x, indices=list(blocks), norm=False, stop_early=True, intermediates_only=True
+            )  # [(B, C, h', w')] patch maps, prefix tokens dropped (SAM and ViTs alike)
+        return [m.permute(0, 2, 3, 1).float() for m in maps]
 
 
 def load_teacher(

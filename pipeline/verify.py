@@ -31,6 +31,7 @@ from sak.pipeline.format import (
     store_file_kind,
 )
 from sak.pipeline.provenance import sha256_file, stable_hash
+from sak.pipeline.units import UNITS_NOTE, human_bytes
 
 
 @dataclass
@@ -275,14 +276,6 @@ def _recorded(m: StoreManifest, rel: str) -> bool:
     return (m.files is not None and rel in m.files) or any(rel in s.files for s in m.shards)
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -298,7 +291,7 @@ def describe_cache(cache_dir: str | Path) -> str:
         f"source   {ds.source}: {ds.num_images} images used, {len(ds.skipped)} skipped",
         f"views    {cache.num_views} ({plan.views_per_image} per image, {plan.size}px, seed {plan.seed}, "
         f"{plan.algorithm}), {cache.num_shards} shard(s) of {cache.shard_size}",
-        f"images   {len(cache.images.shards)} tar(s), {_human(img_bytes)}",
+        f"images   {len(cache.images.shards)} tar(s), {human_bytes(img_bytes)}  (sizes in {UNITS_NOTE})",
     ]
     for s in ds.skipped[:20]:
         lines.append(f"  skipped {s.origin}: {s.reason}")
@@ -319,7 +312,7 @@ def describe_cache(cache_dir: str | Path) -> str:
         codec = f"{m.codec}/{m.format}"  # e.g. fp16/zarr, int8/wds
         lines.append(
             f"{entry.teacher:<12} {fp:<26} {blocks:<14} {shape:<15} {codec:<5} {done:>9} "
-            f"{_human(nbytes):>10} {_human(nbytes / max(1, cache.num_views)):>10}"
+            f"{human_bytes(nbytes):>10} {human_bytes(nbytes / max(1, cache.num_views)):>10}"
         )
         if m.weights.random_init:
             warnings.append(
@@ -351,6 +344,6 @@ def list_caches(root: str | Path) -> list[str]:
             teachers.append(entry.teacher + flag)
         lines.append(
             f"{cache_dir}  {cache.dataset.num_images} images, {cache.num_views} views, "
-            f"{_human(_dir_bytes(cache_dir))}, teachers: {', '.join(teachers) or '-'}"
+            f"{human_bytes(_dir_bytes(cache_dir))}, teachers: {', '.join(teachers) or '-'}"
         )
     return lines

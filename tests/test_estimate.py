@@ -18,7 +18,8 @@ from sak.pipeline.estimate import (
     stored_bytes_per_view,
     teacher_macs,
 )
-from sak.pipeline.teachers import WeightsChoice, build_model, get_teacher
+from sak.pipeline.targets import select_levels
+from sak.pipeline.teachers import WeightsChoice, build_model, get_teacher, load_teacher
 
 SIZE = 64
 
@@ -133,3 +134,41 @@ def test_cli_prints_the_table(capsys, tmp_path):
     assert cache_main([*argv, "--gpu", "tpu9"]) == 2
     assert "known: a10, a100" in capsys.readouterr().err
     assert cache_main(["estimate", "--teachers", "clip_l"]) == 2  # neither --source nor --images
+
+
+@pytest.mark.parametrize("name", ["dinov2_tiny", "clip_tiny", "sam_tiny"])
+def test_levels_stop_the_teacher_early_and_estimate_bills_the_same(name, monkeypatch):
+    """`--levels 1` keeps the second tap only: forward_levels runs the blocks up to it and no further
+    (counted with forward hooks on the real timm blocks, and in MACs with the same counter as above),
+    its map is the full run's map of that block, and `estimate` bills exactly the blocks and MACs run."""
+    spec = get_teacher(name)
+    teacher = load_teacher(spec, WeightsChoice("random", seed=0), SIZE)
+    ran: list[int] = []
+    for i, block in enumerate(teacher.model.blocks):
+        block.register_forward_hook(lambda _m, _i, _o, i=i: ran.append(i))
+    h, w = teacher.input_hw
+    views = torch.randint(0, 256, (1, 3, h, w), dtype=torch.uint8)
+
+    def run(blocks):
+        ran.clear()
+        sdpa_macs: list[float] = []
+        with monkeypatch.context() as m:
+            m.setattr(torch.nn.functional, "scaled_dot_product_attention", _sdpa_shapes_only(sdpa_macs))
+            with FlopCounterMode(display=False) as counter:
+                maps = teacher.forward_levels(views, blocks)
+        return maps, list(ran), counter.get_total_flops() / 2 + sum(sdpa_macs)
+
+    full_maps, full_ran, full_macs = run(None)
+    kept = select_levels(spec, "1")
+    kept_maps, kept_ran, kept_macs = run(kept)
+    assert full_ran == list(range(spec.depth))
+    assert kept_ran == list(range(kept[-1] + 1)) and len(kept_ran) < spec.depth
+    assert len(kept_maps) == 1
+    torch.testing.assert_close(kept_maps[0], full_maps[1])  # the same block, only the deeper ones skipped
+
+    cfg = EstimateConfig(teachers=(name,), size=SIZE, levels="1", images=1)
+    (est,) = estimate(cfg).teachers
+    assert est.blocks_run == len(kept_ran)
+    assert est.macs == pytest.approx(kept_macs, rel=1e-9)
+    assert sum(teacher_macs(spec, SIZE)) == pytest.approx(full_macs, rel=1e-9)
+    assert kept_macs < 0.75 * full_macs

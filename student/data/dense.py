@@ -72,6 +72,18 @@ IGNORE_INDEX = 255
 DATASETS = ("pascal", "nyud", "folder")
 DATASET_METRIC_NAME = {"pascal": "pascal_context", "nyud": "nyud", "folder": "folder"}
 DEFAULT_INPUT_SIZE = {"pascal": (512, 512), "nyud": (448, 576), "folder": (512, 512)}
+
+
+def parse_img_size(text: str | None) -> tuple[int, int] | None:
+    """`--img-size HxW` (stage 2 and its cache) -> (H, W); None when not given."""
+    if not text:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
+        raise SakError(f"--img-size {text!r} must look like HxW, e.g. 512x512 or 448x576")
+    return int(h), int(w)
+
+
 FOLDER_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")
 FIXED_OUTPUTS = {"sal": 1, "normals": 3, "edge": 1, "depth": 1}
 CLASS_TASKS = ("semseg", "human_parts")

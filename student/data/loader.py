@@ -50,7 +50,7 @@ from sak.pipeline.format import (
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
 from sak.pipeline.store.zarr import read_sorted_rows
-from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher
+from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
 from sak.pipeline.views import ViewPlan, cut_view
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.integrity import ShardIntegrity
@@ -426,7 +426,7 @@ class BatchReader:
 
     def normalize(self, views_u8: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> float32 student input."""
-        return (views_u8.float().div_(255.0) - self.mean) / self.std
+        return normalize_u8(views_u8, self.mean, self.std)
 
     def read(self, rows: np.ndarray) -> dict:
         """A batch: rows (B,), images (B, 3, S, S) float32, targets (if with_targets), views (if sides)."""

@@ -31,6 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from sak.pipeline.errors import SakError
+from sak.pipeline.teachers import tap_levels  # the one level-tap rule, shared with the teachers
 
 ADAPTER_REDUCTION = 4  # down-projection C -> C/4 (paper B.1)
 LEVEL_NORM_EPS = 1e-5  # per-level LayerNorm; note the ViT's own norms use 1e-6
@@ -100,13 +101,6 @@ def student_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ..
     """(mean, std) the stem's pretrained weights expect, from the timm pretrained_cfg (for the loader)."""
     cfg = timm.models.get_pretrained_cfg(get_student_arch(name).timm_name)
     return tuple(cfg.mean), tuple(cfg.std)
-
-
-def tap_levels(depth: int) -> list[int]:
-    """0-based block indices after L/4, L/2, 3L/4, L blocks: [2,5,8,11] for 12, [5,11,17,23] for 24."""
-    if depth < 4 or depth % 4:
-        raise SakError(f"a stem of depth {depth} cannot be tapped at L/4, L/2, 3L/4, L; use a multiple of 4")
-    return [depth * k // 4 - 1 for k in (1, 2, 3, 4)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from sak.pipeline.teachers import bf16_autocast  # noqa: F401  (the one autocast rule, re-exported)
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -36,11 +38,6 @@ class DistEnv:
 def resolve_device(name: str | None) -> torch.device:
     """The device a single-process run uses: `name` ("cpu", "cuda", "cuda:1"), or CUDA when available."""
     return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def bf16_autocast(device: torch.device):
-    """bf16 autocast on CUDA; on the CPU a no-op context (the model runs in fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def init_distributed(device: str | None = None, timeout_s: float = 600.0) -> DistEnv:

@@ -79,8 +79,8 @@ class OnlineTeachers:
         for name, t in self.teachers.items():
             store = self.stores[name]
             views = batch["views"][t.spec.model_input_side(t.plan_size)]  # (B, 3, s, s) uint8
-            maps = t.forward_levels(views.to(self.device, non_blocking=True))  # one per tap, fp32
-            maps = [maps[p] for p in store.positions]  # the levels the store keeps
+            # the levels the store keeps, the teacher stopping after the deepest (as extraction ran it)
+            maps = t.forward_levels(views.to(self.device, non_blocking=True), store.blocks)  # fp32
             if any(tuple(m.shape[1:3]) != g for m, g in zip(maps, store.grids)):
                 from sak.pipeline.targets import resample  # the extraction's own resampling
 

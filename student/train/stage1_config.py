@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sak.pipeline.errors import SakError
@@ -31,6 +31,19 @@ RESUMABLE = frozenset(
         "device",
     }
 )
+
+
+def parse_paper_teachers(text: str) -> tuple[tuple[str, str], ...]:
+    """`--paper-teachers dinov2=dinov2_b,clip=clip_b` -> (("dinov2", "dinov2_b"), ("clip", "clip_b"))."""
+    pairs = []
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        left, sep, right = item.partition("=")
+        if not sep or not left.strip() or not right.strip():
+            raise SakError(
+                f"--paper-teachers {item!r} must look like PAPER=OURS, e.g. dinov2=dinov2_b,clip=clip_b,sam=sam_b"
+            )
+        pairs.append((left.strip(), right.strip()))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -74,41 +87,128 @@ class Stage1Config:
     grad_checkpointing: recompute stem blocks in backward. tensorboard: also write RUN/tb.
     """
 
-    cache: str
-    out: str
-    student: str = "vit_b"
-    teachers: tuple[str, ...] = ()
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    min_lr: float = 0.0
-    warmup_steps: int | None = None
-    warmup_epochs: float = 2.0
-    grad_clip: float | None = None
-    seed: int = 0
-    online: bool = False
-    normalization: str = "student"
-    img_size: int | None = None
-    pretrained: bool = False
-    init_paper: str | None = None
-    paper_teachers: tuple[tuple[str, str], ...] = ()
-    num_workers: int = 4
-    skip_bad_shards: bool = False
-    shuffle_window: int = 8
-    holdout_shards: int = 1
-    eval_every: int = 0
-    eval_batch_size: int = 32
-    report_repsim: bool = False
-    save_every: int = 0
-    log_every: int = 10
-    stop_after: int | None = None
-    device: str | None = None
-    use_kernels: bool | None = None
-    grad_checkpointing: bool = False
-    tensorboard: bool = True
+    cache: str = field(metadata={"help": "The cache folder (from `sak-cache run`).", "required": False})
+    out: str = field(
+        metadata={"help": "Run folder: config.json, metrics.jsonl, tb/, checkpoint/.", "required": False}
+    )
+    student: str = field(default="vit_b", metadata={"help": "vit_s, vit_b, vit_l, or tiny (tests)."})
+    teachers: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Comma list of teacher names or store fingerprints, in adapter-path order "
+            "[default: every store]."
+        },
+    )
+    steps: int | None = field(
+        default=None, metadata={"help": "Training steps (one global batch each).", "group": "schedule"}
+    )
+    epochs: float | None = field(
+        default=None,
+        metadata={
+            "help": "Training epochs (every training image once per epoch, view e mod K).",
+            "group": "schedule",
+        },
+    )
+    batch_size: int = field(
+        default=128, metadata={"help": "Global batch size (all ranks).", "group": "schedule"}
+    )
+    lr: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate.", "group": "schedule"})
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (every parameter).", "group": "schedule"}
+    )
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata={"cli": False})
+    min_lr: float = field(
+        default=0.0, metadata={"help": "Floor of the cosine schedule.", "group": "schedule"}
+    )
+    warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Linear warm-up in steps (overrides --warmup-epochs).", "group": "schedule"},
+    )
+    warmup_epochs: float = field(
+        default=2.0,
+        metadata={
+            "help": "Linear warm-up in epochs; with --steps capped at 10% of the steps.",
+            "group": "schedule",
+        },
+    )
+    grad_clip: float | None = field(
+        default=None,
+        metadata={"help": "Clip the global gradient norm to this value.", "group": "schedule"},
+    )
+    seed: int = field(default=0, metadata={"help": "Model init and data order."})
+    online: bool = field(
+        default=False, metadata={"help": "Targets from live teachers rebuilt from the store manifests."}
+    )
+    normalization: str = field(
+        default="student",
+        metadata={
+            "help": "Student input mean/std: its timm config, or ImageNet's (the paper's code).",
+            "choices": NORMALIZATIONS,
+        },
+    )
+    img_size: int | None = field(
+        default=None, metadata={"help": "Student input side [default: the cache's view size]."}
+    )
+    pretrained: bool = field(
+        default=False, metadata={"help": "Start the stem from timm's pretrained weights."}
+    )
+    init_paper: str | None = field(
+        default=None,
+        metadata={"help": "Start from the paper code's stage-1 checkpoint.", "metavar": "CKPT"},
+    )
+    paper_teachers: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "Paper teacher -> ours, e.g. dinov2=dinov2_b,clip=clip_b,sam=sam_b [default: by family].",
+            "parse": parse_paper_teachers,
+            "metavar": "MAP",
+        },
+    )
+    num_workers: int = field(default=4, metadata={"help": "Loader workers per process.", "group": "data"})
+    skip_bad_shards: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out shards whose files fail their sha256 (counted and logged) instead of stopping.",
+            "group": "data",
+        },
+    )
+    shuffle_window: int = field(default=8, metadata={"help": "Shards shuffled together.", "group": "data"})
+    holdout_shards: int = field(
+        default=1, metadata={"help": "Last shards held out for Rep Sim.", "group": "data"}
+    )
+    eval_every: int = field(
+        default=0, metadata={"help": "Rep Sim every N steps (0: at the end).", "group": "reporting"}
+    )
+    eval_batch_size: int = field(
+        default=32, metadata={"help": "Rep Sim batch size per rank.", "group": "reporting"}
+    )
+    report_repsim: bool = field(
+        default=False,
+        metadata={"help": "Print Rep Sim per teacher before and after training.", "group": "reporting"},
+    )
+    save_every: int = field(
+        default=0, metadata={"help": "Checkpoint every N steps (0: at the end).", "group": "reporting"}
+    )
+    log_every: int = field(default=10, metadata={"help": "Console line every N steps.", "group": "reporting"})
+    stop_after: int | None = field(
+        default=None,
+        metadata={"help": "Stop with a checkpoint after this step (resume later).", "group": "reporting"},
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "cpu or cuda [default: cuda when available].", "group": "compute"}
+    )
+    use_kernels: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Fused Triton adapter and loss kernels (opt-in) [default: off, the torch ops; see README 'Kernels'].",
+            "name": "kernels",
+            "group": "compute",
+        },
+    )
+    grad_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute stem blocks in backward.", "group": "compute"}
+    )
+    tensorboard: bool = field(default=True, metadata={"help": "Also write RUN/tb.", "group": "reporting"})
 
     @classmethod
     def debug(cls, cache: str, out: str, **overrides: Any) -> Stage1Config:

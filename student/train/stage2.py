@@ -35,13 +35,16 @@ from safetensors.torch import load_file, save_file
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.teachers import normalize_u8
 from sak.student.data.dense import (
     DATASET_METRIC_NAME,
+    DATASETS,
     DEFAULT_INPUT_SIZE,
     DenseDataset,
     EvalSamples,
     TrainSamples,
     collate,
+    parse_img_size,
 )
 from sak.student.model.multitask import SakMultiTask, resize_stem_input
 from sak.student.model.student import SakStudent, StudentConfig
@@ -78,48 +81,64 @@ METRIC_NAMES = {
 
 @dataclass(frozen=True)
 class Stage2Config:
-    """Stage-2 fine-tuning; defaults are the paper's (Table 11, B.3, B.5).
+    """Stage-2 fine-tuning; defaults are the paper's (Table 11, B.3, B.5). Each field's help (metadata)
+    is also its `sak-train stage2` option's help."""
 
-    dataset: "pascal", "nyud" or "folder"; data_root: its folder (see data/dense.py for the layouts).
-    init: the stage-1 run folder (its checkpoint gives the student, its config the teachers' stores).
-    out: the stage-2 run folder. tasks: a subset of the dataset's tasks, () = all of them.
-    online: distillation targets from live teachers rebuilt from the stage-1 stores.
-    cache: a stage-2 target cache (`sak-cache stage2`) replacing the live teachers.
-    router: "mor" (the paper) or "sum" (ablation). freeze_backbone: train routers and heads only.
-    steps: iterations (40k); batch_size: global batch (4). lr, weight_decay: AdamW (2e-5, 1e-6).
-    poly_power: lr factor (1 - step / steps) ** power, no warm-up. grad_clip: max gradient norm (10).
-    gamma: weight of the distillation loss (eq. 6; 1.0). task_weights: (task, weight) pairs overriding
-      the paper's 1/2/5/10/50/1 (semseg, human_parts, sal, normals, edge, depth).
-    img_size: (H, W) input; None = 512x512 (PASCAL, folder) or 448x576 (NYUD).
-    scale_range, photometric: the training augmentation (random scale range; colour jitter on/off).
-    seed: head/router initialisation, data order and augmentation plans.
-    num_workers: DataLoader workers. log_every: console line every N steps. device: cpu | cuda | None.
-    """
-
-    dataset: str
-    data_root: str
-    init: str
-    out: str
-    tasks: tuple[str, ...] = ()
-    online: bool = False
-    cache: str | None = None
-    router: str = "mor"
-    freeze_backbone: bool = False
-    steps: int = 40_000
-    batch_size: int = 4
-    lr: float = 2e-5
-    weight_decay: float = 1e-6
-    poly_power: float = 0.9
-    grad_clip: float | None = 10.0
-    gamma: float = 1.0
-    task_weights: tuple[tuple[str, float], ...] = ()
-    img_size: tuple[int, int] | None = None
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    photometric: bool = True
-    seed: int = 0
-    num_workers: int = 2
-    log_every: int = 50
-    device: str | None = None
+    dataset: str = field(
+        metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
+    )
+    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
+    init: str = field(metadata={"help": "The stage-1 run folder.", "metavar": "RUN"})
+    out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
+    tasks: tuple[str, ...] = field(
+        default=(), metadata={"help": "Comma list of tasks [default: all of the dataset's]."}
+    )
+    online: bool = field(
+        default=False,
+        metadata={"help": "Distillation targets from live teachers (the stage-1 stores')."},
+    )
+    cache: str | None = field(
+        default=None,
+        metadata={"help": "A stage-2 target cache (`sak-cache stage2`) instead of live teachers."},
+    )
+    router: str = field(
+        default="mor",
+        metadata={
+            "help": "mor: mixture of routers (the paper); sum: plain sum (ablation).",
+            "choices": ("mor", "sum"),
+        },
+    )
+    freeze_backbone: bool = field(default=False, metadata={"help": "Train routers and heads only."})
+    steps: int = field(default=40_000, metadata={"help": "Training iterations.", "group": "optimisation"})
+    batch_size: int = field(default=4, metadata={"help": "Global batch size.", "group": "optimisation"})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate.", "group": "optimisation"})
+    weight_decay: float = field(
+        default=1e-6, metadata={"help": "AdamW weight decay.", "group": "optimisation"}
+    )
+    poly_power: float = field(
+        default=0.9, metadata={"cli": False}
+    )  # lr factor (1 - step / steps) ** power, no warm-up
+    grad_clip: float | None = field(
+        default=10.0, metadata={"help": "Max global gradient norm.", "group": "optimisation"}
+    )
+    gamma: float = field(
+        default=1.0, metadata={"help": "Weight of the distillation loss (eq. 6).", "group": "optimisation"}
+    )
+    # (task, weight) pairs overriding the paper's 1/2/5/10/50/1 (semseg, human_parts, sal, normals, edge, depth)
+    task_weights: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
+    img_size: tuple[int, int] | None = field(
+        default=None,
+        metadata={"help": "HxW input [default: 512x512 PASCAL, 448x576 NYUD].", "parse": parse_img_size},
+    )
+    # the training augmentation: random scale range; colour jitter on/off
+    scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
+    photometric: bool = field(default=True, metadata={"cli": False})
+    seed: int = field(
+        default=0, metadata={"help": "Head/router initialisation, data order and augmentation."}
+    )
+    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
+    log_every: int = field(default=50, metadata={"help": "Console line every N steps."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
 
     @classmethod
     def debug(cls, dataset: str, data_root: str, init: str, out: str, **overrides: Any) -> Stage2Config:
@@ -205,10 +224,6 @@ class Stage2Result:
     losses: list[float] = field(default_factory=list)  # total loss per step
     records: list[dict] = field(default_factory=list, repr=False)
     model: SakMultiTask | None = field(default=None, repr=False)
-
-
-def normalize(images_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (images_u8.float() / 255.0 - mean) / std  # (B, 3, H, W)
 
 
 def train_stage2(cfg: Stage2Config) -> Stage2Result:
@@ -351,7 +366,7 @@ class _Stage2Step:
         cfg, device, teachers = self.cfg, self.device, self.teachers
         images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
         targets = {t: v.to(device) for t, v in batch["labels"].items()}
-        preds, _, distill_maps = self.model(normalize(images_u8.to(device), self.mean, self.std))
+        preds, _, distill_maps = self.model(normalize_u8(images_u8.to(device), self.mean, self.std))
         task_loss, parts = multi_task_loss(preds, targets, self.weights)
         loss = task_loss
         distill = None
@@ -437,7 +452,7 @@ def evaluate(
     gate_sum: dict[tuple[int, str], torch.Tensor] = {}
     shown: list[dict] = []
     for batch in loader:
-        preds, gates, _ = model(normalize(batch["images"].to(dev), mean, std))
+        preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
         for key, g in gates.items():
             gate_sum[key] = gate_sum.get(key, 0) + g.sum(0).cpu()
         outs = {t: task_output(t, p).cpu() for t, p in preds.items()}

@@ -30,7 +30,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,7 +49,15 @@ from sak.pipeline.format import (
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
 from sak.pipeline.provenance import code_version, stable_hash
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
-from sak.student.data.dense import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
+from sak.student.data.dense import (
+    DATASETS,
+    DEFAULT_INPUT_SIZE,
+    DenseDataset,
+    TrainSamples,
+    apply_plan,
+    parse_img_size,
+    read_image,
+)
 from sak.student.train.distributed import resolve_device
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
 
@@ -72,19 +80,27 @@ class Stage2CacheConfig:
     teacher forward. device: cpu | cuda | None (cuda when available).
     """
 
-    dataset: str
-    data_root: str
-    init: str
-    out: str
-    epochs: int = 1
-    img_size: tuple[int, int] | None = None
-    scale_range: tuple[float, float] = (0.5, 2.0)
-    photometric: bool = True
-    seed: int = 0
-    codec: str = "fp16"
-    shard_size: int = 64
-    batch_size: int = 8
-    device: str | None = None
+    dataset: str = field(
+        metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
+    )
+    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
+    init: str = field(metadata={"help": "The stage-1 run (its teachers' stores).", "metavar": "RUN"})
+    out: str = field(metadata={"help": "Cache folder (created; an unfinished one resumes)."})
+    epochs: int = field(default=1, metadata={"help": "Epochs of plans to cache (0..E-1)."})
+    img_size: tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "HxW crop, as `sak-train stage2` [default: 512x512, NYUD 448x576].",
+            "parse": parse_img_size,
+        },
+    )
+    scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
+    photometric: bool = field(default=True, metadata={"cli": False})
+    seed: int = field(default=0, metadata={"help": "The stage-2 run's --seed."})
+    codec: str = field(default="fp16", metadata={"help": "Target codec (fp16, bf16, fp32, ...)."})
+    shard_size: int = field(default=64, metadata={"help": "Rows per shard file."})
+    batch_size: int = field(default=8, metadata={"help": "Images per teacher forward."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
 
     def crop(self) -> tuple[int, int]:
         return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]

@@ -12,6 +12,7 @@ import torch
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import read_json
+from sak.pipeline.teachers import LoadedTeacher
 from sak.pipeline.views import cut_view
 from sak.student.data.loader import open_cache
 from sak.student.model.student import SakStudent
@@ -33,7 +34,8 @@ def load_stage1_run(init: str | Path, device: torch.device) -> tuple[SakStudent,
 
 
 class Stage2Teachers:
-    """Live teachers for stage 2, rebuilt from the stage-1 stores exactly as OnlineTeachers does.
+    """Live teachers for stage 2, rebuilt from the stage-1 stores exactly as OnlineTeachers does, run by
+    the same `LoadedTeacher.forward_levels` as extraction and online stage 1.
 
     Teachers with a free input size see the augmented image itself (position embedding resampled to the
     stage-2 size, as for the student); SAM sees it resized so its long side is its fixed side, then
@@ -49,32 +51,24 @@ class Stage2Teachers:
             if t.spec.fixed_input is None:
                 t.model.set_input_size(img_size=tuple(img_size))
 
-    def _input(self, t, images_u8: torch.Tensor) -> torch.Tensor:
+    def _views(self, t: LoadedTeacher, images_u8: torch.Tensor) -> torch.Tensor:
+        """What the teacher sees: the image itself, or (fixed input side, SAM) the image resized with the
+        project's resize so its long side is that side; `LoadedTeacher.prepare` then pads it square."""
         fixed = t.spec.fixed_input
-        if fixed:  # resize the long side to `fixed` with the project's resize (uint8 pixels)
+        if fixed:
             H, W = images_u8.shape[-2:]
             size = (round(H * fixed / max(H, W)), round(W * fixed / max(H, W)))
             images_u8 = torch.stack([cut_view(im, (0, 0, W, H), False, size) for im in images_u8.cpu()])
-        x = images_u8.to(self.device).float().div_(255.0)
-        mean = torch.tensor(t.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(t.std, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        if fixed:
-            x = torch.nn.functional.pad(x, (0, fixed - x.shape[-1], 0, fixed - x.shape[-2]))
-        return x
+        return images_u8.to(self.device)
 
     def __call__(self, images_u8: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-        """(B, 3, H, W) uint8 -> {teacher: [(B, h, w, C) fp32]} at the stores' levels."""
+        """(B, 3, H, W) uint8 -> {teacher: [(B, h, w, C) fp32]} at the stores' levels (each teacher stops
+        after its store's deepest kept block)."""
         out = {}
         for store in self.stores:
             t = self.teachers[store.teacher]
-            with torch.inference_mode():
-                x = self._input(t, images_u8)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-                    maps = t.model.forward_intermediates(
-                        x, indices=list(t.spec.levels), norm=False, stop_early=True, intermediates_only=True
-                    )  # [(B, C, h, w)] patch maps (SAM and ViTs alike)
-            out[store.teacher] = [maps[p].permute(0, 2, 3, 1).float().clone() for p in store.positions]
+            maps = t.forward_levels(self._views(t, images_u8), store.blocks)
+            out[store.teacher] = [m.clone() for m in maps]  # inference-mode tensors -> ordinary ones
         return out
 
 

@@ -1,0 +1,201 @@
+"""Click options generated from config dataclasses: every option is defined once, as a field.
+
+A field of a config dataclass (ExtractConfig, EstimateConfig, Stage1Config, Stage2Config, ...) becomes
+the option `--field-name`; its type, default and help come from the field itself:
+
+    teachers: tuple[str, ...] = field(default=(), metadata={"help": "Comma list of teachers ..."})
+
+To ADD AN OPTION: add the field, with a default and `metadata={"help": "one sentence that teaches"}`, to
+the config dataclass the command builds. Nothing else: the command's `OptionSet` turns it into a click
+option and `OptionSet.build` hands the parsed value to the dataclass. A field that is not an option says
+`metadata={"cli": False}` (or the OptionSet lists it in `exclude`).
+
+Type -> option:
+    bool, bool | None        --name/--no-name (None: neither given, the config decides)
+    int, float, str (| None) that click type
+    Literal["a", "b"]        click.Choice(["a", "b"])
+    tuple[str, ...]          a comma list, "a,b" -> ("a", "b")
+    anything else            needs metadata["parse"]: a function str -> value (e.g. --img-size HxW)
+
+metadata keys (all optional but "help"):
+    help      the option's help text (required: `--help` must teach every option)
+    name      the option's name without dashes, when it differs from the field's (use_kernels -> kernels)
+    parse     str -> value, for types the table above does not cover; raise SakError on bad text
+    multiple  repeatable option (values collected into a tuple, each through `parse`)
+    choices   allowed values (instead of a Literal type)
+    metavar   shown in --help
+    required  the option must be given (default: required exactly when the field has no default)
+    group     heading the option is listed under in --help (ordering: fields in declaration order)
+    cli       False: not an option
+
+Every generated option has the click default None: a value not given on the command line stays out of
+`OptionSet.given(...)`, so the dataclass default applies, or a recorded value (a resumed run, an existing
+cache) can take its place. `--help` still shows the dataclass default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import click
+
+MISSING = dataclasses.MISSING
+
+
+def split_list(text: str) -> tuple[str, ...]:
+    """ "a, b,,c" -> ("a", "b", "c")."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else tp), True  # a union of several: needs metadata["parse"]
+    return tp, False
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def _show(default: Any) -> str | bool:
+    if default is MISSING or default is None or default == ():
+        return False
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    if isinstance(default, tuple):
+        return ",".join(str(v) for v in default)
+    return str(default)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedOption:
+    """One field turned into a click option, and how its text becomes the field's value."""
+
+    field: str
+    decls: tuple[str, ...]
+    kwargs: dict
+    parse: Callable[[Any], Any] | None
+    group: str | None
+    none_default: bool = False  # Optional and no dataclass default: None when not given
+
+    def click_option(self) -> Callable:
+        return click.option(*self.decls, self.field, **self.kwargs)
+
+
+def field_option(f: dataclasses.Field, tp: Any, name: str | None = None) -> GeneratedOption:
+    """The click option of one dataclass field (see the module docstring for the rules)."""
+    meta = f.metadata
+    if "help" not in meta:
+        raise TypeError(f"field {f.name!r} has no metadata['help']: every option must teach")
+    tp, optional = _unwrap_optional(tp)
+    default = _default_of(f)
+    opt = (name or meta.get("name") or f.name).replace("_", "-")
+    shown = _show(default)
+    help_text = meta["help"] + (f"  [default: {shown}]" if shown and "[default:" not in meta["help"] else "")
+    kwargs: dict[str, Any] = {"help": help_text, "show_default": False}  # not given -> None (or ())
+    kwargs["required"] = meta.get("required", default is MISSING)
+    parse = meta.get("parse")
+    if "metavar" in meta:
+        kwargs["metavar"] = meta["metavar"]
+    if tp is bool and parse is None:
+        decls = (f"--{opt}/--no-{opt}",)
+        kwargs["default"] = None  # neither flag given -> None, so the dataclass (or a record) decides
+        return GeneratedOption(f.name, decls, kwargs, None, meta.get("group"))
+    choices = meta.get("choices")
+    if typing.get_origin(tp) is typing.Literal:
+        choices = typing.get_args(tp)
+    if meta.get("multiple"):
+        kwargs["multiple"] = True
+        kwargs["type"] = str
+    elif choices is not None:
+        kwargs["type"] = click.Choice([str(c) for c in choices])
+    elif parse is None and tp in (int, float, str):
+        kwargs["type"] = tp
+    elif parse is None and typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if typing.get_args(tp)[0] is not str:
+            raise TypeError(f"field {f.name!r}: give metadata['parse'] for {tp}")
+        parse = split_list
+        kwargs.setdefault("metavar", "A,B,...")
+    elif parse is None:
+        raise TypeError(f"field {f.name!r} of type {tp}: give metadata['parse'] (str -> value)")
+    none_default = optional and default is MISSING
+    if none_default and "required" not in meta:
+        kwargs["required"] = False
+    return GeneratedOption(f.name, (f"--{opt}",), kwargs, parse, meta.get("group"), none_default)
+
+
+class OptionSet:
+    """The options of one or more config dataclasses, for one command.
+
+    classes: the dataclasses whose fields become options (later classes may not repeat a field).
+    exclude: field names that are not options of this command. rename: field -> option name.
+    required: field -> bool, overriding "required when no default" (e.g. --cache given by --resume).
+    """
+
+    def __init__(
+        self,
+        *classes: type,
+        exclude: Iterable[str] = (),
+        rename: Mapping[str, str] | None = None,
+        required: Mapping[str, bool] | None = None,
+    ) -> None:
+        exclude, rename, required = set(exclude), dict(rename or {}), dict(required or {})
+        self.options: list[GeneratedOption] = []
+        seen: set[str] = set()
+        for cls in classes:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in exclude or f.metadata.get("cli", True) is False:
+                    continue
+                if f.name in seen:
+                    raise TypeError(f"field {f.name!r} is an option twice ({cls.__name__})")
+                seen.add(f.name)
+                o = field_option(f, hints[f.name], rename.get(f.name))
+                if f.name in required:
+                    o.kwargs["required"] = required[f.name]
+                self.options.append(o)
+        unknown = (exclude | set(rename) | set(required)) - {
+            f.name for cls in classes for f in dataclasses.fields(cls)
+        }
+        if unknown:
+            raise TypeError(f"OptionSet names fields that do not exist: {sorted(unknown)}")
+
+    def __call__(self, command: Callable) -> Callable:
+        """Decorate a click command with the options, grouped by metadata['group'] (first seen first)."""
+        groups: list[str | None] = []
+        for o in self.options:
+            if o.group not in groups:
+                groups.append(o.group)
+        ordered = [o for g in groups for o in self.options if o.group == g]
+        for o in reversed(ordered):
+            command = o.click_option()(command)
+        return command
+
+    def given(self, opts: Mapping[str, Any]) -> dict[str, Any]:
+        """{field: parsed value} of the options given on the command line (None / () = not given)."""
+        out = {}
+        for o in self.options:
+            value = opts.get(o.field)
+            if value is None or (o.kwargs.get("multiple") and not value):
+                continue
+            if o.parse is not None:
+                value = tuple(o.parse(v) for v in value) if o.kwargs.get("multiple") else o.parse(value)
+            out[o.field] = value
+        return out
+
+    def build(self, cls: type, opts: Mapping[str, Any], **fixed: Any):
+        """cls(**given options, **fixed): fields not given keep the dataclass default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {o.field: None for o in self.options if o.none_default and o.field in names}
+        values.update({k: v for k, v in self.given(opts).items() if k in names})
+        return cls(**{**values, **fixed})
