@@ -147,7 +147,7 @@ def cli(verbose: bool) -> None:
 def run(**opts) -> None:
     """Extract teacher features into a cache (resumable: re-running skips finished shards)."""
     from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.verify import describe_cache
+    from sak.pipeline.verify import describe_cache, store_fidelity_warnings
 
     cfg = ExtractConfig(
         source=opts["source"],
@@ -175,6 +175,8 @@ def run(**opts) -> None:
     )
     out = run_extraction(cfg)
     click.echo(describe_cache(out))
+    for line in store_fidelity_warnings(out):
+        click.echo(line, err=True)
 
 
 @cli.command()

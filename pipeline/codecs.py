@@ -277,6 +277,19 @@ class Codec:
         return self.decode_torch(values, scales, device=None, dtype=torch.float32)
 
 
+def refuse_overflow(codec: Codec, x: torch.Tensor, teacher: str, block: int) -> None:
+    """An fp16 store cannot hold |x| > 65504 (it would store inf): refuse at extraction, one line."""
+    if codec.true_dtype != "float16":
+        return
+    amax = float(x.detach().abs().amax()) if x.numel() else 0.0
+    if amax > 65504 or amax != amax:
+        raise SakError(
+            f"teacher {teacher} level {block}: a feature value of magnitude {amax:.4g} does not fit float16 "
+            f"(largest finite 65504); extract this teacher with --codec bf16 (same size, float32's range) or "
+            f"--codec fp8 (scaled per group)"
+        )
+
+
 _FP8_TABLE: list[np.ndarray] = []
 
 
