@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
@@ -186,6 +187,18 @@ def inspect(cache: str) -> None:
     from sak.pipeline.verify import describe_cache
 
     click.echo(describe_cache(cache))
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--view", "views", type=int, multiple=True, required=True, help="View index (repeatable).")
+@click.option("--out", default=None, help="PNG to write (default: CACHE/show-<views>.png).")
+def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
+    """Draw the views beside a PCA-to-RGB map of every teacher's every stored level (one PCA per level)."""
+    from sak.pipeline.show import render
+
+    out = out or str(Path(cache) / f"show-{'-'.join(map(str, views))}.png")
+    click.echo(render(cache, list(views), out))
 
 
 @cli.command(name="ls")

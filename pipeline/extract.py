@@ -505,7 +505,7 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
 
     if not schedule.queue:
         return
-    rows = _shard_rows(out)
+    rows = view_rows(out)
     sizes = sorted({sp.spec.model_input_side(cfg.size) if sp.spec.fixed_input else cfg.size for sp in stores})
     workers = _start_workers(cfg, stores, len(schedule.queue))
     schedule.start(len(workers))
@@ -566,7 +566,7 @@ def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
     )
 
 
-def _shard_rows(out: Path) -> list[ViewRow]:
+def view_rows(out: Path) -> list[ViewRow]:
     """views.parquet joined with the image index: everything a CPU task needs to cut a view."""
     views = read_table(out / VIEWS_FILE).to_pylist()
     index = {r["key"]: r for r in read_table(out / IMAGE_INDEX_FILE).to_pylist()}
