@@ -206,3 +206,40 @@ def test_massive_channels_break_int8_group32_but_not_int8_tc_or_fp8(magnitude):
     assert std_p1("int8_tc") >= 0.999 and std_p1("fp8") >= 0.998
     out = get_codec("int8_tc").decode(*get_codec("int8_tc").encode_parts(x))
     assert torch.quantile(_token_cos(x, out).float(), 0.01) >= 0.99
+
+
+def test_int8_tc_is_its_own_store_identity_and_a_store_of_another_codec_is_refused(tmp_path):
+    tc, g32 = get_codec("int8_tc"), get_codec("int8")
+    assert tc.identity()["codec_spec"] != g32.identity()["codec_spec"]  # a different fingerprint
+    assert tc.describe()["scales"]["granularity"] == "token_channel"
+    assert tc.scale_shape(27, 27, 1024) == (1, 1, 27 * 27 + 1024)
+    assert tc.bytes_per_sample(27, 27, 1024) == 27 * 27 * 1024 + 2 * (27 * 27 + 1024)
+    grids = {2: (16, 16, 256)}
+    create_store(tmp_path, 6, 4, grids, g32)
+    with pytest.raises(SakError, match="another run"):  # same path, other codec: never mixed
+        create_store(tmp_path, 6, 4, grids, tc)
+
+
+def test_pca_basis_round_trips_and_decodes_with_numpy_alone():
+    from sak.pipeline.codecs import PcaBasis
+
+    g = torch.Generator().manual_seed(0)
+    # low-rank features (rank 12 in C 64) plus a little noise: what a real ViT level's spectrum looks like
+    x = torch.randn(4, 8, 8, 12, generator=g) @ torch.randn(12, 64, generator=g) + 3.0
+    x = x + 0.01 * torch.randn(x.shape, generator=g)
+    basis = PcaBasis.fit(x[:2], 16)  # fitted on the first half, judged on the held-out half
+    assert basis.components.shape == (16, 64) and basis.mean.shape == (64,) and basis.explained > 0.999
+    np.testing.assert_allclose(basis.components @ basis.components.T, np.eye(16), atol=1e-5)
+    coeffs = basis.encode(x[2:])
+    assert coeffs.dtype == np.float16 and coeffs.shape == (2, 8, 8, 16)
+    out = basis.decode_torch(coeffs)
+    cos = _token_cos(x[2:], out, standardise=True)
+    assert torch.quantile(cos.float(), 0.01) > 0.99
+    recipe = coeffs.astype(np.float32) @ basis.components + basis.mean  # the documented numpy recipe
+    np.testing.assert_allclose(recipe, out.numpy(), rtol=1e-4, atol=1e-4)
+    assert basis.decode_torch(torch.from_numpy(coeffs), dtype=torch.bfloat16).dtype == torch.bfloat16
+    full = PcaBasis.fit(x, 200)  # k >= C: capped at C, an exact rotation up to fp16 rounding
+    assert full.k == 64
+    torch.testing.assert_close(full.decode_torch(full.encode(x, torch.float32)), x, rtol=1e-4, atol=1e-3)
+    with pytest.raises(SakError, match="k >= 1"):
+        PcaBasis.fit(x, 0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,18 @@ def test_fp16_store_refuses_overflow_in_one_line():
     assert "\n" not in str(e.value)
     with pytest.raises(SakError, match="does not fit float16"):
         refuse_overflow(get_codec("fp16"), x * float("inf"), "clip_l", 11)
+
+
+@pytest.mark.slow  # ~25-70 s: its own tiny extraction, then 2 steps
+def test_stage1_trains_from_an_int8_tc_store(tiny_caches, tmp_path):
+    """The robust codec goes through the loader's existing codec interface (to_torch / decode_torch)."""
+    from sak.student.train.stage1 import train_stage1
+    from sak.student.train.stage1_config import Stage1Config
+
+    cache = tiny_caches.get("int8_tc", views_per_image=1, teachers=("dinov2_tiny",))
+    m = read_store_manifest(cache / next(iter(read_cache(cache).stores.values())).path)
+    assert m.codec == "int8_tc" and m.codec_spec.scales.granularity == "token_channel" and m.fidelity
+    res = train_stage1(
+        Stage1Config.debug(str(cache), str(tmp_path / "run"), steps=2, batch_size=2, eval_every=0)
+    )
+    assert len(res.losses) == 2 and all(np.isfinite(res.losses))
