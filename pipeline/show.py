@@ -36,21 +36,30 @@ class LevelMaps:
     maps: torch.Tensor  # (n_views, H, W, C) float32, as decoded from the store
 
 
-def pca_rgb(maps: torch.Tensor) -> np.ndarray:
+def pca_rgb(maps: torch.Tensor, also: torch.Tensor | None = None):
     """(n, H, W, C) -> (n, H, W, 3) uint8: the top-3 principal components of all tokens of all n maps,
-    each scaled to [0, 255] by its 1st and 99th percentile over those tokens."""
+    each scaled to [0, 255] by its 1st and 99th percentile over those tokens. With `also` (m, h, w, C):
+    returns (maps' picture, also's picture), `also` projected with the same fit (colours compare)."""
     n, h, w, c = maps.shape
     x = maps.reshape(-1, c).double()
-    x = x - x.mean(0)
+    mean = x.mean(0)
+    x = x - mean
     k = min(3, c, x.shape[0])
     _, _, v = torch.linalg.svd(x, full_matrices=False)  # v: (min(T, C), C)
     proj = x @ v[:k].T  # (T, k)
-    if k < 3:
-        proj = torch.cat([proj, proj.new_zeros(proj.shape[0], 3 - k)], 1)
     lo = torch.quantile(proj.float(), 0.01, dim=0).double()
     hi = torch.quantile(proj.float(), 0.99, dim=0).double()
-    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1) * 255
-    return rgb.reshape(n, h, w, 3).round().to(torch.uint8).numpy()
+
+    def to_rgb(p: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+        rgb = ((p - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1) * 255
+        if k < 3:
+            rgb = torch.cat([rgb, rgb.new_zeros(rgb.shape[0], 3 - k)], 1)
+        return rgb.reshape(*shape, 3).round().to(torch.uint8).numpy()
+
+    if also is None:
+        return to_rgb(proj, (n, h, w))
+    other = (also.reshape(-1, c).double() - mean) @ v[:k].T
+    return to_rgb(proj, (n, h, w)), to_rgb(other, tuple(also.shape[:3]))
 
 
 def read_levels(cache_dir: Path, views: list[int]) -> list[LevelMaps]:
@@ -87,6 +96,19 @@ def _panel(img: np.ndarray, caption: str) -> Image.Image:
     return tile
 
 
+def save_sheet(rows: list[list[tuple[np.ndarray, str]]], out: str | Path) -> Path:
+    """A PNG of panel rows: each panel an (h, w, 3) uint8 picture and its caption."""
+    cols = max(len(r) for r in rows)
+    sheet = Image.new("RGB", (cols * PANEL, len(rows) * (PANEL + LABEL)), "white")
+    for i, row in enumerate(rows):
+        for j, (img, caption) in enumerate(row):
+            sheet.paste(_panel(img, caption), (j * PANEL, i * (PANEL + LABEL)))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out)
+    return out
+
+
 def render(cache_dir: str | Path, views: list[int], out: str | Path) -> Path:
     """Write the PNG: per view and teacher one row (image, then one PCA-RGB panel per stored level)."""
     cache_dir = Path(cache_dir)
@@ -102,17 +124,12 @@ def render(cache_dir: str | Path, views: list[int], out: str | Path) -> Path:
     images = view_images(cache_dir, views, cache.view_plan.size)
     rgb = [pca_rgb(lv.maps) for lv in levels]  # one shared PCA per (teacher, level) over the shown views
     teachers = list(dict.fromkeys(lv.teacher for lv in levels))
-    cols = 1 + max(sum(lv.teacher == t for lv in levels) for t in teachers)
-    sheet = Image.new("RGB", (cols * PANEL, len(views) * len(teachers) * (PANEL + LABEL)), "white")
+    rows = []
     for i, v in enumerate(views):
-        for j, t in enumerate(teachers):
-            y = (i * len(teachers) + j) * (PANEL + LABEL)
-            sheet.paste(_panel(images[i], f"view {v}"), (0, y))
+        for t in teachers:
             mine = [(lv, p) for lv, p in zip(levels, rgb) if lv.teacher == t]
-            for k, (lv, p) in enumerate(mine):
-                h, w = lv.maps.shape[1:3]
-                sheet.paste(_panel(p[i], f"{t} L{lv.block} {h}x{w}"), ((k + 1) * PANEL, y))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out
+            rows.append(
+                [(images[i], f"view {v}")]
+                + [(p[i], f"{t} L{lv.block} {lv.maps.shape[1]}x{lv.maps.shape[2]}") for lv, p in mine]
+            )
+    return save_sheet(rows, out)

@@ -53,3 +53,19 @@ def test_show_refuses_views_outside_the_cache(tiny_caches, tmp_path):
     cache = tiny_caches.get()
     with pytest.raises(SakError, match=r"--view must be in 0\.\."):
         render(cache, [10_000], tmp_path / "x.png")
+
+
+def test_repsim_pictures_draw_student_beside_teacher_per_level(tiny_caches, tiny_stage1_run, tmp_path):
+    from sak.cli.train import cli as train_cli
+
+    cache = tiny_caches.get(views_per_image=1)
+    out = tmp_path / "repsim.png"
+    args = ["repsim", "--checkpoint", str(tiny_stage1_run), "--cache", str(cache), "--device", "cpu"]
+    res = CliRunner().invoke(train_cli, [*args, "--pictures", str(out), "--picture-views", "2"])
+    assert res.exit_code == 0, res.output
+    assert "Rep Sim on" in res.output and f"pictures: {out}" in res.output
+    stores = [read_store_manifest(cache / e.path) for e in read_cache(cache).stores.values()]
+    img = np.asarray(Image.open(out).convert("RGB"))
+    levels = max(len(m.levels) for m in stores)
+    assert img.shape[1] == (1 + 2 * levels) * PANEL  # view, then (teacher, student) per level
+    assert img.shape[0] % (PANEL + LABEL) == 0 and img.shape[0] // (PANEL + LABEL) <= 2 * len(stores)
