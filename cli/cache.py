@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
@@ -47,11 +48,13 @@ def run(**opts) -> None:
     Adding a teacher to an existing cache needs only --out and --teachers: the view plan and shard
     size are the cache's own (a different value given is refused)."""
     from sak.pipeline.extract import run_extraction, with_recorded_defaults
-    from sak.pipeline.verify import describe_cache
+    from sak.pipeline.verify import describe_cache, store_fidelity_warnings
 
     cfg = with_recorded_defaults(RUN_OPTIONS.build(ExtractConfig, opts), RUN_OPTIONS.given(opts))
     out = run_extraction(cfg)
     click.echo(describe_cache(out))
+    for line in store_fidelity_warnings(out):
+        click.echo(line, err=True)
 
 
 @cli.command()
@@ -61,6 +64,18 @@ def inspect(cache: str) -> None:
     from sak.pipeline.verify import describe_cache
 
     click.echo(describe_cache(cache))
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--view", "views", type=int, multiple=True, required=True, help="View index (repeatable).")
+@click.option("--out", default=None, help="PNG to write (default: CACHE/show-<views>.png).")
+def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
+    """Draw the views beside a PCA-to-RGB map of every teacher's every stored level (one PCA per level)."""
+    from sak.pipeline.show import render
+
+    out = out or str(Path(cache) / f"show-{'-'.join(map(str, views))}.png")
+    click.echo(render(cache, list(views), out))
 
 
 @cli.command(name="ls")

@@ -33,7 +33,7 @@ class Stage1Command:
 
 @dataclass(frozen=True)
 class RepsimCommand:
-    """`repsim`: Rep Sim of a saved student (arguments of `repsim_of_checkpoint`)."""
+    """`repsim`: Rep Sim of a saved student on held-out views (arguments of `open_held_out`), with pictures."""
 
     checkpoint: str = field(
         metadata={"help": "A run folder (its latest checkpoint) or a student .safetensors."}
@@ -55,6 +55,14 @@ class RepsimCommand:
         default=False, metadata={"help": "Compare with live teachers instead of the cached targets."}
     )
     device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    pictures: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also draw the student's aligned maps beside the teachers' into this PNG.",
+            "metavar": "PNG",
+        },
+    )
+    picture_views: int = field(default=3, metadata={"help": "Held-out views drawn with --pictures."})
 
 
 @dataclass(frozen=True)
@@ -145,13 +153,28 @@ def stage1(**opts) -> None:
 @REPSIM_OPTIONS
 def repsim(**opts) -> None:
     """Rep Sim per teacher (mean per-token cosine to the targets) of a saved student, on held-out views."""
-    from sak.student.train.evaluate import repsim_of_checkpoint
+    from sak.student.data.loader import eval_batches
+    from sak.student.train.evaluate import evaluate_repsim, open_held_out, repsim_pictures
 
     command = REPSIM_OPTIONS.build(RepsimCommand, opts)
-    sims, n = repsim_of_checkpoint(**dataclasses.asdict(command))
+    held = open_held_out(
+        command.checkpoint,
+        command.cache,
+        teachers=command.teachers,
+        holdout_shards=command.holdout_shards,
+        normalization=command.normalization,
+        online=command.online,
+        device=command.device,
+    )
+    batches = eval_batches(held.reader, held.rows, command.batch_size)
+    sims, n = evaluate_repsim(held.model, batches, held.targets_of, held.index.stores, held.device)
     click.echo(f"Rep Sim on {n} held-out views of {command.cache}:")
     for t, v in sims.items():
         click.echo(f"  {t:<16} {v:.4f}")
+    if command.pictures:
+        click.echo(
+            f"pictures: {repsim_pictures(held, command.cache, command.pictures, command.picture_views)}"
+        )
 
 
 @cli.command()
