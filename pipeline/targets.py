@@ -42,7 +42,10 @@ RESAMPLE = (
 
 
 def codec_field():
-    help = "Target codec: fp16, bf16, fp32, int8 (per 32 channels), fp8 (see pipeline/codecs.py)."
+    help = (
+        "Target codec: fp16, bf16, fp32, int8 (per 32 channels), int8_tc (per channel and token: robust to "
+        "massive activations), fp8 (see pipeline/codecs.py)."
+    )
     return field(default="fp16", metadata={"help": help, "group": "targets"})
 
 
