@@ -292,7 +292,10 @@ def estimate(**opts) -> None:
 @cli.command()
 @click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
 @click.option("--data-root", required=True, help="PASCAL_MT / NYUD_MT (or their parent), or your folder.")
-@click.option("--init", "init", required=True, metavar="RUN", help="The stage-1 run (its teachers' stores).")
+@click.option("--init", "init", metavar="RUN", help="The stage-1 run (its teachers' stores).")
+@click.option("--teachers", help="Teachers by name instead of --init: dinov2_l,clip_l,sam_l (tiny: *_tiny).")
+@click.option("--weights", multiple=True, metavar="NAME=PATH", help="Local weights of a named teacher.")
+@click.option("--random-init", is_flag=True, help="Random weights for named teachers (tests; flagged).")
 @click.option("--out", required=True, help="Cache folder (created; an unfinished one resumes).")
 @click.option("--epochs", default=1, show_default=True, type=int, help="Epochs of plans to cache (0..E-1).")
 @click.option("--img-size", help="HxW crop, as `sak-train stage2` [default: 512x512, NYUD 448x576].")
@@ -311,6 +314,9 @@ def stage2(**opts) -> None:
         dataset=opts["dataset"],
         data_root=opts["data_root"],
         init=opts["init"],
+        teachers=tuple(t for t in (opts["teachers"] or "").split(",") if t),
+        weights=_parse_weights(opts["weights"]),
+        random_init=opts["random_init"],
         out=opts["out"],
         epochs=opts["epochs"],
         img_size=parse_img_size(opts["img_size"]),

@@ -406,6 +406,8 @@ class Stage2Teacher:
     positions: list[int]
     grids: list[list[int]]
     shards: dict[str, dict[str, str]] = field(metadata=doc("shard index -> {file: sha256}"))
+    weights: WeightsRecord | None = field(default=None, metadata=OMIT)  # teachers given by name
+    seed: int | None = field(default=None, metadata=OMIT)  # their random-init seed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -415,7 +417,7 @@ class Stage2Cache:
     kind: Literal["sak-stage2-cache"] = "sak-stage2-cache"
     identity: Stage2Identity
     data_root: str
-    init: str
+    init: str | None = field(default=None, metadata=doc("the stage-1 run; absent: teachers by name", **OMIT))
     epochs: int
     rows: int
     codec: str

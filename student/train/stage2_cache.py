@@ -30,7 +30,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -43,9 +43,11 @@ from sak.pipeline.format import (
     Stage2Cache,
     Stage2Identity,
     Stage2Teacher,
+    WeightsRecord,
     read_stage2_cache,
     write_stage2_cache,
 )
+from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
 from sak.pipeline.provenance import code_version, stable_hash
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
@@ -74,9 +76,19 @@ class Stage2CacheConfig:
 
     dataset: str
     data_root: str
-    init: str
+    init: str | None
     out: str
     epochs: int = 1
+    teachers: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Teachers by name (dinov2_l,clip_l,sam_l) instead of a stage-1 --init run."},
+    )
+    weights: tuple[tuple[str, str], ...] = field(
+        default=(), metadata={"help": "NAME=PATH local weights of a named teacher (else the timm hub tag)."}
+    )
+    random_init: bool = field(
+        default=False, metadata={"help": "Named teachers with random weights (tests; flagged in cache.json)."}
+    )
     img_size: tuple[int, int] | None = None
     scale_range: tuple[float, float] = (0.5, 2.0)
     photometric: bool = True
@@ -121,7 +133,7 @@ def augmented_image(samples: TrainSamples, epoch: int, index: int) -> tuple[torc
     return out["image"], row
 
 
-def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> Stage2Identity:
+def _identity(cfg: Stage2CacheConfig, data: DenseDataset, fingerprints: list[str]) -> Stage2Identity:
     return Stage2Identity(
         dataset=cfg.dataset,
         split=SPLIT,
@@ -132,8 +144,18 @@ def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> Stage
         scale_range=[float(x) for x in cfg.scale_range],
         photometric=bool(cfg.photometric),
         plan_version=PLAN_VERSION,
-        fingerprints=[s["fingerprint"] for s in stage1["cache"]["stores"]],
+        fingerprints=list(fingerprints),
     )
+
+
+def cache_teachers(cfg: Stage2CacheConfig, crop: tuple[int, int], device: torch.device) -> Stage2Teachers:
+    """The teachers a stage-2 cache runs: the stage-1 run's (--init) or named ones (--teachers)."""
+    if bool(cfg.init) == bool(cfg.teachers):
+        raise SakError("give one of --init RUN (a stage-1 run's teachers) and --teachers NAMES")
+    if cfg.init:
+        _, stage1 = load_stage1_run(cfg.init, device)
+        return Stage2Teachers(stage1, crop, device)
+    return Stage2Teachers.named(cfg.teachers, dict(cfg.weights), cfg.random_init, cfg.seed, crop, device)
 
 
 def _done(path: Path, shard: int) -> bool:
@@ -142,9 +164,6 @@ def _done(path: Path, shard: int) -> bool:
 
 def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     """Replay the stage-2 plans of every (epoch, image) and store the teachers' targets for them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if cfg.epochs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
         raise SakError("--epochs, --shard-size and --batch-size must be >= 1")
     crop = cfg.crop()
@@ -154,8 +173,25 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     out = Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
-    _, stage1 = load_stage1_run(cfg.init, device)
-    identity = _identity(cfg, data, stage1)
+    teachers = cache_teachers(cfg, crop, device)
+    identity = _identity(cfg, data, [s.fingerprint for s in teachers.stores])
+    out.mkdir(parents=True, exist_ok=True)
+    with CacheLock(out):
+        return _build(cfg, out, data, teachers, identity, codec)
+
+
+def _build(
+    cfg: Stage2CacheConfig,
+    out: Path,
+    data: DenseDataset,
+    teachers: Stage2Teachers,
+    identity: Stage2Identity,
+    codec,
+) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    crop = cfg.crop()
     if (out / CACHE_JSON).exists():
         old = read_stage2_cache(out / CACHE_JSON)
         for k in Stage2Identity.__dataclass_fields__:
@@ -166,18 +202,16 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
                 )
         if old.epochs != cfg.epochs or old.codec != cfg.codec or old.shard_size != cfg.shard_size:
             raise SakError(f"{out} was built with other --epochs/--codec/--shard-size: choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif any(p.name != ".sak-lock" for p in out.iterdir()):
         raise SakError(f"--out {out} exists and is not a stage-2 cache; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
 
-    teachers = Stage2Teachers(stage1, crop, device)
     samples = TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
     n_rows = cfg.epochs * len(data)
     n_shards = math.ceil(n_rows / cfg.shard_size)
     record = Stage2Cache(
         identity=identity,
         data_root=str(Path(cfg.data_root).expanduser().resolve()),
-        init=str(Path(cfg.init).expanduser().resolve()),
+        init=str(Path(cfg.init).expanduser().resolve()) if cfg.init else None,
         epochs=cfg.epochs,
         rows=n_rows,
         codec=cfg.codec,
@@ -231,6 +265,8 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
             Stage2Teacher(
                 teacher=info.teacher,
                 stage1_fingerprint=info.fingerprint,
+                weights=WeightsRecord(**info.weights) if getattr(info, "weights", None) else None,
+                seed=getattr(info, "seed", None),
                 path=f"teachers/{info.teacher}",
                 blocks=list(info.blocks),
                 positions=list(info.positions),
