@@ -294,18 +294,21 @@ def stage2(**opts) -> None:
 
 
 @cli.command(name="eval")
-@click.option("--checkpoint", required=True, metavar="RUN", help="A stage-2 run folder.")
+@click.option("--checkpoint", required=True, metavar="RUN", help="A stage-2 or TIGER run folder.")
 @click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
 @click.option("--data-root", required=True)
 @click.option("--split", default="val", show_default=True)
 @click.option("--out", help="Where eval.json and the pictures go [default: the run folder].")
 @click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--baselines", metavar="FILE.json", help="Single-task metric per task {task: value}: delta_m.")
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 def eval_cmd(**opts) -> None:
     """Stage-2 metrics (mIoU, maxF, mErr, odsF, RMSE, delta_m), router gates and prediction pictures."""
     from sak.student.train.stage2 import evaluate, format_table
+    from sak.student.train.tiger_eval import evaluate_tiger, is_tiger_run
 
-    report = evaluate(
+    run = evaluate_tiger if is_tiger_run(opts["checkpoint"]) else evaluate
+    report = run(
         opts["checkpoint"],
         opts["dataset"],
         opts["data_root"],
@@ -313,9 +316,69 @@ def eval_cmd(**opts) -> None:
         out=opts["out"],
         batch_size=opts["batch_size"],
         device=opts["device"],
+        baselines=_read_baselines(opts["baselines"]),
     )
     click.echo(f"{opts['dataset']} {opts['split']}: {report['images']} images")
     click.echo(format_table(report))
+
+
+def _read_baselines(path: str | None) -> dict[str, float] | None:
+    if not path:
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SakError(f"--baselines {path}: cannot read it as JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise SakError(
+            f'--baselines {path}: expected {{"task": single-task metric, ...}}, e.g. {{"semseg": 0.5}}'
+        )
+    return {str(k): float(v) for k, v in data.items()}
+
+
+# `sak-train tiger`: options mirror TigerConfig's fields (student/train/tiger.py), grouped here.
+@cli.command()
+@click.option("--dataset", required=True, type=click.Choice(["pascal", "nyud", "folder"]))
+@click.option("--data-root", required=True, help="PASCAL_MT / NYUD_MT (or their parent), or your folder.")
+@click.option("--cache", help="A stage-2 target cache (`sak-cache stage2`): no teacher in memory.")
+@click.option("--online", is_flag=True, help="Run the --teachers live on the same views instead.")
+@click.option("--teachers", help="With --online: teachers by name, e.g. dinov2_l,clip_l,sam_l.")
+@click.option("--weights", help="With --online: NAME=PATH,... local teacher weights.")
+@click.option("--random-init", is_flag=True, help="With --online: random-init teachers (tests; flagged).")
+@click.option("--tasks", help="Comma list of tasks [default: all of the dataset's].")
+@click.option(
+    "--instructions", metavar="FILE.json", help="{task: sentence} overriding the default instructions."
+)
+@click.option("--text-model", default="ViT-B-32", show_default=True, help="open_clip model (text tower).")
+@click.option(
+    "--text-pretrained", default="laion2b_s34b_b79k", show_default=True, help="Its tag; none: random."
+)
+@click.option("--dim", default=256, show_default=True, type=int, help="Width of projected experts and heads.")
+@click.option("--router-hidden", default=64, show_default=True, type=int)
+@click.option("--cf-weight", default=0.1, show_default=True, type=float, help="Counterfactual loss weight.")
+@click.option("--cf-tau", default=0.1, show_default=True, type=float, help="q = softmax(c / tau).")
+@click.option("--steps", default=20_000, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--lr", default=1e-4, show_default=True, type=float)
+@click.option("--img-size", help="HxW crop [default: the dataset's; must be the cache's].")
+@click.option("--seed", default=0, show_default=True, type=int, help="The cache's --seed.")
+@click.option("--num-workers", default=2, show_default=True, type=int)
+@click.option("--log-every", default=50, show_default=True, type=int)
+@click.option("--checkpoint-every", default=500, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly.")
+@click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option("--out", required=True, help="Run folder: config.json, metrics.jsonl, checkpoint/.")
+def tiger(**opts) -> None:
+    """TIGER: instruction-guided token routing over frozen teachers, trained from a stage-2 cache."""
+    from sak.student.train.tiger import TigerConfig, train_tiger
+
+    opts["tasks"], opts["teachers"] = _split(opts["tasks"]), _split(opts["teachers"])
+    opts["weights"] = tuple(tuple(p.split("=", 1)) for p in _split(opts["weights"]))
+    opts["img_size"] = parse_img_size(opts["img_size"])
+    result = train_tiger(TigerConfig(**opts))
+    click.echo(f"TIGER run {result.run}: {result.steps} steps, last loss {result.losses[-1]:.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -428,6 +428,7 @@ class Stage2Cache:
     code_version: str
     created: str
     teachers: list[Stage2Teacher] | None = field(default=None, metadata=OMIT)  # when complete
+    views_sha256: str | None = field(default=None, metadata=OMIT)  # when complete
     seconds: float | None = field(default=None, metadata=OMIT)
     finished: str | None = field(default=None, metadata=OMIT)
 

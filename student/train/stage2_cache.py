@@ -49,7 +49,7 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
-from sak.pipeline.provenance import code_version, stable_hash
+from sak.pipeline.provenance import code_version, sha256_file, stable_hash
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 from sak.student.data.dense import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
 from sak.student.train.distributed import resolve_device
@@ -275,7 +275,12 @@ def _build(
             )
         )
     record = dataclasses.replace(
-        record, teachers=done, complete=True, seconds=round(time.perf_counter() - t0, 3), finished=now_iso()
+        record,
+        teachers=done,
+        views_sha256=sha256_file(out / VIEWS),
+        complete=True,
+        seconds=round(time.perf_counter() - t0, 3),
+        finished=now_iso(),
     )
     write_stage2_cache(out / CACHE_JSON, record)
     log.info(f"stage-2 cache {out}: {n_rows} rows ({cfg.epochs} epochs x {len(data)} images)")
