@@ -18,8 +18,8 @@ from sak.student.train.task_losses import TASK_LOSSES
 from sak.student.train.tiger import (
     TigerConfig,
     counterfactual_loss,
-    expert_contributions,
     exclude_expert,
+    expert_contributions,
     load_tiger,
     train_tiger,
 )
@@ -156,9 +156,7 @@ def test_counterfactual_gradient_reaches_only_the_routers(trained):
 def test_cache_and_online_give_equal_losses(setup):
     root, folder = setup
     cached = train_tiger(_cfg(root, folder, "c4", steps=4))
-    online = train_tiger(
-        _cfg(root, folder, "o4", steps=4, online=True, teachers=tuple(TEACHERS.split(",")))
-    )
+    online = train_tiger(_cfg(root, folder, "o4", steps=4, online=True, teachers=tuple(TEACHERS.split(","))))
     diff = max(abs(a - b) for a, b in zip(cached.losses, online.losses))
     print(f"cache vs online, 4 steps: losses {cached.losses} / {online.losses}; max |diff| {diff:.2e}")
     assert len(cached.losses) == 4 and diff <= 1e-4
