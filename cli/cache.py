@@ -304,6 +304,10 @@ def estimate(**opts) -> None:
 @click.option("--shard-size", default=64, show_default=True, type=int, help="Rows per shard file.")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="Images per teacher forward.")
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option(
+    "--workers", default=0, show_default=True, type=int, help="Ray actors computing shards (0: here)."
+)
+@click.option("--address", help="Ray cluster address [default: an embedded Ray when --workers > 0].")
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
@@ -325,6 +329,8 @@ def stage2(**opts) -> None:
         shard_size=opts["shard_size"],
         batch_size=opts["batch_size"],
         device=opts["device"],
+        workers=opts["workers"],
+        address=opts["address"],
     )
     out = build_stage2_cache(cfg)
     click.echo(describe(read_stage2_cache(out / CACHE_JSON)))

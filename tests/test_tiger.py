@@ -216,3 +216,47 @@ def test_bad_options_are_refused(setup, tmp_path):
         train_tiger(_cfg(root, folder, "c4", steps=4))
     args = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--out", str(tmp_path / "s")]
     assert cache_main(args) == 2  # neither --init nor --teachers
+
+
+@pytest.mark.slow
+def test_ray_built_stage2_cache_resumes_after_kill_9(setup, tmp_path):
+    """`sak-cache stage2 --workers 1` (a Ray actor) killed with SIGKILL after its first journaled shard:
+    the re-run keeps the finished shards, completes, verifies, and equals an uninterrupted build."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, folder = setup
+    out = tmp_path / "killed"
+    args = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--teachers", TEACHERS,
+            "--epochs", "12", "--img-size", f"{CROP[0]}x{CROP[1]}", "--codec", "fp32", "--shard-size", "4",
+            "--batch-size", "4", "--device", "cpu"]  # fmt: skip
+    code = "import sys; from sak.cli.cache import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--out", str(out), "--workers", "1"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    journal = out / "teachers/sam_tiny/shards.jsonl"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (journal.exists() and journal.read_text().count("\n") >= 1):
+            assert proc.poll() is None, "the build ended before it could be killed"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # the build and the Ray it started
+    finally:
+        proc.wait(timeout=60)
+    kept = journal.read_text().splitlines()
+    assert 1 <= len(kept) < 12 and not json.loads((out / "cache.json").read_text())["complete"]
+    assert cache_main([*args, "--out", str(out), "--workers", "1"]) == 0
+    assert journal.read_text().splitlines()[: len(kept)] == kept  # finished shards not redone
+    assert check_cache(out).problems == []
+    clean = tmp_path / "clean"
+    assert cache_main([*args, "--out", str(clean)]) == 0
+    a, b = (json.loads((p / "cache.json").read_text()) for p in (out, clean))
+    assert [t["shards"] for t in a["teachers"]] == [t["shards"] for t in b["teachers"]]
+    assert a["views_sha256"] == b["views_sha256"]
+    print(f"killed after {len(kept)} of 12 shards; resumed, verified, equal to an uninterrupted build")

@@ -53,7 +53,7 @@ from sak.pipeline.provenance import code_version, sha256_file, stable_hash
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 from sak.student.data.dense import DEFAULT_INPUT_SIZE, DenseDataset, TrainSamples, apply_plan, read_image
 from sak.student.train.distributed import resolve_device
-from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
+from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, named_teachers
 
 log = logging.getLogger("sak")
 
@@ -97,6 +97,11 @@ class Stage2CacheConfig:
     shard_size: int = 64
     batch_size: int = 8
     device: str | None = None
+    workers: int = field(
+        default=0,
+        metadata={"help": "Ray actors computing shards (0: in this process); each loads the teachers."},
+    )
+    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: embedded)."})
 
     def crop(self) -> tuple[int, int]:
         return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
@@ -173,18 +178,103 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     out = Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
-    teachers = cache_teachers(cfg, crop, device)
-    identity = _identity(cfg, data, [s.fingerprint for s in teachers.stores])
+    teachers = None if cfg.workers > 0 else cache_teachers(cfg, crop, device)  # Ray: in the actors
+    infos = teachers.stores if teachers is not None else store_infos(cfg)
+    identity = _identity(cfg, data, [s.fingerprint for s in infos])
     out.mkdir(parents=True, exist_ok=True)
     with CacheLock(out):
-        return _build(cfg, out, data, teachers, identity, codec)
+        return _build(cfg, out, data, teachers, infos, identity, codec)
+
+
+def store_infos(cfg: Stage2CacheConfig) -> list:
+    """What the cache records of each teacher (name, fingerprint, blocks, positions), without its model."""
+    if bool(cfg.init) == bool(cfg.teachers):
+        raise SakError("give one of --init RUN (a stage-1 run's teachers) and --teachers NAMES")
+    if cfg.teachers:
+        return [s for s, _, _ in named_teachers(cfg.teachers, dict(cfg.weights), cfg.random_init, cfg.seed)]
+    from sak.pipeline.provenance import read_json
+    from sak.student.data.loader import open_cache
+
+    stage1 = read_json(Path(cfg.init).expanduser() / "config.json")
+    fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
+    return open_cache(stage1["cache"]["path"], fps, require_complete=False).stores
+
+
+class _ShardWriter:
+    """The driver's side: one writer per shard file, then the shard journaled (resume skips it)."""
+
+    def __init__(self, paths: dict, n_rows: int, shard_size: int, codec, codec_name: str) -> None:
+        self.paths, self.n_rows, self.shard_size, self.codec, self.codec_name = (
+            paths, n_rows, shard_size, codec, codec_name,
+        )  # fmt: skip
+        self.stores: dict[str, ZarrTeacherStore] = {}
+
+    def write(self, shard: int, start: int, stop: int, infos: list, maps: dict, seconds: float) -> None:
+        for info in infos:
+            levels = [torch.from_numpy(np.array(m)) for m in maps[info.teacher]]  # writable copy
+            path = self.paths[info.teacher]
+            if info.teacher not in self.stores:
+                grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
+                create_store(path, self.n_rows, self.shard_size, grids, self.codec)  # idempotent
+                self.stores[info.teacher] = ZarrTeacherStore(path, self.codec_name, self.shard_size)
+            files = self.stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
+            append_journal(
+                path, ShardRecord(shard=shard, start=start, stop=stop, files=files, seconds=seconds)
+            )
+
+
+class _ShardWorker:
+    """Augmented images of a shard's rows -> every teacher's maps (numpy, fp32). In process or a Ray actor."""
+
+    def __init__(self, cfg: Stage2CacheConfig, teachers: Stage2Teachers | None = None) -> None:
+        crop = cfg.crop()
+        self.cfg = cfg
+        self.data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
+        self.samples = TrainSamples(self.data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
+        self.teachers = teachers or cache_teachers(cfg, crop, resolve_device(cfg.device))
+
+    def run(self, shard: int, start: int, stop: int) -> tuple[int, list[dict], dict, float]:
+        t0 = time.perf_counter()
+        built = [augmented_image(self.samples, *divmod(r, len(self.data))) for r in range(start, stop)]
+        images = torch.stack([b[0] for b in built])
+        maps: dict[str, list[list[torch.Tensor]]] = {}
+        for i in range(0, len(images), self.cfg.batch_size):
+            for teacher, levels in self.teachers(images[i : i + self.cfg.batch_size]).items():
+                maps.setdefault(teacher, []).append([m.cpu() for m in levels])
+        joined = {t: [torch.cat(p).numpy() for p in zip(*parts)] for t, parts in maps.items()}
+        return shard, [b[1] for b in built], joined, time.perf_counter() - t0
+
+
+def _ray_shards(cfg: Stage2CacheConfig, todo: list[int], bounds: dict):
+    """Shards computed by `cfg.workers` Ray actors (teachers loaded once each), at most 2 per actor in
+    flight; yields results as they finish (the driver writes and journals them)."""
+    import ray
+
+    from sak.pipeline.runtime import ray_session
+
+    with ray_session(cfg.address, None, 512):
+        actor = ray.remote(num_cpus=1, num_gpus=1 if resolve_device(cfg.device).type == "cuda" else 0)(
+            _ShardWorker
+        )
+        workers = [actor.remote(cfg) for _ in range(cfg.workers)]
+        pending, queue, k = [], list(todo), 0
+        while queue or pending:
+            while queue and len(pending) < 2 * len(workers):
+                s = queue.pop(0)
+                pending.append(workers[k % len(workers)].run.remote(s, *bounds[s]))
+                k += 1
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+        for w in workers:
+            ray.kill(w)
 
 
 def _build(
     cfg: Stage2CacheConfig,
     out: Path,
     data: DenseDataset,
-    teachers: Stage2Teachers,
+    teachers: Stage2Teachers | None,
+    infos: list,
     identity: Stage2Identity,
     codec,
 ) -> Path:
@@ -224,41 +314,31 @@ def _build(
     )
     write_stage2_cache(out / CACHE_JSON, record)
 
-    rows: list[dict] = []
-    paths = {info.teacher: out / "teachers" / info.teacher for info in teachers.stores}
-    stores: dict[str, ZarrTeacherStore] = {}
+    paths = {info.teacher: out / "teachers" / info.teacher for info in infos}
+    writer = _ShardWriter(paths, n_rows, cfg.shard_size, codec, cfg.codec)
     t0 = time.perf_counter()
-    for shard in range(n_shards):
-        start, stop = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, n_rows)
-        built = [augmented_image(samples, *divmod(r, len(data))) for r in range(start, stop)]
-        rows.extend(b[1] for b in built)
-        todo = [s for s in teachers.stores if not _done(paths[s.teacher], shard)]
-        if not todo:
-            continue  # resumed: this shard is on disk already
-        t_shard = time.perf_counter()
-        images = torch.stack([b[0] for b in built])
-        maps: dict[str, list[list[torch.Tensor]]] = {}
-        for i in range(0, len(images), cfg.batch_size):
-            for teacher, levels in teachers(images[i : i + cfg.batch_size]).items():
-                maps.setdefault(teacher, []).append([m.cpu() for m in levels])
-        for info in todo:
-            levels = [torch.cat(parts) for parts in zip(*maps[info.teacher])]
-            path = paths[info.teacher]
-            if info.teacher not in stores:
-                grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
-                create_store(path, n_rows, cfg.shard_size, grids, codec)  # idempotent
-                stores[info.teacher] = ZarrTeacherStore(path, cfg.codec, cfg.shard_size)
-            files = stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
-            record_ = ShardRecord(
-                shard=shard, start=start, stop=stop, files=files, seconds=time.perf_counter() - t_shard
-            )
-            append_journal(path, record_)
-        log.info(f"stage-2 cache: shard {shard + 1}/{n_shards} ({stop} of {n_rows} rows)")
+    todo = [s for s in range(n_shards) if not all(_done(paths[i.teacher], s) for i in infos)]
+    bounds = {s: (s * cfg.shard_size, min((s + 1) * cfg.shard_size, n_rows)) for s in range(n_shards)}
+    rows_of: dict[int, list[dict]] = {}
+    for shard in sorted(set(range(n_shards)) - set(todo)):  # resumed: on disk already, only its rows
+        rows_of[shard] = [augmented_image(samples, *divmod(r, len(data)))[1] for r in range(*bounds[shard])]
+    if cfg.workers > 0:
+        results = _ray_shards(cfg, todo, bounds)
+    else:
+        worker = _ShardWorker(cfg, teachers)
+        results = (worker.run(s, *bounds[s]) for s in todo)
+    for shard, rows, maps, seconds in results:
+        rows_of[shard] = rows
+        writer.write(
+            shard, *bounds[shard], [i for i in infos if not _done(paths[i.teacher], shard)], maps, seconds
+        )
+        log.info(f"stage-2 cache: shard {shard} done ({len(rows_of)}/{n_shards} shards)")
+    rows = [r for s in sorted(rows_of) for r in rows_of[s]]
 
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, out / VIEWS)
     done = []
-    for info in teachers.stores:
+    for info in infos:
         store = ZarrTeacherStore(paths[info.teacher], cfg.codec, cfg.shard_size)
         journal = read_journal(store.path)
         done.append(
