@@ -261,6 +261,10 @@ def repsim(**opts) -> None:
 @click.option("--log-every", default=50, show_default=True, type=int)
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
 @click.option("--out", required=True, help="Run folder: config.json, metrics.jsonl, checkpoint/.")
+@click.option(
+    "--checkpoint-every", default=1000, show_default=True, type=int, help="Resumable checkpoint every N."
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly (same remaining losses).")
 def stage2(**opts) -> None:
     """Stage 2: MoR routers and task heads on PASCAL-Context, NYUD-v2 or your own dense dataset."""
     from sak.student.train.stage2 import Stage2Config, train_stage2
@@ -286,6 +290,8 @@ def stage2(**opts) -> None:
         num_workers=opts["num_workers"],
         log_every=opts["log_every"],
         device=opts["device"],
+        checkpoint_every=opts["checkpoint_every"],
+        resume=opts["resume"],
     )
     if cfg.online and cfg.cache:
         raise SakError("give one of --online and --cache, not both")
