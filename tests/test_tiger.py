@@ -134,7 +134,8 @@ def test_gates_sum_to_one_and_counterfactual_matches_direct_recomputation(traine
             forward = router.forward
             router.forward = lambda x, s, f=forward, e=e: exclude_expert(f(x, s), e)
             try:
-                direct = model(maps, CROP).preds[task]
+                with torch.no_grad():
+                    direct = model(maps, CROP).preds[task]
             finally:
                 router.forward = forward
             want = max(float(TASK_LOSSES[task](direct, targets[task])) - base, 0.0)
