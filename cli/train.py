@@ -16,6 +16,7 @@ from sak.student.data.dense import DATASETS
 from sak.student.data.loader import NORMALIZATIONS
 from sak.student.train.stage1_config import Stage1Config
 from sak.student.train.stage2 import Stage2Config
+from sak.student.train.tiger import TigerConfig
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class RepsimCommand:
 class EvalCommand:
     """`eval`: stage-2 metrics of a run (arguments of `stage2.evaluate`)."""
 
-    checkpoint: str = field(metadata={"help": "A stage-2 run folder.", "metavar": "RUN"})
+    checkpoint: str = field(metadata={"help": "A stage-2 or TIGER run folder.", "metavar": "RUN"})
     dataset: str = field(
         metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
     )
@@ -79,6 +80,13 @@ class EvalCommand:
         default=None, metadata={"help": "Where eval.json and the pictures go [default: the run folder]."}
     )
     batch_size: int = field(default=4, metadata={"help": "Images per forward."})
+    baselines: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON {task: single-task metric}: delta_m against these on any dataset.",
+            "metavar": "FILE.json",
+        },
+    )
     device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
 
 
@@ -86,6 +94,7 @@ STAGE1_OPTIONS = OptionSet(Stage1Config, Stage1Command)
 STAGE2_OPTIONS = OptionSet(Stage2Config)
 REPSIM_OPTIONS = OptionSet(RepsimCommand)
 EVAL_OPTIONS = OptionSet(EvalCommand)
+TIGER_OPTIONS = OptionSet(TigerConfig)
 
 
 def _config_from_options(opts: dict) -> Stage1Config:
@@ -195,11 +204,48 @@ def stage2(**opts) -> None:
 def eval_cmd(**opts) -> None:
     """Stage-2 metrics (mIoU, maxF, mErr, odsF, RMSE, delta_m), router gates and prediction pictures."""
     from sak.student.train.stage2 import evaluate, format_table
+    from sak.student.train.tiger_eval import evaluate_tiger, is_tiger_run
 
     command = EVAL_OPTIONS.build(EvalCommand, opts)
-    report = evaluate(**dataclasses.asdict(command))
+    run = evaluate_tiger if is_tiger_run(command.checkpoint) else evaluate
+    report = run(
+        command.checkpoint,
+        command.dataset,
+        command.data_root,
+        command.split,
+        out=command.out,
+        batch_size=command.batch_size,
+        device=command.device,
+        baselines=_read_baselines(command.baselines),
+    )
     click.echo(f"{command.dataset} {command.split}: {report['images']} images")
     click.echo(format_table(report))
+
+
+def _read_baselines(path: str | None) -> dict[str, float] | None:
+    if not path:
+        return None
+    import json
+
+    try:
+        data = json.loads(Path(path).expanduser().read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SakError(f"--baselines {path}: cannot read it as JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise SakError(
+            f'--baselines {path}: expected {{"task": single-task metric, ...}}, e.g. {{"semseg": 0.5}}'
+        )
+    return {str(k): float(v) for k, v in data.items()}
+
+
+@cli.command()
+@TIGER_OPTIONS
+def tiger(**opts) -> None:
+    """TIGER: instruction-guided token routing over frozen teachers, trained from a stage-2 cache."""
+    from sak.student.train.tiger import train_tiger
+
+    result = train_tiger(TIGER_OPTIONS.build(TigerConfig, opts))
+    click.echo(f"TIGER run {result.run}: {result.steps} steps, last loss {result.losses[-1]:.4f}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

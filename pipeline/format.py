@@ -432,6 +432,8 @@ class Stage2Teacher:
     positions: list[int]
     grids: list[list[int]]
     shards: dict[str, dict[str, str]] = field(metadata=doc("shard index -> {file: sha256}"))
+    weights: WeightsRecord | None = field(default=None, metadata=OMIT)  # teachers given by name
+    seed: int | None = field(default=None, metadata=OMIT)  # their random-init seed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -441,7 +443,7 @@ class Stage2Cache:
     kind: Literal["sak-stage2-cache"] = "sak-stage2-cache"
     identity: Stage2Identity
     data_root: str
-    init: str
+    init: str | None = field(default=None, metadata=doc("the stage-1 run; absent: teachers by name", **OMIT))
     epochs: int
     rows: int
     codec: str
@@ -452,6 +454,7 @@ class Stage2Cache:
     code_version: str
     created: str
     teachers: list[Stage2Teacher] | None = field(default=None, metadata=OMIT)  # when complete
+    views_sha256: str | None = field(default=None, metadata=OMIT)  # when complete
     seconds: float | None = field(default=None, metadata=OMIT)
     finished: str | None = field(default=None, metadata=OMIT)
 

@@ -28,6 +28,7 @@ from sak.pipeline.format import (
     cache_content_digest,
     cache_file_kind,
     read_cache,
+    read_stage2_cache,
     read_store_manifest,
     store_file_kind,
 )
@@ -46,8 +47,19 @@ def verify_cache(cache_dir: str | Path, progress=None) -> list[str]:
     return check_cache(cache_dir, progress).problems
 
 
+def _is_stage2(root: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((root / CACHE_FILE).read_text()).get("kind") == "sak-stage2-cache"
+    except (OSError, ValueError, AttributeError):
+        return False  # read_cache names the problem
+
+
 def check_cache(cache_dir: str | Path, progress=None) -> Report:
     root = Path(cache_dir)
+    if _is_stage2(root):
+        return check_stage2(root)
     cache = read_cache(root)
     report = Report()
     digests = _Digests(root, report.problems)
@@ -284,6 +296,8 @@ def _dir_bytes(path: Path) -> int:
 def describe_cache(cache_dir: str | Path) -> str:
     """The `inspect` text: dataset, plan, images and one row per teacher store, random-init flagged."""
     root = Path(cache_dir)
+    if _is_stage2(root):
+        return describe_stage2(root)
     cache = read_cache(root)
     ds, plan = cache.dataset, cache.view_plan
     img_bytes = sum(t.bytes for t in cache.images.shards)
@@ -343,6 +357,9 @@ def list_caches(root: str | Path) -> list[str]:
     lines = []
     for path in sorted(root.rglob(CACHE_FILE)):
         cache_dir = path.parent
+        if _is_stage2(cache_dir):
+            lines.append(_stage2_line(cache_dir))
+            continue
         try:
             cache = read_cache(cache_dir)
         except SakError as e:
@@ -358,3 +375,86 @@ def list_caches(root: str | Path) -> list[str]:
             f"{human_bytes(_dir_bytes(cache_dir))}, teachers: {', '.join(teachers) or '-'}"
         )
     return lines
+
+
+# ---------------------------------------------------------------------------------- stage-2 caches
+
+
+def check_stage2(root: Path) -> Report:
+    """A stage-2 target cache: views table digest and rows, every teacher's shard files against the
+    sha256 its cache.json records, every shard present, journal agreement; unnamed files reported."""
+    from sak.pipeline.manifest import JOURNAL, read_journal
+
+    cache = read_stage2_cache(root / CACHE_FILE)
+    report = Report()
+    if not cache.complete or cache.teachers is None:
+        report.problems.append(
+            f"{CACHE_FILE}: the cache is incomplete; re-run `sak-cache stage2` to finish it"
+        )
+        return report
+    digests = _Digests(root, report.problems)
+    if cache.views_sha256 is None:
+        report.notes.append(f"{cache.views} has no recorded sha256 (written before views_sha256 existed)")
+    elif digests.check(cache.views, cache.views_sha256, "views table"):
+        n = _rows(root / cache.views, report.problems)
+        if n is not None and n != cache.rows:
+            report.problems.append(f"views table: {n} rows, cache.json says {cache.rows}")
+    named = {CACHE_FILE, cache.views, ".sak-lock"}
+    for t in cache.teachers:
+        if sorted(int(s) for s in t.shards) != list(range(cache.num_shards)):
+            report.problems.append(
+                f"teacher {t.teacher}: {len(t.shards)} of {cache.num_shards} shards recorded"
+            )
+        for shard, files in t.shards.items():
+            for rel, digest in files.items():
+                digests.check(f"{t.path}/{rel}", digest, f"teacher {t.teacher} shard {shard}")
+                named.add(f"{t.path}/{rel}")
+        journal = read_journal(root / t.path) if (root / t.path / JOURNAL).exists() else {}
+        if sorted(journal) != list(range(cache.num_shards)):
+            report.problems.append(
+                f"teacher {t.teacher}: journal {t.path}/{JOURNAL} lists {len(journal)} shards"
+            )
+        meta = sorted(p.relative_to(root).as_posix() for p in (root / t.path).rglob("zarr.json"))
+        named.update(meta)
+        named.add(f"{t.path}/{JOURNAL}")
+        report.notes.append(f"teacher {t.teacher}: Zarr metadata and the journal are not digested")
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and rel not in named:
+            report.problems.append(f"file {rel} is not part of the stage-2 cache format (leftover or stray)")
+    return report
+
+
+def describe_stage2(root: Path) -> str:
+    cache = read_stage2_cache(root / CACHE_FILE)
+    i = cache.identity
+    lines = [
+        f"stage-2 cache {root}  (written by {cache.code_version}{'' if cache.complete else ', INCOMPLETE'})",
+        f"data     {i.dataset} {i.split}: {i.num_images} images x {cache.epochs} epochs = {cache.rows} rows, "
+        f"crop {i.crop[0]}x{i.crop[1]}, seed {i.seed}, scale {i.scale_range}, photometric {i.photometric}",
+        f"teachers {'stage-1 run ' + cache.init if cache.init else 'by name'}; codec {cache.codec}, "
+        f"{cache.num_shards} shard(s) of {cache.shard_size}",
+    ]
+    warnings = []
+    for t in cache.teachers or []:
+        grids = ", ".join("x".join(str(v) for v in g) for g in t.grids)
+        lines.append(f"  {t.teacher:<12} {t.stage1_fingerprint:<18} blocks {t.blocks}  {grids}  "
+                     f"{human_bytes(_dir_bytes(root / t.path))}")  # fmt: skip
+        if t.weights is not None and t.weights.random_init:
+            warnings.append(f"WARNING: {t.teacher} is a RANDOM-INIT model ({t.weights.id}): for tests only")
+    return "\n".join(lines + ([""] + warnings if warnings else []))
+
+
+def _stage2_line(root: Path) -> str:
+    try:
+        cache = read_stage2_cache(root / CACHE_FILE)
+    except SakError as e:
+        return f"{root}  unreadable: {e}"
+    names = [
+        t.teacher + ("(random-init)" if t.weights is not None and t.weights.random_init else "")
+        for t in cache.teachers or []
+    ]
+    return (
+        f"{root}  stage-2 {cache.identity.dataset}: {cache.rows} rows{'' if cache.complete else ' (incomplete)'}, "
+        f"{human_bytes(_dir_bytes(root))}, teachers: {', '.join(names) or '-'}"
+    )

@@ -129,3 +129,35 @@ def test_cli_eval_prints_the_table(trained, folder, tmp_path, capsys):
     assert train_main([*args, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "semseg" in out and "mIoU" in out and "mErr" in out
+
+
+def test_resume_gives_the_same_remaining_losses(stage1_run, folder, tmp_path, monkeypatch):
+    """A stage-2 run stopped after its step-3 checkpoint resumes with the losses of an uninterrupted one."""
+    from sak.student.train import stage2 as stage2_mod
+
+    def cfg(name, **kw):
+        return Stage2Config.debug(
+            "folder", str(folder), str(stage1_run), str(tmp_path / name), online=True, steps=5, lr=1e-3,
+            checkpoint_every=3, **kw,
+        )  # fmt: skip
+
+    full = train_stage2(cfg("full"))
+    step_cls = stage2_mod._Stage2Step
+    calls = []
+
+    class Crashing(step_cls):
+        def __call__(self, batch):
+            calls.append(1)
+            if len(calls) == 5:
+                raise KeyboardInterrupt("simulated crash")
+            return super().__call__(batch)
+
+    monkeypatch.setattr(stage2_mod, "_Stage2Step", Crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_stage2(cfg("part"))
+    monkeypatch.undo()
+    resumed = train_stage2(cfg("part", resume=True))
+    print("stage-2 full", full.losses, "resumed (steps 4-5)", resumed.losses)
+    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
+    lines = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5]

@@ -139,6 +139,14 @@ class Stage2Config:
     num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
     log_every: int = field(default=50, metadata={"help": "Console line every N steps."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    checkpoint_every: int = field(
+        default=1000,
+        metadata={"help": "Save a resumable checkpoint (weights, optimizer, step) every N steps."},
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue the run in --out from its checkpoint: same remaining losses."},
+    )
 
     @classmethod
     def debug(cls, dataset: str, data_root: str, init: str, out: str, **overrides: Any) -> Stage2Config:
@@ -231,8 +239,7 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     cfg.validate()
     device = resolve_device(cfg.device)
     run = Path(cfg.out).expanduser()
-    if (run / STAGE2_DIR).exists() or (run / RUN_CONFIG).exists():
-        raise SakError(f"{run} already holds a run; choose another --out")
+    resuming = _check_resume(cfg, run)
     img_size = cfg.input_size()
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     student, stage1 = load_stage1_run(cfg.init, device)
@@ -242,30 +249,33 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     if cfg.freeze_backbone:
         model.freeze_backbone()
     teachers = _distillation_targets(cfg, data, stage1, img_size, device)
-    loader = torch.utils.data.DataLoader(
-        TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric),
-        batch_size=cfg.batch_size,
-        sampler=range(cfg.steps * cfg.batch_size),
-        num_workers=cfg.num_workers,
-        collate_fn=collate,
-    )
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
     )
     meta = _run_meta(cfg, stage1, img_size)
-    _write_run_record(run, meta, data, cfg.weights(), model, device)
+    start = _restore(run, model, optimizer, scheduler, device) if resuming else 0
+    if not resuming:
+        _write_run_record(run, meta, data, cfg.weights(), model, device)
+    loader = torch.utils.data.DataLoader(
+        TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric),
+        batch_size=cfg.batch_size,
+        sampler=range(start * cfg.batch_size, cfg.steps * cfg.batch_size),
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG (the routers' noise)
+    )
     log.info(
         f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
         f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
         f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
     )
     step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device)
-    result = Stage2Result(run=run, steps=0, model=model)
+    result = Stage2Result(run=run, steps=start, model=model)
     model.train()
     t_start = time.perf_counter()
     with open(run / METRICS, "a") as metrics:
-        for step, batch in enumerate(loader, start=1):
+        for step, batch in enumerate(loader, start=start + 1):
             record = {
                 "kind": "train",
                 "step": step,
@@ -279,9 +289,65 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
             result.steps = step
             if step % max(1, cfg.log_every) == 0 or step == 1:
                 log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e}")
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                save_stage2(run, model, {**meta, "step": step})
+                _save_state(run, optimizer, scheduler, step)
     save_stage2(run, model, {**meta, "step": result.steps})
+    _save_state(run, optimizer, scheduler, result.steps)
     log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
     return result
+
+
+STATE = "state.pt"  # optimizer, scheduler and step beside the weights (torch.load weights_only)
+
+
+def _check_resume(cfg: Stage2Config, run: Path) -> bool:
+    if not cfg.resume:
+        if (run / STAGE2_DIR).exists() or (run / RUN_CONFIG).exists():
+            raise SakError(f"{run} already holds a run; choose another --out or pass --resume")
+        return False
+    if not (run / STAGE2_DIR / STATE).exists():
+        raise SakError(f"--resume {run}: no checkpoint to resume from ({STAGE2_DIR}/{STATE})")
+    old = read_json(run / RUN_CONFIG)["stage2"]
+    new = {**cfg.to_dict(), "resume": old.get("resume", False)}
+    diff = [k for k in new if k in old and new[k] != old[k]]
+    if diff:
+        raise SakError(
+            f"--resume {run}: options differ from the run's ({', '.join(diff)}); resume with the same"
+        )
+    return True
+
+
+def _save_state(run: Path, optimizer, scheduler, step: int) -> None:
+    d = run / STAGE2_DIR
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+    state["rng"] = torch.get_rng_state()  # the routers' noisy gating draws from it
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    torch.save(state, d / (STATE + ".tmp"))
+    (d / (STATE + ".tmp")).replace(d / STATE)
+
+
+def _restore(run: Path, model: SakMultiTask, optimizer, scheduler, device: torch.device) -> int:
+    """Weights (checksum-verified), optimizer and scheduler of the run's checkpoint; metrics trimmed."""
+    d = run / STAGE2_DIR
+    meta = read_json(d / "model.json")
+    if sha256_file(d / "model.safetensors") != meta["weights_sha256"]:
+        raise SakError(f"{d / 'model.safetensors'} does not match its recorded checksum")
+    model.load_state_dict(load_file(str(d / "model.safetensors"), device=str(device)), strict=True)
+    state = torch.load(d / STATE, map_location=device, weights_only=True)
+    if int(state["step"]) != int(meta["step"]):
+        raise SakError(f"{d}: weights of step {meta['step']} but optimizer state of step {state['step']}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"].cpu())
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
+    step = int(state["step"])
+    lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    (run / METRICS).write_text("".join(ln + "\n" for ln in kept))
+    return step
 
 
 def _distillation_targets(

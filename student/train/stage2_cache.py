@@ -39,15 +39,18 @@ import torch
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
+from sak.pipeline.extract import parse_weights
 from sak.pipeline.format import (
     Stage2Cache,
     Stage2Identity,
     Stage2Teacher,
+    WeightsRecord,
     read_stage2_cache,
     write_stage2_cache,
 )
+from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
-from sak.pipeline.provenance import code_version, stable_hash
+from sak.pipeline.provenance import code_version, sha256_file, stable_hash
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 from sak.student.data.dense import (
     DATASETS,
@@ -59,7 +62,7 @@ from sak.student.data.dense import (
     read_image,
 )
 from sak.student.train.distributed import resolve_device
-from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
+from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, named_teachers
 
 log = logging.getLogger("sak")
 
@@ -84,9 +87,33 @@ class Stage2CacheConfig:
         metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
     )
     data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
-    init: str = field(metadata={"help": "The stage-1 run (its teachers' stores).", "metavar": "RUN"})
-    out: str = field(metadata={"help": "Cache folder (created; an unfinished one resumes)."})
+    init: str | None = field(
+        default=None,
+        metadata={
+            "help": "The stage-1 run (its teachers' stores); or name them with --teachers.",
+            "metavar": "RUN",
+        },
+    )
+    out: str = field(
+        default="", metadata={"help": "Cache folder (created; an unfinished one resumes).", "required": True}
+    )
     epochs: int = field(default=1, metadata={"help": "Epochs of plans to cache (0..E-1)."})
+    teachers: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "Teachers by name (dinov2_l,clip_l,sam_l) instead of a stage-1 --init run."},
+    )
+    weights: tuple[tuple[str, str], ...] = field(
+        default=(),
+        metadata={
+            "help": "Local .safetensors/.pth weights of a named teacher (repeatable); default: timm hub weights.",
+            "multiple": True,
+            "parse": parse_weights,
+            "metavar": "NAME=PATH",
+        },
+    )
+    random_init: bool = field(
+        default=False, metadata={"help": "Named teachers with random weights (tests; flagged in cache.json)."}
+    )
     img_size: tuple[int, int] | None = field(
         default=None,
         metadata={
@@ -96,11 +123,18 @@ class Stage2CacheConfig:
     )
     scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
     photometric: bool = field(default=True, metadata={"cli": False})
-    seed: int = field(default=0, metadata={"help": "The stage-2 run's --seed."})
+    seed: int = field(
+        default=0, metadata={"help": "The stage-2 run's --seed (and the named teachers' random init)."}
+    )
     codec: str = field(default="fp16", metadata={"help": "Target codec (fp16, bf16, fp32, ...)."})
     shard_size: int = field(default=64, metadata={"help": "Rows per shard file."})
     batch_size: int = field(default=8, metadata={"help": "Images per teacher forward."})
     device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    workers: int = field(
+        default=0,
+        metadata={"help": "Ray actors computing shards (0: in this process); each loads the teachers."},
+    )
+    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: embedded)."})
 
     def crop(self) -> tuple[int, int]:
         return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
@@ -137,7 +171,7 @@ def augmented_image(samples: TrainSamples, epoch: int, index: int) -> tuple[torc
     return out["image"], row
 
 
-def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> Stage2Identity:
+def _identity(cfg: Stage2CacheConfig, data: DenseDataset, fingerprints: list[str]) -> Stage2Identity:
     return Stage2Identity(
         dataset=cfg.dataset,
         split=SPLIT,
@@ -148,8 +182,18 @@ def _identity(cfg: Stage2CacheConfig, data: DenseDataset, stage1: dict) -> Stage
         scale_range=[float(x) for x in cfg.scale_range],
         photometric=bool(cfg.photometric),
         plan_version=PLAN_VERSION,
-        fingerprints=[s["fingerprint"] for s in stage1["cache"]["stores"]],
+        fingerprints=list(fingerprints),
     )
+
+
+def cache_teachers(cfg: Stage2CacheConfig, crop: tuple[int, int], device: torch.device) -> Stage2Teachers:
+    """The teachers a stage-2 cache runs: the stage-1 run's (--init) or named ones (--teachers)."""
+    if bool(cfg.init) == bool(cfg.teachers):
+        raise SakError("give one of --init RUN (a stage-1 run's teachers) and --teachers NAMES")
+    if cfg.init:
+        _, stage1 = load_stage1_run(cfg.init, device)
+        return Stage2Teachers(stage1, crop, device)
+    return Stage2Teachers.named(cfg.teachers, dict(cfg.weights), cfg.random_init, cfg.seed, crop, device)
 
 
 def _done(path: Path, shard: int) -> bool:
@@ -158,9 +202,6 @@ def _done(path: Path, shard: int) -> bool:
 
 def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     """Replay the stage-2 plans of every (epoch, image) and store the teachers' targets for them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if cfg.epochs < 1 or cfg.shard_size < 1 or cfg.batch_size < 1:
         raise SakError("--epochs, --shard-size and --batch-size must be >= 1")
     crop = cfg.crop()
@@ -170,8 +211,110 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     out = Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
-    _, stage1 = load_stage1_run(cfg.init, device)
-    identity = _identity(cfg, data, stage1)
+    teachers = None if cfg.workers > 0 else cache_teachers(cfg, crop, device)  # Ray: in the actors
+    infos = teachers.stores if teachers is not None else store_infos(cfg)
+    identity = _identity(cfg, data, [s.fingerprint for s in infos])
+    out.mkdir(parents=True, exist_ok=True)
+    with CacheLock(out):
+        return _build(cfg, out, data, teachers, infos, identity, codec)
+
+
+def store_infos(cfg: Stage2CacheConfig) -> list:
+    """What the cache records of each teacher (name, fingerprint, blocks, positions), without its model."""
+    if bool(cfg.init) == bool(cfg.teachers):
+        raise SakError("give one of --init RUN (a stage-1 run's teachers) and --teachers NAMES")
+    if cfg.teachers:
+        return [s for s, _, _ in named_teachers(cfg.teachers, dict(cfg.weights), cfg.random_init, cfg.seed)]
+    from sak.pipeline.provenance import read_json
+    from sak.student.data.loader import open_cache
+
+    stage1 = read_json(Path(cfg.init).expanduser() / "config.json")
+    fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
+    return open_cache(stage1["cache"]["path"], fps, require_complete=False).stores
+
+
+class _ShardWriter:
+    """The driver's side: one writer per shard file, then the shard journaled (resume skips it)."""
+
+    def __init__(self, paths: dict, n_rows: int, shard_size: int, codec, codec_name: str) -> None:
+        self.paths, self.n_rows, self.shard_size, self.codec, self.codec_name = (
+            paths, n_rows, shard_size, codec, codec_name,
+        )  # fmt: skip
+        self.stores: dict[str, ZarrTeacherStore] = {}
+
+    def write(self, shard: int, start: int, stop: int, infos: list, maps: dict, seconds: float) -> None:
+        for info in infos:
+            levels = [torch.from_numpy(np.array(m)) for m in maps[info.teacher]]  # writable copy
+            path = self.paths[info.teacher]
+            if info.teacher not in self.stores:
+                grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
+                create_store(path, self.n_rows, self.shard_size, grids, self.codec)  # idempotent
+                self.stores[info.teacher] = ZarrTeacherStore(path, self.codec_name, self.shard_size)
+            files = self.stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
+            append_journal(
+                path, ShardRecord(shard=shard, start=start, stop=stop, files=files, seconds=seconds)
+            )
+
+
+class _ShardWorker:
+    """Augmented images of a shard's rows -> every teacher's maps (numpy, fp32). In process or a Ray actor."""
+
+    def __init__(self, cfg: Stage2CacheConfig, teachers: Stage2Teachers | None = None) -> None:
+        crop = cfg.crop()
+        self.cfg = cfg
+        self.data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
+        self.samples = TrainSamples(self.data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
+        self.teachers = teachers or cache_teachers(cfg, crop, resolve_device(cfg.device))
+
+    def run(self, shard: int, start: int, stop: int) -> tuple[int, list[dict], dict, float]:
+        t0 = time.perf_counter()
+        built = [augmented_image(self.samples, *divmod(r, len(self.data))) for r in range(start, stop)]
+        images = torch.stack([b[0] for b in built])
+        maps: dict[str, list[list[torch.Tensor]]] = {}
+        for i in range(0, len(images), self.cfg.batch_size):
+            for teacher, levels in self.teachers(images[i : i + self.cfg.batch_size]).items():
+                maps.setdefault(teacher, []).append([m.cpu() for m in levels])
+        joined = {t: [torch.cat(p).numpy() for p in zip(*parts)] for t, parts in maps.items()}
+        return shard, [b[1] for b in built], joined, time.perf_counter() - t0
+
+
+def _ray_shards(cfg: Stage2CacheConfig, todo: list[int], bounds: dict):
+    """Shards computed by `cfg.workers` Ray actors (teachers loaded once each), at most 2 per actor in
+    flight; yields results as they finish (the driver writes and journals them)."""
+    import ray
+
+    from sak.pipeline.runtime import ray_session
+
+    with ray_session(cfg.address, None, 512):
+        actor = ray.remote(num_cpus=1, num_gpus=1 if resolve_device(cfg.device).type == "cuda" else 0)(
+            _ShardWorker
+        )
+        workers = [actor.remote(cfg) for _ in range(cfg.workers)]
+        pending, queue, k = [], list(todo), 0
+        while queue or pending:
+            while queue and len(pending) < 2 * len(workers):
+                s = queue.pop(0)
+                pending.append(workers[k % len(workers)].run.remote(s, *bounds[s]))
+                k += 1
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(ready[0])
+        for w in workers:
+            ray.kill(w)
+
+
+def _build(
+    cfg: Stage2CacheConfig,
+    out: Path,
+    data: DenseDataset,
+    teachers: Stage2Teachers | None,
+    infos: list,
+    identity: Stage2Identity,
+    codec,
+) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    crop = cfg.crop()
     if (out / CACHE_JSON).exists():
         old = read_stage2_cache(out / CACHE_JSON)
         for k in Stage2Identity.__dataclass_fields__:
@@ -182,18 +325,16 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
                 )
         if old.epochs != cfg.epochs or old.codec != cfg.codec or old.shard_size != cfg.shard_size:
             raise SakError(f"{out} was built with other --epochs/--codec/--shard-size: choose another --out")
-    elif out.exists() and any(out.iterdir()):
+    elif any(p.name != ".sak-lock" for p in out.iterdir()):
         raise SakError(f"--out {out} exists and is not a stage-2 cache; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
 
-    teachers = Stage2Teachers(stage1, crop, device)
     samples = TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
     n_rows = cfg.epochs * len(data)
     n_shards = math.ceil(n_rows / cfg.shard_size)
     record = Stage2Cache(
         identity=identity,
         data_root=str(Path(cfg.data_root).expanduser().resolve()),
-        init=str(Path(cfg.init).expanduser().resolve()),
+        init=str(Path(cfg.init).expanduser().resolve()) if cfg.init else None,
         epochs=cfg.epochs,
         rows=n_rows,
         codec=cfg.codec,
@@ -206,47 +347,39 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     )
     write_stage2_cache(out / CACHE_JSON, record)
 
-    rows: list[dict] = []
-    paths = {info.teacher: out / "teachers" / info.teacher for info in teachers.stores}
-    stores: dict[str, ZarrTeacherStore] = {}
+    paths = {info.teacher: out / "teachers" / info.teacher for info in infos}
+    writer = _ShardWriter(paths, n_rows, cfg.shard_size, codec, cfg.codec)
     t0 = time.perf_counter()
-    for shard in range(n_shards):
-        start, stop = shard * cfg.shard_size, min((shard + 1) * cfg.shard_size, n_rows)
-        built = [augmented_image(samples, *divmod(r, len(data))) for r in range(start, stop)]
-        rows.extend(b[1] for b in built)
-        todo = [s for s in teachers.stores if not _done(paths[s.teacher], shard)]
-        if not todo:
-            continue  # resumed: this shard is on disk already
-        t_shard = time.perf_counter()
-        images = torch.stack([b[0] for b in built])
-        maps: dict[str, list[list[torch.Tensor]]] = {}
-        for i in range(0, len(images), cfg.batch_size):
-            for teacher, levels in teachers(images[i : i + cfg.batch_size]).items():
-                maps.setdefault(teacher, []).append([m.cpu() for m in levels])
-        for info in todo:
-            levels = [torch.cat(parts) for parts in zip(*maps[info.teacher])]
-            path = paths[info.teacher]
-            if info.teacher not in stores:
-                grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
-                create_store(path, n_rows, cfg.shard_size, grids, codec)  # idempotent
-                stores[info.teacher] = ZarrTeacherStore(path, cfg.codec, cfg.shard_size)
-            files = stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
-            record_ = ShardRecord(
-                shard=shard, start=start, stop=stop, files=files, seconds=time.perf_counter() - t_shard
-            )
-            append_journal(path, record_)
-        log.info(f"stage-2 cache: shard {shard + 1}/{n_shards} ({stop} of {n_rows} rows)")
+    todo = [s for s in range(n_shards) if not all(_done(paths[i.teacher], s) for i in infos)]
+    bounds = {s: (s * cfg.shard_size, min((s + 1) * cfg.shard_size, n_rows)) for s in range(n_shards)}
+    rows_of: dict[int, list[dict]] = {}
+    for shard in sorted(set(range(n_shards)) - set(todo)):  # resumed: on disk already, only its rows
+        rows_of[shard] = [augmented_image(samples, *divmod(r, len(data)))[1] for r in range(*bounds[shard])]
+    if cfg.workers > 0:
+        results = _ray_shards(cfg, todo, bounds)
+    else:
+        worker = _ShardWorker(cfg, teachers)
+        results = (worker.run(s, *bounds[s]) for s in todo)
+    for shard, rows, maps, seconds in results:
+        rows_of[shard] = rows
+        writer.write(
+            shard, *bounds[shard], [i for i in infos if not _done(paths[i.teacher], shard)], maps, seconds
+        )
+        log.info(f"stage-2 cache: shard {shard} done ({len(rows_of)}/{n_shards} shards)")
+    rows = [r for s in sorted(rows_of) for r in rows_of[s]]
 
     table = pa.Table.from_pylist(rows)
     pq.write_table(table, out / VIEWS)
     done = []
-    for info in teachers.stores:
+    for info in infos:
         store = ZarrTeacherStore(paths[info.teacher], cfg.codec, cfg.shard_size)
         journal = read_journal(store.path)
         done.append(
             Stage2Teacher(
                 teacher=info.teacher,
                 stage1_fingerprint=info.fingerprint,
+                weights=WeightsRecord(**info.weights) if getattr(info, "weights", None) else None,
+                seed=getattr(info, "seed", None),
                 path=f"teachers/{info.teacher}",
                 blocks=list(info.blocks),
                 positions=list(info.positions),
@@ -255,7 +388,12 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
             )
         )
     record = dataclasses.replace(
-        record, teachers=done, complete=True, seconds=round(time.perf_counter() - t0, 3), finished=now_iso()
+        record,
+        teachers=done,
+        views_sha256=sha256_file(out / VIEWS),
+        complete=True,
+        seconds=round(time.perf_counter() - t0, 3),
+        finished=now_iso(),
     )
     write_stage2_cache(out / CACHE_JSON, record)
     log.info(f"stage-2 cache {out}: {n_rows} rows ({cfg.epochs} epochs x {len(data)} images)")

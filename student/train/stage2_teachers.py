@@ -6,6 +6,7 @@ which must produce the same targets; both import it from here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +34,62 @@ def load_stage1_run(init: str | Path, device: torch.device) -> tuple[SakStudent,
     return student, record
 
 
+NAMED_PLAN_SIZE = 224  # side a named teacher is built at before its input is set to the stage-2 crop
+
+
+@dataclass(frozen=True)
+class NamedStore:
+    """A teacher given by name (`sak-cache stage2 --teachers`): what Stage2Teachers.stores holds for it."""
+
+    teacher: str
+    fingerprint: str
+    blocks: tuple[int, ...]
+    positions: tuple[int, ...]
+    weights: dict  # WeightsChoice.describe(): source, id, path, random_init
+    seed: int
+
+
+def named_teachers(
+    names: list[str] | tuple[str, ...],
+    weights: dict[str, str],
+    random_init: bool,
+    seed: int,
+    normalization: str = "teacher",
+) -> list[tuple[NamedStore, object, object]]:
+    """(store, spec, WeightsChoice) per teacher name; the fingerprint hashes everything that makes targets."""
+    from sak.pipeline.provenance import stable_hash
+    from sak.pipeline.teachers import normalization_for, parse_teachers, resolve_weights
+
+    specs = parse_teachers(list(names))
+    choices = resolve_weights(specs, dict(weights), random_init, seed)
+    out = []
+    for spec in specs:
+        described = choices[spec.name].describe(spec)
+        mean, std = normalization_for(spec, normalization)
+        fp = stable_hash(
+            {
+                "teacher": spec.name,
+                "timm": spec.timm_name,
+                "tag": spec.pretrained_tag,
+                "kwargs": [list(kv) for kv in spec.model_kwargs],
+                "weights": described["id"],
+                "mean": mean,
+                "std": std,
+                "plan_size": NAMED_PLAN_SIZE,
+                "levels": list(spec.levels),
+            }
+        )
+        positions = tuple(range(len(spec.levels)))
+        out.append(
+            (
+                NamedStore(spec.name, fp, tuple(spec.levels), positions, described, seed),
+                spec,
+                choices[spec.name],
+            )
+        )
+    return out
+
+
 class Stage2Teachers:
     """Live teachers for stage 2, rebuilt from the stage-1 stores exactly as OnlineTeachers does, run by
     the same `LoadedTeacher.forward_levels` as extraction and online stage 1.
@@ -50,6 +107,29 @@ class Stage2Teachers:
         for t in self.teachers.values():
             if t.spec.fixed_input is None:
                 t.model.set_input_size(img_size=tuple(img_size))
+
+    @classmethod
+    def named(
+        cls,
+        names: list[str] | tuple[str, ...],
+        weights: dict[str, str],
+        random_init: bool,
+        seed: int,
+        img_size: tuple[int, int],
+        device: torch.device,
+    ) -> Stage2Teachers:
+        """Teachers given by name and weights (no stage-1 run), every tapped level of each."""
+        from sak.pipeline.teachers import load_teacher
+
+        self = cls.__new__(cls)
+        self.stores, self.teachers, self.device = [], {}, device
+        for store, spec, choice in named_teachers(names, weights, random_init, seed):
+            t = load_teacher(spec, choice, NAMED_PLAN_SIZE, "teacher", str(device))
+            if spec.fixed_input is None:
+                t.model.set_input_size(img_size=tuple(img_size))
+            self.stores.append(store)
+            self.teachers[store.teacher] = t
+        return self
 
     def _views(self, t: LoadedTeacher, images_u8: torch.Tensor) -> torch.Tensor:
         """What the teacher sees: the image itself, or (fixed input side, SAM) the image resized with the
