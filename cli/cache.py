@@ -9,10 +9,25 @@ from pathlib import Path
 import click
 
 from sak.cli.common import entry_point, run_cli, setup_logging
-from sak.cli.options import OptionSet
-from sak.pipeline.estimate import EstimateConfig
-from sak.pipeline.extract import ExtractConfig
-from sak.student.train.stage2_cache import Stage2CacheConfig
+from sak.cli.options import GeneratedCommand, OptionSet
+
+
+def _extract_config():
+    from sak.pipeline.extract import ExtractConfig
+
+    return ExtractConfig
+
+
+def _estimate_config():
+    from sak.pipeline.estimate import EstimateConfig
+
+    return EstimateConfig
+
+
+def _stage2_cache_config():
+    from sak.student.train.stage2_cache import Stage2CacheConfig
+
+    return Stage2CacheConfig
 
 
 @dataclass(frozen=True)
@@ -37,17 +52,17 @@ def cli(verbose: bool) -> None:
     setup_logging(verbose)
 
 
-RUN_OPTIONS = OptionSet(ExtractConfig)
+# the options of each command are generated from its config dataclass when first needed (cli/options.py)
+RUN_OPTIONS = OptionSet(_extract_config)
 
 
-@cli.command()
-@RUN_OPTIONS
+@cli.command(cls=GeneratedCommand, options=RUN_OPTIONS)
 def run(**opts) -> None:
     """Extract teacher features into a cache (resumable: re-running skips finished shards).
 
     Adding a teacher to an existing cache needs only --out and --teachers: the view plan and shard
     size are the cache's own (a different value given is refused)."""
-    from sak.pipeline.extract import run_extraction, with_recorded_defaults
+    from sak.pipeline.extract import ExtractConfig, run_extraction, with_recorded_defaults
     from sak.pipeline.verify import describe_cache, store_fidelity_warnings
 
     cfg = with_recorded_defaults(RUN_OPTIONS.build(ExtractConfig, opts), RUN_OPTIONS.given(opts))
@@ -107,17 +122,16 @@ def verify(cache: str) -> int:
     return 0
 
 
-ESTIMATE_OPTIONS = OptionSet(EstimateConfig, EstimateCommand)
+ESTIMATE_OPTIONS = OptionSet(_estimate_config, EstimateCommand)
 
 
-@cli.command()
-@ESTIMATE_OPTIONS
+@cli.command(cls=GeneratedCommand, options=ESTIMATE_OPTIONS)
 def estimate(**opts) -> None:
     """Bytes, GPU-hours and read bandwidth of a cache, before extracting it."""
     import json
 
+    from sak.pipeline.estimate import EstimateConfig, estimate_to_dict, format_estimate
     from sak.pipeline.estimate import estimate as run_estimate
-    from sak.pipeline.estimate import estimate_to_dict, format_estimate
 
     est = run_estimate(ESTIMATE_OPTIONS.build(EstimateConfig, opts))
     click.echo(format_estimate(est))
@@ -127,16 +141,15 @@ def estimate(**opts) -> None:
             json.dump(estimate_to_dict(est), f, indent=2)
 
 
-STAGE2_OPTIONS = OptionSet(Stage2CacheConfig)
+STAGE2_OPTIONS = OptionSet(_stage2_cache_config)
 
 
-@cli.command()
-@STAGE2_OPTIONS
+@cli.command(cls=GeneratedCommand, options=STAGE2_OPTIONS)
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
     from sak.pipeline.format import read_stage2_cache
-    from sak.student.train.stage2_cache import CACHE_JSON, build_stage2_cache, describe
+    from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
 
     out = build_stage2_cache(STAGE2_OPTIONS.build(Stage2CacheConfig, opts))
     click.echo(describe(read_stage2_cache(out / CACHE_JSON)))

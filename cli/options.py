@@ -46,6 +46,22 @@ import click
 MISSING = dataclasses.MISSING
 
 
+class GeneratedCommand(click.Command):
+    """A click command whose options come from an OptionSet, generated the first time click needs them
+    (parsing or --help), after any options declared with decorators."""
+
+    def __init__(self, *args: Any, options: OptionSet, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.option_set = options
+        self._generated = False
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        if not self._generated:
+            self.params = [*self.option_set.click_params(), *self.params]
+            self._generated = True
+        return super().get_params(ctx)
+
+
 def split_list(text: str) -> tuple[str, ...]:
     """ "a, b,,c" -> ("a", "b", "c")."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
@@ -137,7 +153,10 @@ def field_option(f: dataclasses.Field, tp: Any, name: str | None = None) -> Gene
 class OptionSet:
     """The options of one or more config dataclasses, for one command.
 
-    classes: the dataclasses whose fields become options (later classes may not repeat a field).
+    classes: the dataclasses whose fields become options (later classes may not repeat a field), or
+      zero-argument functions returning one: imported only when the options are first needed, so a
+      command line that runs another command (`sak-cache verify`) does not import the heavy modules;
+      use such an OptionSet with `@group.command(cls=GeneratedCommand, options=...)`.
     exclude: field names that are not options of this command. rename: field -> option name.
     required: field -> bool, overriding "required when no default" (e.g. --cache given by --resume).
     """
@@ -149,8 +168,21 @@ class OptionSet:
         rename: Mapping[str, str] | None = None,
         required: Mapping[str, bool] | None = None,
     ) -> None:
-        exclude, rename, required = set(exclude), dict(rename or {}), dict(required or {})
-        self.options: list[GeneratedOption] = []
+        self._args = (classes, set(exclude), dict(rename or {}), dict(required or {}))
+        self._options: list[GeneratedOption] | None = None
+        if all(isinstance(c, type) for c in classes):
+            self._options = self._generate(*self._args)  # a field without help fails at import
+
+    @property
+    def options(self) -> list[GeneratedOption]:
+        if self._options is None:
+            self._options = self._generate(*self._args)
+        return self._options
+
+    @staticmethod
+    def _generate(classes, exclude, rename, required) -> list[GeneratedOption]:
+        classes = [c if isinstance(c, type) else c() for c in classes]
+        options: list[GeneratedOption] = []
         seen: set[str] = set()
         for cls in classes:
             hints = typing.get_type_hints(cls)
@@ -163,21 +195,28 @@ class OptionSet:
                 o = field_option(f, hints[f.name], rename.get(f.name))
                 if f.name in required:
                     o.kwargs["required"] = required[f.name]
-                self.options.append(o)
+                options.append(o)
         unknown = (exclude | set(rename) | set(required)) - {
             f.name for cls in classes for f in dataclasses.fields(cls)
         }
         if unknown:
             raise TypeError(f"OptionSet names fields that do not exist: {sorted(unknown)}")
+        return options
 
-    def __call__(self, command: Callable) -> Callable:
-        """Decorate a click command with the options, grouped by metadata['group'] (first seen first)."""
+    def ordered(self) -> list[GeneratedOption]:
+        """The options grouped by metadata['group'] (groups in order of first appearance)."""
         groups: list[str | None] = []
         for o in self.options:
             if o.group not in groups:
                 groups.append(o.group)
-        ordered = [o for g in groups for o in self.options if o.group == g]
-        for o in reversed(ordered):
+        return [o for g in groups for o in self.options if o.group == g]
+
+    def click_params(self) -> list[click.Option]:
+        return [click.Option((*o.decls, o.field), **o.kwargs) for o in self.ordered()]
+
+    def __call__(self, command: Callable) -> Callable:
+        """Decorate a click command function with the options (generated now)."""
+        for o in reversed(self.ordered()):
             command = o.click_option()(command)
         return command
 

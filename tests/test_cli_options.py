@@ -100,16 +100,20 @@ def _commands(group):
     return [(name, cmd) for name, cmd in group.commands.items()]
 
 
+def _params(cmd):
+    return cmd.get_params(click.Context(cmd))  # generated options included (GeneratedCommand)
+
+
 @pytest.mark.parametrize("group", [cache_cli, train_cli], ids=["sak-cache", "sak-train"])
 def test_every_option_of_every_command_teaches(group):
     for name, cmd in _commands(group):
-        for p in cmd.params:
+        for p in _params(cmd):
             if isinstance(p, click.Option):
                 assert p.help and len(p.help) > 8, f"{name} {p.opts} has no help"
 
 
 def test_the_documented_option_names_stay():
-    names = {name: {o for p in cmd.params for o in (*p.opts, *p.secondary_opts)} for name, cmd in
+    names = {name: {o for p in _params(cmd) for o in (*p.opts, *p.secondary_opts)} for name, cmd in
              _commands(train_cli)}  # fmt: skip
     assert {
         "--kernels",
@@ -120,9 +124,9 @@ def test_the_documented_option_names_stay():
         "--paper-teachers",
     } <= names["stage1"]
     assert {"--img-size", "--tasks", "--router", "--freeze-backbone"} <= names["stage2"]
-    run = {o for p in cache_cli.commands["run"].params for o in (*p.opts, *p.secondary_opts)}
+    run = {o for p in _params(cache_cli.commands["run"]) for o in (*p.opts, *p.secondary_opts)}
     assert {"--no-progress", "--format", "--weights", "--random-init", "--views-per-image"} <= run
-    est = {o for p in cache_cli.commands["estimate"].params for o in p.opts}
+    est = {o for p in _params(cache_cli.commands["estimate"]) for o in p.opts}
     assert {"--json", "--gpu", "--levels", "--grid", "--format"} <= est
 
 
