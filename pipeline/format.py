@@ -132,6 +132,10 @@ class ImageTar:
     count: int
     bytes: int
     sha256: str
+    xxh3: str | None = field(
+        default=None,
+        metadata=doc("xxh3-128 of the tar (the loader's fast check); absent in older caches", **OMIT),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -318,6 +322,12 @@ class ShardEntry:
     stop: int
     samples: int
     files: dict[str, str] = field(metadata=doc("shard file (relative to the store) -> sha256"))
+    xxh3: dict[str, str] | None = field(
+        default=None,
+        metadata=doc(
+            "shard file -> xxh3-128, checked by the loader before first use; absent in older caches", **OMIT
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -381,6 +391,7 @@ class ShardRecord:
     stop: int
     files: dict[str, str]
     seconds: float = 0.0
+    xxh3: dict[str, str] | None = field(default=None, metadata=OMIT)
 
 
 @dataclass(frozen=True, kw_only=True)

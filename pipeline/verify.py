@@ -30,7 +30,7 @@ from sak.pipeline.format import (
     read_store_manifest,
     store_file_kind,
 )
-from sak.pipeline.provenance import sha256_file, stable_hash
+from sak.pipeline.provenance import sha256_file, stable_hash, xxh3_file
 
 
 @dataclass
@@ -52,7 +52,11 @@ def check_cache(cache_dir: str | Path, progress=None) -> Report:
     if cache.content_sha256 is not None and cache_content_digest(cache) != cache.content_sha256:
         report.problems.append(f"{CACHE_FILE} was modified after it was written (its content digest differs)")
     for tar in cache.images.shards:
-        digests.check(tar.file, tar.sha256, f"image shard {tar.index}")
+        if digests.check(tar.file, tar.sha256, f"image shard {tar.index}") and tar.xxh3 is not None:
+            if xxh3_file(root / tar.file) != tar.xxh3:  # the loader's fast digest must agree too
+                report.problems.append(
+                    f"image shard {tar.index}: {tar.file} does not match its recorded xxh3"
+                )
     for rel, digest in (cache.files or {}).items():
         digests.check(rel, digest.sha256, "cache file", size=digest.bytes)
     if digests.check(cache.views.file, cache.views.sha256, "views table"):
@@ -202,6 +206,8 @@ def _verify_shards(
                 problems.append(f"{where}: shard {s}: file {rel} is missing")
             elif sha256_file(path) != digest:
                 problems.append(f"{where}: shard {s}: file {rel} does not match its recorded sha256")
+            elif shard.xxh3 is not None and rel in shard.xxh3 and xxh3_file(path) != shard.xxh3[rel]:
+                problems.append(f"{where}: shard {s}: file {rel} does not match its recorded xxh3")
         if progress:
             progress(1)
     dupes = sorted(s for s, c in seen.items() if c > 1)
