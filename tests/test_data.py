@@ -18,7 +18,7 @@ from PIL import Image
 from sak.pipeline.errors import SakError
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD
 from sak.pipeline.views import cut_view
-from sak.student.data.loader import BatchReader, CacheLoader, input_normalization, open_cache
+from sak.student.data.loader import BatchReader, CacheLoader, decode_targets, input_normalization, open_cache
 from sak.student.data.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation
 
 SIZE = 64
@@ -294,11 +294,26 @@ def test_a_hole_in_a_store_is_an_error_not_data(cache, tmp_path):
     with pytest.raises(SakError, match="shard 1 .*levels/0/c/1/0/0/0 is missing"):
         _reader(index).read(np.array([5]))  # an all-fill shard file is not stored: the check names it
     manifest = json.loads((store.path / "manifest.json").read_text())
-    for record in manifest["shards"]:  # a hole the manifest does not record: the finite check still sees it
+    for record in manifest["shards"]:  # a hole the manifest does not record: the shard reader sees it
         record["files"] = {rel: d for rel, d in record["files"].items() if (store.path / rel).is_file()}
+        record.pop("xxh3", None)
     (store.path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SakError, match="not finite"):
+    with pytest.raises(SakError, match="row 5 was never written"):
         _reader(open_cache(dst)).read(np.array([5]))
+
+
+def test_a_non_finite_target_is_refused_where_it_is_decoded(cache):
+    """The workers hand values over unscanned; decode_targets checks them on the training device."""
+    index = open_cache(cache)
+    batch = _reader(index).read(np.array([3, 1]))
+    store = index.stores[-1]
+    batch["targets"][store.teacher][0][1, 0, 0, 0] = float("inf")
+    with pytest.raises(
+        SakError, match=f"store {store.teacher} .* level {store.blocks[0]} row 1 is not finite"
+    ):
+        decode_targets(batch, index.stores, "cpu")
+    batch["targets"][store.teacher][0][1, 0, 0, 0] = 0.0
+    assert decode_targets(batch, index.stores, "cpu")[store.teacher][0].shape[0] == 2
 
 
 def test_a_webdataset_store_reads_like_the_zarr_one(cache, tmp_path):
