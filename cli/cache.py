@@ -39,6 +39,13 @@ def target_options(command):
             show_default=True,
             help="Store format.",
         ),
+        click.option(  # ExtractConfig.compressor
+            "--compressor",
+            type=click.Choice(["none", "lz4", "zstd"]),
+            default="none",
+            show_default=True,
+            help="Lossless compression of Zarr chunks (Blosc): feature maps barely compress, so none.",
+        ),
         click.option(
             "--levels",
             default="all",
@@ -165,6 +172,7 @@ def run(**opts) -> None:
         normalization=opts["normalization"],
         codec=opts["codec"],
         format=opts["fmt"],
+        compressor=opts["compressor"],
         levels=opts["levels"],
         grid=opts["grid"],
         workers=opts["workers"],

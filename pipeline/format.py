@@ -264,6 +264,12 @@ class StoreIdentity:
     codec_spec: CodecSpec | None = field(default=None, metadata=OMIT)  # scaled codecs only
     dtype: str
     format: str
+    compressor: str | None = field(
+        default=None,
+        metadata=doc(
+            "Blosc compressor of the chunks: none | lz4 | zstd; absent: zstd (older caches)", **OMIT
+        ),
+    )
     dataset_fingerprint: str
     view_plan: ViewPlan
     grid_mode: str | None = field(default=None, metadata=OMIT)  # off the native grid only
@@ -306,6 +312,7 @@ class ExtractRecord:
     normalization: str
     codec: str
     format: str
+    compressor: str | None = field(default=None, metadata=OMIT)
     levels: str
     grid: str
     workers: int | None

@@ -23,7 +23,7 @@ def check_format(fmt: str) -> str:
 
 
 def create_teacher_store(
-    fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec, compressor: str = "zstd"
+    fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec, compressor: str = "none"
 ) -> None:
     """Create a store (grids: block -> (H, W, C)) with its final shapes; idempotent, refuses another layout.
     compressor (Zarr only; WebDataset shards are plain tars): none | lz4 | zstd."""

@@ -41,9 +41,10 @@ FORMAT = "zarr"
 
 
 COMPRESSORS = ("none", "lz4", "zstd")
-# Measured (bench/loader.py, real target shapes, one core): Blosc-zstd gains 1.06-1.08x on fp16 feature
-# maps for ~0.4-0.8 GB/s of decompression; lz4 gains less and decodes several GB/s; none costs a copy.
-DEFAULT_COMPRESSOR = "lz4"
+# Measured (bench/loader.py, the paper's target shapes, one core, outlier-laden synthetic maps): Blosc-zstd
+# saves 7-8% of the bytes for 5-10x the decode CPU (0.2-0.3 GB/s per core against 2.5-10 GB/s raw);
+# Blosc-lz4 saves 0-1% for 2-4x the CPU. Feature maps are close to incompressible, so none is the default.
+DEFAULT_COMPRESSOR = "none"
 
 
 def check_compressor(name: str) -> str:
@@ -52,7 +53,7 @@ def check_compressor(name: str) -> str:
     return name
 
 
-def _compressor(codec: Codec | None, compressor: str = "zstd") -> BloscCodec | None:
+def _compressor(codec: Codec | None, compressor: str) -> BloscCodec | None:
     """The Blosc codec of a values (codec given) or scales (None) array; None stores raw chunks."""
     if check_compressor(compressor) == "none":
         return None
@@ -92,7 +93,7 @@ def create_store(
     shard_size: int,
     grids: dict[int, tuple[int, int, int]],
     codec: Codec,
-    compressor: str = "zstd",
+    compressor: str = DEFAULT_COMPRESSOR,
 ) -> None:
     """Create the group and the arrays of every level (block -> (H, W, C)) with final shapes; idempotent.
     compressor: Blosc's zstd or lz4 over every chunk, or none (raw chunks)."""
