@@ -39,6 +39,13 @@ def target_options(command):
             show_default=True,
             help="Store format.",
         ),
+        click.option(  # ExtractConfig.student_views
+            "--student-views",
+            type=click.Choice(["decode", "raw"]),
+            default="decode",
+            show_default=True,
+            help="raw: also store each view as the student's uint8 pixels (no JPEG decode in the loader).",
+        ),
         click.option(  # ExtractConfig.compressor
             "--compressor",
             type=click.Choice(["none", "lz4", "zstd"]),
@@ -173,6 +180,7 @@ def run(**opts) -> None:
         codec=opts["codec"],
         format=opts["fmt"],
         compressor=opts["compressor"],
+        student_views=opts["student_views"],
         levels=opts["levels"],
         grid=opts["grid"],
         workers=opts["workers"],

@@ -61,6 +61,8 @@ from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file, xxh3_file
 from sak.pipeline.runtime import Progress, log, ray_session
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.student_views import add_student_views
+from sak.pipeline.student_views import check_mode as check_views_mode
 from sak.pipeline.targets import identity_fields, resolve_grid, select_levels, shape_targets
 from sak.pipeline.teachers import (
     TOKEN_SELECTION,
@@ -97,6 +99,13 @@ class ExtractConfig:
     normalization: str = "teacher"  # "teacher": each teacher's own mean/std; "imagenet": the paper code's
     codec: str = "fp16"  # codecs.py: fp16 | bf16 | fp32 | int8 | fp8 | ...
     format: str = "zarr"  # store format: zarr | wds
+    student_views: str = field(
+        default="decode",
+        metadata={
+            "help": "raw: also store every view as the student's uint8 input pixels (S*S*3 bytes a view), so "
+            "the loader does no JPEG decode or resize; decode: the loader cuts views from the images."
+        },
+    )
     compressor: str = field(
         default="none",
         metadata={
@@ -188,6 +197,8 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     specs, out, plan, shard_size, choices = _setup(cfg)
     with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
         cache = _open_or_ingest(cfg, out, plan, shard_size)
+        if cfg.student_views == "raw":
+            cache = add_student_views(out, cache, _shard_rows(out))
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
         schedule = Schedule.of(_shard_jobs(cache, stores))
@@ -219,6 +230,7 @@ def _setup(cfg: ExtractConfig):
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     get_codec(cfg.codec)
     check_format(cfg.format)
+    check_views_mode(cfg.student_views)
     for spec in specs:  # a bad --levels or --grid fails before any work
         select_levels(spec, cfg.levels)
         resolve_grid(spec, cfg.size, cfg.grid)

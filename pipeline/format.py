@@ -72,6 +72,8 @@ _CACHE_FILES = {  # kind -> pattern of a path relative to the cache
     "views table": r"views\.parquet",
     "image index": r"images/index\.parquet",
     "image tar": r"images/images-\d{6}\.tar",
+    "student views metadata": r"student_views/zarr\.json",
+    "student views shard": r"student_views/c/\d+/0/0/0",
 }
 _STORE_FILES = {  # kind -> pattern of a path relative to a store
     "store manifest": r"manifest\.json",
@@ -164,6 +166,31 @@ class StoreEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StudentViewsShard:
+    """One shard file of the stored student views."""
+
+    index: int
+    file: str = field(metadata=doc("path relative to the cache"))
+    sha256: str
+    xxh3: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentViewsRecord:
+    """`sak-cache run --student-views raw`: every view as the student sees it, so the loader neither
+    decodes JPEGs nor resizes. A Zarr v3 array (views, S, S, 3) uint8, RGB, one view per inner chunk,
+    `shard_size` views per shard file, no compression; cut from the stored image by views.cut_view."""
+
+    array: str = field(metadata=doc("Zarr array folder, relative to the cache"))
+    size: int = field(metadata=doc("S: the student input side (= the view plan's size)"))
+    shape: list[int]
+    dtype: Literal["uint8"] = "uint8"
+    cut: str = field(metadata=doc("how the pixels were made"))
+    metadata: FileDigest = field(metadata=doc("digest of the array's zarr.json"))
+    shards: list[StudentViewsShard]
+
+
+@dataclass(frozen=True, kw_only=True)
 class CacheManifest:
     """cache.json: the dataset part of a cache and its stores."""
 
@@ -182,6 +209,9 @@ class CacheManifest:
     files: dict[str, FileDigest] | None = field(
         default=None,
         metadata=doc("top-level files (the tables) -> digest; absent in older v1 caches", **OMIT),
+    )
+    student_views: StudentViewsRecord | None = field(
+        default=None, metadata=doc("views stored as student input pixels (--student-views raw)", **OMIT)
     )
     content_sha256: str | None = field(
         default=None,
@@ -313,6 +343,7 @@ class ExtractRecord:
     codec: str
     format: str
     compressor: str | None = field(default=None, metadata=OMIT)
+    student_views: str | None = field(default=None, metadata=OMIT)
     levels: str
     grid: str
     workers: int | None

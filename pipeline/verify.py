@@ -64,6 +64,7 @@ def check_cache(cache_dir: str | Path, progress=None) -> Report:
         if n is not None and n != cache.num_views:
             report.problems.append(f"views table: {n} rows, cache.json says {cache.num_views} views")
     _check_index(root, cache, report)
+    _check_student_views(cache, digests, report)
     n_images = sum(t.count for t in cache.images.shards)
     if n_images != cache.dataset.num_images:
         report.problems.append(
@@ -239,6 +240,22 @@ def _verify_wds_layout(store_dir: Path, m: StoreManifest, where: str) -> list[st
     return problems
 
 
+def _check_student_views(cache: CacheManifest, digests: _Digests, report: Report) -> None:
+    sv = cache.student_views
+    if sv is None:
+        return
+    digests.check(f"{sv.array}/zarr.json", sv.metadata.sha256, "student views", size=sv.metadata.bytes)
+    for shard in sv.shards:
+        if digests.check(shard.file, shard.sha256, f"student views shard {shard.index}"):
+            if xxh3_file(digests.root / shard.file) != shard.xxh3:
+                report.problems.append(
+                    f"student views shard {shard.index}: {shard.file} does not match its xxh3"
+                )
+    missing = sorted(set(range(cache.num_shards)) - {s.index for s in sv.shards})
+    if missing:
+        report.problems.append(f"student views: shard(s) {missing[:10]} not written; re-run `sak-cache run`")
+
+
 def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Report) -> None:
     """Every file of the cache is one the format names and one its manifests record (the lock excepted)."""
     tars = {t.file for t in cache.images.shards}
@@ -268,6 +285,12 @@ def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Repo
             report.problems.append(f"file {rel} is not a file of the cache format (a leftover? remove it)")
         elif kind == "image tar" and rel not in tars:
             report.problems.append(f"file {rel} is not an image tar recorded in cache.json")
+        elif kind == "student views shard" and rel not in {
+            s.file for s in getattr(cache.student_views, "shards", [])
+        }:
+            report.problems.append(f"file {rel} is not a student views shard recorded in cache.json")
+        elif kind == "student views metadata" and cache.student_views is None:
+            report.problems.append(f"file {rel} belongs to student views cache.json does not record")
         elif kind == "image index" and cache.files is None:
             undigested.append(rel)
     if undigested:

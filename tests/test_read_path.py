@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,57 @@ def test_the_loader_checks_the_fast_digest_and_verify_both(tiny_caches, tmp_path
         reader.read(np.array([4]))
     problems = verify_cache(root)
     assert any(rel in p and "sha256" in p for p in problems)
+
+
+@pytest.fixture(scope="module")
+def raw_views_cache(tiny_caches, tmp_path_factory):
+    """The fp16 tiny cache with its views also stored as student pixels (--student-views raw)."""
+    dst = tiny_caches.copy(tmp_path_factory.mktemp("raw") / "c")
+    cfg = ExtractConfig(
+        source=None, out=str(dst), teachers=("clip_tiny",), size=64, shard_size=4, student_views="raw",
+        progress=False,
+    )  # fmt: skip
+    run_extraction(cfg)
+    return dst
+
+
+def test_stored_student_views_are_the_cut_views_and_the_loader_uses_them(raw_views_cache, tiny_caches):
+    cache = read_cache(raw_views_cache)
+    sv = cache.student_views
+    assert sv is not None and sv.size == 64 and sv.shape == [cache.num_views, 64, 64, 3]
+    assert [s.index for s in sv.shards] == list(range(cache.num_shards))
+    stock = zarr.open_array(str(raw_views_cache / sv.array), mode="r")  # readable by stock zarr
+    mean, std = input_normalization("student", "tiny")
+    raw = BatchReader(open_cache(raw_views_cache), 64, mean, std)
+    decoded = BatchReader(open_cache(tiny_caches.get()), 64, mean, std)
+    assert raw.raw_views() is not None and decoded.raw_views() is None
+    rows = np.array([7, 0, 3, 3, 11])
+    a, b = raw.read(rows), decoded.read(rows)
+    assert torch.equal(a["images"], b["images"])  # the same pixels as decode + cut_view
+    views = decoded.read_views(rows, (64,))[64]
+    assert np.array_equal(stock[:][rows], views.permute(0, 2, 3, 1).numpy())
+    for x, y in zip(a["targets"]["clip_tiny"], b["targets"]["clip_tiny"]):
+        assert torch.equal(x, y)
+    assert verify_cache(raw_views_cache) == []
+
+
+def test_a_damaged_student_view_shard_is_refused(raw_views_cache, tmp_path):
+    import shutil
+
+    root = Path(shutil.copytree(raw_views_cache, tmp_path / "c"))
+    shard = read_cache(root).student_views.shards[1]
+    data = bytearray((root / shard.file).read_bytes())
+    data[100] ^= 1
+    (root / shard.file).write_bytes(bytes(data))
+    mean, std = input_normalization("student", "tiny")
+    with pytest.raises(
+        SakError, match=f"shard 1 .*student views {shard.file} does not match its recorded xxh3"
+    ):
+        BatchReader(open_cache(root), 64, mean, std).read(np.array([5]))
+    assert any(shard.file in p for p in verify_cache(root))
+
+
+def test_an_unknown_student_views_mode_is_one_line(tmp_path):
+    cfg = ExtractConfig(source=None, out=str(tmp_path / "c"), teachers=("clip_tiny",), student_views="png")
+    with pytest.raises(SakError, match="unknown --student-views 'png'; use one of decode, raw"):
+        run_extraction(cfg)

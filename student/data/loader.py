@@ -423,8 +423,26 @@ class BatchReader:
                     scales_out.setdefault(store.teacher, []).append(sc)
         return values_out, scales_out
 
+    def raw_views(self) -> ShardRows | None:
+        """The cache's stored student views (`--student-views raw`) if it has them at the student size."""
+        sv = self.index.cache.student_views
+        if sv is None or sv.size != self.image_size:
+            return None
+        key = ("student_views", 0, "rows")
+        if key not in self._arrays:
+            self._arrays[key] = ShardRows.of(self.index.root / sv.array)
+        return self._arrays[key]
+
     def read_views(self, rows: np.ndarray, sides: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """{side: (B, 3, side, side) uint8}: one decode per distinct image, cut_view per row and side."""
+        """{side: (B, 3, side, side) uint8}: the stored student views when the cache has them at that side
+        (no decode, no resize; a channels-last view of the stored bytes), else one decode per distinct
+        image and cut_view per row and side."""
+        raw = self.raw_views()
+        if raw is not None and sides == (self.image_size,):
+            out = np.empty((len(rows), *raw.shape[1:]), dtype=np.uint8)  # (B, S, S, 3)
+            order = np.argsort(rows, kind="stable")
+            raw.read_into(rows[order], out, dest=order)
+            return {self.image_size: torch.from_numpy(out).permute(0, 3, 1, 2)}
         idx = self.index
         if self._images is None:
             self._images = ImageReader(idx.root)
