@@ -273,6 +273,8 @@ def verify(cache: str) -> int:
     type=float,
     help="Mean stored image size without --source.",
 )
+@click.option("--read-gbps", default=10.0, show_default=True, type=float, help="Storage bandwidth, GB/s.")
+@click.option("--cores", default=12, show_default=True, type=int, help="Loader CPU cores per node.")
 @click.option("--json", "json_out", help="Also write the estimate as JSON here.")
 def estimate(**opts) -> None:
     """Bytes, GPU-hours and read bandwidth of a cache, before extracting it."""
@@ -297,6 +299,10 @@ def estimate(**opts) -> None:
         samples_per_s=opts["samples_per_s"],
         compression=opts["compression"],
         image_kb=opts["image_kb"],
+        compressor=opts["compressor"],
+        student_views=opts["student_views"],
+        read_gbps=opts["read_gbps"],
+        cores=opts["cores"],
     )
     est = run_estimate(cfg)
     click.echo(format_estimate(est))

@@ -59,6 +59,14 @@ ASSUMED_COMPRESSION: dict[str, float] = {
     "fp8": 1.19,
     "fp8_token": 1.17,
 }
+# The training loader's cost per CPU core, measured by bench/loader.py (one core, page cache, the paper's
+# target shapes; see the README table "Loader cost per core"). Per sample = image ms (the student input:
+# decode + cut_view, or the stored raw pixels) + stored target MB / read rate + the fast integrity check
+# (xxh3-128 over the same bytes, once per file per process). Re-measure on your own machine:
+# `python bench/loader.py --json loader.json`; these are figures of the machine they were measured on.
+LOADER_IMAGE_MS = {"decode": 9.0, "raw": 1.6}  # ms per 384 px view
+LOADER_READ_MB_PER_S = {"none": 2400.0, "lz4": 1100.0, "zstd": 250.0}  # stored MB -> batch tensors
+LOADER_CHECK_MB_PER_S = 5000.0  # xxh3-128, page-cached
 ZARR_CHUNK_OVERHEAD = 32  # bytes per stored chunk: Blosc header 16 + shard index entry 16
 WDS_MEMBER_OVERHEAD = 512 + 128 + 256  # tar header + .npy header + mean padding to 512
 ASSUMED_IMAGE_KB = 110.0  # mean stored JPEG of ImageNet-1k train (~140 GB / 1.28M images)
@@ -89,7 +97,11 @@ class EstimateConfig:
     gpu: str = "h100"  # GPU_PEAK_BF16_TFLOPS key
     utilization: float = 0.4  # achieved fraction of peak over the whole job
     samples_per_s: float = 2000.0  # student read rate, views/s, all GPUs together
-    compression: float | None = None  # lossless factor; None: ASSUMED_COMPRESSION[codec]
+    compression: float | None = None  # lossless factor; None: ASSUMED_COMPRESSION[codec] under zstd, else 1
+    compressor: str = "none"  # none | lz4 | zstd: what the store's chunks get (store/zarr.py)
+    student_views: str = "decode"  # decode | raw (student_views.py)
+    read_gbps: float = 10.0  # storage bandwidth the trainers share, GB/s
+    cores: int = 12  # loader CPU cores per node
     image_kb: float = ASSUMED_IMAGE_KB  # mean stored image size when no source is given
 
 
@@ -132,9 +144,42 @@ class Estimate:
         return 2 * macs * self.num_views / peak / 3600
 
     @property
+    def input_bytes_per_sample(self) -> float:
+        """Bytes of the student input read per sample: the stored JPEG, or S*S*3 raw pixels."""
+        if self.config.student_views == "raw":
+            return self.config.size**2 * 3
+        return self.image_bytes / max(self.num_images, 1)
+
+    @property
     def read_bytes_per_sample(self) -> float:
-        """Disk bytes one training sample reads: its targets plus its image's stored bytes."""
-        return self.target_bytes_per_view + self.image_bytes / max(self.num_images, 1)
+        """Disk bytes one training sample reads: its targets plus its student input."""
+        return self.target_bytes_per_view + self.input_bytes_per_sample
+
+    def online_gpu_hours_per_epoch(self) -> float:
+        """Teachers run online: one forward per trained sample, an epoch = one view of every image."""
+        return self.gpu_hours() * self.num_images / max(self.num_views, 1)
+
+    @property
+    def break_even_epochs(self) -> float:
+        """Epochs after which the cache's one-off teacher compute equals the online runs' (= views per
+        image: the cache computes K views once, online training one view per image per epoch)."""
+        return self.gpu_hours() / max(self.online_gpu_hours_per_epoch(), 1e-12)
+
+    @property
+    def loader_ms_per_sample(self) -> float:
+        """One core's loader work per sample, from the per-core rates bench/loader.py measured."""
+        mb = self.target_bytes_per_view / 1e6
+        return (
+            LOADER_IMAGE_MS[self.config.student_views]
+            + 1e3 * mb / LOADER_READ_MB_PER_S[self.config.compressor]
+            + 1e3 * mb / LOADER_CHECK_MB_PER_S
+        )
+
+    def samples_per_s_fed(self) -> dict[str, float]:
+        """What storage (--read-gbps) and loader cores (--cores) can feed, and the smaller of the two."""
+        storage = self.config.read_gbps * 1e9 / self.read_bytes_per_sample
+        cpu = self.config.cores * 1e3 / self.loader_ms_per_sample
+        return {"storage": storage, "cpu": cpu, "fed": min(storage, cpu)}
 
 
 # -------------------------------------------------------------------------------------------- MACs
@@ -223,7 +268,14 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         image_bytes = num_images * cfg.image_kb * 1000
     else:
         raise SakError("pass --source (to count its images) or --images N")
-    compression = cfg.compression or ASSUMED_COMPRESSION.get(cfg.codec, 1.0)
+    if cfg.compressor not in LOADER_READ_MB_PER_S:
+        raise SakError(f"unknown --compressor {cfg.compressor!r}; use one of none, lz4, zstd")
+    if cfg.student_views not in LOADER_IMAGE_MS:
+        raise SakError(f"unknown --student-views {cfg.student_views!r}; use one of decode, raw")
+    if cfg.read_gbps <= 0 or cfg.cores < 1:
+        raise SakError(f"--read-gbps must be > 0 and --cores >= 1, got {cfg.read_gbps} and {cfg.cores}")
+    zstd = ASSUMED_COMPRESSION.get(cfg.codec, 1.0) if cfg.compressor == "zstd" else 1.0
+    compression = cfg.compression or zstd
     est = Estimate(cfg, num_images, num_images * cfg.views_per_image, image_bytes, compression)
     for spec in specs:
         blocks = select_levels(spec, cfg.levels)
@@ -285,8 +337,24 @@ def format_estimate(est: Estimate) -> str:
         f"{human_bytes(cfg.samples_per_s * est.read_bytes_per_sample)}/s "
         f"(targets {human_bytes(cfg.samples_per_s * est.target_bytes_per_view)}/s, "
         f"images {human_bytes(cfg.samples_per_s * (est.read_bytes_per_sample - est.target_bytes_per_view))}/s)",
+        "",
+        *_cache_or_online(est),
     ]
     return "\n".join(lines)
+
+
+def _cache_or_online(est: Estimate) -> list[str]:
+    """Whether to cache at all, and what a node can feed."""
+    cfg, fed = est.config, est.samples_per_s_fed()
+    return [
+        f"cache or online  online teachers: {est.online_gpu_hours_per_epoch():.2f} GPU-h per epoch of training; "
+        f"the cache: {est.gpu_hours():.2f} GPU-h once + {human_bytes(est.target_bytes + est.image_bytes)}; "
+        f"break-even after {est.break_even_epochs:.1f} epochs (more epochs: the cache wins)",
+        f"feeding          {cfg.read_gbps:g} GB/s of storage feeds {fed['storage']:,.0f} samples/s; {cfg.cores} "
+        f"loader cores feed {fed['cpu']:,.0f} samples/s ({est.loader_ms_per_sample:.1f} ms per sample per core: "
+        f"compressor {cfg.compressor}, student views {cfg.student_views}; per-core rates measured by "
+        f"bench/loader.py, see LOADER_* in estimate.py) -> {fed['fed']:,.0f} samples/s",
+    ]
 
 
 def estimate_to_dict(est: Estimate) -> dict:
@@ -302,6 +370,10 @@ def estimate_to_dict(est: Estimate) -> dict:
         "target_bytes": est.target_bytes,
         "gpu_hours": est.gpu_hours(),
         "read_bytes_per_s": est.config.samples_per_s * est.read_bytes_per_sample,
+        "online_gpu_hours_per_epoch": est.online_gpu_hours_per_epoch(),
+        "break_even_epochs": est.break_even_epochs,
+        "loader_ms_per_sample_per_core": est.loader_ms_per_sample,
+        "samples_per_s_fed": est.samples_per_s_fed(),
         "teachers": [
             {
                 **asdict(t),
