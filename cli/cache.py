@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
@@ -161,7 +162,7 @@ def cli(verbose: bool) -> None:
 def run(**opts) -> None:
     """Extract teacher features into a cache (resumable: re-running skips finished shards)."""
     from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.verify import describe_cache
+    from sak.pipeline.verify import describe_cache, store_fidelity_warnings
 
     cfg = ExtractConfig(
         source=opts["source"],
@@ -191,6 +192,8 @@ def run(**opts) -> None:
     )
     out = run_extraction(cfg)
     click.echo(describe_cache(out))
+    for line in store_fidelity_warnings(out):
+        click.echo(line, err=True)
 
 
 @cli.command()
@@ -200,6 +203,18 @@ def inspect(cache: str) -> None:
     from sak.pipeline.verify import describe_cache
 
     click.echo(describe_cache(cache))
+
+
+@cli.command()
+@click.argument("cache")
+@click.option("--view", "views", type=int, multiple=True, required=True, help="View index (repeatable).")
+@click.option("--out", default=None, help="PNG to write (default: CACHE/show-<views>.png).")
+def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
+    """Draw the views beside a PCA-to-RGB map of every teacher's every stored level (one PCA per level)."""
+    from sak.pipeline.show import render
+
+    out = out or str(Path(cache) / f"show-{'-'.join(map(str, views))}.png")
+    click.echo(render(cache, list(views), out))
 
 
 @cli.command(name="ls")

@@ -2,7 +2,7 @@
 
 1. writes the photos to DEMO/photos (PNG, as a user's image folder would hold them);
 2. `sak-cache run` with tiny random-init DINOv2, CLIP and SAM, K=2 views, on an embedded local Ray;
-3. `sak-cache inspect` and `sak-cache verify`;
+3. `sak-cache inspect` and `sak-cache verify`; `sak-cache show` writes DEMO/features.png (path printed);
 4. when the trainer is installed, a short stage-1 training from the cache, with Rep Sim before and after.
 """
 
@@ -74,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     rc = cache_cli.main(["verify", cache])
     if rc:
         return rc
+    picture = root / "features.png"
+    print("== features as pictures (sak-cache show: one PCA-to-RGB panel per teacher and level)", flush=True)
+    rc = cache_cli.main(["show", cache, "--view", "0", "--view", "2", "--out", str(picture)])
+    if rc:
+        return rc
+    print(f"features picture: {picture.resolve()}", flush=True)
     if importlib.util.find_spec("sak.student.train.stage1") is None:
         print("(the stage-1 trainer is not part of this build yet; skipping training)")
         return 0

@@ -221,23 +221,31 @@ def stage1(ctx: click.Context, **opts) -> None:
 @click.option("--batch-size", default=32, show_default=True, type=int)
 @click.option("--online", is_flag=True, help="Compare with live teachers instead of the cached targets.")
 @click.option("--device", help="cpu or cuda [default: cuda when available].")
+@click.option("--pictures", metavar="PNG", help="Also draw the student's aligned maps beside the teachers'.")
+@click.option("--picture-views", default=3, show_default=True, type=int, help="Held-out views drawn.")
 def repsim(**opts) -> None:
     """Rep Sim per teacher (mean per-token cosine to the targets) of a saved student, on held-out views."""
-    from sak.student.train.evaluate import repsim_of_checkpoint
+    from sak.student.data.loader import eval_batches
+    from sak.student.train.evaluate import evaluate_repsim, open_held_out, repsim_pictures
 
-    sims, n = repsim_of_checkpoint(
+    held = open_held_out(
         opts["checkpoint"],
         opts["cache"],
         teachers=_split(opts["teachers"]),
         holdout_shards=opts["holdout_shards"],
         normalization=opts["normalization"],
-        batch_size=opts["batch_size"],
         online=opts["online"],
         device=opts["device"],
     )
+    batches = eval_batches(held.reader, held.rows, opts["batch_size"])
+    sims, n = evaluate_repsim(held.model, batches, held.targets_of, held.index.stores, held.device)
     click.echo(f"Rep Sim on {n} held-out views of {opts['cache']}:")
     for t, v in sims.items():
         click.echo(f"  {t:<16} {v:.4f}")
+    if opts["pictures"]:
+        click.echo(
+            f"pictures: {repsim_pictures(held, opts['cache'], opts['pictures'], opts['picture_views'])}"
+        )
 
 
 @cli.command()

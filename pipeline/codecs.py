@@ -16,6 +16,8 @@ shuffle makes int8 and fp8 bigger).
   int8_channel   int8                           one per channel and view (1, 1, C) 1 + 2/(H W)
   fp8            float8_e4m3fn as uint8 bits    one per 32 channels              1 + 2/32
   fp8_token      float8_e4m3fn as uint8 bits    one per token                    1 + 2/C
+  int8_tc        int8                           one per token AND one per channel 1 + 2/C + 2/(H W)
+                                                 (1, 1, H*W + C): token scales, then channel scales
 
 Measured (bench/codecs.py, synthetic ViT-L-like maps 27x27x1024 with 3 channels x50-100 and 1.5% of
 tokens x10): `int8` is per group of 32 channels because it is the only int8 granularity that keeps the
@@ -25,6 +27,16 @@ per channel loses the ordinary tokens next to a high-norm one (raw 0.991), per 1
 (0.979). It costs 1.85x less than fp16 after Blosc. `fp8` keeps its place: 2.07x less than fp16 after
 Blosc with raw 0.9998 and standardised 0.9996 (a float keeps relative precision next to an outlier), at
 5x the relative L2 error of int8 on outlier-free features and ~5x slower CPU decoding.
+
+`int8_tc` is the int8 that survives massive activations (bench/codecs.py at outliers of 100x, 300x, 1000x):
+every channel is first divided by its own absmax over the view (so a x1000 channel never shares a scale
+with ordinary ones, the LLM.int8() concern), then every token by its own absmax over the channels (so a
+high-norm token never shares a scale with ordinary tokens); both sets of scales go into the one scales
+array of shape (1, 1, H*W + C): the first H*W entries are the token scales in (h, w) order, the last C
+the channel scales:
+
+    t = scales[..., 0, 0, :H*W].reshape(H, W, 1); ch = scales[..., 0, 0, H*W:]   # token, channel
+    x[..., h, w, c] = float(values[..., h, w, c]) * float(t[h, w]) * float(ch[c])
 
 Quantised codecs store two plain arrays that stock libraries read (Zarr arrays `levels/<block>` and
 `scales/<block>`, or `.npy` tar members); dequantisation is `values * scales` with the scales broadcast
@@ -118,6 +130,8 @@ class Codec:
             return None
         if self.granularity == "channel":
             return (1, 1, c)
+        if self.granularity == "token_channel":
+            return (1, 1, h * w + c)
         return (h, w, c // self.group_size(c))
 
     def bytes_per_sample(self, h: int, w: int, c: int) -> int:
@@ -136,7 +150,13 @@ class Codec:
                 "group": self.group if self.granularity == "group" else None,
                 "qmax": _QMAX[self.true_dtype],
                 "dequantize": "float(values) * float(scales), scales broadcast over their group of channels"
-                + (" and over H, W" if self.granularity == "channel" else ""),
+                + (" and over H, W" if self.granularity == "channel" else "")
+                + (
+                    "; token_channel: scales (1, 1, H*W + C) = H*W token scales in (h, w) order, then C "
+                    "channel scales; x = values * token_scale[h, w] * channel_scale[c]"
+                    if self.granularity == "token_channel"
+                    else ""
+                ),
             }
         return d
 
@@ -165,6 +185,8 @@ class Codec:
             raise SakError(f"codec {self.name} encodes (..., H, W, C) maps, got shape {tuple(x.shape)}")
         x = x.float()
         c = x.shape[-1]
+        if self.granularity == "token_channel":
+            return self._encode_token_channel(x)
         if self.granularity == "channel":
             amax = x.abs().amax(dim=(-3, -2), keepdim=True)  # (..., 1, 1, C)
         else:
@@ -181,6 +203,21 @@ class Codec:
         else:
             q = y.clamp_(-qmax, qmax).to(torch.float8_e4m3fn).view(torch.uint8)
         return Encoded(q.cpu().numpy(), scales.cpu().numpy())
+
+    def _encode_token_channel(self, x: torch.Tensor) -> Encoded:
+        """Channel scales (absmax over H, W), then token scales over the channel-scaled map; both rounded to
+        float16 before they are used, so decoding needs only the stored arrays."""
+        qmax = _QMAX[self.true_dtype]
+        ch = x.abs().amax(dim=(-3, -2), keepdim=True).clamp(_SCALE_MIN, _SCALE_MAX).half()  # (..., 1, 1, C)
+        y = x / ch.float()
+        tok = (y.abs().amax(-1, keepdim=True) / qmax).clamp(_SCALE_MIN, _SCALE_MAX).half()  # (..., H, W, 1)
+        y = y / tok.float()
+        if self.true_dtype == "int8":
+            q = y.round_().clamp_(-qmax, qmax).to(torch.int8)
+        else:
+            q = y.clamp_(-qmax, qmax).to(torch.float8_e4m3fn).view(torch.uint8)
+        scales = torch.cat([tok.flatten(-3), ch.flatten(-3)], -1)  # (..., H*W + C)
+        return Encoded(q.cpu().numpy(), scales.unsqueeze(-2).unsqueeze(-2).cpu().numpy())
 
     # ---------------------------------------------------------------------------------------- decode
 
@@ -227,6 +264,10 @@ class Codec:
         s = s.to(dtype)
         if self.granularity == "channel":
             return x.mul_(s)  # (..., H, W, C) * (..., 1, 1, C)
+        if self.granularity == "token_channel":
+            h, w, c = x.shape[-3:]
+            tok = s[..., 0, 0, : h * w].unflatten(-1, (h, w, 1))  # (..., H, W, 1)
+            return x.mul_(tok).mul_(s[..., :, :, h * w :])  # ... * (..., 1, 1, C)
         c = x.shape[-1]
         g = self.group_size(c)
         return x.unflatten(-1, (c // g, g)).mul_(s.unsqueeze(-1)).flatten(-2)  # (..., H, W, G, g) * (..., 1)
@@ -234,6 +275,19 @@ class Codec:
     def decode(self, values: np.ndarray | torch.Tensor, scales: np.ndarray | None = None) -> torch.Tensor:
         """Stored values (and scales) -> float32 (..., H, W, C) tensor on the CPU."""
         return self.decode_torch(values, scales, device=None, dtype=torch.float32)
+
+
+def refuse_overflow(codec: Codec, x: torch.Tensor, teacher: str, block: int) -> None:
+    """An fp16 store cannot hold |x| > 65504 (it would store inf): refuse at extraction, one line."""
+    if codec.true_dtype != "float16":
+        return
+    amax = float(x.detach().abs().amax()) if x.numel() else 0.0
+    if amax > 65504 or amax != amax:
+        raise SakError(
+            f"teacher {teacher} level {block}: a feature value of magnitude {amax:.4g} does not fit float16 "
+            f"(largest finite 65504); extract this teacher with --codec bf16 (same size, float32's range) or "
+            f"--codec fp8 (scaled per group)"
+        )
 
 
 _FP8_TABLE: list[np.ndarray] = []
@@ -271,6 +325,8 @@ register_codec(Codec("int8_channel", "int8", "int8", "channel", None, "noshuffle
 register_codec(Codec("int8", "int8", "int8", "group", 32, "noshuffle"))
 register_codec(Codec("fp8", "uint8", "float8_e4m3fn", "group", 32, "noshuffle"))
 register_codec(Codec("fp8_token", "uint8", "float8_e4m3fn", "token", None, "noshuffle"))
+# int8 robust to massive channels and high-norm tokens: one scale per channel and one per token
+register_codec(Codec("int8_tc", "int8", "int8", "token_channel", None, "noshuffle"))
 
 
 def codec_names() -> list[str]:
@@ -287,15 +343,79 @@ def get_codec(name: str) -> Codec:
 
 
 def outlier_features(
-    n: int, h: int, w: int, c: int, seed: int = 0, outlier_channels: int = 3, high_norm_tokens: float = 0.015
+    n: int,
+    h: int,
+    w: int,
+    c: int,
+    seed: int = 0,
+    outlier_channels: int = 3,
+    high_norm_tokens: float = 0.015,
+    magnitude: float = 100.0,
 ) -> torch.Tensor:
     """Synthetic ViT-like features (n, h, w, c) float32 for codec tests and benchmarks: Gaussian tokens
-    with per-channel offsets, a few channels x50-100 (massive activations) and ~1.5% of tokens with 10x
-    the norm (high-norm "register" tokens). Plain Gaussian noise hides exactly what breaks quantisers."""
+    with per-channel offsets, a few channels x magnitude/2 .. x magnitude (massive activations: real
+    CLIP-L/DINOv2-L channels reach hundreds of times the typical one) and ~1.5% of tokens with 10x the norm
+    (high-norm "register" tokens). Plain Gaussian noise hides exactly what breaks quantisers."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, h, w, c, generator=g) + 0.5 * torch.randn(c, generator=g)  # (n, h, w, c)
     channels = torch.randperm(c, generator=g)[:outlier_channels]
-    x[..., channels] *= 50 + 50 * torch.rand(outlier_channels, generator=g)
+    x[..., channels] *= magnitude * (0.5 + 0.5 * torch.rand(outlier_channels, generator=g))
     tokens = torch.rand(n, h, w, generator=g) < high_norm_tokens  # (n, h, w)
     x[tokens] *= 10
     return x
+
+
+# ------------------------------------------------------------------------------------- low rank (pca<k>)
+
+
+@dataclass(frozen=True)
+class PcaBasis:
+    """A low-rank basis of one (teacher, level): the channel mean (C,) and the top-k principal directions
+    (k, C), both float32, fitted in float64 on a sample of that level's own features. A map is stored as
+    its coefficients (..., H, W, k) = (x - mean) @ components.T and decoded by one matmul:
+
+        x = coefficients.astype("float32") @ components + mean          # numpy alone
+    """
+
+    mean: np.ndarray  # (C,) float32
+    components: np.ndarray  # (k, C) float32, orthonormal rows, by decreasing variance
+    explained: float  # fraction of the fitting sample's variance the k directions keep
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, k: int) -> PcaBasis:
+        """Fit on (..., C) features; k is capped at C (k >= C keeps everything: an exact rotation)."""
+        flat = x.detach().reshape(-1, x.shape[-1]).double().cpu()  # (T, C)
+        c = flat.shape[-1]
+        if k < 1:
+            raise SakError(f"pca<k> needs k >= 1, got {k}")
+        mean = flat.mean(0)
+        cov = (flat - mean).T @ (flat - mean) / max(flat.shape[0] - 1, 1)  # (C, C)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        k = min(k, c)
+        comps = evecs[:, -k:].flip(-1).T  # (k, C), largest first
+        total = float(evals.clamp_min(0).sum())
+        explained = float(evals[-k:].clamp_min(0).sum()) / total if total > 0 else 1.0
+        return cls(mean.float().numpy(), comps.float().contiguous().numpy(), explained)
+
+    @property
+    def k(self) -> int:
+        return self.components.shape[0]
+
+    def encode(self, x: torch.Tensor, dtype: torch.dtype = torch.float16) -> np.ndarray:
+        """(..., H, W, C) -> coefficients (..., H, W, k) in `dtype` (float16 as stored)."""
+        m, p = torch.from_numpy(self.mean), torch.from_numpy(self.components)
+        coeffs = (x.detach().float().cpu() - m) @ p.T
+        if dtype == torch.float16 and float(coeffs.abs().max()) > 65504:
+            raise SakError("pca coefficients exceed float16's 65504; the features are too large for fp16")
+        return coeffs.to(dtype).numpy()
+
+    def decode_torch(
+        self, coeffs: np.ndarray | torch.Tensor, device=None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Coefficients (..., k) -> (..., C) on `device`: one matmul there (the basis is small)."""
+        c = torch.from_numpy(np.ascontiguousarray(coeffs)) if isinstance(coeffs, np.ndarray) else coeffs
+        c = c.to(device).to(dtype)
+        p = torch.from_numpy(self.components).to(device, dtype)
+        return torch.addmm(torch.from_numpy(self.mean).to(device, dtype), c.reshape(-1, self.k), p).reshape(
+            *c.shape[:-1], p.shape[-1]
+        )

@@ -21,8 +21,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from sak.pipeline.codecs import get_codec
+from sak.pipeline.codecs import get_codec, refuse_overflow
 from sak.pipeline.errors import SakError
+from sak.pipeline.fidelity import is_lossy, measure_levels
 from sak.pipeline.format import (
     CacheManifest,
     CodecSpec,
@@ -198,7 +199,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
-            cache = add_student_views(out, cache, _shard_rows(out))
+            cache = add_student_views(out, cache, view_rows(out))
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
         schedule = Schedule.of(_shard_jobs(cache, stores))
@@ -435,6 +436,7 @@ def _finalize(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: S
         throughput=schedule.throughput(seconds),
         updated=now_iso(),
         files=store_files_table(plan.path, {rel: d for r in shards for rel, d in r.files.items()}),
+        fidelity=next((r.fidelity for r in shards if r.fidelity), None),  # the first shard measured
     )
     write_store_manifest(plan.path, plan.manifest)
 
@@ -537,7 +539,7 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
 
     if not schedule.queue:
         return
-    rows = _shard_rows(out)
+    rows = view_rows(out)
     sizes = sorted({sp.spec.model_input_side(cfg.size) if sp.spec.fixed_input else cfg.size for sp in stores})
     workers = _start_workers(cfg, stores, len(schedule.queue))
     schedule.start(len(workers))
@@ -583,6 +585,9 @@ def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
 
 
 def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
+    cause = getattr(failure, "cause", None)  # a Ray task error wraps what the task raised
+    if isinstance(failure, SakError) or isinstance(cause, SakError):
+        return SakError(f"{str(cause or failure).strip()} (the {done} shard(s) already recorded are kept)")
     msg = str(failure).strip().splitlines()
     if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
         return SakError(
@@ -595,7 +600,7 @@ def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
     )
 
 
-def _shard_rows(out: Path) -> list[ViewRow]:
+def view_rows(out: Path) -> list[ViewRow]:
     """views.parquet joined with the image index: everything a CPU task needs to cut a view."""
     views = read_table(out / VIEWS_FILE).to_pylist()
     index = {r["key"]: r for r in read_table(out / IMAGE_INDEX_FILE).to_pylist()}
@@ -649,22 +654,21 @@ class TeacherWorker:
 
     def process(self, job: ShardJob, views: dict[int, object]) -> dict[str, ShardRecord]:
         t0 = time.monotonic()
-        feats: dict[str, list[list[torch.Tensor]]] = {}
+        feats: dict[str, list[torch.Tensor]] = {}
+        native: dict[str, list[torch.Tensor]] = {}  # first shard of a lossy store: fp32 before resampling
         with self.lock:
             for name in job.teachers:
-                teacher = self.teachers[name]
-                blocks, grid = self.shapes[name]
-                batch_views = torch.from_numpy(views[self.sizes[name]].copy())  # (n, 3, s, s) uint8
-                parts = []
-                for i in range(0, batch_views.shape[0], self.batch_size):
-                    x = batch_views[i : i + self.batch_size].to(self.device, non_blocking=True)
-                    # keep and resample on the device, then copy the (smaller) targets: host-device sync
-                    shaped = shape_targets(teacher.spec, teacher.forward_levels(x), blocks, grid)
-                    parts.append([shaped[b].cpu() for b in blocks])
-                feats[name] = [torch.cat([p[level] for p in parts]) for level in range(len(blocks))]
+                feats[name], native[name] = self._forward(name, views, keep_native=job.shard == 0)
         records = {}
         for name, levels in feats.items():
             store, (blocks, _) = self.stores[name], self.shapes[name]
+            for block, level in zip(blocks, levels):
+                refuse_overflow(store.codec, level, name, block)
+            fidelity = None
+            if native[name]:  # measured before writing: the stored bytes are the same encoding
+                fidelity = measure_levels(
+                    store.codec, dict(zip(blocks, native[name])), dict(zip(blocks, levels))
+                )
             files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
             save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
             fast = {rel: xxh3_file(store.path / rel) for rel in files}  # page-cached: ~6 GB/s
@@ -675,5 +679,30 @@ class TeacherWorker:
                 files=files,
                 seconds=time.monotonic() - t0,
                 xxh3=fast,
+                fidelity=fidelity,
             )
         return records
+
+    def _forward(
+        self, name: str, views: dict[int, object], keep_native: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One teacher on one shard's views: its kept levels on the store grid, (n, h, w, C) float32 on the
+        CPU, and, when `keep_native` and the store is lossy, the same levels on the native grid."""
+        teacher, store = self.teachers[name], self.stores[name]
+        blocks, grid = self.shapes[name]
+        batch_views = torch.from_numpy(views[self.sizes[name]].copy())  # (n, 3, s, s) uint8
+        parts, native = [], []
+        for i in range(0, batch_views.shape[0], self.batch_size):
+            x = batch_views[i : i + self.batch_size].to(self.device, non_blocking=True)
+            # keep and resample on the device, then copy the (smaller) targets: host-device sync
+            maps = teacher.forward_levels(x)
+            shaped = shape_targets(teacher.spec, maps, blocks, grid)
+            parts.append([shaped[b].cpu() for b in blocks])
+            native_hw = tuple(maps[0].shape[1:3])
+            if keep_native and is_lossy(store.codec, native_hw, grid):
+                kept = shape_targets(teacher.spec, maps, blocks, native_hw)  # the kept blocks, not resampled
+                native.append([kept[b].float().cpu() for b in blocks])
+        levels = [torch.cat([p[level] for p in parts]) for level in range(len(blocks))]
+        return levels, [
+            torch.cat([p[level] for p in native]) for level in range(len(blocks))
+        ] if native else []

@@ -418,6 +418,31 @@ class StoreManifest:
             "every file of the store but this manifest -> digest; absent in older v1 caches", **OMIT
         ),
     )
+    fidelity: list[LevelFidelity] | None = field(
+        default=None,
+        metadata=doc(
+            "per level: stored targets vs the float32 values before encoding, on the first shard; only for "
+            "lossy stores (a codec other than fp32/fp16/bf16, or a resampled grid)",
+            **OMIT,
+        ),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LevelFidelity:
+    """Stored targets against the float32 values before encoding (fidelity.py), one level, measured at
+    extraction on the first shard. Cosines are per token; "std" figures after standardising every channel
+    with the reference's own mean and std (raw figures are dominated by the few massive channels)."""
+
+    block: int
+    compared: str = field(metadata=doc("codec | grid | codec+grid: what was lossy in this store"))
+    tokens: int
+    cos_mean: float
+    cos_p1: float
+    rel_l2: float
+    std_cos_mean: float
+    std_cos_p1: float
+    std_rel_l2: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -430,6 +455,7 @@ class ShardRecord:
     files: dict[str, str]
     seconds: float = 0.0
     xxh3: dict[str, str] | None = field(default=None, metadata=OMIT)
+    fidelity: list[LevelFidelity] | None = field(default=None, metadata=OMIT)
 
 
 @dataclass(frozen=True, kw_only=True)

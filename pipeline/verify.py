@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from sak.pipeline.errors import SakError
+from sak.pipeline.fidelity import fidelity_warnings, format_fidelity
 from sak.pipeline.format import (
     CACHE_FILE,
     IMAGE_INDEX_FILE,
@@ -350,6 +351,7 @@ def describe_cache(cache_dir: str | Path) -> str:
             f"{entry.teacher:<12} {fp:<26} {blocks:<14} {shape:<15} {codec:<5} {done:>9} "
             f"{_human(nbytes):>10} {_human(nbytes / max(1, cache.num_views)):>10}"
         )
+        lines += format_fidelity(m)
         if m.weights.random_init:
             warnings.append(
                 f"WARNING: {entry.teacher} ({fp}) holds features of a RANDOM-INIT model "
@@ -358,6 +360,15 @@ def describe_cache(cache_dir: str | Path) -> str:
     if not cache.stores:
         lines.append("(no teacher store yet)")
     return "\n".join(lines + ([""] + warnings if warnings else []))
+
+
+def store_fidelity_warnings(cache_dir: str | Path) -> list[str]:
+    """`run`'s warnings: every level of every store whose measured 1st-percentile cosine is under 0.99."""
+    root = Path(cache_dir)
+    lines = []
+    for entry in read_cache(root).stores.values():
+        lines += fidelity_warnings(entry.teacher, read_store_manifest(root / entry.path))
+    return lines
 
 
 def list_caches(root: str | Path) -> list[str]:

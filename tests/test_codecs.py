@@ -30,6 +30,7 @@ FLOOR = {
     "int8_channel": (0.98, 0.995),
     "fp8": (0.999, 0.998),
     "fp8_token": (0.999, 0.998),
+    "int8_tc": (0.995, 0.999),  # own scale per channel and per token: massive channels share nothing
 }
 
 
@@ -88,12 +89,15 @@ def test_stored_arrays_decode_with_numpy_alone(name, feats):
     s = scales.astype(np.float32)
     if codec.granularity == "channel":
         x = v * s  # (n, H, W, C) * (n, 1, 1, C)
+    elif codec.granularity == "token_channel":
+        n, h, w, c = v.shape
+        x = v * s[:, 0, 0, : h * w].reshape(n, h, w, 1) * s[:, :, :, h * w :]  # token, then channel scales
     else:
         x = (v.reshape(*s.shape, -1) * s[..., None]).reshape(v.shape)  # per group of channels
     np.testing.assert_allclose(x, codec.decode(values, scales).numpy(), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "fp8", "int8_channel"])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "fp8", "int8_channel", "int8_tc"])
 def test_decode_torch_matches_decode_from_collated_tensors(name, feats):
     """Workers collate the stored-dtype tensors; the device dequantises, in fp32 or bf16."""
     codec = get_codec(name)
@@ -160,7 +164,7 @@ def test_a_lossy_codec_halves_fp16_after_blosc_with_cosine_above_0_99(feats):
     assert torch.quantile(_token_cos(x, out).float(), 0.01) >= 0.99
 
 
-@pytest.mark.parametrize("name", ["int8", "fp8", "bf16", "int8_channel"])
+@pytest.mark.parametrize("name", ["int8", "fp8", "bf16", "int8_channel", "int8_tc"])
 def test_zarr_store_keeps_values_and_scales(name, tmp_path, feats):
     codec = get_codec(name)
     grids = {2: (16, 16, 256), 5: (16, 16, 256)}
@@ -185,3 +189,57 @@ def test_zarr_store_keeps_values_and_scales(name, tmp_path, feats):
     assert not torch.isfinite(hole).any()
     with pytest.raises(SakError, match="another run"):
         create_store(tmp_path, 6, 4, {2: (8, 8, 256)}, codec)
+
+
+@pytest.mark.parametrize("magnitude", [300.0, 1000.0])
+def test_massive_channels_break_int8_group32_but_not_int8_tc_or_fp8(magnitude):
+    """Channels a few hundred times the others: int8 with one scale per 32 channels loses the channels
+    that share a group with them (standardised 1st-percentile cosine well under 0.99); int8_tc (own scale
+    per channel and per token) and fp8 (a float keeps relative precision) hold."""
+    x = outlier_features(2, 16, 16, 256, seed=4, magnitude=magnitude)
+
+    def std_p1(name: str) -> float:
+        codec = get_codec(name)
+        return float(torch.quantile(_token_cos(x, codec.decode(*codec.encode_parts(x)), True).float(), 0.01))
+
+    assert std_p1("int8") < 0.99
+    assert std_p1("int8_tc") >= 0.999 and std_p1("fp8") >= 0.998
+    out = get_codec("int8_tc").decode(*get_codec("int8_tc").encode_parts(x))
+    assert torch.quantile(_token_cos(x, out).float(), 0.01) >= 0.99
+
+
+def test_int8_tc_is_its_own_store_identity_and_a_store_of_another_codec_is_refused(tmp_path):
+    tc, g32 = get_codec("int8_tc"), get_codec("int8")
+    assert tc.identity()["codec_spec"] != g32.identity()["codec_spec"]  # a different fingerprint
+    assert tc.describe()["scales"]["granularity"] == "token_channel"
+    assert tc.scale_shape(27, 27, 1024) == (1, 1, 27 * 27 + 1024)
+    assert tc.bytes_per_sample(27, 27, 1024) == 27 * 27 * 1024 + 2 * (27 * 27 + 1024)
+    grids = {2: (16, 16, 256)}
+    create_store(tmp_path, 6, 4, grids, g32)
+    with pytest.raises(SakError, match="another run"):  # same path, other codec: never mixed
+        create_store(tmp_path, 6, 4, grids, tc)
+
+
+def test_pca_basis_round_trips_and_decodes_with_numpy_alone():
+    from sak.pipeline.codecs import PcaBasis
+
+    g = torch.Generator().manual_seed(0)
+    # low-rank features (rank 12 in C 64) plus a little noise: what a real ViT level's spectrum looks like
+    x = torch.randn(4, 8, 8, 12, generator=g) @ torch.randn(12, 64, generator=g) + 3.0
+    x = x + 0.01 * torch.randn(x.shape, generator=g)
+    basis = PcaBasis.fit(x[:2], 16)  # fitted on the first half, judged on the held-out half
+    assert basis.components.shape == (16, 64) and basis.mean.shape == (64,) and basis.explained > 0.999
+    np.testing.assert_allclose(basis.components @ basis.components.T, np.eye(16), atol=1e-5)
+    coeffs = basis.encode(x[2:])
+    assert coeffs.dtype == np.float16 and coeffs.shape == (2, 8, 8, 16)
+    out = basis.decode_torch(coeffs)
+    cos = _token_cos(x[2:], out, standardise=True)
+    assert torch.quantile(cos.float(), 0.01) > 0.99
+    recipe = coeffs.astype(np.float32) @ basis.components + basis.mean  # the documented numpy recipe
+    np.testing.assert_allclose(recipe, out.numpy(), rtol=1e-4, atol=1e-4)
+    assert basis.decode_torch(torch.from_numpy(coeffs), dtype=torch.bfloat16).dtype == torch.bfloat16
+    full = PcaBasis.fit(x, 200)  # k >= C: capped at C, an exact rotation up to fp16 rounding
+    assert full.k == 64
+    torch.testing.assert_close(full.decode_torch(full.encode(x, torch.float32)), x, rtol=1e-4, atol=1e-3)
+    with pytest.raises(SakError, match="k >= 1"):
+        PcaBasis.fit(x, 0)

@@ -8,21 +8,23 @@ training loop so that measuring needs none of it (this module does not import st
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import read_cache
 from sak.pipeline.provenance import read_json
-from sak.student.data.index import StoreInfo
+from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.loader import BatchReader, eval_batches, input_normalization, open_cache
 from sak.student.data.order import holdout_rows
 from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student
 from sak.student.train.checkpoint import RUN_CONFIG, checkpoint_dir
 from sak.student.train.distributed import DistEnv, all_reduce_sum, bf16_autocast
-from sak.student.train.losses import rep_sim_by_teacher
+from sak.student.train.losses import rep_sim_by_teacher, resize_to_target
 from sak.student.train.online import OnlineTeachers, cached_targets, stored_levels
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -70,19 +72,30 @@ def student_file(checkpoint: str | Path) -> Path:
     return path
 
 
-def repsim_of_checkpoint(
+@dataclass
+class HeldOut:
+    """A saved student and a cache's held-out views, ready to evaluate (repsim_of_checkpoint, pictures)."""
+
+    model: SakStudent
+    index: CacheIndex
+    reader: BatchReader
+    rows: np.ndarray
+    targets_of: Callable[[dict], dict[str, list[torch.Tensor]]]
+    device: torch.device
+
+
+def open_held_out(
     checkpoint: str | Path,
     cache: str | Path,
     *,
     teachers: tuple[str, ...] = (),
     holdout_shards: int | None = None,
     normalization: str | None = None,
-    batch_size: int = 32,
     online: bool = False,
     device: str | None = None,
-) -> tuple[dict[str, float], int]:
-    """Rep Sim per teacher of a saved student on a cache's held-out shards. Settings not given come from
-    the run's config.json when `checkpoint` is a run folder (else: 1 held-out shard, "student")."""
+) -> HeldOut:
+    """The student of `checkpoint` and the held-out views of `cache`. Settings not given come from the
+    run's config.json when `checkpoint` is a run folder (else: 1 held-out shard, "student")."""
     run_cfg = None  # the run's recorded Stage1Config fields (missing ones take Stage1Config's defaults)
     if Path(checkpoint).is_dir() and (Path(checkpoint) / RUN_CONFIG).exists():
         run_cfg = read_json(Path(checkpoint) / RUN_CONFIG)["stage1"]
@@ -120,4 +133,59 @@ def repsim_of_checkpoint(
     if not rows.size:
         raise SakError("nothing is held out (--holdout-shards 0): no views to measure Rep Sim on")
     targets_of = teachers_online if teachers_online is not None else cached_targets(index.stores, dev)
-    return evaluate_repsim(model, eval_batches(reader, rows, batch_size), targets_of, index.stores, dev)
+    return HeldOut(model, index, reader, rows, targets_of, dev)
+
+
+def repsim_of_checkpoint(
+    checkpoint: str | Path,
+    cache: str | Path,
+    *,
+    teachers: tuple[str, ...] = (),
+    holdout_shards: int | None = None,
+    normalization: str | None = None,
+    batch_size: int = 32,
+    online: bool = False,
+    device: str | None = None,
+) -> tuple[dict[str, float], int]:
+    """Rep Sim per teacher of a saved student on a cache's held-out shards (settings: `open_held_out`)."""
+    h = open_held_out(
+        checkpoint,
+        cache,
+        teachers=teachers,
+        holdout_shards=holdout_shards,
+        normalization=normalization,
+        online=online,
+        device=device,
+    )
+    return evaluate_repsim(
+        h.model, eval_batches(h.reader, h.rows, batch_size), h.targets_of, h.index.stores, h.device
+    )
+
+
+@torch.no_grad()
+def repsim_pictures(held: HeldOut, cache: str | Path, out: str | Path, views: int = 3) -> Path:
+    """A PNG: per held-out view and teacher, the view, then per stored level the teacher's map beside the
+    student's aligned map (resized to the teacher's grid as Rep Sim compares them), both projected by one
+    3-component PCA fitted on the teacher's level over the shown views, so their colours compare."""
+    from sak.pipeline.show import pca_rgb, save_sheet, view_images
+
+    rows = held.rows[:views]
+    batch = held.reader.read(rows)
+    held.model.eval()
+    with bf16_autocast(held.device):
+        maps = stored_levels(held.model(batch["images"].to(held.device)).distill_maps, held.index.stores)
+    targets = held.targets_of(batch)
+    images = view_images(Path(cache), [int(r) for r in rows], held.index.plan.size)
+    sheet = []
+    for store in held.index.stores:
+        pairs = []
+        for block, s, t in zip(store.blocks, maps[store.teacher], targets[store.teacher]):
+            t = t.float().cpu()
+            aligned = resize_to_target(s.float(), t.to(s.device)).float().cpu()  # (B, H, W, C)
+            pairs.append((block, t.shape[1:3], *pca_rgb(t, also=aligned)))
+        for i in range(len(rows)):
+            row = [(images[i], f"view {int(rows[i])}")]
+            for block, hw, tp, sp in pairs:
+                row += [(tp[i], f"{store.teacher} L{block} {hw[0]}x{hw[1]}"), (sp[i], f"student -> L{block}")]
+            sheet.append(row)
+    return save_sheet(sheet, out)
