@@ -4,8 +4,9 @@ student views, and the cores a ViT-B student at 1000 samples/s needs.
     python bench/loader.py --json loader.json        # every row; ~5 min on one core
     python bench/loader.py --codecs fp16,int8 --compressors none,zstd
 
-Method (one process, torch and Blosc on one thread: every figure is per core; files are in the page
-cache, so this is CPU cost, not storage bandwidth: see `sak-cache estimate --read-gbps`).
+Method (one process, torch and Blosc on one thread, timed in process CPU seconds, best of --reps: every
+figure is per core; files are in the page cache, so this is CPU cost, not storage bandwidth: see
+`sak-cache estimate --read-gbps`).
 
   Image part, measured on a real cache: procedural JPEGs (ImageNet-like sizes, 320-520 x 240-400 px)
   extracted at 384 px with one tiny random-init teacher and `--student-views raw`, then read by the
@@ -50,12 +51,15 @@ SHARD = 8  # samples per shard of the real-shape stores
 
 
 def _best(fn, reps: int) -> float:
+    """Best CPU seconds of this process over `reps` calls (after one warm call). CPU time, not wall time:
+    with torch and Blosc on one thread that is exactly the per-core cost, and it stays meaningful on a
+    machine shared with other work (wall time there counts the waits for the CPU too)."""
     fn()  # warm: opens files, fills the page cache
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times)
 
 
