@@ -65,9 +65,9 @@ ASSUMED_COMPRESSION: dict[str, float] = {
 # decode + cut_view, or the stored raw pixels) + stored target MB / read rate + the fast integrity check
 # (xxh3-128 over the same bytes, once per file per process). Re-measure on your own machine:
 # `python bench/loader.py --json loader.json`; these are figures of the machine they were measured on.
-LOADER_IMAGE_MS = {"decode": 9.0, "raw": 1.6}  # ms per 384 px view
-LOADER_READ_MB_PER_S = {"none": 2400.0, "lz4": 1100.0, "zstd": 250.0}  # stored MB -> batch tensors
-LOADER_CHECK_MB_PER_S = 5000.0  # xxh3-128, page-cached
+LOADER_IMAGE_MS = {"decode": 5.3, "raw": 1.1}  # ms per 384 px view, normalised float32 included
+LOADER_READ_MB_PER_S = {"none": 4300.0, "lz4": 2700.0, "zstd": 610.0}  # stored MB -> batch tensors (fp16)
+LOADER_CHECK_MB_PER_S = 5170.0  # xxh3-128, page-cached (sha256: 1205)
 ZARR_CHUNK_OVERHEAD = 32  # bytes per stored chunk: Blosc header 16 + shard index entry 16
 WDS_MEMBER_OVERHEAD = 512 + 128 + 256  # tar header + .npy header + mean padding to 512
 ASSUMED_IMAGE_KB = 110.0  # mean stored JPEG of ImageNet-1k train (~140 GB / 1.28M images)
@@ -150,6 +150,11 @@ class Estimate:
         if self.config.student_views == "raw":
             return self.config.size**2 * 3
         return self.image_bytes / max(self.num_images, 1)
+
+    @property
+    def student_view_bytes(self) -> float:
+        """Bytes of the stored student views (`--student-views raw`), 0 without them."""
+        return self.num_views * self.config.size**2 * 3 if self.config.student_views == "raw" else 0.0
 
     @property
     def read_bytes_per_sample(self) -> float:
@@ -333,7 +338,8 @@ def format_estimate(est: Estimate) -> str:
         f"teacher compute  {2 * total_macs / 1e12:.2f} TFLOP per view (GMAC = linear + attention)",
         f"images/          {human_bytes(est.image_bytes)} ({human_bytes(est.image_bytes / max(est.num_images, 1))} "
         f"per image, {'measured on the source' if cfg.source else 'assumed'})",
-        f"cache total      {human_bytes(est.target_bytes + est.image_bytes)}",
+        f"cache total      {human_bytes(est.target_bytes + est.image_bytes + est.student_view_bytes)}"
+        + (f" (student views {human_bytes(est.student_view_bytes)})" if est.student_view_bytes else ""),
         f"student reads    {cfg.samples_per_s:,.0f} samples/s x {human_bytes(est.read_bytes_per_sample)} = "
         f"{human_bytes(cfg.samples_per_s * est.read_bytes_per_sample)}/s "
         f"(targets {human_bytes(cfg.samples_per_s * est.target_bytes_per_view)}/s, "
@@ -349,7 +355,8 @@ def _cache_or_online(est: Estimate) -> list[str]:
     cfg, fed = est.config, est.samples_per_s_fed()
     return [
         f"cache or online  online teachers: {est.online_gpu_hours_per_epoch():.2f} GPU-h per epoch of training; "
-        f"the cache: {est.gpu_hours():.2f} GPU-h once + {human_bytes(est.target_bytes + est.image_bytes)}; "
+        f"the cache: {est.gpu_hours():.2f} GPU-h once + "
+        f"{human_bytes(est.target_bytes + est.image_bytes + est.student_view_bytes)}; "
         f"break-even after {est.break_even_epochs:.1f} epochs (more epochs: the cache wins)",
         f"feeding          {cfg.read_gbps:g} GB/s of storage feeds {fed['storage']:,.0f} samples/s; {cfg.cores} "
         f"loader cores feed {fed['cpu']:,.0f} samples/s ({est.loader_ms_per_sample:.1f} ms per sample per core: "
