@@ -180,3 +180,25 @@ def test_an_unknown_student_views_mode_is_one_line(tmp_path):
     cfg = ExtractConfig(source=None, out=str(tmp_path / "c"), teachers=("clip_tiny",), student_views="png")
     with pytest.raises(SakError, match="unknown --student-views 'png'; use one of decode, raw"):
         run_extraction(cfg)
+
+
+def test_the_cli_offers_the_read_path_options(capsys, tmp_path):
+    from sak.cli.cache import main as cache_main
+
+    assert (
+        cache_main(["run", "--out", str(tmp_path / "c"), "--teachers", "clip_tiny", "--compressor", "brotli"])
+        == 2
+    )
+    assert "'brotli' is not one of 'none', 'lz4', 'zstd'" in capsys.readouterr().err
+    assert (
+        cache_main(["run", "--out", str(tmp_path / "c"), "--teachers", "clip_tiny", "--student-views", "png"])
+        == 2
+    )
+    argv = ["estimate", "--teachers", "clip_l", "--images", "1000", "--student-views", "raw", "--cores", "4"]
+    assert cache_main([*argv, "--read-gbps", "2.5"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "break-even after 2.0 epochs" in out
+        and "2.5 GB/s of storage feeds" in out
+        and "4 loader cores" in out
+    )
