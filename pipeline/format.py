@@ -342,8 +342,8 @@ class ExtractRecord:
     normalization: str
     codec: str
     format: str
-    compressor: str | None = field(default=None, metadata=OMIT)
     student_views: str | None = field(default=None, metadata=OMIT)
+    compressor: str | None = field(default=None, metadata=OMIT)
     levels: str
     grid: str
     workers: int | None
