@@ -401,7 +401,11 @@ class BatchReader:
             key = (store.fingerprint, -1, "wds")
             if key not in self._arrays:
                 self._arrays[key] = WdsTeacherStore(store.path, store.codec, self.index.shard_size)
-            enc = self._arrays[key].read_encoded_rows(block, uniq)  # groups rows by shard itself
+            last = (store.fingerprint, block, uniq.tobytes())
+            if self._arrays.get("wds-last", (None, None))[0] != last:  # values and scales: one read
+                enc = self._arrays[key].read_encoded_rows(block, uniq)  # groups rows by shard itself
+                self._arrays["wds-last"] = (last, enc)
+            enc = self._arrays["wds-last"][1]
             return (enc.values if kind == "levels" else enc.scales)[inverse]
         # sorted rows as runs of slices (zarr's index-array selection is ~20x slower on sharded arrays)
         return read_sorted_rows(self._array(store, block, kind), uniq)[inverse]
