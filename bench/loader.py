@@ -1,40 +1,38 @@
-"""Training-loader throughput per CPU core, per target codec and grid, and what the paper's student needs.
+"""Training-loader cost per CPU core at the paper's real target shapes, per codec x grid x compressor x
+student views, and the cores a ViT-B student at 1000 samples/s needs.
 
-    python bench/loader.py                          # builds small tiny-teacher caches itself (embedded Ray)
-    python bench/loader.py --cache /caches/in1k     # one existing cache (its own codec and grid)
-    python bench/loader.py --json loader.json       # also write the figures, config and code version
+    python bench/loader.py --json loader.json        # every row; ~5 min on one core
+    python bench/loader.py --codecs fp16,int8 --compressors none,zstd
 
-Method.
-  Measured: for each codec (fp16, bf16, int8, fp8) and grid (native, student) a cache of procedural JPEGs
-  with the tiny random-init teachers dinov2_tiny, clip_tiny and sam_tiny is extracted (one per pair). The
-  loader's per-sample work is then timed in this process, with no loader workers and
-  torch.set_num_threads(1), so the rate is per core: `BatchReader.read` on the rows of the training plan,
-  in batches of --batch-size, i.e. read the stored image bytes, decode, cut the view at the student size,
-  normalise (the "image" column), and read + decompress every level of the 3 teacher stores into tensors
-  in the stored dtype (the "targets" column). One untimed pass first (it opens the arrays and hashes each
-  shard's files once, see student/data/integrity.py ShardIntegrity); then --passes timed passes over the cache, so
-  files are in the page cache: this is CPU cost, not disk bandwidth. Quantised targets (int8/fp8) are
-  dequantised on the training device, not in the worker: that CPU time is shown apart ("dequant").
-  "cores @1000/s" = 1000 / (samples/s per core): cores the paper's ViT-B student would need at 1000
-  samples/s if the targets were this small.
+Method (one process, torch and Blosc on one thread, timed in process CPU seconds, best of --reps: every
+figure is per core; files are in the page cache, so this is CPU cost, not storage bandwidth: see
+`sak-cache estimate --read-gbps`).
 
-  Extrapolated: tiny teachers give far smaller targets than the paper's DINOv2-L and CLIP-L (27x27x1024
-  at 384 px) and SAM-L (64x64x1024), each at 4 levels. For each codec, synthetic ViT-like maps
-  (codecs.outlier_features) of the real level shapes are written into a real Zarr teacher store (the
-  extraction's layout and Blosc-zstd) and read back as the loader reads them (sorted rows within a shard,
-  values + scales in the stored dtype): that gives the worker's decode MB/s per core at each real shape.
-  Real per-sample time = measured image time per sample (from the table above, same view size) + real
-  target bytes / decode rate, summed over the 12 levels (native: 8 x 27x27 + 4 x 64x64; student grid:
-  12 x 24x24, ViT-B/16 at 384 px). Synthetic Gaussian-like maps compress about as badly as real features
-  (Blosc gains ~1.1x on fp16), so the decompression work is representative; the image time is that of
-  the procedural JPEGs here (about 320-520 x 240-400 px, ImageNet-like sizes).
+  Image part, measured on a real cache: procedural JPEGs (ImageNet-like sizes, 320-520 x 240-400 px)
+  extracted at 384 px with one tiny random-init teacher and `--student-views raw`, then read by the
+  loader's own `BatchReader.read_views` + `normalize` in batches of --batch-size, both ways: "decode"
+  (read the JPEG, decode, cut_view: crop + antialiased bicubic resize) and "raw" (the stored uint8 pixels).
+
+  Target part, measured at the real shapes: the paper's teachers at 384 px are DINOv2-L and CLIP-L
+  (4 levels of 27x27x1024 each) and SAM-L (4 of 64x64x1024): the native grid; on the student grid
+  (ViT-B/16 at 384 px) all 12 levels are 24x24x1024. For each codec and compressor one shard of
+  synthetic ViT-like maps (codecs.outlier_features: massive channels, high-norm tokens) per level shape
+  is written by the extraction's own Zarr store, then read as the loader reads a batch: the rows of one
+  shard in shuffled order, `ShardRows.read_into` straight into the batch, then to tensors in the stored
+  dtype (quantised values are dequantised on the training device, not here). The integrity check is
+  the xxh3-128 of each file once per process, charged per sample as disk bytes / xxh3 rate.
+
+  per sample = image ms + sum over the 12 levels of (read ms) + integrity ms;
+  samples_per_s_per_core = 1000 / that;  cores_per_1000 = 1000 / samples_per_s_per_core.
+  Synthetic maps compress about like real ones (~1.08x with zstd), so the decompression work is
+  representative; what they cannot show is a real teacher's exact compressibility.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -44,197 +42,196 @@ import torch
 
 CODECS = ("fp16", "bf16", "int8", "fp8")
 GRIDS = ("native", "student")
-TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")
+COMPRESSORS = ("none", "lz4", "zstd")
 # the paper's configuration at 384 px: (levels, H, W, C) per teacher
 REAL_NATIVE = {"dinov2_l": (4, 27, 27, 1024), "clip_l": (4, 27, 27, 1024), "sam_l": (4, 64, 64, 1024)}
 REAL_STUDENT = {t: (4, 24, 24, 1024) for t in REAL_NATIVE}  # ViT-B/16 at 384: a 24x24 grid
+LAYOUTS = {"native": REAL_NATIVE, "student": REAL_STUDENT}
+SHARD = 8  # samples per shard of the real-shape stores
 
 
-def make_photos(root: Path, images: int) -> Path:
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+def _best(fn, reps: int) -> float:
+    """Best CPU seconds of this process over `reps` calls (after one warm call). CPU time, not wall time:
+    with torch and Blosc on one thread that is exactly the per-core cost, and it stays meaningful on a
+    machine shared with other work (wall time there counts the waits for the CPU too)."""
+    fn()  # warm: opens files, fills the page cache
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        fn()
+        times.append(time.process_time() - t0)
+    return min(times)
 
-    return write_photo_folder(root, images)
 
+def measure_images(root: Path, images: int, size: int, batch_size: int, reps: int) -> dict[str, float]:
+    """ms per sample of the student input, {"decode": ..., "raw": ...}, on a real 384 px cache."""
+    import ray
 
-def make_cache(photos: Path, out: Path, size: int, codec: str, grid: str, shard_images: int) -> str:
     from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.synthetic import write_photo_folder
+    from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
-    cfg = ExtractConfig(
-        source=str(photos), out=str(out), teachers=TEACHERS, views_per_image=2, size=size,
-        shard_size=2 * shard_images, codec=codec, grid=grid, random_init=True, progress=False,
-    )  # fmt: skip
-    return str(run_extraction(cfg))
-
-
-def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
-    """Per-core loader rates on one cache (this process, one thread)."""
-    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
-    from sak.student.data.order import make_stream_plan
-
+    photos = write_photo_folder(root / "photos", images)
+    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
+    try:
+        cache = run_extraction(
+            ExtractConfig(
+                source=str(photos), out=str(root / "cache"), teachers=("clip_tiny",), size=size,
+                shard_size=8, random_init=True, student_views="raw", progress=False,
+            )
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
     index = open_cache(cache)
     mean, std = input_normalization("imagenet", "tiny")
-    reader = BatchReader(index, index.plan.size, mean, std)
-    plan = make_stream_plan(index, batch_size, holdout_shards=0)
-    per_pass = max(1, plan.epoch_length // batch_size)
-    batches = [plan.batch(t)[0] for t in range(per_pass)]
-    for rows in batches:  # untimed: opens arrays, hashes every shard's files once
-        reader.read(rows)
-    t_img, t_tgt, t_deq, n, nbytes = 0.0, 0.0, 0.0, 0, 0
-    for _ in range(passes):
-        for rows in batches:
-            t0 = time.perf_counter()
-            views = reader.read_views(rows, (reader.image_size,))
-            reader.normalize(views[reader.image_size])
-            t1 = time.perf_counter()
-            values, scales = reader.read_targets(rows)
-            t2 = time.perf_counter()
-            decode_targets({"targets": values, "target_scales": scales}, index.stores, "cpu")
-            t3 = time.perf_counter()
-            t_img, t_tgt, t_deq, n = t_img + t1 - t0, t_tgt + t2 - t1, t_deq + t3 - t2, n + len(rows)
-            nbytes += sum(t.nbytes for d in (values, scales) for ts in d.values() for t in ts)
-    disk = sum(p.stat().st_size for s in index.stores for p in s.path.rglob("*") if p.is_file())
-    return {
-        "cache": cache,
-        "codec": ",".join(sorted({s.codec for s in index.stores})),
-        "grids": {s.teacher: list(s.grids[0]) for s in index.stores},
-        "view_size": index.plan.size,
-        "samples": n,
-        "samples_per_s_per_core": n / (t_img + t_tgt),
-        "image_ms_per_sample": 1e3 * t_img / n,
-        "targets_ms_per_sample": 1e3 * t_tgt / n,
-        "dequant_ms_per_sample": 1e3 * t_deq / n,
-        "target_bytes_per_sample": nbytes / n,  # as handed over by a worker (stored dtype, + scales)
-        "target_disk_bytes_per_sample": disk / index.num_views,
-    }
+    rng = np.random.default_rng(0)
+    rows = rng.permutation(index.num_views)
+    batches = [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    out = {}
+    for mode in ("decode", "raw"):
+        reader = BatchReader(index, size, mean, std, with_targets=False, stored_views=mode == "raw")
+
+        def run(reader=reader):
+            for b in batches:
+                reader.normalize(reader.read_views(b, (size,))[size])
+
+        out[mode] = 1e3 * _best(run, reps) / len(rows)
+    return out
 
 
-def measure_real_decode(codec_name: str, shapes: list[tuple[int, int, int]], root: Path, reps: int) -> dict:
-    """Worker decode (Zarr read + Blosc + to tensors) of real-size levels: {shape: (ms/sample, MB/s)}."""
+def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> dict[str, dict]:
+    """Per level shape: read ms per sample (loader path) and stored bytes on disk per sample."""
     from sak.pipeline.codecs import get_codec, outlier_features
-    from sak.pipeline.store import create_teacher_store, open_teacher_store
+    from sak.pipeline.store.zarr import ShardRows, ZarrTeacherStore, create_store
 
     codec = get_codec(codec_name)
-    n = 4  # samples = one shard
+    shapes = sorted({v[1:] for d in LAYOUTS.values() for v in d.values()})
+    rng = np.random.default_rng(1)
     out = {}
     for i, (h, w, c) in enumerate(shapes):
-        path = root / f"{codec_name}-{h}x{w}x{c}"
-        create_teacher_store("zarr", path, n, n, {0: (h, w, c)}, codec)
-        store = open_teacher_store("zarr", path, codec_name, n)
-        store.write_shard(0, 0, {0: outlier_features(n, h, w, c, seed=i)})
-        rows = np.arange(n)
-        times = []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            enc = store.read_encoded_rows(0, rows)
-            if codec.scaled:
-                codec.to_torch(enc.values, enc.scales)
-            times.append(time.perf_counter() - t0)
-        t = statistics.median(times[1:]) / n
-        nbytes = codec.bytes_per_sample(h, w, c)
-        deq = []
-        for _ in range(reps):  # CPU dequantisation, for reference (training does it on the device)
-            t0 = time.perf_counter()
-            codec.decode(enc.values, enc.scales)
-            deq.append(time.perf_counter() - t0)
-        t_deq = min(deq) / n
+        path = root / f"{codec_name}-{compressor}-{h}x{w}x{c}"
+        create_store(path, SHARD, SHARD, {0: (h, w, c)}, codec, compressor)
+        ZarrTeacherStore(path, codec_name, SHARD).write_shard(
+            0, 0, {0: outlier_features(SHARD, h, w, c, seed=i)}
+        )
+        kinds = ["levels", "scales"] if codec.scaled else ["levels"]
+        readers = [ShardRows.of(path / kind / "0") for kind in kinds]
+        rows = rng.permutation(SHARD)
+        order = np.argsort(rows, kind="stable")
+
+        def run(readers=readers, rows=rows, order=order):
+            parts = []
+            for r in readers:
+                buf = np.empty((len(rows), *r.shape[1:]), dtype=r.dtype)
+                r.read_into(rows[order], buf, dest=order)
+                parts.append(buf)
+            codec.to_torch(*parts) if codec.scaled else codec.to_torch(parts[0])
+
+        disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "/c/" in p.as_posix())
         out[f"{h}x{w}x{c}"] = {
-            "ms_per_level": 1e3 * t,
-            "decode_MB_per_s": nbytes / t / 1e6,
-            "bytes_per_level": nbytes,
-            "dequant_MB_per_s": nbytes / t_deq / 1e6,
+            "read_ms": 1e3 * _best(run, reps) / SHARD,
+            "disk_bytes": disk / SHARD,
+            "bytes": codec.bytes_per_sample(h, w, c),
         }
     return out
 
 
-def extrapolate(codec: str, decode: dict, image_ms: float, layout: dict) -> dict:
-    ms, nbytes = image_ms, 0
-    for levels, h, w, c in layout.values():
-        d = decode[f"{h}x{w}x{c}"]
-        ms += levels * d["ms_per_level"]
-        nbytes += levels * d["bytes_per_level"]
+def measure_digests(root: Path, mb: int = 256) -> dict[str, float]:
+    """MB/s per core of the integrity check over a page-cached file: sha256 (before) and xxh3-128 (now)."""
+    from sak.pipeline.provenance import sha256_file, xxh3_file
+
+    path = root / "digest.bin"
+    path.write_bytes(os.urandom(mb << 20))
     return {
-        "codec": codec,
-        "target_MB_per_sample": nbytes / 1e6,
-        "ms_per_sample": ms,
-        "samples_per_s_per_core": 1e3 / ms,
-        "cores_at_1000": 1000 / (1e3 / ms),
+        name: (mb << 20) / _best(lambda f=f: f(path), 3) / 1e6
+        for name, f in (("sha256", sha256_file), ("xxh3_128", xxh3_file))
     }
+
+
+def rows_for(codecs, compressors, levels: dict, images: dict, digests: dict) -> list[dict]:
+    out = []
+    for codec in codecs:
+        for grid, layout in LAYOUTS.items():
+            for compressor in compressors:
+                for views in ("decode", "raw") if compressor == compressors[0] else ("decode",):
+                    lv = levels[codec, compressor]
+                    read_ms = sum(n * lv[f"{h}x{w}x{c}"]["read_ms"] for n, h, w, c in layout.values())
+                    disk = sum(n * lv[f"{h}x{w}x{c}"]["disk_bytes"] for n, h, w, c in layout.values())
+                    raw_bytes = sum(n * lv[f"{h}x{w}x{c}"]["bytes"] for n, h, w, c in layout.values())
+                    check_ms = 1e3 * disk / (digests["xxh3_128"] * 1e6)
+                    ms = images[views] + read_ms + check_ms
+                    out.append(
+                        {
+                            "codec": codec,
+                            "grid": grid,
+                            "compressor": compressor,
+                            "student_views": views,
+                            "target_MB_per_sample": raw_bytes / 1e6,
+                            "disk_MB_per_sample": disk / 1e6,
+                            "image_ms": images[views],
+                            "targets_ms": read_ms,
+                            "integrity_ms": check_ms,
+                            "ms_per_sample": ms,
+                            "samples_per_s_per_core": 1e3 / ms,
+                            "cores_per_1000": ms,  # 1000 / (1000 / ms)
+                        }
+                    )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", help="measure this existing cache only [default: build tiny ones]")
     p.add_argument("--codecs", default=",".join(CODECS))
-    p.add_argument("--grids", default=",".join(GRIDS))
-    p.add_argument("--size", type=int, default=384, help="view size of the caches this script builds")
-    p.add_argument("--images", type=int, default=16, help="images per cache this script builds (2 views)")
+    p.add_argument("--compressors", default=",".join(COMPRESSORS), help="the first one also gets raw views")
+    p.add_argument("--size", type=int, default=384, help="view side of the image cache")
+    p.add_argument("--images", type=int, default=16, help="images of the image cache (2 views each)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--passes", type=int, default=3, help="timed passes over each cache")
-    p.add_argument("--reps", type=int, default=3, help="timed repeats of each real-size decode")
-    p.add_argument("--json", help="also write the figures, config and code version here")
+    p.add_argument("--reps", type=int, default=3, help="timed repeats; the best is kept")
+    p.add_argument("--json", help="also write the rows, config and code version here")
     args = p.parse_args(argv)
+
+    import numcodecs.blosc
 
     from sak.cli.common import setup_logging
     from sak.pipeline.provenance import code_version
 
     setup_logging()
-    torch.set_num_threads(1)  # per-core figures
-    codecs, grids = args.codecs.split(","), args.grids.split(",")
-    rows = []
+    torch.set_num_threads(1)
+    numcodecs.blosc.set_nthreads(1)
+    codecs, compressors = args.codecs.split(","), args.compressors.split(",")
     with tempfile.TemporaryDirectory(prefix="sak-bench-loader-") as tmp:
         root = Path(tmp)
-        if args.cache:
-            rows.append({"grid": "(cache)", **measure_cache(args.cache, args.batch_size, args.passes)})
-        else:
-            import ray
+        images = measure_images(root / "img", args.images, args.size, args.batch_size, args.reps)
+        digests = measure_digests(root)
+        levels = {(c, z): measure_levels(c, z, root / "real", args.reps) for c in codecs for z in compressors}
+    rows = rows_for(codecs, compressors, levels, images, digests)
 
-            ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-            photos = make_photos(root / "photos", args.images)
-            for codec in codecs:
-                for grid in grids:
-                    cache = make_cache(photos, root / f"{codec}-{grid}", args.size, codec, grid, 4)
-                    rows.append({"grid": grid, **measure_cache(cache, args.batch_size, args.passes)})
-            ray.shutdown()
-        real_codecs = sorted({r["codec"] for r in rows}, key=lambda c: (c not in CODECS, c))
-        shapes = sorted({v[1:] for d in (REAL_NATIVE, REAL_STUDENT) for v in d.values()})
-        decode = {c: measure_real_decode(c, shapes, root / "real", args.reps) for c in real_codecs}
-    image_ms = statistics.median(r["image_ms_per_sample"] for r in rows)
-    real = [
-        {"grid": g, **extrapolate(c, decode[c], image_ms, layout)}
-        for c in real_codecs
-        for g, layout in (("native", REAL_NATIVE), ("student", REAL_STUDENT))
-    ]
-
-    print(f"\nMeasured: tiny teachers {', '.join(TEACHERS)}, views {rows[0]['view_size']} px, one core")
+    print(f"\nImage part, one core, {args.size} px views: decode+cut {images['decode']:.2f} ms/sample, "
+          f"stored raw views {images['raw']:.2f} ms/sample")  # fmt: skip
+    print(f"Integrity check, one core, page-cached: sha256 {digests['sha256']:.0f} MB/s (before), "
+          f"xxh3-128 {digests['xxh3_128']:.0f} MB/s (now)")  # fmt: skip
+    print("\nPer level read, one core (ms per sample; loader path: ShardRows into the batch, to tensors):")
+    shapes = list(next(iter(levels.values())))
+    print(f"{'codec':<6} {'compressor':<10} " + " ".join(f"{s:>22}" for s in shapes))
+    for (c, z), lv in levels.items():
+        cells = [
+            f"{lv[s]['read_ms']:6.2f} ms {lv[s]['bytes'] / lv[s]['read_ms'] / 1e3:6.0f} MB/s" for s in shapes
+        ]
+        print(f"{c:<6} {z:<10} " + " ".join(f"{x:>22}" for x in cells))
     print(
-        f"{'codec':<6} {'grid':<8} {'samples/s':>9} {'image ms':>9} {'targets ms':>10} {'dequant ms':>10} "
-        f"{'KB/sample':>9} {'disk KB':>8} {'cores @1000/s':>13}"
+        "\nPaper targets (DINOv2-L, CLIP-L 4 x 27x27x1024, SAM-L 4 x 64x64x1024; student grid 12 x 24x24x1024):"
     )
+    head = (
+        f"{'codec':<6} {'grid':<8} {'compressor':<10} {'views':<7} {'MB/sample':>9} {'disk MB':>8} "
+        f"{'image ms':>8} {'targets ms':>10} {'check ms':>8} {'samples/s':>9} {'cores @1000/s':>13}"
+    )
+    print(head)
     for r in rows:
         print(
-            f"{r['codec']:<6} {r['grid']:<8} {r['samples_per_s_per_core']:>9.1f} {r['image_ms_per_sample']:>9.2f} "
-            f"{r['targets_ms_per_sample']:>10.2f} {r['dequant_ms_per_sample']:>10.2f} "
-            f"{r['target_bytes_per_sample'] / 1e3:>9.1f} {r['target_disk_bytes_per_sample'] / 1e3:>8.1f} "
-            f"{1000 / r['samples_per_s_per_core']:>13.1f}"
-        )
-    print("\nWorker decode of real-size levels (Zarr + Blosc-zstd -> stored-dtype tensors), one core:")
-    print(f"{'codec':<6} " + " ".join(f"{s:>22}" for s in decode[real_codecs[0]]))
-    for c in real_codecs:
-        cells = [
-            f"{d['decode_MB_per_s']:>7.0f} MB/s {d['ms_per_level']:>6.1f} ms" for d in decode[c].values()
-        ]
-        print(f"{c:<6} " + " ".join(f"{x:>22}" for x in cells))
-    print(
-        f"\nExtrapolated to the paper's targets (DINOv2-L, CLIP-L 4 x 27x27x1024, SAM-L 4 x 64x64x1024; "
-        f"student grid 12 x 24x24x1024) + {image_ms:.2f} ms image decode+cut per sample:"
-    )
-    print(
-        f"{'codec':<6} {'grid':<8} {'MB/sample':>9} {'ms/sample':>9} {'samples/s':>9} {'cores @1000/s':>13}"
-    )
-    for r in real:
-        print(
-            f"{r['codec']:<6} {r['grid']:<8} {r['target_MB_per_sample']:>9.2f} {r['ms_per_sample']:>9.2f} "
-            f"{r['samples_per_s_per_core']:>9.1f} {r['cores_at_1000']:>13.1f}"
+            f"{r['codec']:<6} {r['grid']:<8} {r['compressor']:<10} {r['student_views']:<7} "
+            f"{r['target_MB_per_sample']:>9.2f} {r['disk_MB_per_sample']:>8.2f} {r['image_ms']:>8.2f} "
+            f"{r['targets_ms']:>10.2f} {r['integrity_ms']:>8.2f} {r['samples_per_s_per_core']:>9.1f} "
+            f"{r['cores_per_1000']:>13.1f}"
         )
     if args.json:
         record = {
@@ -242,9 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             "config": vars(args),
             "code_version": code_version(),
             "torch": torch.__version__,
-            "measured": rows,
-            "real_decode": decode,
-            "extrapolated": real,
+            "image_ms_per_sample": images,
+            "digest_MB_per_s_per_core": digests,
+            "levels": {f"{c}/{z}": lv for (c, z), lv in levels.items()},
+            "rows": rows,
         }
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0

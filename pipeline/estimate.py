@@ -69,6 +69,14 @@ ASSUMED_COMPRESSION: dict[str, float] = {
     "fp8_token": 1.17,
     "int8_tc": 1.15,  # x100-x1000 outliers: 1.005 raw -> 0.873 B/value (random-init L: 1.01)
 }
+# The training loader's cost per CPU core, measured by bench/loader.py (one core, page cache, the paper's
+# target shapes; see the README table "Loader cost per core"). Per sample = image ms (the student input:
+# decode + cut_view, or the stored raw pixels) + stored target MB / read rate + the fast integrity check
+# (xxh3-128 over the same bytes, once per file per process). Re-measure on your own machine:
+# `python bench/loader.py --json loader.json`; these are figures of the machine they were measured on.
+LOADER_IMAGE_MS = {"decode": 5.3, "raw": 1.1}  # ms per 384 px view, normalised float32 included
+LOADER_READ_MB_PER_S = {"none": 4300.0, "lz4": 2700.0, "zstd": 610.0}  # stored MB -> batch tensors (fp16)
+LOADER_CHECK_MB_PER_S = 5170.0  # xxh3-128, page-cached (sha256: 1205)
 ZARR_CHUNK_OVERHEAD = 32  # bytes per stored chunk: Blosc header 16 + shard index entry 16
 WDS_MEMBER_OVERHEAD = 512 + 128 + 256  # tar header + .npy header + mean padding to 512
 ASSUMED_IMAGE_KB = 110.0  # mean stored JPEG of ImageNet-1k train (~140 GB / 1.28M images)
@@ -122,6 +130,21 @@ class EstimateConfig:
     image_kb: float = field(
         default=ASSUMED_IMAGE_KB, metadata={"help": "Mean stored image size without --source."}
     )
+    compressor: str = field(
+        default="none",
+        metadata={
+            "help": "Lossless compression of Zarr chunks (none, lz4, zstd), as for `run`.",
+            "group": "targets",
+        },
+    )
+    student_views: str = field(
+        default="decode",
+        metadata={"help": "decode | raw (stored student pixels), as for `run`.", "group": "targets"},
+    )
+    read_gbps: float = field(
+        default=10.0, metadata={"help": "Storage bandwidth the trainers share, GB/s.", "group": "machine"}
+    )
+    cores: int = field(default=12, metadata={"help": "Loader CPU cores per node.", "group": "machine"})
 
 
 @dataclass
@@ -164,9 +187,47 @@ class Estimate:
         return 2 * macs * self.num_views / peak / 3600
 
     @property
+    def input_bytes_per_sample(self) -> float:
+        """Bytes of the student input read per sample: the stored JPEG, or S*S*3 raw pixels."""
+        if self.config.student_views == "raw":
+            return self.config.size**2 * 3
+        return self.image_bytes / max(self.num_images, 1)
+
+    @property
+    def student_view_bytes(self) -> float:
+        """Bytes of the stored student views (`--student-views raw`), 0 without them."""
+        return self.num_views * self.config.size**2 * 3 if self.config.student_views == "raw" else 0.0
+
+    @property
     def read_bytes_per_sample(self) -> float:
-        """Disk bytes one training sample reads: its targets plus its image's stored bytes."""
-        return self.target_bytes_per_view + self.image_bytes / max(self.num_images, 1)
+        """Disk bytes one training sample reads: its targets plus its student input."""
+        return self.target_bytes_per_view + self.input_bytes_per_sample
+
+    def online_gpu_hours_per_epoch(self) -> float:
+        """Teachers run online: one forward per trained sample, an epoch = one view of every image."""
+        return self.gpu_hours() * self.num_images / max(self.num_views, 1)
+
+    @property
+    def break_even_epochs(self) -> float:
+        """Epochs after which the cache's one-off teacher compute equals the online runs' (= views per
+        image: the cache computes K views once, online training one view per image per epoch)."""
+        return self.gpu_hours() / max(self.online_gpu_hours_per_epoch(), 1e-12)
+
+    @property
+    def loader_ms_per_sample(self) -> float:
+        """One core's loader work per sample, from the per-core rates bench/loader.py measured."""
+        mb = self.target_bytes_per_view / 1e6
+        return (
+            LOADER_IMAGE_MS[self.config.student_views]
+            + 1e3 * mb / LOADER_READ_MB_PER_S[self.config.compressor]
+            + 1e3 * mb / LOADER_CHECK_MB_PER_S
+        )
+
+    def samples_per_s_fed(self) -> dict[str, float]:
+        """What storage (--read-gbps) and loader cores (--cores) can feed, and the smaller of the two."""
+        storage = self.config.read_gbps * 1e9 / self.read_bytes_per_sample
+        cpu = self.config.cores * 1e3 / self.loader_ms_per_sample
+        return {"storage": storage, "cpu": cpu, "fed": min(storage, cpu)}
 
 
 # -------------------------------------------------------------------------------------------- MACs
@@ -255,7 +316,14 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         image_bytes = num_images * cfg.image_kb * 1000
     else:
         raise SakError("pass --source (to count its images) or --images N")
-    compression = cfg.compression or ASSUMED_COMPRESSION.get(cfg.codec, 1.0)
+    if cfg.compressor not in LOADER_READ_MB_PER_S:
+        raise SakError(f"unknown --compressor {cfg.compressor!r}; use one of none, lz4, zstd")
+    if cfg.student_views not in LOADER_IMAGE_MS:
+        raise SakError(f"unknown --student-views {cfg.student_views!r}; use one of decode, raw")
+    if cfg.read_gbps <= 0 or cfg.cores < 1:
+        raise SakError(f"--read-gbps must be > 0 and --cores >= 1, got {cfg.read_gbps} and {cfg.cores}")
+    zstd = ASSUMED_COMPRESSION.get(cfg.codec, 1.0) if cfg.compressor == "zstd" else 1.0
+    compression = cfg.compression or zstd
     est = Estimate(cfg, num_images, num_images * cfg.views_per_image, image_bytes, compression)
     for spec in specs:
         blocks = select_levels(spec, cfg.levels)
@@ -308,13 +376,31 @@ def format_estimate(est: Estimate) -> str:
         f"sizes            {UNITS_NOTE}",
         f"images/          {human_bytes(est.image_bytes)} ({human_bytes(est.image_bytes / max(est.num_images, 1))} "
         f"per image, {'measured on the source' if cfg.source else 'assumed'})",
-        f"cache total      {human_bytes(est.target_bytes + est.image_bytes)}",
+        f"cache total      {human_bytes(est.target_bytes + est.image_bytes + est.student_view_bytes)}"
+        + (f" (student views {human_bytes(est.student_view_bytes)})" if est.student_view_bytes else ""),
         f"student reads    {cfg.samples_per_s:,.0f} samples/s x {human_bytes(est.read_bytes_per_sample)} = "
         f"{human_bytes(cfg.samples_per_s * est.read_bytes_per_sample)}/s "
         f"(targets {human_bytes(cfg.samples_per_s * est.target_bytes_per_view)}/s, "
         f"images {human_bytes(cfg.samples_per_s * (est.read_bytes_per_sample - est.target_bytes_per_view))}/s)",
+        "",
+        *_cache_or_online(est),
     ]
     return "\n".join(lines)
+
+
+def _cache_or_online(est: Estimate) -> list[str]:
+    """Whether to cache at all, and what a node can feed."""
+    cfg, fed = est.config, est.samples_per_s_fed()
+    return [
+        f"cache or online  online teachers: {est.online_gpu_hours_per_epoch():.2f} GPU-h per epoch of training; "
+        f"the cache: {est.gpu_hours():.2f} GPU-h once + "
+        f"{human_bytes(est.target_bytes + est.image_bytes + est.student_view_bytes)}; "
+        f"break-even after {est.break_even_epochs:.1f} epochs (more epochs: the cache wins)",
+        f"feeding          {cfg.read_gbps:g} GB/s of storage feeds {fed['storage']:,.0f} samples/s; {cfg.cores} "
+        f"loader cores feed {fed['cpu']:,.0f} samples/s ({est.loader_ms_per_sample:.1f} ms per sample per core: "
+        f"compressor {cfg.compressor}, student views {cfg.student_views}; per-core rates measured by "
+        f"bench/loader.py, see LOADER_* in estimate.py) -> {fed['fed']:,.0f} samples/s",
+    ]
 
 
 def estimate_to_dict(est: Estimate) -> dict:
@@ -330,6 +416,10 @@ def estimate_to_dict(est: Estimate) -> dict:
         "target_bytes": est.target_bytes,
         "gpu_hours": est.gpu_hours(),
         "read_bytes_per_s": est.config.samples_per_s * est.read_bytes_per_sample,
+        "online_gpu_hours_per_epoch": est.online_gpu_hours_per_epoch(),
+        "break_even_epochs": est.break_even_epochs,
+        "loader_ms_per_sample_per_core": est.loader_ms_per_sample,
+        "samples_per_s_fed": est.samples_per_s_fed(),
         "teachers": [
             {
                 **asdict(t),

@@ -72,6 +72,8 @@ _CACHE_FILES = {  # kind -> pattern of a path relative to the cache
     "views table": r"views\.parquet",
     "image index": r"images/index\.parquet",
     "image tar": r"images/images-\d{6}\.tar",
+    "student views metadata": r"student_views/zarr\.json",
+    "student views shard": r"student_views/c/\d+/0/0/0",
 }
 _STORE_FILES = {  # kind -> pattern of a path relative to a store
     "store manifest": r"manifest\.json",
@@ -132,6 +134,10 @@ class ImageTar:
     count: int
     bytes: int
     sha256: str
+    xxh3: str | None = field(
+        default=None,
+        metadata=doc("xxh3-128 of the tar (the loader's fast check); absent in older caches", **OMIT),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,6 +166,31 @@ class StoreEntry:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StudentViewsShard:
+    """One shard file of the stored student views."""
+
+    index: int
+    file: str = field(metadata=doc("path relative to the cache"))
+    sha256: str
+    xxh3: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentViewsRecord:
+    """`sak-cache run --student-views raw`: every view as the student sees it, so the loader neither
+    decodes JPEGs nor resizes. A Zarr v3 array (views, S, S, 3) uint8, RGB, one view per inner chunk,
+    `shard_size` views per shard file, no compression; cut from the stored image by views.cut_view."""
+
+    array: str = field(metadata=doc("Zarr array folder, relative to the cache"))
+    size: int = field(metadata=doc("S: the student input side (= the view plan's size)"))
+    shape: list[int]
+    dtype: Literal["uint8"] = "uint8"
+    cut: str = field(metadata=doc("how the pixels were made"))
+    metadata: FileDigest = field(metadata=doc("digest of the array's zarr.json"))
+    shards: list[StudentViewsShard]
+
+
+@dataclass(frozen=True, kw_only=True)
 class CacheManifest:
     """cache.json: the dataset part of a cache and its stores."""
 
@@ -178,6 +209,9 @@ class CacheManifest:
     files: dict[str, FileDigest] | None = field(
         default=None,
         metadata=doc("top-level files (the tables) -> digest; absent in older v1 caches", **OMIT),
+    )
+    student_views: StudentViewsRecord | None = field(
+        default=None, metadata=doc("views stored as student input pixels (--student-views raw)", **OMIT)
     )
     content_sha256: str | None = field(
         default=None,
@@ -260,6 +294,12 @@ class StoreIdentity:
     codec_spec: CodecSpec | None = field(default=None, metadata=OMIT)  # scaled codecs only
     dtype: str
     format: str
+    compressor: str | None = field(
+        default=None,
+        metadata=doc(
+            "Blosc compressor of the chunks: none | lz4 | zstd; absent: zstd (older caches)", **OMIT
+        ),
+    )
     dataset_fingerprint: str
     view_plan: ViewPlan
     grid_mode: str | None = field(default=None, metadata=OMIT)  # off the native grid only
@@ -302,6 +342,8 @@ class ExtractRecord:
     normalization: str
     codec: str
     format: str
+    student_views: str | None = field(default=None, metadata=OMIT)
+    compressor: str | None = field(default=None, metadata=OMIT)
     levels: str
     grid: str
     workers: int | None
@@ -318,6 +360,12 @@ class ShardEntry:
     stop: int
     samples: int
     files: dict[str, str] = field(metadata=doc("shard file (relative to the store) -> sha256"))
+    xxh3: dict[str, str] | None = field(
+        default=None,
+        metadata=doc(
+            "shard file -> xxh3-128, checked by the loader before first use; absent in older caches", **OMIT
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -406,6 +454,7 @@ class ShardRecord:
     stop: int
     files: dict[str, str]
     seconds: float = 0.0
+    xxh3: dict[str, str] | None = field(default=None, metadata=OMIT)
     fidelity: list[LevelFidelity] | None = field(default=None, metadata=OMIT)
 
 

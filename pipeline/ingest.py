@@ -35,7 +35,14 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.images import check_image
 from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_bytes, sha256_file, stable_hash
+from sak.pipeline.provenance import (
+    SCHEMA_VERSION,
+    code_version,
+    sha256_bytes,
+    sha256_file,
+    stable_hash,
+    xxh3_file,
+)
 from sak.pipeline.runtime import Progress, log
 from sak.pipeline.sources import SourceItem, list_source, read_bytes
 from sak.pipeline.views import ViewPlan
@@ -135,6 +142,7 @@ def write_image_tar(
             count=len(rows),
             bytes=final.stat().st_size,
             sha256=sha256_file(final),
+            xxh3=xxh3_file(final),
         )
     else:  # nothing valid in this chunk: no tar at all
         tmp.unlink()

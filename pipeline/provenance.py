@@ -45,6 +45,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def xxh3_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """xxh3-128 hex digest of a file: a fast non-cryptographic check (~6 GB/s per core in memory, against
+    sha256's ~0.9), what the loader checks before a shard's first read; `verify` checks sha256 too."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

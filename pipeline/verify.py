@@ -32,7 +32,7 @@ from sak.pipeline.format import (
     read_store_manifest,
     store_file_kind,
 )
-from sak.pipeline.provenance import sha256_file, stable_hash
+from sak.pipeline.provenance import sha256_file, stable_hash, xxh3_file
 from sak.pipeline.units import UNITS_NOTE, human_bytes
 
 
@@ -66,7 +66,11 @@ def check_cache(cache_dir: str | Path, progress=None) -> Report:
     if cache.content_sha256 is not None and cache_content_digest(cache) != cache.content_sha256:
         report.problems.append(f"{CACHE_FILE} was modified after it was written (its content digest differs)")
     for tar in cache.images.shards:
-        digests.check(tar.file, tar.sha256, f"image shard {tar.index}")
+        if digests.check(tar.file, tar.sha256, f"image shard {tar.index}") and tar.xxh3 is not None:
+            if xxh3_file(root / tar.file) != tar.xxh3:  # the loader's fast digest must agree too
+                report.problems.append(
+                    f"image shard {tar.index}: {tar.file} does not match its recorded xxh3"
+                )
     for rel, digest in (cache.files or {}).items():
         digests.check(rel, digest.sha256, "cache file", size=digest.bytes)
     if digests.check(cache.views.file, cache.views.sha256, "views table"):
@@ -74,6 +78,7 @@ def check_cache(cache_dir: str | Path, progress=None) -> Report:
         if n is not None and n != cache.num_views:
             report.problems.append(f"views table: {n} rows, cache.json says {cache.num_views} views")
     _check_index(root, cache, report)
+    _check_student_views(cache, digests, report)
     n_images = sum(t.count for t in cache.images.shards)
     if n_images != cache.dataset.num_images:
         report.problems.append(
@@ -216,6 +221,8 @@ def _verify_shards(
                 problems.append(f"{where}: shard {s}: file {rel} is missing")
             elif sha256_file(path) != digest:
                 problems.append(f"{where}: shard {s}: file {rel} does not match its recorded sha256")
+            elif shard.xxh3 is not None and rel in shard.xxh3 and xxh3_file(path) != shard.xxh3[rel]:
+                problems.append(f"{where}: shard {s}: file {rel} does not match its recorded xxh3")
         if progress:
             progress(1)
     dupes = sorted(s for s, c in seen.items() if c > 1)
@@ -247,6 +254,22 @@ def _verify_wds_layout(store_dir: Path, m: StoreManifest, where: str) -> list[st
     return problems
 
 
+def _check_student_views(cache: CacheManifest, digests: _Digests, report: Report) -> None:
+    sv = cache.student_views
+    if sv is None:
+        return
+    digests.check(f"{sv.array}/zarr.json", sv.metadata.sha256, "student views", size=sv.metadata.bytes)
+    for shard in sv.shards:
+        if digests.check(shard.file, shard.sha256, f"student views shard {shard.index}"):
+            if xxh3_file(digests.root / shard.file) != shard.xxh3:
+                report.problems.append(
+                    f"student views shard {shard.index}: {shard.file} does not match its xxh3"
+                )
+    missing = sorted(set(range(cache.num_shards)) - {s.index for s in sv.shards})
+    if missing:
+        report.problems.append(f"student views: shard(s) {missing[:10]} not written; re-run `sak-cache run`")
+
+
 def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Report) -> None:
     """Every file of the cache is one the format names and one its manifests record (the lock excepted)."""
     tars = {t.file for t in cache.images.shards}
@@ -276,6 +299,12 @@ def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Repo
             report.problems.append(f"file {rel} is not a file of the cache format (a leftover? remove it)")
         elif kind == "image tar" and rel not in tars:
             report.problems.append(f"file {rel} is not an image tar recorded in cache.json")
+        elif kind == "student views shard" and rel not in {
+            s.file for s in getattr(cache.student_views, "shards", [])
+        }:
+            report.problems.append(f"file {rel} is not a student views shard recorded in cache.json")
+        elif kind == "student views metadata" and cache.student_views is None:
+            report.problems.append(f"file {rel} belongs to student views cache.json does not record")
         elif kind == "image index" and cache.files is None:
             undigested.append(rel)
     if undigested:

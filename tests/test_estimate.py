@@ -11,6 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sak.cli.cache import main as cache_main
+from sak.pipeline.errors import SakError
 from sak.pipeline.estimate import (
     EstimateConfig,
     estimate,
@@ -172,3 +173,23 @@ def test_levels_stop_the_teacher_early_and_estimate_bills_the_same(name, monkeyp
     assert est.macs == pytest.approx(kept_macs, rel=1e-9)
     assert sum(teacher_macs(spec, SIZE)) == pytest.approx(full_macs, rel=1e-9)
     assert kept_macs < 0.75 * full_macs
+
+
+def test_cache_or_online_and_what_a_node_can_feed():
+    base = dict(teachers=("dinov2_l", "clip_l", "sam_l"), images=1000, views_per_image=2)
+    est = estimate(EstimateConfig(**base))
+    assert est.online_gpu_hours_per_epoch() == pytest.approx(est.gpu_hours() / 2)
+    assert est.break_even_epochs == pytest.approx(2.0)  # K views once vs one view per image per epoch
+    fed = est.samples_per_s_fed()
+    assert fed["storage"] == pytest.approx(10e9 / est.read_bytes_per_sample)
+    assert fed["fed"] == min(fed["storage"], fed["cpu"])
+    raw = estimate(EstimateConfig(**base, student_views="raw", cores=24, read_gbps=40.0))
+    assert raw.loader_ms_per_sample < est.loader_ms_per_sample  # no JPEG decode in the loader
+    assert (
+        raw.samples_per_s_fed()["cpu"] > 2 * fed["cpu"]
+        and raw.samples_per_s_fed()["storage"] > fed["storage"]
+    )
+    zstd = estimate(EstimateConfig(**base, compressor="zstd"))
+    assert zstd.compression > 1.0 == est.compression and zstd.loader_ms_per_sample > est.loader_ms_per_sample
+    with pytest.raises(SakError, match="unknown --compressor 'gzip'"):
+        estimate(EstimateConfig(**base, compressor="gzip"))

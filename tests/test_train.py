@@ -16,6 +16,7 @@ from sak.cli.train import main as train_main
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.format import read_cache
 from sak.student.data.loader import open_cache
 from sak.student.train.stage1 import build_student_for, train_stage1
 from sak.student.train.stage1_config import Stage1Config, resolve_schedule
@@ -239,3 +240,22 @@ def test_int8_cache_trains_close_to_online(tiny_caches, tmp_path):
     rel = _relative(cached.losses, online.losses)
     print(f"int8 cache vs online: max relative loss difference {rel:.2e} over 6 steps")
     assert 0 < rel <= INT8_BOUND
+
+
+def test_stored_student_views_train_like_decoded_ones_and_like_online(tiny_caches, tmp_path):
+    """--student-views raw: the loader reads the stored pixels instead of decoding and cutting; the cached
+    run gives the losses of the decoding one exactly, and those of live teachers (fp32 targets)."""
+
+    copy = tiny_caches.copy(tmp_path / "raw", codec="fp32", teachers=TEACHERS)
+    run_extraction(
+        ExtractConfig(
+            source=None, out=str(copy), teachers=TEACHERS, size=64, shard_size=4, codec="fp32",
+            student_views="raw", progress=False,
+        )
+    )  # fmt: skip
+    assert read_cache(copy).student_views is not None
+    raw = train_stage1(_cfg(copy, tmp_path / "cached-raw"))
+    decoded = train_stage1(_cfg(tiny_caches.get("fp32", teachers=TEACHERS), tmp_path / "cached"))
+    online = train_stage1(_cfg(copy, tmp_path / "online", online=True))
+    assert raw.losses == decoded.losses
+    assert _relative(raw.losses, online.losses) <= 1e-4

@@ -22,8 +22,11 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def create_teacher_store(fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec) -> None:
-    """Create a store (grids: block -> (H, W, C)) with its final shapes; idempotent, refuses another layout."""
+def create_teacher_store(
+    fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec, compressor: str = "none"
+) -> None:
+    """Create a store (grids: block -> (H, W, C)) with its final shapes; idempotent, refuses another layout.
+    compressor (Zarr only; WebDataset shards are plain tars): none | lz4 | zstd."""
     if check_format(fmt) == "wds":
         from sak.pipeline.store.wds import create_wds_store
 
@@ -31,7 +34,7 @@ def create_teacher_store(fmt: str, path: Path, num_views: int, shard_size: int, 
     from sak.pipeline.store.zarr import create_store
 
     try:
-        return create_store(path, num_views, shard_size, grids, codec)
+        return create_store(path, num_views, shard_size, grids, codec, compressor)
     except SakError:
         raise
     except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata

@@ -49,7 +49,7 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
-from sak.pipeline.store.zarr import read_sorted_rows
+from sak.pipeline.store.zarr import ShardRows, read_sorted_rows
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
 from sak.pipeline.views import ViewPlan, cut_view
 from sak.student.data.index import CacheIndex, StoreInfo
@@ -291,7 +291,9 @@ def decode_targets(
     batch: dict, stores: list[StoreInfo], device: torch.device | str
 ) -> dict[str, list[torch.Tensor]]:
     """A batch's stored targets -> {teacher: [(B, H, W, C)]} on `device`. Float codecs move as stored (the
-    loss widens them); quantised ones (values and scales) are dequantised there, to float32."""
+    loss widens them); quantised ones (values and scales) are dequantised there, to float32. Every value
+    is checked finite there too (one sync per batch), not in the CPU workers: a NaN hole or an inf is a
+    SakError naming store, level and row."""
     scales = batch.get("target_scales", {})
     out = {}
     for store in stores:
@@ -304,17 +306,25 @@ def decode_targets(
             ]
         else:
             out[store.teacher] = [v.to(device, non_blocking=True) for v in values]
+    _check_finite(out, stores, batch.get("rows"))
     return out
 
 
-def _check_finite(t: torch.Tensor, store: StoreInfo, block: int, rows: np.ndarray, root: Path) -> None:
-    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+def _check_finite(
+    targets: dict[str, list[torch.Tensor]], stores: list[StoreInfo], rows: torch.Tensor | None
+) -> None:
+    flags = [torch.isfinite(t).all() for s in stores for t in targets[s.teacher] if t.is_floating_point()]
+    if not flags or bool(torch.stack(flags).all()):
         return
-    bad = int(rows[int(torch.nonzero(~torch.isfinite(t.flatten(1).float()).all(1))[0])])
-    raise SakError(
-        f"store {store.teacher} ({store.fingerprint}) level {block} row {bad} is not finite: a hole or "
-        f"corruption; run `sak-cache verify {root}`"
-    )
+    for store in stores:
+        for block, t in zip(store.blocks, targets[store.teacher]):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                i = int(torch.nonzero(~torch.isfinite(t.flatten(1).float()).all(1))[0])
+                row = int(rows[i]) if rows is not None else i
+                raise SakError(
+                    f"store {store.teacher} ({store.fingerprint}) level {block} row {row} is not finite: a "
+                    f"hole or corruption; run `sak-cache verify {store.path.parent.parent}`"
+                )
 
 
 class BatchReader:
@@ -323,6 +333,7 @@ class BatchReader:
     image_size: student input side (must equal the view size); mean/std: the student's normalisation.
     with_targets: read every store's targets. view_sides: also return uint8 views at these sides (online
     teachers: the plan size, and SAM's fixed side), cut from the source like extraction did.
+    stored_views: read the cache's stored student pixels when it has them (False: always decode + cut).
     """
 
     def __init__(
@@ -333,8 +344,10 @@ class BatchReader:
         std: tuple[float, ...],
         with_targets: bool = True,
         view_sides: tuple[int, ...] = (),
+        stored_views: bool = True,
     ) -> None:
         check_image_size(image_size, index.plan)
+        self.stored_views = stored_views  # use the cache's student views (--student-views raw) if it has them
         self.index = index
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -365,48 +378,78 @@ class BatchReader:
             self._arrays[key] = zarr.open_array(str(store.path / kind / str(block)), mode="r")
         return self._arrays[key]
 
-    def _read_encoded(
-        self, store: StoreInfo, block: int, rows: np.ndarray, scaled: bool
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """Sorted unique rows of one level as stored: values (n, H, W, C) and scales (or None)."""
+    def _rows_reader(self, store: StoreInfo, block: int, kind: str) -> ShardRows | None:
+        key = (store.fingerprint, block, f"rows-{kind}")
+        if key not in self._arrays:
+            self._arrays[key] = ShardRows.of(store.path / kind / str(block))
+        return self._arrays[key]
+
+    def _read_level(self, store: StoreInfo, block: int, rows: np.ndarray, kind: str) -> np.ndarray:
+        """One level's values (kind "levels") or scales ("scales") of `rows`, in the given order, as
+        stored. Zarr shard files are read row by row straight into the batch (sorted reads, no reorder
+        copy); other layouts go through zarr or the WebDataset store (sorted unique rows, then reordered)."""
+        fast = self._rows_reader(store, block, kind) if store.format == "zarr" else None
+        if fast is not None:
+            out = np.empty((len(rows), *fast.shape[1:]), dtype=fast.dtype)
+            order = np.argsort(rows, kind="stable")
+            fast.read_into(rows[order], out, dest=order)
+            return out
+        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted; a row twice is read once
         if store.format == "wds":
             from sak.pipeline.store.wds import WdsTeacherStore
 
             key = (store.fingerprint, -1, "wds")
             if key not in self._arrays:
                 self._arrays[key] = WdsTeacherStore(store.path, store.codec, self.index.shard_size)
-            enc = self._arrays[key].read_encoded_rows(block, rows)  # groups rows by shard itself
-            return enc.values, enc.scales
+            last = (store.fingerprint, block, uniq.tobytes())
+            if self._arrays.get("wds-last", (None, None))[0] != last:  # values and scales: one read
+                enc = self._arrays[key].read_encoded_rows(block, uniq)  # groups rows by shard itself
+                self._arrays["wds-last"] = (last, enc)
+            enc = self._arrays["wds-last"][1]
+            return (enc.values if kind == "levels" else enc.scales)[inverse]
         # sorted rows as runs of slices (zarr's index-array selection is ~20x slower on sharded arrays)
-        values = read_sorted_rows(self._array(store, block), rows)
-        if not scaled:
-            return values, None
-        return values, read_sorted_rows(self._array(store, block, "scales"), rows)
+        return read_sorted_rows(self._array(store, block, kind), uniq)[inverse]
 
     def read_targets(
         self, rows: np.ndarray
     ) -> tuple[dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
         """({teacher: [(B, H, W, C) values per level]}, {teacher: [scales per level]} for quantised codecs),
-        rows in the given order, values in the stored dtype (see decode_targets)."""
-        uniq, inverse = np.unique(rows, return_inverse=True)  # sorted; a row twice is read once
-        inv = torch.from_numpy(inverse)
+        rows in the given order, values in the stored dtype (see decode_targets, which also checks them
+        finite on the training device)."""
         values_out: dict[str, list[torch.Tensor]] = {}
         scales_out: dict[str, list[torch.Tensor]] = {}
         for store in self.index.stores:
             codec = get_codec(store.codec)
             scaled = _is_scaled(codec)
             for block in store.blocks:
-                v, sc = _to_tensors(codec, *self._read_encoded(store, block, uniq, scaled))
-                for t in (v, sc):
-                    if t is not None:
-                        _check_finite(t, store, block, uniq, self.index.root)
-                values_out.setdefault(store.teacher, []).append(v[inv])  # (B, H, W, C)
+                values = self._read_level(store, block, rows, "levels")
+                scales = self._read_level(store, block, rows, "scales") if scaled else None
+                v, sc = _to_tensors(codec, values, scales)
+                values_out.setdefault(store.teacher, []).append(v)  # (B, H, W, C)
                 if scaled:
-                    scales_out.setdefault(store.teacher, []).append(sc[inv])
+                    scales_out.setdefault(store.teacher, []).append(sc)
         return values_out, scales_out
 
+    def raw_views(self) -> ShardRows | None:
+        """The cache's stored student views (`--student-views raw`) if it has them at the student size."""
+        sv = self.index.cache.student_views
+        if sv is None or sv.size != self.image_size or not self.stored_views:
+            return None
+        key = ("student_views", 0, "rows")
+        if key not in self._arrays:
+            self._arrays[key] = ShardRows.of(self.index.root / sv.array)
+        return self._arrays[key]
+
     def read_views(self, rows: np.ndarray, sides: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """{side: (B, 3, side, side) uint8}: one decode per distinct image, cut_view per row and side."""
+        """{side: (B, 3, side, side) uint8}: the stored student views when the cache has them at that side
+        (no decode, no resize; a channels-last view of the stored bytes), else one decode per distinct
+        image and cut_view per row and side."""
+        raw = self.raw_views()
+        if raw is not None and sides == (self.image_size,):
+            out = np.empty((len(rows), *raw.shape[1:]), dtype=np.uint8)  # (B, S, S, 3)
+            order = np.argsort(rows, kind="stable")
+            raw.read_into(rows[order], out, dest=order)
+            return {self.image_size: torch.from_numpy(out).permute(0, 3, 1, 2)}
         idx = self.index
         if self._images is None:
             self._images = ImageReader(idx.root)
