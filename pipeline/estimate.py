@@ -139,7 +139,11 @@ class EstimateConfig:
     )
     student_views: str = field(
         default="decode",
-        metadata={"help": "decode | raw (stored student pixels), as for `run`.", "group": "targets"},
+        metadata={
+            "help": "raw: the cache stores the student's pixels (no JPEG decode in the loader), as for `run`.",
+            "choices": ("decode", "raw"),
+            "group": "targets",
+        },
     )
     read_gbps: float = field(
         default=10.0, metadata={"help": "Storage bandwidth the trainers share, GB/s.", "group": "machine"}

@@ -194,6 +194,7 @@ class ExtractConfig:
         metadata={
             "help": "raw: also store every view as the student's uint8 input pixels (S*S*3 bytes a view), so "
             "the loader does no JPEG decode or resize; decode: the loader cuts views from the images.",
+            "choices": ("decode", "raw"),
             "group": "targets",
         },
     )
@@ -202,6 +203,7 @@ class ExtractConfig:
         metadata={
             "help": "Lossless compression of Zarr chunks: none, lz4 or zstd (Blosc). Feature maps barely "
             "compress (zstd saves ~8% for 5-10x the loader's decode CPU), so none is the default.",
+            "choices": ("none", "lz4", "zstd"),
             "group": "targets",
         },
     )
