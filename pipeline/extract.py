@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import (
     IMAGE_INDEX_FILE,
+    JOURNAL,
     STORE_MANIFEST,
     VIEWS_FILE,
     ShardRecord,
@@ -60,6 +62,7 @@ from sak.pipeline.manifest import (
 from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file
 from sak.pipeline.runtime import Progress, log, ray_session
+from sak.pipeline.storage import Bucket, BucketLock, is_url, node_mirror, pull, push, push_metadata, stage_dir
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.targets import identity_fields, resolve_grid, select_levels, shape_targets
 from sak.pipeline.teachers import (
@@ -83,7 +86,7 @@ class ExtractConfig:
     """Everything `sak-cache run` needs; recorded in every manifest it writes."""
 
     source: str | None  # image folder, WebDataset tars or Parquet; may be None when the cache exists
-    out: str  # the cache folder
+    out: str  # the cache folder, or an s3:// or gs:// URL
     teachers: tuple[str, ...]  # registry names, e.g. ("dinov2_l", "clip_l", "sam_l")
     views_per_image: int = 2
     size: int = 384  # view side in pixels (the student input); SAM always sees 1024
@@ -132,6 +135,7 @@ class StoreJob:
     format: str
     blocks: tuple[int, ...]  # kept levels
     grid: tuple[int, int]  # stored (H, W)
+    cache_url: str | None = None  # a URL cache: the worker writes in its node's mirror, then uploads
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,11 @@ class StorePlan:
     blocks: tuple[int, ...]  # kept levels
     grid: tuple[int, int]  # stored (H, W)
     done: dict[int, ShardRecord] = field(default_factory=dict)
+    cache_url: str | None = None  # the bucket the store lives in (path is then the driver's mirror)
+
+    @property
+    def rel(self) -> str:
+        return f"teachers/{self.fingerprint}"
 
     def job(self) -> StoreJob:
         m = self.manifest
@@ -170,6 +179,7 @@ class StorePlan:
             m.format,
             self.blocks,
             self.grid,
+            self.cache_url,
         )
 
 
@@ -179,7 +189,10 @@ class StorePlan:
 def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
     specs, out, plan, shard_size, choices = _setup(cfg)
-    with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
+    remote = Bucket(cfg.out) if is_url(cfg.out) else None
+    with BucketLock(remote) if remote else CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
+        if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
+            pull(remote, out, bulk=False)
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
@@ -202,7 +215,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
-    out = Path(cfg.out).expanduser().resolve()
+    out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else _fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
             f"source {cfg.source} does not exist; pass --source with an image folder, .tar shards "
@@ -220,6 +233,20 @@ def _setup(cfg: ExtractConfig):
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
     _check_out_dir(out)
     return specs, out, plan, shard_size, choices
+
+
+def _fresh_mirror(url: str) -> Path:
+    """The driver's mirror of a URL cache, emptied (filled from the bucket once the lock is held)."""
+    try:
+        Bucket(url).listing()
+    except (OSError, PermissionError) as e:
+        raise SakError(
+            f"cannot list {url} ({type(e).__name__}: {e}); check the bucket name and the standard credentials "
+            f"environment (AWS_*/AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from e
+    out = stage_dir(url)
+    shutil.rmtree(out, ignore_errors=True)
+    return out
 
 
 def _check_out_dir(out: Path) -> None:
@@ -260,6 +287,7 @@ def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: i
         min_side=cfg.min_image_side,
         max_pixels=cfg.max_pixels,
         progress=cfg.progress,
+        url=cfg.out if is_url(cfg.out) else None,
     )
 
 
@@ -355,7 +383,10 @@ def _store_plan(
         updated=created,
     )
     create_teacher_store(cfg.format, path, cache.num_views, cache.shard_size, grids, codec)
-    return StorePlan(spec, choice, fp, path, manifest, blocks=blocks, grid=grid, done=read_journal(path))
+    url = cfg.out if is_url(cfg.out) else None
+    return StorePlan(
+        spec, choice, fp, path, manifest, blocks=blocks, grid=grid, done=read_journal(path), cache_url=url
+    )
 
 
 def _config_record(cfg: ExtractConfig) -> ExtractRecord:
@@ -383,13 +414,20 @@ def _register_stores(
             if finished
             else old and old.manifest_sha256,
         )
-    return write_cache(out, dataclasses.replace(cache, stores=entries))
+    cache = write_cache(out, dataclasses.replace(cache, stores=entries))
+    if stores and stores[0].cache_url:  # cache.json last: a reader sees stores only once they exist
+        push_metadata(Bucket(stores[0].cache_url), out)
+    return cache
 
 
 def _finalize(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: Schedule) -> None:
     """Write the store's manifest from its journal: shards, statistics, throughput, every file's digest."""
     shards = sorted(plan.done.values(), key=lambda r: r.shard)
     widths = [plan.spec.dim] * len(plan.blocks)
+    remote = Bucket(plan.cache_url) if plan.cache_url else None
+    if remote:  # the statistics were written by the workers, on their nodes
+        pull(remote, plan.path.parents[1], bulk=False, under=plan.rel)
+    digests = {rel: d for r in shards for rel, d in r.files.items()}
     plan.manifest = dataclasses.replace(
         plan.manifest,
         shards=[
@@ -400,9 +438,16 @@ def _finalize(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: S
         stats=merge_stats(plan.path, [r.shard for r in shards], list(plan.blocks), widths),
         throughput=schedule.throughput(seconds),
         updated=now_iso(),
-        files=store_files_table(plan.path, {rel: d for r in shards for rel, d in r.files.items()}),
+        files=store_files_table(plan.path, digests, _store_sizes(remote, plan.rel) if remote else None),
     )
     write_store_manifest(plan.path, plan.manifest)
+    if remote:
+        remote.put_whole(plan.path / STORE_MANIFEST, f"{plan.rel}/{STORE_MANIFEST}")
+
+
+def _store_sizes(remote: Bucket, rel: str) -> dict[str, int]:
+    """Every object of a store in the bucket: path relative to the store -> bytes."""
+    return {k[len(rel) + 1 :]: n for k, n in remote.listing(rel).items()}
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -513,7 +558,8 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
         while schedule.busy():
             while schedule.can_submit():
                 job = schedule.queue.pop()
-                schedule.cutting[cut.remote(str(out), rows[job.start : job.stop], sizes)] = job
+                where = cfg.out if is_url(cfg.out) else str(out)
+                schedule.cutting[cut.remote(where, rows[job.start : job.stop], sizes)] = job
             ready, _ = ray.wait(list(schedule.cutting) + list(schedule.computing), num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in schedule.cutting:
@@ -544,8 +590,11 @@ def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
     """A shard counts as done once its record is in the store's journal (fsynced)."""
     by_name = {sp.spec.name: sp for sp in stores}
     for name, record in records.items():
-        append_journal(by_name[name].path, record)
-        by_name[name].done[record.shard] = record
+        sp = by_name[name]
+        append_journal(sp.path, record)
+        if sp.cache_url:  # the workers uploaded and checked the shard's objects before returning
+            Bucket(sp.cache_url).put_whole(sp.path / JOURNAL, f"{sp.rel}/{JOURNAL}")
+        sp.done[record.shard] = record
 
 
 def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
@@ -605,10 +654,16 @@ class TeacherWorker:
             torch.set_num_threads(threads)
         self.batch_size = batch_size
         self.teachers, self.stores, self.sizes, self.shapes = {}, {}, {}, {}
+        self.uploads: dict[str, tuple[str, str]] = {}  # teacher -> (cache URL, store path in the bucket)
         for s in stores:
             spec = get_teacher(s.teacher)
             self.teachers[spec.name] = load_teacher(spec, s.weights, plan_size, normalization, self.device)
-            self.stores[spec.name] = open_teacher_store(s.format, s.path, s.codec, s.shard_size)
+            path = s.path
+            if s.cache_url:  # write in this node's mirror, upload each shard's objects whole
+                rel = f"teachers/{Path(s.path).name}"
+                path = str(node_mirror(s.cache_url, [], metadata=True) / rel)
+                self.uploads[spec.name] = (s.cache_url, rel)
+            self.stores[spec.name] = open_teacher_store(s.format, path, s.codec, s.shard_size)
             self.shapes[spec.name] = (s.blocks, s.grid)  # kept blocks, stored (H, W)
             self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
         self.lock = threading.Lock()
@@ -632,7 +687,10 @@ class TeacherWorker:
         for name, levels in feats.items():
             store, (blocks, _) = self.stores[name], self.shapes[name]
             files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
-            save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
+            stats = save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
+            if name in self.uploads:  # uploaded and checked before the driver journals the shard
+                url, rel = self.uploads[name]
+                push(Bucket(url).sub(rel), Path(store.path), [*files, stats])
             records[name] = ShardRecord(
                 shard=job.shard, start=job.start, stop=job.stop, files=files, seconds=time.monotonic() - t0
             )

@@ -36,10 +36,31 @@ def is_bulk(rel: str) -> bool:
     return rel.endswith(".tar") or "/c/" in f"/{rel}"
 
 
-def stage_dir(url: str) -> Path:
-    """The node-local mirror of a URL cache (same path on every node: the same code computes it)."""
+def stage_dir(url: str, role: str = "driver") -> Path:
+    """The local mirror of a URL cache for one role: "driver", or a Ray node (`node_role()`), so that
+    processes of different nodes never share files even when the nodes share a machine."""
     base = Path(os.environ.get(STAGE_ENV) or Path.home() / ".cache" / "sak" / "stage").expanduser()
-    return base / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return base / f"{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:16]}-{role}"
+
+
+def node_role() -> str:
+    """This Ray node's mirror role (inside a Ray task or actor)."""
+    import ray
+
+    return f"node-{ray.get_runtime_context().get_node_id()[:12]}"
+
+
+def node_mirror(cache_url: str, rels: list[str], metadata: bool = False) -> Path:
+    """In a Ray task or actor: this node's mirror of the cache, with these objects present (fetched when
+    missing), and every small metadata object too when asked. Returns the mirror's root."""
+    local = stage_dir(cache_url, node_role())
+    bucket = Bucket(cache_url)
+    if metadata:
+        pull(bucket, local, bulk=False)
+    for rel in rels:
+        if not (local / rel).is_file():
+            bucket.get(rel, local / rel)
+    return local
 
 
 def _sha256_path(path: Path) -> str:
@@ -131,7 +152,6 @@ def pull(bucket: Bucket, local: Path, *, bulk: bool, under: str = "") -> dict[st
     with the right size are kept. Returns the listing."""
     listing = bucket.listing(under)
     for rel, size in listing.items():
-        rel = f"{under.rstrip('/')}/{rel}" if under else rel
         if not bulk and is_bulk(rel):
             continue
         dst = local / rel
