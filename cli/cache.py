@@ -8,6 +8,7 @@ import click
 
 from sak.cli.common import entry_point, parse_img_size, run_cli, setup_logging
 from sak.pipeline.errors import SakError
+from sak.pipeline.storage import is_url
 
 
 def _parse_weights(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
@@ -174,35 +175,43 @@ def run(**opts) -> None:
         progress=not opts["no_progress"],
     )
     out = run_extraction(cfg)
-    click.echo(describe_cache(out))
+    click.echo(describe_cache(out, shown=cfg.out if is_url(cfg.out) else None))
 
 
 @cli.command()
 @click.argument("cache")
 def inspect(cache: str) -> None:
-    """Describe a cache: teachers, fingerprints, views, shapes, bytes on disk and per view."""
-    from sak.pipeline.verify import describe_cache
+    """Describe a cache (folder or s3:// / gs:// URL): teachers, fingerprints, views, shapes, bytes."""
+    from sak.pipeline.verify import describe_location
 
-    click.echo(describe_cache(cache))
+    click.echo(describe_location(cache))
 
 
 @cli.command(name="ls")
 @click.argument("root", default=".")
-def ls_(root: str) -> None:
-    """One line per cache found under ROOT."""
-    from sak.pipeline.verify import list_caches
+@click.option(
+    "--verify",
+    "full",
+    is_flag=True,
+    help="Read every byte of each cache (as `verify`), not only its records.",
+)
+def ls_(root: str, full: bool) -> None:
+    """One line per cache found under ROOT (a folder or an s3:// / gs:// prefix): teachers, views, bytes,
+    created, and whether it verifies."""
+    from sak.pipeline.verify import bucket_caches, list_caches
 
-    lines = list_caches(root)
+    lines = list_caches(root, bucket_caches(root) if is_url(root) else None, full=full)
     click.echo("\n".join(lines) if lines else f"no cache under {root}")
 
 
 @cli.command()
 @click.argument("cache")
 def verify(cache: str) -> int:
-    """Recompute every checksum and count; exit 1 naming each failing file and shard."""
-    from sak.pipeline.verify import check_cache
+    """Recompute every checksum and count; exit 1 naming each failing file and shard. A URL cache is
+    downloaded once into a temporary folder."""
+    from sak.pipeline.verify import check_bucket_cache, check_cache
 
-    report = check_cache(cache)
+    report = check_bucket_cache(cache) if is_url(cache) else check_cache(cache)
     problems = report.problems
     for note in report.notes:
         click.echo(f"note: {note}", err=True)

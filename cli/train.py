@@ -61,6 +61,8 @@ _FIELDS = {
     "device": "device",
     "use_kernels": "use_kernels",
     "grad_checkpointing": "grad_checkpointing",
+    "local_cache": "local_cache",
+    "local_cache_gb": "local_cache_gb",
 }
 
 
@@ -118,7 +120,9 @@ def cli(verbose: bool) -> None:
 
 
 @cli.command()
-@click.option("--cache", help="The cache folder (from `sak-cache run`).")
+@click.option("--cache", help="The cache folder or s3:// / gs:// URL (from `sak-cache run`).")
+@click.option("--local-cache", help="Local read-through folder for a cache at a URL (bounded, LRU).")
+@click.option("--local-cache-gb", default=50.0, show_default=True, type=float, help="Bound of --local-cache.")
 @click.option(
     "--teachers",
     help="Comma list of teacher names or store fingerprints, in adapter-path order [default: every store].",

@@ -190,7 +190,10 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
     specs, out, plan, shard_size, choices = _setup(cfg)
     remote = Bucket(cfg.out) if is_url(cfg.out) else None
-    with BucketLock(remote) if remote else CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
+    with (
+        BucketLock(remote) if remote else CacheLock(out),
+        ray_session(cfg.address, None, cfg.object_store_mb),
+    ):
         if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
             pull(remote, out, bulk=False)
         cache = _open_or_ingest(cfg, out, plan, shard_size)

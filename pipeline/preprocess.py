@@ -67,7 +67,9 @@ def cut_shard_views(cache_dir: str, rows: list[ViewRow], sizes: list[int]) -> di
     """Views of consecutive rows at each square size -> {size: (n, 3, size, size) uint8}. Consecutive rows
     of one image share one decode. A URL cache_dir: the image tars are fetched into this node's mirror."""
     if is_url(cache_dir):
-        cache_dir = str(node_mirror(cache_dir, [image_tar_name(s) for s in sorted({r.image_shard for r in rows})]))
+        cache_dir = str(
+            node_mirror(cache_dir, [image_tar_name(s) for s in sorted({r.image_shard for r in rows})])
+        )
     reader = ImageReader(cache_dir)
     out = {s: np.empty((len(rows), 3, s, s), np.uint8) for s in sizes}
     image, image_key = None, None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sak.pipeline.errors import SakError
@@ -20,6 +20,8 @@ from sak.student.data.loader import NORMALIZATIONS
 RESUMABLE = frozenset(
     {
         "cache",
+        "local_cache",
+        "local_cache_gb",
         "out",
         "stop_after",
         "eval_every",
@@ -108,6 +110,16 @@ class Stage1Config:
     use_kernels: bool | None = None
     grad_checkpointing: bool = False
     tensorboard: bool = True
+    # a cache at an s3:// or gs:// URL is streamed through a bounded local directory
+    local_cache: str | None = field(
+        default=None,
+        metadata={"help": "Local read-through folder for a cache at an s3:// or gs:// URL: shards are "
+                  "downloaded there once, so a second epoch reads them locally [default: under ~/.cache/sak]."},
+    )  # fmt: skip
+    local_cache_gb: float = field(
+        default=50.0,
+        metadata={"help": "Bound on that folder's shard files; the least recently used are evicted past it."},
+    )
 
     @classmethod
     def debug(cls, cache: str, out: str, **overrides: Any) -> Stage1Config:

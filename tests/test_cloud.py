@@ -1,0 +1,108 @@
+"""Caches in object storage, against a real S3 server (moto, on 127.0.0.1, started and stopped by the
+`s3_server` fixture): `run` writes every object whole into the bucket, `verify`, `inspect` and `ls` read
+the bucket, and stage-1 training streamed from the bucket equals training from a local copy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sak.cli.cache import main as cache_main
+from sak.pipeline.errors import SakError
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.storage import STAGE_ENV, Bucket, pull
+from sak.student.train.stage1 import train_stage1
+from sak.student.train.stage1_config import Stage1Config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEACHERS = ("dinov2_tiny", "clip_tiny")
+
+
+@pytest.fixture(scope="module")
+def bucket_cache(s3_server, ray_local, photo_dir, tmp_path_factory):
+    """A tiny Zarr cache extracted straight into the bucket (the driver's mirror in a temporary folder)."""
+    import os
+
+    os.environ[STAGE_ENV] = str(tmp_path_factory.mktemp("stage"))
+    url = s3_server("sak-cloud") + "/team/tiny"
+    cfg = ExtractConfig(
+        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, progress=False
+    )  # fmt: skip
+    run_extraction(cfg)
+    yield url
+    os.environ.pop(STAGE_ENV, None)
+
+
+def test_run_writes_the_cache_into_the_bucket(bucket_cache, capsys):
+    objects = Bucket(bucket_cache).listing()
+    assert "cache.json" in objects and "views.parquet" in objects and ".sak-lock" not in objects
+    cache = json.loads(Bucket(bucket_cache).read_bytes("cache.json"))
+    assert len(cache["stores"]) == 2 and all(s["complete"] for s in cache["stores"].values())
+    for fp in cache["stores"]:  # every recorded shard file is an object of the bucket
+        manifest = json.loads(Bucket(bucket_cache).read_bytes(f"teachers/{fp}/manifest.json"))
+        assert manifest["complete"] and manifest["shards"]
+        for shard in manifest["shards"]:
+            for rel in shard["files"]:
+                assert objects[f"teachers/{fp}/{rel}"] == manifest["files"][rel]["bytes"]
+    assert cache_main(["verify", bucket_cache]) == 0
+    assert f"{bucket_cache}: OK" in capsys.readouterr().out
+    assert cache_main(["inspect", bucket_cache]) == 0
+    text = capsys.readouterr().out
+    assert bucket_cache in text and "dinov2_tiny" in text and "clip_tiny" in text
+
+
+def test_ls_lists_caches_under_a_prefix(bucket_cache, capsys):
+    prefix = bucket_cache.rsplit("/", 1)[0]
+    assert cache_main(["ls", prefix]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(bucket_cache) and "12 views" in line and "created 20" in line
+    assert "dinov2_tiny" in line and "clip_tiny" in line and line.endswith("records ok")
+
+
+def test_verify_finds_a_damaged_object_in_the_bucket(bucket_cache, s3_server, tmp_path, capsys):
+    copy = s3_server("sak-cloud") + "/team/damaged"
+    local = tmp_path / "c"
+    pull(Bucket(bucket_cache), local, bulk=True)
+    objects = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    shard = next(rel for rel in objects if "/c/" in rel)
+    data = bytearray((local / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (local / shard).write_bytes(bytes(data))
+    for rel in objects:
+        Bucket(copy).put_whole(local / rel, rel)
+    assert cache_main(["verify", copy]) == 1
+    assert shard.split("/", 2)[-1] in capsys.readouterr().out
+
+
+def test_stage1_streams_from_the_bucket_as_from_a_local_copy(bucket_cache, tmp_path):
+    local = tmp_path / "copy"
+    pull(Bucket(bucket_cache), local, bulk=True)
+    kw = dict(steps=4, batch_size=4, eval_every=0, holdout_shards=1)
+    from_local = train_stage1(Stage1Config.debug(str(local), str(tmp_path / "r_local"), **kw))
+    lc = tmp_path / "lc"
+    from_bucket = train_stage1(
+        Stage1Config.debug(bucket_cache, str(tmp_path / "r_s3"), local_cache=str(lc), **kw)
+    )
+    assert len(from_bucket.losses) == 4 and from_bucket.losses == from_local.losses
+    assert any(p.suffix == ".tar" for p in (lc / "images").iterdir())  # shards were read through lc
+    record = json.loads((tmp_path / "r_s3" / "config.json").read_text())["cache"]
+    assert record["url"] == bucket_cache
+    cache = json.loads(Bucket(bucket_cache).read_bytes("cache.json"))
+    assert {s["fingerprint"]: s["manifest_sha256"] for s in record["stores"]} == {
+        fp: e["manifest_sha256"] for fp, e in cache["stores"].items()
+    }
+    for log_file in (tmp_path / "r_s3").rglob("*"):  # no credential in anything the run wrote
+        if log_file.is_file():
+            text = log_file.read_bytes()
+            assert b"sak-test-secret-key-not-real" not in text and b"sak-test-key-id" not in text
+
+
+def test_a_second_writer_is_refused_by_the_lock_object(bucket_cache):
+    from sak.pipeline.storage import BucketLock
+
+    with BucketLock(Bucket(bucket_cache)):
+        cfg = ExtractConfig(source=None, out=bucket_cache, teachers=("sam_tiny",), size=64, progress=False)
+        with pytest.raises(SakError, match="being written by another sak-cache run"):
+            run_extraction(cfg)
