@@ -196,6 +196,8 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     ):
         if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
             pull(remote, out, bulk=False)
+        elif cfg.address:
+            _probe_nodes(out)
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
@@ -236,6 +238,54 @@ def _setup(cfg: ExtractConfig):
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
     _check_out_dir(out)
     return specs, out, plan, shard_size, choices
+
+
+def _node_probe(folder: str, driver_probe: str, node: str) -> str | None:
+    """On one node: can it see the driver's probe file, and write one the driver can read back?"""
+    if not os.path.isfile(os.path.join(folder, driver_probe)):
+        return "cannot see the driver's files"
+    try:
+        with open(os.path.join(folder, f".probe-{node}"), "w") as f:
+            f.write(node)
+    except OSError as e:
+        return f"cannot write there ({e.strerror})"
+    return None
+
+
+def _probe_nodes(out: Path) -> None:
+    """A local --out on a Ray cluster must be one folder shared by every node: each alive node reads the
+    driver's probe file and writes one back before any work; otherwise refuse, naming the node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    driver_probe = f".probe-driver-{os.getpid()}"
+    (out / driver_probe).write_text("driver")
+    task = ray.remote(num_cpus=0)(_node_probe)
+    try:
+        refs = {
+            n["NodeID"][:12]: (
+                n["NodeManagerAddress"],
+                task.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(out), driver_probe, n["NodeID"][:12]),
+            )
+            for n in nodes
+        }
+        for node, (address, ref) in refs.items():
+            problem = ray.get(ref)
+            if problem is None and not (out / f".probe-{node}").is_file():
+                problem = "wrote a probe file the driver cannot see"
+            if problem:
+                raise SakError(
+                    f"node {node} ({address}) {problem} under {out}: --out must be on storage every node "
+                    f"shares; use shared storage (NFS, a mounted volume) or a bucket (--out s3://bucket/prefix)"
+                )
+    finally:
+        for p in out.glob(".probe-*"):
+            p.unlink(missing_ok=True)
 
 
 def _fresh_mirror(url: str) -> Path:
@@ -537,6 +587,7 @@ def _start_workers(cfg: ExtractConfig, stores: list[StorePlan], n_jobs: int) -> 
         max_concurrency=2,
         max_restarts=3,
         max_task_retries=3,
+        scheduling_strategy="SPREAD",  # over the nodes: one lost node costs only its own actors
     )
     jobs = [sp.job() for sp in stores]
     return [
