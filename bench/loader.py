@@ -3,6 +3,14 @@
     python bench/loader.py                          # builds small tiny-teacher caches itself (embedded Ray)
     python bench/loader.py --cache /caches/in1k     # one existing cache (its own codec and grid)
     python bench/loader.py --json loader.json       # also write the figures, config and code version
+    python bench/loader.py --cache s3://bucket/c    # a bucket cache vs the same cache copied to local disk
+    python bench/loader.py --serve-s3               # the same against a local S3 server (moto, 127.0.0.1)
+
+Bucket vs local disk (--cache s3://... or --serve-s3): the loader reads every training batch once from the
+bucket through a fresh --local-cache folder (first pass: fetch whole shard objects, hash, decode) and
+again (second pass: from the local folder), and the same on a local copy of the cache (first pass: hash
+and decode, files in the page cache; second pass: decode). One core, no loader workers, no prefetch
+thread: the ratio bucket/local of samples/s per core is the cost of fetching.
 
 Method.
   Measured: for each codec (fp16, bf16, int8, fp8) and grid (native, student) a cache of procedural JPEGs
@@ -56,14 +64,15 @@ def make_photos(root: Path, images: int) -> Path:
     return write_photo_folder(root, images)
 
 
-def make_cache(photos: Path, out: Path, size: int, codec: str, grid: str, shard_images: int) -> str:
+def make_cache(photos: Path, out: Path | str, size: int, codec: str, grid: str, shard_images: int) -> str:
     from sak.pipeline.extract import ExtractConfig, run_extraction
 
     cfg = ExtractConfig(
         source=str(photos), out=str(out), teachers=TEACHERS, views_per_image=2, size=size,
         shard_size=2 * shard_images, codec=codec, grid=grid, random_init=True, progress=False,
     )  # fmt: skip
-    return str(run_extraction(cfg))
+    written = run_extraction(cfg)
+    return out if isinstance(out, str) else str(written)  # a URL cache stays a URL
 
 
 def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
@@ -106,6 +115,66 @@ def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
         "target_bytes_per_sample": nbytes / n,  # as handed over by a worker (stored dtype, + scales)
         "target_disk_bytes_per_sample": disk / index.num_views,
     }
+
+
+def _passes(index, batch_size: int) -> tuple[float, float, int]:
+    """Seconds of a first and a second pass over the training batches (reader.read), and samples."""
+    from sak.student.data.loader import BatchReader, input_normalization
+    from sak.student.data.order import make_stream_plan
+
+    mean, std = input_normalization("imagenet", "tiny")
+    reader = BatchReader(index, index.plan.size, mean, std)
+    plan = make_stream_plan(index, batch_size, holdout_shards=0)
+    batches = [plan.batch(t)[0] for t in range(max(1, plan.epoch_length // batch_size))]
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for rows in batches:
+            reader.read(rows)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1], sum(len(r) for r in batches)
+
+
+def measure_bucket(url: str, batch_size: int, root: Path) -> dict:
+    """Samples/s per core from the bucket (through a fresh local cache) and from a local copy."""
+    from sak.pipeline.storage import Bucket, pull
+    from sak.student.data.loader import open_cache
+
+    local = root / "copy"
+    pull(Bucket(url), local, bulk=True)
+    s3_first, s3_second, n = _passes(open_cache(url, local_cache=str(root / "lc")), batch_size)
+    disk_first, disk_second, _ = _passes(open_cache(str(local)), batch_size)
+    return {
+        "cache": url,
+        "samples": n,
+        "bucket_first_pass_samples_per_s": n / s3_first,
+        "bucket_second_pass_samples_per_s": n / s3_second,
+        "disk_first_pass_samples_per_s": n / disk_first,
+        "disk_second_pass_samples_per_s": n / disk_second,
+        "ratio_first_pass": disk_first / s3_first,
+        "ratio_second_pass": disk_second / s3_second,
+    }
+
+
+def serve_s3(root: Path, photos: Path, size: int):
+    """A moto S3 server on 127.0.0.1 (stopped by the caller), a bucket, and a tiny cache extracted into it."""
+    import os
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1", SAK_STAGE_DIR=str(root / "stage"),
+    )  # fmt: skip
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3").create_bucket(Bucket="sak-bench")
+    return server, make_cache(photos, "s3://sak-bench/tiny", size, "fp16", "native", 4)
 
 
 def measure_real_decode(codec_name: str, shapes: list[tuple[int, int, int]], root: Path, reps: int) -> dict:
@@ -161,6 +230,42 @@ def extrapolate(codec: str, decode: dict, image_ms: float, layout: dict) -> dict
     }
 
 
+def bucket_main(args) -> int:
+    """--cache s3://... or --serve-s3: the loader from a bucket vs from local disk, per core."""
+    from sak.cli.common import setup_logging
+    from sak.pipeline.provenance import code_version
+
+    setup_logging()
+    torch.set_num_threads(1)
+    server = None
+    with tempfile.TemporaryDirectory(prefix="sak-bench-bucket-") as tmp:
+        root = Path(tmp)
+        try:
+            url = args.cache
+            if args.serve_s3:
+                import ray
+
+                ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
+                server, url = serve_s3(root, make_photos(root / "photos", args.images), args.size)
+                ray.shutdown()
+            r = measure_bucket(url, args.batch_size, root)
+        finally:
+            if server is not None:
+                server.stop()
+    where = "local S3 server (moto, 127.0.0.1)" if args.serve_s3 else url
+    print(f"\nLoader from {where} vs the same cache on local disk, one core, {r['samples']} samples/pass")
+    print(f"{'pass':<8} {'bucket samples/s':>16} {'disk samples/s':>14} {'bucket/disk':>11}")
+    for which in ("first", "second"):
+        print(
+            f"{which:<8} {r[f'bucket_{which}_pass_samples_per_s']:>16.1f} "
+            f"{r[f'disk_{which}_pass_samples_per_s']:>14.1f} {r[f'ratio_{which}_pass']:>11.2f}"
+        )
+    if args.json:
+        record = {"bucket_vs_disk": r, "config": vars(args), "code_version": code_version()}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", help="measure this existing cache only [default: build tiny ones]")
@@ -172,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--passes", type=int, default=3, help="timed passes over each cache")
     p.add_argument("--reps", type=int, default=3, help="timed repeats of each real-size decode")
     p.add_argument("--json", help="also write the figures, config and code version here")
+    p.add_argument("--serve-s3", action="store_true", help="bucket vs disk on a local S3 server (moto)")
     args = p.parse_args(argv)
+    if args.serve_s3 or (args.cache and "://" in args.cache):
+        return bucket_main(args)
 
     from sak.cli.common import setup_logging
     from sak.pipeline.provenance import code_version

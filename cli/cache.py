@@ -80,8 +80,8 @@ def cli(verbose: bool) -> None:
 @click.option(
     "--out",
     required=True,
-    help="Cache folder. Created if missing; an existing cache gains a store "
-    "per new teacher and resumes unfinished ones.",
+    help="Cache folder, or s3:// / gs:// URL (credentials from the standard environment). Created if "
+    "missing; an existing cache gains a store per new teacher and resumes unfinished ones.",
 )
 @click.option(
     "--teachers",

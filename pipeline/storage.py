@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,6 +161,13 @@ def pull(bucket: Bucket, local: Path, *, bulk: bool, under: str = "") -> dict[st
     return listing
 
 
+def metadata_mirror(url: str) -> Path:
+    """A reader's local copy of a URL cache's small metadata objects (cache.json, manifests, tables)."""
+    local = stage_dir(url, "reader")
+    pull(Bucket(url), local, bulk=False)
+    return local
+
+
 def push(bucket: Bucket, local: Path, rels: list[str]) -> dict[str, str]:
     """Upload these files of the local mirror, each whole and checked; returns rel -> sha256."""
     return {rel: bucket.put_whole(local / rel, rel) for rel in rels}
@@ -206,12 +214,13 @@ class BucketLock:
 
     Created with a conditional PUT (If-None-Match: *) where the store supports it (AWS S3 since 2024,
     GCS via gcsfs, MinIO, moto), so two writers cannot both create it. A lock whose expiry has passed (its
-    holder died without releasing it, e.g. kill -9) is taken over with a log line; the holder refreshes
-    the expiry (`refresh`) as it journals shards.
+    holder died without releasing it) or whose holder process is gone from this host (kill -9) is taken
+    over with a log line. While held, a background thread pushes the expiry forward every ttl/4.
     """
 
     def __init__(self, bucket: Bucket, ttl_s: int = LOCK_TTL_S) -> None:
         self.bucket, self.ttl_s, self.held = bucket, ttl_s, False
+        self._stop = threading.Event()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
 
     def _body(self) -> bytes:
@@ -264,9 +273,21 @@ class BucketLock:
             if not self._create():
                 raise SakError(f"{self.bucket.url}: another run took the lock at the same moment; run again")
         self.held = True
+        if self.ttl_s > 0:
+            self._stop.clear()
+            threading.Thread(target=self._keep_fresh, daemon=True, name="sak-lock-refresh").start()
         return self
 
+    def _keep_fresh(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                if self._holder().get("owner") == self.owner:
+                    self.bucket.fs.pipe_file(self.bucket.key(LOCK_OBJECT), self._body())
+            except OSError:
+                pass  # retried at the next period; the expiry still has 3/4 of its time
+
     def release(self) -> None:
+        self._stop.set()
         if self.held and self._holder().get("owner") == self.owner:
             self.bucket.delete(LOCK_OBJECT)
         self.held = False
