@@ -158,12 +158,14 @@ def measure_bucket(url: str, batch_size: int, root: Path) -> dict:
 
 def serve_s3(root: Path, photos: Path, size: int):
     """A moto S3 server on 127.0.0.1 (stopped by the caller), a bucket, and a tiny cache extracted into it."""
+    import logging
     import os
     import socket
 
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -37,9 +37,12 @@ os.environ.update(S3_ENV)
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 for the session (stopped at the end); yields a bucket factory."""
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
     server.start()
     client = boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"])

@@ -106,3 +106,33 @@ def test_a_second_writer_is_refused_by_the_lock_object(bucket_cache):
         cfg = ExtractConfig(source=None, out=bucket_cache, teachers=("sam_tiny",), size=64, progress=False)
         with pytest.raises(SakError, match="being written by another sak-cache run"):
             run_extraction(cfg)
+
+
+def _read_all(index, passes: int):
+    from sak.student.data.loader import BatchReader, input_normalization
+    from sak.student.data.order import make_stream_plan
+
+    reader = BatchReader(index, index.plan.size, *input_normalization("imagenet", "tiny"))
+    plan = make_stream_plan(index, 4, holdout_shards=0)
+    for _ in range(passes):
+        for t in range(plan.epoch_length // 4):
+            reader.read(plan.batch(t)[0])
+    return reader.fetcher
+
+
+def test_local_cache_is_read_through_and_bounded(bucket_cache, tmp_path):
+    from sak.student.data.loader import open_cache
+
+    objects = Bucket(bucket_cache).listing()
+    bulk = sum(n for rel, n in objects.items() if rel.endswith(".tar") or "/c/" in rel)
+    roomy = _read_all(open_cache(bucket_cache, local_cache=str(tmp_path / "big")), passes=2)
+    assert roomy.fetched_bytes == bulk  # every shard object once; the second epoch downloads nothing
+    bound = 40_000  # bytes: about one shard's objects
+    tight = _read_all(
+        open_cache(bucket_cache, local_cache=str(tmp_path / "small"), local_cache_gb=bound / 2**30), passes=2
+    )
+    kept = [
+        p for p in (tmp_path / "small").rglob("*") if p.is_file() and (p.suffix == ".tar" or "/c/" in str(p))
+    ]
+    assert tight.fetched_bytes > bulk  # evicted shards were fetched again in the second epoch
+    assert sum(p.stat().st_size for p in kept) <= bound + max(objects.values())

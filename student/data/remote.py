@@ -13,22 +13,27 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from sak.pipeline.provenance import sha256_file
 from sak.pipeline.storage import Bucket
 from sak.student.data.index import CacheIndex
 
 
-def shard_objects(index: CacheIndex, shard: int, with_targets: bool) -> list[str]:
-    """Every object a teacher shard's samples are read from, relative to the cache root: its image tars
-    and (with targets) each selected store's shard files."""
+def shard_objects(index: CacheIndex, shard: int, with_targets: bool) -> dict[str, str]:
+    """Every object a teacher shard's samples are read from, relative to the cache root, with its recorded
+    sha256: its image tars and (with targets) each selected store's shard files."""
     k, size = index.views_per_image, index.shard_size
     first, last = shard * size // k, min((shard + 1) * size, index.num_views) // k
-    tars = {t.index: t.file for t in index.cache.images.shards}
-    rels = [tars[t] for t in sorted({int(s) for s in index.image_shard[first:last]}) if t in tars]
+    tars = {t.index: t for t in index.cache.images.shards}
+    found = {
+        tars[t].file: tars[t].sha256
+        for t in sorted({int(s) for s in index.image_shard[first:last]})
+        if t in tars
+    }
     for store in index.stores if with_targets else []:
         entry = next((r for r in store.manifest.shards if r.index == shard), None)
         rel_store = store.path.relative_to(index.root).as_posix()
-        rels += [f"{rel_store}/{rel}" for rel in sorted(entry.files)] if entry else []
-    return rels
+        found.update({f"{rel_store}/{rel}": digest for rel, digest in (entry.files if entry else {}).items()})
+    return found
 
 
 class ShardFetcher:
@@ -66,13 +71,17 @@ class ShardFetcher:
                 self.pending[s] = self.pool.submit(self._fetch, [s])
 
     def _fetch(self, shards: list[int]) -> None:
-        rels = [rel for s in shards for rel in shard_objects(self.index, s, self.with_targets)]
+        wanted = {
+            rel: d for s in shards for rel, d in shard_objects(self.index, s, self.with_targets).items()
+        }
+        rels = list(wanted)
         with self.lock:
             if self.bucket is None:
                 self.bucket = Bucket(self.url)
-            for rel in rels:
+            for rel, digest in wanted.items():
                 path = self.index.root / rel
-                if rel not in self.kept and not path.is_file():
+                # a copy left by an earlier run is kept only if it is still the recorded object
+                if rel not in self.kept and not (path.is_file() and sha256_file(path) == digest):
                     self.bucket.get(rel, path)
                     self.fetched_bytes += path.stat().st_size
                 self.kept[rel] = path.stat().st_size
