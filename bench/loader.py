@@ -156,8 +156,9 @@ def measure_bucket(url: str, batch_size: int, root: Path) -> dict:
     }
 
 
-def serve_s3(root: Path, photos: Path, size: int):
-    """A moto S3 server on 127.0.0.1 (stopped by the caller), a bucket, and a tiny cache extracted into it."""
+def serve_s3(root: Path):
+    """A moto S3 server on 127.0.0.1 (stopped by the caller) and a bucket, named in the environment before
+    Ray starts (its workers inherit the environment)."""
     import logging
     import os
     import socket
@@ -176,7 +177,7 @@ def serve_s3(root: Path, photos: Path, size: int):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     boto3.client("s3").create_bucket(Bucket="sak-bench")
-    return server, make_cache(photos, "s3://sak-bench/tiny", size, "fp16", "native", 4)
+    return server
 
 
 def measure_real_decode(codec_name: str, shapes: list[tuple[int, int, int]], root: Path, reps: int) -> dict:
@@ -247,8 +248,10 @@ def bucket_main(args) -> int:
             if args.serve_s3:
                 import ray
 
+                server = serve_s3(root)
                 ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-                server, url = serve_s3(root, make_photos(root / "photos", args.images), args.size)
+                photos = make_photos(root / "photos", args.images)
+                url = make_cache(photos, "s3://sak-bench/tiny", args.size, "fp16", "native", 4)
                 ray.shutdown()
             r = measure_bucket(url, args.batch_size, root)
         finally:

@@ -148,7 +148,7 @@ def cli(verbose: bool) -> None:
 def run(**opts) -> None:
     """Extract teacher features into a cache (resumable: re-running skips finished shards)."""
     from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.verify import describe_cache
+    from sak.pipeline.verify import describe_cache, describe_location
 
     cfg = ExtractConfig(
         source=opts["source"],
@@ -175,7 +175,7 @@ def run(**opts) -> None:
         progress=not opts["no_progress"],
     )
     out = run_extraction(cfg)
-    click.echo(describe_cache(out, shown=cfg.out if is_url(cfg.out) else None))
+    click.echo(describe_location(cfg.out) if is_url(cfg.out) else describe_cache(out))
 
 
 @cli.command()

@@ -46,6 +46,10 @@ def test_run_writes_the_cache_into_the_bucket(bucket_cache, capsys):
         for shard in manifest["shards"]:
             for rel in shard["files"]:
                 assert objects[f"teachers/{fp}/{rel}"] == manifest["files"][rel]["bytes"]
+    for rel in objects:  # no credential in any metadata object (manifests record the run's config)
+        if not rel.endswith((".tar", ".npy")) and "/c/" not in rel:
+            text = Bucket(bucket_cache).read_bytes(rel)
+            assert b"sak-test-secret-key-not-real" not in text and b"sak-test-key-id" not in text, rel
     assert cache_main(["verify", bucket_cache]) == 0
     assert f"{bucket_cache}: OK" in capsys.readouterr().out
     assert cache_main(["inspect", bucket_cache]) == 0
@@ -93,6 +97,10 @@ def test_stage1_streams_from_the_bucket_as_from_a_local_copy(bucket_cache, tmp_p
     assert {s["fingerprint"]: s["manifest_sha256"] for s in record["stores"]} == {
         fp: e["manifest_sha256"] for fp, e in cache["stores"].items()
     }
+    from sak.student.train.evaluate import repsim_of_checkpoint
+
+    sims_bucket, n = repsim_of_checkpoint(tmp_path / "r_s3", bucket_cache)
+    assert n > 0 and sims_bucket == repsim_of_checkpoint(tmp_path / "r_s3", str(local))[0]
     for log_file in (tmp_path / "r_s3").rglob("*"):  # no credential in anything the run wrote
         if log_file.is_file():
             text = log_file.read_bytes()
