@@ -30,7 +30,8 @@ def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int)
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         kwargs["address"] = address
-    else:
+    else:  # "local": a new instance, never another user's cluster found via /tmp/ray/ray_current_cluster
+        kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
     try:

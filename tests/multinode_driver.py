@@ -50,6 +50,11 @@ def main() -> None:
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 120 * mb})
     node_b = cluster.add_node(num_cpus=2, object_store_memory=120 * mb, resources={"node_b": 1})
     cluster.wait_for_nodes()
+    # Cluster names itself in /tmp/ray/ray_current_cluster, where any plain ray.init() on this machine would
+    # find and join it: remove that entry (written just now, by this process) so other jobs do not.
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.is_file() and current.read_text().strip() == cluster.head_node.gcs_address:
+        current.unlink()
     result: dict = {"head": cluster.head_node.node_id[:12], "node_b": node_b.node_id[:12]}
     killer = None
     if args.kill_node_after:

@@ -29,7 +29,7 @@ from sak.pipeline.manifest import store_fingerprint
 from sak.pipeline.schema_gen import SHIPPED
 from sak.pipeline.schema_gen import main as schema_main
 from sak.pipeline.verify import check_cache
-from sak.student.data import BatchReader, input_normalization, open_cache
+from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
 V1 = Path(__file__).parent / "fixtures" / "v1_cache"
 
