@@ -24,7 +24,7 @@ from pathlib import Path
 
 from sak.pipeline.errors import SakError
 
-URL_SCHEMES = ("s3://", "gs://", "gcs://", "memory://")
+URL_SCHEMES = ("s3://", "gs://", "gcs://")
 STAGE_ENV = "SAK_STAGE_DIR"  # where node-local mirrors of URL caches live (default ~/.cache/sak/stage)
 
 
@@ -121,12 +121,17 @@ class Bucket:
         self.fs.put_file(str(local), self.key(rel))
         self.fs.invalidate_cache()
         size = self.fs.info(self.key(rel)).get("size")
-        if (
-            size != local.stat().st_size
-            or hashlib.sha256(self.fs.cat_file(self.key(rel))).hexdigest() != digest
-        ):
+        if size != local.stat().st_size or self._sha256(rel) != digest:
             raise SakError(f"{self.url}/{rel}: the uploaded object does not match the local file; run again")
         return digest
+
+    def _sha256(self, rel: str) -> str:
+        """The sha256 of an object as stored, read back in 8 MB ranges."""
+        h = hashlib.sha256()
+        with self.fs.open(self.key(rel), "rb", block_size=8 << 20) as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
 
     def get(self, rel: str, local: Path) -> Path:
         """Download one object into local (whole: a temp name renamed into place)."""
