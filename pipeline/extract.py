@@ -240,7 +240,7 @@ def _setup(cfg: ExtractConfig):
     return specs, out, plan, shard_size, choices
 
 
-def _node_probe(folder: str, driver_probe: str, node: str) -> str | None:
+def node_probe(folder: str, driver_probe: str, node: str) -> str | None:
     """On one node: can it see the driver's probe file, and write one the driver can read back?"""
     if not os.path.isfile(os.path.join(folder, driver_probe)):
         return "cannot see the driver's files"
@@ -263,7 +263,7 @@ def _probe_nodes(out: Path) -> None:
         return
     driver_probe = f".probe-driver-{os.getpid()}"
     (out / driver_probe).write_text("driver")
-    task = ray.remote(num_cpus=0)(_node_probe)
+    task = ray.remote(num_cpus=0)(node_probe)
     try:
         refs = {
             n["NodeID"][:12]: (
