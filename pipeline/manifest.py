@@ -83,7 +83,10 @@ def store_files_table(
         return {
             rel: FileDigest(sha256=shard_digests.get(rel) or sha256_file(Path(store_dir) / rel), bytes=n)
             for rel, n in sorted(remote_sizes.items())
-            if rel != STORE_MANIFEST and store_file_kind(rel) is not None
+            if rel != STORE_MANIFEST
+            and store_file_kind(rel) is not None
+            # an uploaded shard object whose shard was never journaled (its writer died) is not recorded
+            and (rel in shard_digests or (Path(store_dir) / rel).is_file())
         }
     table = {}
     for path in sorted(p for p in Path(store_dir).rglob("*") if p.is_file()):
