@@ -44,7 +44,7 @@ bench: $(VENV)/.installed
 # Linux x86_64 and Python 3.11. uv lives in its own tool venv so that .venv stays exactly the lock.
 lock:
 	test -x $(TOOLS)/bin/uv || ($(PYTHON) -m venv $(TOOLS) && $(TOOLS)/bin/python -m pip install -q uv==$(UV_VERSION))
-	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra train --generate-hashes \
+	$(TOOLS)/bin/uv pip compile pyproject.toml --extra test --extra train --extra s3 --extra gs --generate-hashes \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		-o $(LOCK)
 

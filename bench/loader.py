@@ -2,6 +2,8 @@
 student views, and the cores a ViT-B student at 1000 samples/s needs.
 
     python bench/loader.py --json loader.json        # every row; ~5 min on one core
+    python bench/loader.py --cache s3://bucket/c     # a bucket cache vs the same cache on local disk
+    python bench/loader.py --serve-s3                # the same against a local S3 server (moto, 127.0.0.1)
     python bench/loader.py --codecs fp16,int8 --compressors none,zstd
 
 Method (one process, torch and Blosc on one thread, timed in process CPU seconds, best of --reps: every
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -180,6 +183,13 @@ def rows_for(codecs, compressors, levels: dict, images: dict, digests: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if any(a == "--serve-s3" or a == "--cache" or a.startswith("--cache=") for a in args):
+        # one existing cache, or bucket vs local disk: bench/loader_bucket.py (same options)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from loader_bucket import main as bucket_main
+
+        return bucket_main(args)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--codecs", default=",".join(CODECS))
     p.add_argument("--compressors", default=",".join(COMPRESSORS), help="the first one also gets raw views")

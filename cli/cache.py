@@ -10,6 +10,7 @@ import click
 
 from sak.cli.common import entry_point, run_cli, setup_logging
 from sak.cli.options import GeneratedCommand, OptionSet
+from sak.pipeline.storage import is_url
 
 
 def _extract_config():
@@ -63,22 +64,23 @@ def run(**opts) -> None:
     Adding a teacher to an existing cache needs only --out and --teachers: the view plan and shard
     size are the cache's own (a different value given is refused)."""
     from sak.pipeline.extract import ExtractConfig, run_extraction, with_recorded_defaults
-    from sak.pipeline.verify import describe_cache, store_fidelity_warnings
+    from sak.pipeline.verify import describe_cache, describe_location, store_fidelity_warnings
 
     cfg = with_recorded_defaults(RUN_OPTIONS.build(ExtractConfig, opts), RUN_OPTIONS.given(opts))
     out = run_extraction(cfg)
-    click.echo(describe_cache(out))
-    for line in store_fidelity_warnings(out):
-        click.echo(line, err=True)
+    click.echo(describe_location(cfg.out) if is_url(cfg.out) else describe_cache(out))
+    if not is_url(cfg.out):
+        for line in store_fidelity_warnings(out):
+            click.echo(line, err=True)
 
 
 @cli.command()
 @click.argument("cache")
 def inspect(cache: str) -> None:
-    """Describe a cache: teachers, fingerprints, views, shapes, bytes on disk and per view."""
-    from sak.pipeline.verify import describe_cache
+    """Describe a cache (folder or s3:// / gs:// URL): teachers, fingerprints, views, shapes, bytes."""
+    from sak.pipeline.verify import describe_location
 
-    click.echo(describe_cache(cache))
+    click.echo(describe_location(cache))
 
 
 @cli.command()
@@ -95,21 +97,29 @@ def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
 
 @cli.command(name="ls")
 @click.argument("root", default=".")
-def ls_(root: str) -> None:
-    """One line per cache found under ROOT."""
-    from sak.pipeline.verify import list_caches
+@click.option(
+    "--verify",
+    "full",
+    is_flag=True,
+    help="Read every byte of each cache (as `verify`), not only its records.",
+)
+def ls_(root: str, full: bool) -> None:
+    """One line per cache found under ROOT (a folder or an s3:// / gs:// prefix): teachers, views, bytes,
+    created, and whether it verifies."""
+    from sak.pipeline.verify import bucket_caches, list_caches
 
-    lines = list_caches(root)
+    lines = list_caches(root, bucket_caches(root) if is_url(root) else None, full=full)
     click.echo("\n".join(lines) if lines else f"no cache under {root}")
 
 
 @cli.command()
 @click.argument("cache")
 def verify(cache: str) -> int:
-    """Recompute every checksum and count; exit 1 naming each failing file and shard."""
-    from sak.pipeline.verify import check_cache
+    """Recompute every checksum and count; exit 1 naming each failing file and shard. A URL cache is
+    downloaded once into a temporary folder."""
+    from sak.pipeline.verify import check_bucket_cache, check_cache
 
-    report = check_cache(cache)
+    report = check_bucket_cache(cache) if is_url(cache) else check_cache(cache)
     problems = report.problems
     for note in report.notes:
         click.echo(f"note: {note}", err=True)

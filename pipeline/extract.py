@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -44,6 +45,7 @@ from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import (
     IMAGE_INDEX_FILE,
+    JOURNAL,
     STORE_MANIFEST,
     VIEWS_FILE,
     ShardRecord,
@@ -62,6 +64,7 @@ from sak.pipeline.manifest import (
 from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file, xxh3_file
 from sak.pipeline.runtime import Progress, log, ray_session
+from sak.pipeline.storage import Bucket, BucketLock, is_url, node_mirror, pull, push, push_metadata, stage_dir
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.student_views import add_student_views
 from sak.pipeline.student_views import check_mode as check_views_mode
@@ -113,8 +116,8 @@ class ExtractConfig:
     )
     out: str = field(
         metadata={
-            "help": "Cache folder. Created if missing; an existing cache gains a store per new teacher and "
-            "resumes unfinished ones."
+            "help": "Cache folder, or s3:// / gs:// URL (credentials from the standard environment). Created "
+            "if missing; an existing cache gains a store per new teacher and resumes unfinished ones."
         }
     )
     teachers: tuple[str, ...] = field(
@@ -251,6 +254,7 @@ class StoreJob:
     format: str
     blocks: tuple[int, ...]  # kept levels
     grid: tuple[int, int]  # stored (H, W)
+    cache_url: str | None = None  # a URL cache: the worker writes in its node's mirror, then uploads
 
 
 @dataclass(frozen=True)
@@ -277,6 +281,11 @@ class StorePlan:
     blocks: tuple[int, ...]  # kept levels
     grid: tuple[int, int]  # stored (H, W)
     done: dict[int, ShardRecord] = field(default_factory=dict)
+    cache_url: str | None = None  # the bucket the store lives in (path is then the driver's mirror)
+
+    @property
+    def rel(self) -> str:
+        return f"teachers/{self.fingerprint}"
 
     def job(self) -> StoreJob:
         m = self.manifest
@@ -289,6 +298,7 @@ class StorePlan:
             m.format,
             self.blocks,
             self.grid,
+            self.cache_url,
         )
 
 
@@ -298,7 +308,15 @@ class StorePlan:
 def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
     specs, out, plan, shard_size, choices = _setup(cfg)
-    with CacheLock(out), ray_session(cfg.address, None, cfg.object_store_mb):
+    remote = Bucket(cfg.out) if is_url(cfg.out) else None
+    with (
+        BucketLock(remote) if remote else CacheLock(out),
+        ray_session(cfg.address, None, cfg.object_store_mb),
+    ):
+        if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
+            pull(remote, out, bulk=False)
+        elif cfg.address:
+            _probe_nodes(out)
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
             cache = add_student_views(out, cache, view_rows(out))
@@ -351,7 +369,7 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
-    out = Path(cfg.out).expanduser().resolve()
+    out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else _fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
             f"source {cfg.source} does not exist; pass --source with an image folder, .tar shards "
@@ -370,6 +388,68 @@ def _setup(cfg: ExtractConfig):
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
     _check_out_dir(out)
     return specs, out, plan, shard_size, choices
+
+
+def node_probe(folder: str, driver_probe: str, node: str) -> str | None:
+    """On one node: can it see the driver's probe file, and write one the driver can read back?"""
+    if not os.path.isfile(os.path.join(folder, driver_probe)):
+        return "cannot see the driver's files"
+    try:
+        with open(os.path.join(folder, f".probe-{node}"), "w") as f:
+            f.write(node)
+    except OSError as e:
+        return f"cannot write there ({e.strerror})"
+    return None
+
+
+def _probe_nodes(out: Path) -> None:
+    """A local --out on a Ray cluster must be one folder shared by every node: each alive node reads the
+    driver's probe file and writes one back before any work; otherwise refuse, naming the node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    driver_probe = f".probe-driver-{os.getpid()}"
+    (out / driver_probe).write_text("driver")
+    task = ray.remote(num_cpus=0)(node_probe)
+    try:
+        refs = {
+            n["NodeID"][:12]: (
+                n["NodeManagerAddress"],
+                task.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                ).remote(str(out), driver_probe, n["NodeID"][:12]),
+            )
+            for n in nodes
+        }
+        for node, (address, ref) in refs.items():
+            problem = ray.get(ref)
+            if problem is None and not (out / f".probe-{node}").is_file():
+                problem = "wrote a probe file the driver cannot see"
+            if problem:
+                raise SakError(
+                    f"node {node} ({address}) {problem} under {out}: --out must be on storage every node "
+                    f"shares; use shared storage (NFS, a mounted volume) or a bucket (--out s3://bucket/prefix)"
+                )
+    finally:
+        for p in out.glob(".probe-*"):
+            p.unlink(missing_ok=True)
+
+
+def _fresh_mirror(url: str) -> Path:
+    """The driver's mirror of a URL cache, emptied (filled from the bucket once the lock is held)."""
+    try:
+        Bucket(url).listing()
+    except (OSError, PermissionError) as e:
+        raise SakError(
+            f"cannot list {url} ({type(e).__name__}: {e}); check the bucket name and the standard credentials "
+            f"environment (AWS_*/AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from e
+    out = stage_dir(url)
+    shutil.rmtree(out, ignore_errors=True)
+    return out
 
 
 def _check_out_dir(out: Path) -> None:
@@ -410,6 +490,7 @@ def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: i
         min_side=cfg.min_image_side,
         max_pixels=cfg.max_pixels,
         progress=cfg.progress,
+        url=cfg.out if is_url(cfg.out) else None,
     )
 
 
@@ -513,7 +594,10 @@ def _store_plan(
         updated=created,
     )
     create_teacher_store(cfg.format, path, cache.num_views, cache.shard_size, grids, codec, _compressor(cfg))
-    return StorePlan(spec, choice, fp, path, manifest, blocks=blocks, grid=grid, done=read_journal(path))
+    url = cfg.out if is_url(cfg.out) else None
+    return StorePlan(
+        spec, choice, fp, path, manifest, blocks=blocks, grid=grid, done=read_journal(path), cache_url=url
+    )
 
 
 def _config_record(cfg: ExtractConfig) -> ExtractRecord:
@@ -541,13 +625,20 @@ def _register_stores(
             if finished
             else old and old.manifest_sha256,
         )
-    return write_cache(out, dataclasses.replace(cache, stores=entries))
+    cache = write_cache(out, dataclasses.replace(cache, stores=entries))
+    if stores and stores[0].cache_url:  # cache.json last: a reader sees stores only once they exist
+        push_metadata(Bucket(stores[0].cache_url), out)
+    return cache
 
 
 def _finalize(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: Schedule) -> None:
     """Write the store's manifest from its journal: shards, statistics, throughput, every file's digest."""
     shards = sorted(plan.done.values(), key=lambda r: r.shard)
     widths = [plan.spec.dim] * len(plan.blocks)
+    remote = Bucket(plan.cache_url) if plan.cache_url else None
+    if remote:  # the statistics were written by the workers, on their nodes
+        pull(remote, plan.path.parents[1], bulk=False, under=plan.rel)
+    digests = {rel: d for r in shards for rel, d in r.files.items()}
     plan.manifest = dataclasses.replace(
         plan.manifest,
         shards=[
@@ -565,10 +656,17 @@ def _finalize(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: S
         stats=merge_stats(plan.path, [r.shard for r in shards], list(plan.blocks), widths),
         throughput=schedule.throughput(seconds),
         updated=now_iso(),
-        files=store_files_table(plan.path, {rel: d for r in shards for rel, d in r.files.items()}),
+        files=store_files_table(plan.path, digests, _store_sizes(remote, plan.rel) if remote else None),
         fidelity=next((r.fidelity for r in shards if r.fidelity), None),  # the first shard measured
     )
     write_store_manifest(plan.path, plan.manifest)
+    if remote:
+        remote.put_whole(plan.path / STORE_MANIFEST, f"{plan.rel}/{STORE_MANIFEST}")
+
+
+def _store_sizes(remote: Bucket, rel: str) -> dict[str, int]:
+    """Every object of a store in the bucket: path relative to the store -> bytes."""
+    return {k[len(rel) + 1 :]: n for k, n in remote.listing(rel).items()}
 
 
 # ---------------------------------------------------------------------------------------------- schedule
@@ -655,6 +753,7 @@ def _start_workers(cfg: ExtractConfig, stores: list[StorePlan], n_jobs: int) -> 
         max_concurrency=2,
         max_restarts=3,
         max_task_retries=3,
+        scheduling_strategy="SPREAD",  # over the nodes: one lost node costs only its own actors
     )
     jobs = [sp.job() for sp in stores]
     return [
@@ -679,7 +778,8 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
         while schedule.busy():
             while schedule.can_submit():
                 job = schedule.queue.pop()
-                schedule.cutting[cut.remote(str(out), rows[job.start : job.stop], sizes)] = job
+                where = cfg.out if is_url(cfg.out) else str(out)
+                schedule.cutting[cut.remote(where, rows[job.start : job.stop], sizes)] = job
             ready, _ = ray.wait(list(schedule.cutting) + list(schedule.computing), num_returns=1, timeout=1.0)
             for ref in ready:
                 if ref in schedule.cutting:
@@ -710,8 +810,11 @@ def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
     """A shard counts as done once its record is in the store's journal (fsynced)."""
     by_name = {sp.spec.name: sp for sp in stores}
     for name, record in records.items():
-        append_journal(by_name[name].path, record)
-        by_name[name].done[record.shard] = record
+        sp = by_name[name]
+        append_journal(sp.path, record)
+        if sp.cache_url:  # the workers uploaded and checked the shard's objects before returning
+            Bucket(sp.cache_url).put_whole(sp.path / JOURNAL, f"{sp.rel}/{JOURNAL}")
+        sp.done[record.shard] = record
 
 
 def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
@@ -774,10 +877,16 @@ class TeacherWorker:
             torch.set_num_threads(threads)
         self.batch_size = batch_size
         self.teachers, self.stores, self.sizes, self.shapes = {}, {}, {}, {}
+        self.uploads: dict[str, tuple[str, str]] = {}  # teacher -> (cache URL, store path in the bucket)
         for s in stores:
             spec = get_teacher(s.teacher)
             self.teachers[spec.name] = load_teacher(spec, s.weights, plan_size, normalization, self.device)
-            self.stores[spec.name] = open_teacher_store(s.format, s.path, s.codec, s.shard_size)
+            path = s.path
+            if s.cache_url:  # write in this node's mirror, upload each shard's objects whole
+                rel = f"teachers/{Path(s.path).name}"
+                path = str(node_mirror(s.cache_url, [], metadata=True) / rel)
+                self.uploads[spec.name] = (s.cache_url, rel)
+            self.stores[spec.name] = open_teacher_store(s.format, path, s.codec, s.shard_size)
             self.shapes[spec.name] = (s.blocks, s.grid)  # kept blocks, stored (H, W)
             self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
         self.lock = threading.Lock()
@@ -800,8 +909,11 @@ class TeacherWorker:
                     store.codec, dict(zip(blocks, native[name])), dict(zip(blocks, levels))
                 )
             files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
-            save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
+            stats = save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
             fast = {rel: xxh3_file(store.path / rel) for rel in files}  # page-cached: ~6 GB/s
+            if name in self.uploads:  # uploaded and checked before the driver journals the shard
+                url, rel = self.uploads[name]
+                push(Bucket(url).sub(rel), Path(store.path), [*files, stats])
             records[name] = ShardRecord(
                 shard=job.shard,
                 start=job.start,

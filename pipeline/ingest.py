@@ -45,6 +45,7 @@ from sak.pipeline.provenance import (
 )
 from sak.pipeline.runtime import Progress, log
 from sak.pipeline.sources import SourceItem, list_source, read_bytes
+from sak.pipeline.storage import Bucket, is_url, node_role, stage_dir
 from sak.pipeline.views import ViewPlan
 
 IMAGE_INDEX_SCHEMA = pa.schema(
@@ -104,7 +105,15 @@ def write_image_tar(
     cache_dir: str, shard: int, items: list[SourceItem], min_side: int, max_pixels: int
 ) -> TarResult:
     """Validate a chunk of source images and write the good ones to one tar. Returns index rows and
-    skipped inputs. Runs as a Ray task; idempotent (the whole tar is rewritten)."""
+    skipped inputs. Runs as a Ray task; idempotent (the whole tar is rewritten). A URL cache_dir: the tar
+    is written in this node's mirror, then uploaded as one object and checked before the task returns."""
+    if is_url(cache_dir):
+        local = stage_dir(cache_dir, node_role())
+        (local / "images").mkdir(parents=True, exist_ok=True)
+        result = write_image_tar(str(local), shard, items, min_side, max_pixels)
+        if result.tar is not None:
+            Bucket(cache_dir).put_whole(local / result.tar.file, result.tar.file)
+        return result
     rows, skipped = [], []
     final = Path(cache_dir) / image_tar_name(shard)
     tmp = final.with_name(final.name + ".tmp")
@@ -160,8 +169,10 @@ def ingest(
     min_side: int,
     max_pixels: int,
     progress: bool = True,
+    url: str | None = None,
 ) -> CacheManifest:
-    """Build the dataset part of a new cache and return its `cache.json` content (also written)."""
+    """Build the dataset part of a new cache and return its `cache.json` content (also written). With a
+    URL, cache_dir is the driver's mirror: the image tars go to the bucket from the tasks that write them."""
     import ray
 
     items = list_source(source)
@@ -178,7 +189,7 @@ def ingest(
     next_chunk = 0
     while next_chunk < len(chunks) or pending:
         while next_chunk < len(chunks) and len(pending) < max_in_flight:  # backpressure
-            ref = task.remote(str(cache_dir), next_chunk, chunks[next_chunk], min_side, max_pixels)
+            ref = task.remote(url or str(cache_dir), next_chunk, chunks[next_chunk], min_side, max_pixels)
             pending[ref] = next_chunk
             next_chunk += 1
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -73,9 +73,21 @@ def store_fingerprint(identity: StoreIdentity) -> str:
 # -------------------------------------------------------------------------------------------- digests
 
 
-def store_files_table(store_dir: Path, shard_digests: dict[str, str]) -> dict[str, FileDigest]:
+def store_files_table(
+    store_dir: Path, shard_digests: dict[str, str], remote_sizes: dict[str, int] | None = None
+) -> dict[str, FileDigest]:
     """Digest of every file of a store the format names, but its manifest: shard files from their journal
-    records (hashed when written), the small ones (Zarr metadata, layout, journal, statistics) now."""
+    records (hashed when written), the small ones (Zarr metadata, layout, journal, statistics) now. For a
+    store in a bucket, remote_sizes lists its objects (store_dir mirrors the small ones)."""
+    if remote_sizes is not None:
+        return {
+            rel: FileDigest(sha256=shard_digests.get(rel) or sha256_file(Path(store_dir) / rel), bytes=n)
+            for rel, n in sorted(remote_sizes.items())
+            if rel != STORE_MANIFEST
+            and store_file_kind(rel) is not None
+            # an uploaded shard object whose shard was never journaled (its writer died) is not recorded
+            and (rel in shard_digests or (Path(store_dir) / rel).is_file())
+        }
     table = {}
     for path in sorted(p for p in Path(store_dir).rglob("*") if p.is_file()):
         rel = path.relative_to(store_dir).as_posix()

@@ -14,6 +14,7 @@ import torch
 from sak.pipeline.errors import SakError
 from sak.pipeline.images import decode_rgb
 from sak.pipeline.ingest import image_tar_name
+from sak.pipeline.storage import is_url, node_mirror
 from sak.pipeline.views import cut_view
 
 
@@ -64,7 +65,11 @@ class ViewRow:
 
 def cut_shard_views(cache_dir: str, rows: list[ViewRow], sizes: list[int]) -> dict[int, np.ndarray]:
     """Views of consecutive rows at each square size -> {size: (n, 3, size, size) uint8}. Consecutive rows
-    of one image share one decode."""
+    of one image share one decode. A URL cache_dir: the image tars are fetched into this node's mirror."""
+    if is_url(cache_dir):
+        cache_dir = str(
+            node_mirror(cache_dir, [image_tar_name(s) for s in sorted({r.image_shard for r in rows})])
+        )
     reader = ImageReader(cache_dir)
     out = {s: np.empty((len(rows), 3, s, s), np.uint8) for s in sizes}
     image, image_key = None, None

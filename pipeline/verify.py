@@ -33,6 +33,7 @@ from sak.pipeline.format import (
     store_file_kind,
 )
 from sak.pipeline.provenance import sha256_file, stable_hash, xxh3_file
+from sak.pipeline.storage import Bucket, is_url, pull, stage_dir
 from sak.pipeline.units import UNITS_NOTE, human_bytes
 
 
@@ -322,12 +323,16 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def describe_cache(cache_dir: str | Path) -> str:
-    """The `inspect` text: dataset, plan, images and one row per teacher store, random-init flagged."""
+def describe_cache(
+    cache_dir: str | Path, shown: str | None = None, sizes: dict[str, int] | None = None
+) -> str:
+    """The `inspect` text: dataset, plan, images and one row per teacher store, random-init flagged.
+    A bucket cache: cache_dir mirrors its metadata, `shown` is its URL, `sizes` its objects' bytes."""
     root = Path(cache_dir)
     if _is_stage2(root):
         return describe_stage2(root)
     cache = read_cache(root)
+    root = shown or root
     ds, plan = cache.dataset, cache.view_plan
     img_bytes = sum(t.bytes for t in cache.images.shards)
     lines = [
@@ -343,13 +348,13 @@ def describe_cache(cache_dir: str | Path) -> str:
     lines += ["", header, "-" * len(header)]
     warnings = []
     for fp, entry in cache.stores.items():
-        store_dir = root / entry.path
+        store_dir = Path(cache_dir) / entry.path
         try:
             m = read_store_manifest(store_dir)
         except SakError as e:
             lines.append(f"{entry.teacher:<12} {fp:<26} unreadable manifest: {e}")
             continue
-        nbytes = _dir_bytes(store_dir)
+        nbytes = _prefix_bytes(sizes, entry.path) if sizes is not None else _dir_bytes(store_dir)
         blocks = ",".join(str(lv.block) for lv in m.levels)
         shape = "x".join(str(v) for v in m.levels[0].shape[1:]) if m.levels else "-"
         done = f"{len(m.shards)}/{cache.num_shards}"
@@ -378,30 +383,67 @@ def store_fidelity_warnings(cache_dir: str | Path) -> list[str]:
     return lines
 
 
-def list_caches(root: str | Path) -> list[str]:
-    """One line per cache found under a folder."""
+def _prefix_bytes(sizes: dict[str, int], prefix: str) -> int:
+    prefix = prefix.rstrip("/") + "/"
+    return sum(n for rel, n in sizes.items() if rel.startswith(prefix))
+
+
+@dataclass(frozen=True)
+class FoundCache:
+    """One cache `ls` lists: its name as shown (path or URL), a local folder with its metadata, its bytes."""
+
+    shown: str
+    local: Path
+    nbytes: int
+    full_check: object = None  # () -> Report: the full `verify` (None: only the records are checked)
+
+
+def local_caches(root: str | Path) -> list[FoundCache]:
     root = Path(root)
     if not root.exists():
         raise SakError(f"{root} does not exist; pass a folder that holds caches")
+    found = [p.parent for p in sorted(root.rglob(CACHE_FILE))]
+    return [FoundCache(str(d), d, _dir_bytes(d), full_check=lambda d=d: check_cache(d)) for d in found]
+
+
+def records_problems(cache_dir: Path) -> list[str]:
+    """The cheap part of `verify`: cache.json's own digest, and each store manifest against the sha256
+    cache.json records for it (no shard is read)."""
+    cache = read_cache(cache_dir)
+    problems = []
+    if cache.content_sha256 is not None and cache_content_digest(cache) != cache.content_sha256:
+        problems.append(f"{CACHE_FILE} was modified after it was written")
+    for fp, entry in cache.stores.items():
+        path = cache_dir / entry.path / STORE_MANIFEST
+        if entry.manifest_sha256 and (not path.is_file() or sha256_file(path) != entry.manifest_sha256):
+            problems.append(f"store {fp}: its manifest does not match the sha256 in {CACHE_FILE}")
+    return problems
+
+
+def list_caches(root: str | Path, found: list[FoundCache] | None = None, full: bool = False) -> list[str]:
+    """One line per cache found under a folder (or the given ones): teachers, views, bytes, created, and
+    whether it verifies (its records; every byte with full=True)."""
     lines = []
-    for path in sorted(root.rglob(CACHE_FILE)):
-        cache_dir = path.parent
-        if _is_stage2(cache_dir):
-            lines.append(_stage2_line(cache_dir))
+    for fc in local_caches(root) if found is None else found:
+        if _is_stage2(fc.local):
+            lines.append(_stage2_line(fc.local))
             continue
         try:
-            cache = read_cache(cache_dir)
+            cache = read_cache(fc.local)
         except SakError as e:
-            lines.append(f"{cache_dir}  unreadable: {e}")
+            lines.append(f"{fc.shown}  unreadable: {e}")
             continue
         teachers = []
         for entry in cache.stores.values():
             flag = "" if entry.complete else "(incomplete)"
             flag += "(random-init)" if entry.random_init else ""
             teachers.append(entry.teacher + flag)
+        problems = fc.full_check().problems if full and fc.full_check else records_problems(fc.local)
+        what = "verify" if full else "records"
+        status = f"{what} ok" if not problems else f"{what} FAIL ({len(problems)}: {problems[0]})"
         lines.append(
-            f"{cache_dir}  {cache.dataset.num_images} images, {cache.num_views} views, "
-            f"{human_bytes(_dir_bytes(cache_dir))}, teachers: {', '.join(teachers) or '-'}"
+            f"{fc.shown}  {cache.dataset.num_images} images, {cache.num_views} views, {human_bytes(fc.nbytes)}, "
+            f"created {cache.created}, teachers: {', '.join(teachers) or '-'}, {status}"
         )
     return lines
 
@@ -487,3 +529,47 @@ def _stage2_line(root: Path) -> str:
         f"{root}  stage-2 {cache.identity.dataset}: {cache.rows} rows{'' if cache.complete else ' (incomplete)'}, "
         f"{human_bytes(_dir_bytes(root))}, teachers: {', '.join(names) or '-'}"
     )
+
+
+# ------------------------------------------------------------------------------------- caches in buckets
+
+
+def check_bucket_cache(url: str, progress=None) -> Report:
+    """`verify` of a cache at a URL: every object downloaded once into a fresh temporary folder (so no
+    earlier local copy can hide a damaged object), then checked as a local cache."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="sak-verify-"))
+    try:
+        pull(Bucket(url), tmp, bulk=True)
+        if not (tmp / CACHE_FILE).is_file():
+            raise SakError(f"{url} holds no {CACHE_FILE}; pass the URL of a cache (see `sak-cache ls`)")
+        return check_cache(tmp, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bucket_caches(url: str) -> list[FoundCache]:
+    """Every cache under a URL prefix, its metadata mirrored locally (the objects' bytes from the listing)."""
+    bucket = Bucket(url)
+    sizes = bucket.listing()
+    roots = sorted(rel[: -len(CACHE_FILE)].rstrip("/") for rel in sizes if rel.split("/")[-1] == CACHE_FILE)
+    found = []
+    for rel in roots:
+        sub = bucket.sub(rel) if rel else bucket
+        local = stage_dir(sub.url, "reader")
+        pull(sub, local, bulk=False)
+        nbytes = _prefix_bytes(sizes, rel) if rel else sum(sizes.values())
+        found.append(FoundCache(sub.url, local, nbytes, full_check=lambda u=sub.url: check_bucket_cache(u)))
+    return found
+
+
+def describe_location(location: str) -> str:
+    """`inspect` of a folder or a URL (metadata mirrored, bytes from the object listing)."""
+    if not is_url(location):
+        return describe_cache(location)
+    bucket = Bucket(location)
+    local = stage_dir(bucket.url, "reader")
+    pull(bucket, local, bulk=False)
+    return describe_cache(local, shown=bucket.url, sizes=bucket.listing())

@@ -14,6 +14,52 @@ from sak.pipeline.synthetic import make_photo
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The local S3 server (`s3_server`) is named in the environment before any Ray starts, so that Ray's worker
+# processes (which inherit the environment at ray.init) reach it through the standard variables too.
+S3_PORT = _free_port()
+S3_ENV = {
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "sak-test-key-id",
+    "AWS_SECRET_ACCESS_KEY": "sak-test-secret-key-not-real",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+os.environ.update(S3_ENV)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the session (stopped at the end); yields a bucket factory."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=S3_ENV["AWS_ENDPOINT_URL"])
+    made = set()
+
+    def bucket(name: str) -> str:
+        if name not in made:
+            client.create_bucket(Bucket=name)
+            made.add(name)
+        return f"s3://{name}"
+
+    try:
+        yield bucket
+    finally:
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One embedded Ray for every test that extracts (starting Ray costs seconds)."""

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 PYPROJECT = ROOT / "pyproject.toml"
 PROJECT = "sak-cache"
-LOCKED_EXTRAS = ("test", "train")  # what `make lock` compiles (its --extra flags)
+LOCKED_EXTRAS = ("test", "train", "s3", "gs")  # what `make lock` compiles (its --extra flags)
 # The lock's target: Linux x86_64, CPython 3.11 (markers of pyproject requirements are judged for it)
 LOCK_ENVIRONMENT = {
     **default_environment(),

@@ -54,6 +54,8 @@ class CacheIndex:
     # per row
     boxes: np.ndarray  # (V, 4) int64: x0, y0, x1, y1 in source pixels, half-open
     flips: np.ndarray  # (V,) bool
+    remote: str | None = None  # a bucket cache: root is its local read-through directory
+    local_cache_bytes: int = 0  # the bound on that directory's shard objects
 
     @property
     def views_per_image(self) -> int:

@@ -27,6 +27,7 @@ sorted datasets. The last `holdout_shards` shards are never trained on: Rep Sim 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,14 +50,17 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
+from sak.pipeline.storage import Bucket, is_url, pull, stage_dir
 from sak.pipeline.store.zarr import ShardRows, read_sorted_rows
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
 from sak.pipeline.views import ViewPlan, cut_view
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.integrity import ShardIntegrity
 from sak.student.data.order import StreamPlan
+from sak.student.data.remote import ShardFetcher
 
 log = logging.getLogger("sak")
+DEFAULT_LOCAL_CACHE_GB = 50.0  # bound on a bucket cache's local read-through directory
 
 NORMALIZATIONS = ("student", "imagenet")
 READABLE_FORMATS = ("zarr", "wds")
@@ -133,10 +137,21 @@ def _shown(value):
 
 
 def open_cache(
-    cache_dir: str | Path, teachers: tuple[str, ...] | list[str] | None = None, require_complete: bool = True
+    cache_dir: str | Path,
+    teachers: tuple[str, ...] | list[str] | None = None,
+    require_complete: bool = True,
+    local_cache: str | None = None,
+    local_cache_gb: float = DEFAULT_LOCAL_CACHE_GB,
 ) -> CacheIndex:
     """Read and cross-check a cache for training. `require_complete=False` (online training) accepts
-    stores still being extracted: only their manifests are used."""
+    stores still being extracted: only their manifests are used. A URL cache: its metadata is mirrored
+    into `local_cache` (default: a folder under ~/.cache/sak), its shards are fetched there as read."""
+    if is_url(cache_dir):
+        url = str(cache_dir)
+        local = Path(local_cache).expanduser() if local_cache else stage_dir(url, "reader")
+        pull(Bucket(url), local, bulk=False)
+        index = open_cache(local, teachers, require_complete)
+        return dataclasses.replace(index, remote=url, local_cache_bytes=int(local_cache_gb * 2**30))
     root = Path(cache_dir).expanduser().resolve()
     cache = read_cache(root)
     fps = select_stores(cache, teachers, str(cache_dir))
@@ -357,6 +372,9 @@ class BatchReader:
         self._images: ImageReader | None = None
         self._arrays: dict[tuple[str, int], object] = {}
         self.integrity = ShardIntegrity(index, with_targets)  # verdicts are plain data: kept across forks
+        self.fetcher = (
+            ShardFetcher(index, index.remote, index.local_cache_bytes, with_targets) if index.remote else None
+        )
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -473,7 +491,10 @@ class BatchReader:
 
     def read(self, rows: np.ndarray) -> dict:
         """A batch: rows (B,), images (B, 3, S, S) float32, targets (if with_targets), views (if sides)."""
-        for shard in np.unique(rows // self.index.shard_size).tolist():
+        shards = np.unique(rows // self.index.shard_size).tolist()
+        if self.fetcher is not None:  # a bucket cache: its shard objects, fetched into the local directory
+            self.fetcher.ensure(shards)
+        for shard in shards:
             self.integrity.check(shard)  # before any byte of it is used; hashed once per file per process
         sides = tuple(sorted({self.image_size, *self.view_sides}))
         views = self.read_views(rows, sides)
@@ -500,9 +521,12 @@ class CacheStream(IterableDataset):
     def __init__(self, plan: StreamPlan, reader: BatchReader, start: int = 0) -> None:
         self.plan, self.reader, self.start = plan, reader, start
 
-    def batch(self, t: int) -> dict:
+    def batch(self, t: int, step: int = 1) -> dict:
         rows, epochs = self.plan.batch(t)
         out = self.reader.read(rows)
+        if self.reader.fetcher is not None:  # this worker's next batch: fetch its shards meanwhile
+            upcoming, _ = self.plan.batch(t + step)
+            self.reader.fetcher.prefetch(np.unique(upcoming // self.reader.index.shard_size).tolist())
         out["epochs"] = torch.from_numpy(epochs)
         out["index"] = t
         out["stream"] = t % self.plan.streams
@@ -518,7 +542,7 @@ class CacheStream(IterableDataset):
         t = self.start + wid
         while True:
             try:
-                batch = self.batch(t)
+                batch = self.batch(t, workers)
             except SakError as e:
                 if info is None:
                     raise

@@ -17,6 +17,7 @@ import torch
 from sak.pipeline.errors import SakError
 from sak.pipeline.manifest import read_cache
 from sak.pipeline.provenance import read_json
+from sak.pipeline.storage import is_url, metadata_mirror
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.loader import BatchReader, eval_batches, input_normalization, open_cache
 from sak.student.data.order import holdout_rows
@@ -107,7 +108,8 @@ def open_held_out(
     if not teachers:  # the run's own stores when this cache has them, else the student's teacher names
         recorded = read_json(Path(checkpoint) / RUN_CONFIG)["cache"]["stores"] if run_cfg is not None else []
         fps = tuple(s["fingerprint"] for s in recorded)
-        teachers = fps if fps and set(fps) <= set(read_cache(cache).stores) else tuple(model.teacher_names)
+        known = read_cache(metadata_mirror(str(cache)) if is_url(cache) else cache).stores
+        teachers = fps if fps and set(fps) <= set(known) else tuple(model.teacher_names)
     index = open_cache(cache, teachers, require_complete=not online)
     dims = {s.teacher: s.dim for s in index.stores}
     for t in model.config.teachers:

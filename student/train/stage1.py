@@ -259,7 +259,13 @@ def _set_up(cfg: Stage1Config, env: DistEnv, resume: bool) -> _Session:
     with resume, restored from the checkpoint)."""
     device, run = env.device, Path(cfg.out).expanduser()
     _check_run_folder(run, cfg, env, resume)
-    index = open_cache(cfg.cache, cfg.teachers, require_complete=not cfg.online)
+    index = open_cache(
+        cfg.cache,
+        cfg.teachers,
+        not cfg.online,
+        local_cache=cfg.local_cache,
+        local_cache_gb=cfg.local_cache_gb,
+    )
     if resume:
         _check_resume(run, cfg, env, index)
     mean, std = input_normalization(cfg.normalization, cfg.student)
@@ -351,13 +357,19 @@ def _run_record(s: _Session, resume: bool) -> dict:
             "img_size": s.model.config.img_size,
             "device": str(s.device),
         },
-        "cache": {
-            "path": str(index.root),
+        "cache": {  # lineage: where the cache is, and exactly which store manifests were read
+            "path": index.remote or str(index.root),
+            "url": index.remote,
             "dataset_fingerprint": index.cache.dataset.fingerprint,
             "views_sha256": index.cache.views.sha256,
             "view_plan": index.cache.view_plan.to_dict(),
             "stores": [
-                {"fingerprint": st.fingerprint, "teacher": st.teacher, "codec": st.codec}
+                {
+                    "fingerprint": st.fingerprint,
+                    "teacher": st.teacher,
+                    "codec": st.codec,
+                    "manifest_sha256": index.cache.stores[st.fingerprint].manifest_sha256,
+                }
                 for st in index.stores
             ],
         },

@@ -20,6 +20,8 @@ from sak.student.data.loader import NORMALIZATIONS
 RESUMABLE = frozenset(
     {
         "cache",
+        "local_cache",
+        "local_cache_gb",
         "out",
         "stop_after",
         "eval_every",
@@ -87,7 +89,9 @@ class Stage1Config:
     grad_checkpointing: recompute stem blocks in backward. tensorboard: also write RUN/tb.
     """
 
-    cache: str = field(metadata={"help": "The cache folder (from `sak-cache run`).", "required": False})
+    cache: str = field(
+        metadata={"help": "The cache folder or s3:// / gs:// URL (from `sak-cache run`).", "required": False}
+    )
     out: str = field(
         metadata={"help": "Run folder: config.json, metrics.jsonl, tb/, checkpoint/.", "required": False}
     )
@@ -209,6 +213,20 @@ class Stage1Config:
         default=False, metadata={"help": "Recompute stem blocks in backward.", "group": "compute"}
     )
     tensorboard: bool = field(default=True, metadata={"help": "Also write RUN/tb.", "group": "reporting"})
+    # a cache at an s3:// or gs:// URL is streamed through a bounded local directory
+    local_cache: str | None = field(
+        default=None,
+        metadata={"help": "Local read-through folder for a cache at an s3:// or gs:// URL: shards are "
+                  "downloaded there once, so a second epoch reads them locally [default: under ~/.cache/sak].",
+                  "group": "data"},
+    )  # fmt: skip
+    local_cache_gb: float = field(
+        default=50.0,
+        metadata={
+            "help": "Bound on that folder's shard files; the least recently used are evicted past it.",
+            "group": "data",
+        },
+    )
 
     @classmethod
     def debug(cls, cache: str, out: str, **overrides: Any) -> Stage1Config:

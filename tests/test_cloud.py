@@ -1,0 +1,154 @@
+"""Caches in object storage, against a real S3 server (moto, on 127.0.0.1, started and stopped by the
+`s3_server` fixture): `run` writes every object whole into the bucket, `verify`, `inspect` and `ls` read
+the bucket, and stage-1 training streamed from the bucket equals training from a local copy."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sak.cli.cache import main as cache_main
+from sak.pipeline.errors import SakError
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.storage import STAGE_ENV, Bucket, pull
+from sak.student.train.stage1 import train_stage1
+from sak.student.train.stage1_config import Stage1Config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEACHERS = ("dinov2_tiny",)  # one tiny teacher, four images: the extraction takes seconds
+
+
+@pytest.fixture(scope="module")
+def bucket_cache(s3_server, ray_local, photo_dir, tmp_path_factory):
+    """A tiny Zarr cache extracted straight into the bucket (the driver's mirror in a temporary folder)."""
+    import os
+
+    os.environ[STAGE_ENV] = str(tmp_path_factory.mktemp("stage"))
+    url = s3_server("sak-cloud") + "/team/tiny"
+    cfg = ExtractConfig(
+        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False
+    )  # fmt: skip
+    run_extraction(cfg)
+    yield url
+    os.environ.pop(STAGE_ENV, None)
+
+
+def test_run_writes_the_cache_into_the_bucket(bucket_cache, capsys):
+    objects = Bucket(bucket_cache).listing()
+    assert "cache.json" in objects and "views.parquet" in objects and ".sak-lock" not in objects
+    cache = json.loads(Bucket(bucket_cache).read_bytes("cache.json"))
+    assert len(cache["stores"]) == 1 and all(s["complete"] for s in cache["stores"].values())
+    for fp in cache["stores"]:  # every recorded shard file is an object of the bucket
+        manifest = json.loads(Bucket(bucket_cache).read_bytes(f"teachers/{fp}/manifest.json"))
+        assert manifest["complete"] and manifest["shards"]
+        for shard in manifest["shards"]:
+            for rel in shard["files"]:
+                assert objects[f"teachers/{fp}/{rel}"] == manifest["files"][rel]["bytes"]
+    for rel in objects:  # no credential in any metadata object (manifests record the run's config)
+        if not rel.endswith((".tar", ".npy")) and "/c/" not in rel:
+            text = Bucket(bucket_cache).read_bytes(rel)
+            assert b"sak-test-secret-key-not-real" not in text and b"sak-test-key-id" not in text, rel
+    assert cache_main(["verify", bucket_cache]) == 0
+    assert f"{bucket_cache}: OK" in capsys.readouterr().out
+    assert cache_main(["inspect", bucket_cache]) == 0
+    text = capsys.readouterr().out
+    assert bucket_cache in text and "dinov2_tiny" in text
+
+
+def test_ls_lists_caches_under_a_prefix(bucket_cache, capsys):
+    prefix = bucket_cache.rsplit("/", 1)[0]
+    assert cache_main(["ls", prefix]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(bucket_cache) and "8 views" in line and "created 20" in line
+    assert "dinov2_tiny" in line and line.endswith("records ok")
+
+
+def test_verify_finds_a_damaged_object_in_the_bucket(bucket_cache, s3_server, tmp_path, capsys):
+    copy = s3_server("sak-cloud") + "/team/damaged"
+    local = tmp_path / "c"
+    pull(Bucket(bucket_cache), local, bulk=True)
+    objects = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    shard = next(rel for rel in objects if "/c/" in rel)
+    data = bytearray((local / shard).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (local / shard).write_bytes(bytes(data))
+    for rel in objects:
+        Bucket(copy).put_whole(local / rel, rel)
+    assert cache_main(["verify", copy]) == 1
+    assert shard.split("/", 2)[-1] in capsys.readouterr().out
+
+
+def test_stage1_streams_from_the_bucket_as_from_a_local_copy(bucket_cache, tmp_path):
+    local = tmp_path / "copy"
+    pull(Bucket(bucket_cache), local, bulk=True)
+    kw = dict(steps=4, batch_size=4, eval_every=0, holdout_shards=1)
+    from_local = train_stage1(Stage1Config.debug(str(local), str(tmp_path / "r_local"), **kw))
+    lc = tmp_path / "lc"
+    from_bucket = train_stage1(
+        Stage1Config.debug(bucket_cache, str(tmp_path / "r_s3"), local_cache=str(lc), **kw)
+    )
+    assert len(from_bucket.losses) == 4 and from_bucket.losses == from_local.losses
+    assert any(p.suffix == ".tar" for p in (lc / "images").iterdir())  # shards were read through lc
+    record = json.loads((tmp_path / "r_s3" / "config.json").read_text())["cache"]
+    assert record["url"] == bucket_cache
+    cache = json.loads(Bucket(bucket_cache).read_bytes("cache.json"))
+    assert {s["fingerprint"]: s["manifest_sha256"] for s in record["stores"]} == {
+        fp: e["manifest_sha256"] for fp, e in cache["stores"].items()
+    }
+    from sak.student.train.evaluate import repsim_of_checkpoint
+
+    sims_bucket, n = repsim_of_checkpoint(tmp_path / "r_s3", bucket_cache)
+    assert n > 0 and sims_bucket == repsim_of_checkpoint(tmp_path / "r_s3", str(local))[0]
+    for log_file in (tmp_path / "r_s3").rglob("*"):  # no credential in anything the run wrote
+        if log_file.is_file():
+            text = log_file.read_bytes()
+            assert b"sak-test-secret-key-not-real" not in text and b"sak-test-key-id" not in text
+
+
+def test_a_second_writer_is_refused_by_the_lock_object(bucket_cache):
+    from sak.pipeline.storage import BucketLock
+
+    with BucketLock(Bucket(bucket_cache)):
+        cfg = ExtractConfig(source=None, out=bucket_cache, teachers=("sam_tiny",), size=64, progress=False)
+        with pytest.raises(SakError, match="being written by another sak-cache run"):
+            run_extraction(cfg)
+
+
+def _read_passes(index, passes: int) -> tuple[object, list[int]]:
+    """Read every training batch (of 2) `passes` times; the fetcher and its downloaded bytes after each."""
+    from sak.student.data.loader import BatchReader, input_normalization
+    from sak.student.data.order import make_stream_plan
+
+    reader = BatchReader(index, index.plan.size, *input_normalization("imagenet", "tiny"))
+    plan = make_stream_plan(index, 2, holdout_shards=0)
+    fetched = []
+    for _ in range(passes):
+        for t in range(plan.epoch_length // 2):
+            reader.read(plan.batch(t)[0])
+        fetched.append(reader.fetcher.fetched_bytes)
+    return reader.fetcher, fetched
+
+
+def _bulk_files(folder):
+    return [p for p in folder.rglob("*") if p.is_file() and (p.suffix == ".tar" or "/c/" in p.as_posix())]
+
+
+def test_local_cache_is_read_through_and_bounded(bucket_cache, tmp_path):
+    from sak.student.data.loader import open_cache
+    from sak.student.data.remote import shard_objects
+
+    objects = Bucket(bucket_cache).listing()
+    _, fetched = _read_passes(open_cache(bucket_cache, local_cache=str(tmp_path / "big")), passes=2)
+    on_disk = sum(p.stat().st_size for p in _bulk_files(tmp_path / "big"))
+    assert fetched[0] == on_disk > 0 and fetched[1] == fetched[0]  # the second epoch downloads nothing
+    bound = 40_000  # bytes: less than one shard's objects
+    index = open_cache(bucket_cache, local_cache=str(tmp_path / "small"), local_cache_gb=bound / 2**30)
+    shard_bytes = max(
+        sum(objects[rel] for rel in shard_objects(index, s, True)) for s in range(index.num_shards)
+    )
+    _, tight = _read_passes(index, passes=2)
+    kept = sum(p.stat().st_size for p in _bulk_files(tmp_path / "small"))
+    assert tight[1] > tight[0]  # evicted shards were fetched again in the second epoch
+    assert kept <= 2 * shard_bytes  # at most the shards of the last batch
