@@ -380,6 +380,11 @@ def _setup(cfg: ExtractConfig):
     get_codec(cfg.codec)
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
+    if cfg.student_views == "raw" and is_url(cfg.out):
+        raise SakError(
+            f"--student-views raw is not yet supported for a cache at a URL ({cfg.out}); extract into a "
+            f"folder, or leave --student-views at decode"
+        )
     for spec in specs:  # a bad --levels or --grid fails before any work
         select_levels(spec, cfg.levels)
         resolve_grid(spec, cfg.size, cfg.grid)
