@@ -17,6 +17,7 @@ $(VENV)/.installed: $(LOCK) pyproject.toml
 	$(PY) -m pip install -q pip==$(PIP_VERSION)
 	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	stray="$$($(PY) tests/lockcheck.py stray)"; [ -z "$$stray" ] || $(PY) -m pip uninstall -q -y $$stray
 	$(PY) tests/lockcheck.py installed
 	touch $@
 

@@ -28,12 +28,14 @@ from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.targets import (
     codec_field,
+    compressor_field,
     format_field,
     grid_field,
     levels_field,
     parse_grid,
     resolve_grid,
     select_levels,
+    student_views_field,
 )
 from sak.pipeline.teachers import TeacherSpec, parse_teachers
 from sak.pipeline.units import UNITS_NOTE, human_bytes
@@ -130,21 +132,8 @@ class EstimateConfig:
     image_kb: float = field(
         default=ASSUMED_IMAGE_KB, metadata={"help": "Mean stored image size without --source."}
     )
-    compressor: str = field(
-        default="none",
-        metadata={
-            "help": "Lossless compression of Zarr chunks (none, lz4, zstd), as for `run`.",
-            "group": "targets",
-        },
-    )
-    student_views: str = field(
-        default="decode",
-        metadata={
-            "help": "raw: the cache stores the student's pixels (no JPEG decode in the loader), as for `run`.",
-            "choices": ("decode", "raw"),
-            "group": "targets",
-        },
-    )
+    compressor: str = compressor_field()
+    student_views: str = student_views_field()
     read_gbps: float = field(
         default=10.0, metadata={"help": "Storage bandwidth the trainers share, GB/s.", "group": "machine"}
     )

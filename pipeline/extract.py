@@ -70,6 +70,7 @@ from sak.pipeline.student_views import add_student_views
 from sak.pipeline.student_views import check_mode as check_views_mode
 from sak.pipeline.targets import (
     codec_field,
+    compressor_field,
     format_field,
     grid_field,
     identity_fields,
@@ -77,6 +78,7 @@ from sak.pipeline.targets import (
     resolve_grid,
     select_levels,
     shape_targets,
+    student_views_field,
 )
 from sak.pipeline.teachers import (
     TOKEN_SELECTION,
@@ -192,24 +194,8 @@ class ExtractConfig:
     )
     codec: str = codec_field()
     format: str = format_field()
-    student_views: str = field(
-        default="decode",
-        metadata={
-            "help": "raw: also store every view as the student's uint8 input pixels (S*S*3 bytes a view), so "
-            "the loader does no JPEG decode or resize; decode: the loader cuts views from the images.",
-            "choices": ("decode", "raw"),
-            "group": "targets",
-        },
-    )
-    compressor: str = field(
-        default="none",
-        metadata={
-            "help": "Lossless compression of Zarr chunks: none, lz4 or zstd (Blosc). Feature maps barely "
-            "compress (zstd saves ~8% for 5-10x the loader's decode CPU), so none is the default.",
-            "choices": ("none", "lz4", "zstd"),
-            "group": "targets",
-        },
-    )
+    student_views: str = student_views_field()
+    compressor: str = compressor_field()
     levels: str = levels_field()
     grid: str = grid_field()  # canonical: "native" | "student" | "HxW" (parse_grid at the config boundary)
     workers: int | None = field(

@@ -3,6 +3,7 @@
 Used by tests/test_lock.py (default tier, no network) and by `make venv` after installing the lock:
     python tests/lockcheck.py installed     # exit 1, naming each package, unless the env IS the lock
     python tests/lockcheck.py pyproject     # exit 1, naming each package, unless pyproject and lock agree
+    python tests/lockcheck.py stray         # installed packages the lock does not hold (make removes them)
 Standard library plus `packaging` (pinned in the lock) only.
 """
 
@@ -125,7 +126,18 @@ def installed_problems(lock: Path = LOCK) -> list[str]:
     return problems
 
 
+def stray_packages(lock: Path = LOCK) -> list[str]:
+    """Installed distributions the lock does not hold (left by an older lock): `make` uninstalls them."""
+    locked = read_lock(lock)
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    names = {canonicalize_name(d.metadata["Name"]) for d in metadata.distributions(path=site)}
+    return sorted(n for n in names if n not in locked and n not in NOT_LOCKED)
+
+
 def main(argv: list[str]) -> int:
+    if argv == ["stray"]:  # names only, one a line, for `pip uninstall`
+        print("\n".join(stray_packages()))
+        return 0
     checks = {"installed": installed_problems, "pyproject": pyproject_problems}
     if len(argv) != 1 or argv[0] not in checks:
         print(f"usage: python tests/lockcheck.py {'|'.join(checks)}", file=sys.stderr)

@@ -88,3 +88,13 @@ def test_installed_check_ignores_what_ray_puts_on_sys_path():
     import ray  # noqa: F401  (importing Ray prepends its vendored third-party packages to sys.path)
 
     assert not any(p.startswith(("psutil:", "colorama:")) for p in installed_problems())
+
+
+def test_stray_names_what_the_lock_does_not_hold(tmp_path):
+    lock = tmp_path / "requirements.lock"
+    text = LOCK.read_text()
+    block = re.search(r"^numpy==.*?(?=^\S|\Z)", text, flags=re.M | re.S)
+    lock.write_text(text[: block.start()] + text[block.end() :])
+    from lockcheck import stray_packages
+
+    assert "numpy" in stray_packages(lock=lock)
