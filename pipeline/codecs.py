@@ -60,7 +60,9 @@ For the loader (dequantise on the training device; workers move one byte per val
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import re
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -90,6 +92,15 @@ class Codec:
     granularity: str | None = None  # scaled codecs: "token" | "group" | "channel"
     group: int | None = None  # channels per scale for "group"
     blosc_shuffle: str = "shuffle"  # Blosc filter the stores use for these values
+    rank: int | None = None  # low-rank codecs (pca<k>): the values are k coefficients per token
+
+    @property
+    def low_rank(self) -> bool:
+        return self.rank is not None
+
+    def stored_width(self, channels: int) -> int:
+        """Width of the stored values of a C-channel map: k (clipped to C) for pca<k>, else C."""
+        return min(self.rank, channels) if self.rank is not None else channels
 
     # ----------------------------------------------------------------------------------- description
 
@@ -135,7 +146,9 @@ class Codec:
         return (h, w, c // self.group_size(c))
 
     def bytes_per_sample(self, h: int, w: int, c: int) -> int:
-        """Stored bytes of one (h, w, c) map before lossless compression, scales included."""
+        """Stored bytes of one (h, w, c) map before lossless compression, scales included (pca<k>: of
+        its k coefficients; the basis is stored once per store)."""
+        c = self.stored_width(c)
         n = h * w * c * self.bytes_per_value
         shape = self.scale_shape(h, w, c)
         return n + (int(np.prod(shape)) * np.dtype(SCALE_DTYPE).itemsize if shape else 0)
@@ -158,13 +171,21 @@ class Codec:
                     else ""
                 ),
             }
+        if self.low_rank:
+            d["low_rank"] = {
+                "rank": self.rank,
+                "fit": "per level: channel mean and top-k principal directions of the store's first shard, "
+                "float32 features (float64 arithmetic), stored float32; k clipped to the channel count",
+                "decode": "x = coefficients @ components + mean; coefficients (..., k) as values decode, "
+                "components (k, C), mean (C,)",
+            }
         return d
 
     def identity(self) -> dict:
         """Fields for a store's fingerprint identity beyond its "codec" name: the full spec of a scaled
         codec (so a changed granularity can never reuse a store); nothing for fp32/fp16/bf16, whose
         existing fingerprints stay as they are."""
-        return {"codec_spec": self.describe()} if self.scaled else {}
+        return {"codec_spec": self.describe()} if self.scaled or self.low_rank else {}
 
     # ---------------------------------------------------------------------------------------- encode
 
@@ -278,8 +299,9 @@ class Codec:
 
 
 def refuse_overflow(codec: Codec, x: torch.Tensor, teacher: str, block: int) -> None:
-    """An fp16 store cannot hold |x| > 65504 (it would store inf): refuse at extraction, one line."""
-    if codec.true_dtype != "float16":
+    """An fp16 store cannot hold |x| > 65504 (it would store inf): refuse at extraction, one line. (pca<k>:
+    its coefficients are checked when encoded.)"""
+    if codec.true_dtype != "float16" or codec.low_rank:
         return
     amax = float(x.detach().abs().amax()) if x.numel() else 0.0
     if amax > 65504 or amax != amax:
@@ -330,13 +352,40 @@ register_codec(Codec("int8_tc", "int8", "int8", "token_channel", None, "noshuffl
 
 
 def codec_names() -> list[str]:
-    return sorted(_CODECS)
+    return sorted(_CODECS) + ["pca<k>", "pca<k>-fp8"]
+
+
+_PCA = re.compile(r"pca(\d+)(?:-(\w+))?")
+PCA_COEFFICIENTS = {"fp16": "fp16", "fp8": "fp8_token"}  # pca<k>[-x]: x -> the codec of the coefficients
+
+
+def pca_codec(name: str) -> Codec | None:
+    """`pca<k>` (float16 coefficients) or `pca<k>-fp8` (float8 e4m3 coefficients, one float16 scale per
+    token); None for a name that is not pca<k>. The values are the coefficients, encoded by the named
+    coefficient codec; the basis is the store's (lowrank.py)."""
+    m = _PCA.fullmatch(name)
+    if m is None:
+        return None
+    k, coeffs = int(m.group(1)), m.group(2) or "fp16"
+    if k < 1:
+        raise SakError(f"codec {name}: pca<k> needs k >= 1 (e.g. pca64)")
+    if coeffs not in PCA_COEFFICIENTS:
+        raise SakError(
+            f"codec {name}: pca coefficients are stored as fp16 (pca{k}) or fp8 (pca{k}-fp8), not {coeffs}; "
+            f"int8 and the other codecs do not combine with pca"
+        )
+    inner = _CODECS[PCA_COEFFICIENTS[coeffs]]
+    return dataclasses.replace(inner, name=name, rank=k)
 
 
 def get_codec(name: str) -> Codec:
-    if name not in _CODECS:
-        raise SakError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}")
-    return _CODECS[name]
+    if name in _CODECS:
+        return _CODECS[name]
+    if name.startswith("pca"):
+        codec = pca_codec(name)
+        if codec is not None:
+            return codec
+    raise SakError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}")
 
 
 # ------------------------------------------------------------------------------------ test features
@@ -371,7 +420,7 @@ def outlier_features(
 @dataclass(frozen=True)
 class PcaBasis:
     """A low-rank basis of one (teacher, level): the channel mean (C,) and the top-k principal directions
-    (k, C), both float32, fitted in float64 on a sample of that level's own features. A map is stored as
+    (k, C), both float32, fitted (float64 arithmetic) on float32 features of that level. A map is stored as
     its coefficients (..., H, W, k) = (x - mean) @ components.T and decoded by one matmul:
 
         x = coefficients.astype("float32") @ components + mean          # numpy alone
@@ -379,15 +428,18 @@ class PcaBasis:
 
     mean: np.ndarray  # (C,) float32
     components: np.ndarray  # (k, C) float32, orthonormal rows, by decreasing variance
-    explained: float  # fraction of the fitting sample's variance the k directions keep
+    explained: float  # fraction of the fitting sample's variance the k directions keep (nan: not known)
+    _on: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) -> (mean, comps)
 
     @classmethod
     def fit(cls, x: torch.Tensor, k: int) -> PcaBasis:
         """Fit on (..., C) features; k is capped at C (k >= C keeps everything: an exact rotation)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).double().cpu()  # (T, C)
+        flat = x.detach().reshape(-1, x.shape[-1]).float().double().cpu()  # (T, C)
         c = flat.shape[-1]
         if k < 1:
             raise SakError(f"pca<k> needs k >= 1, got {k}")
+        if not bool(torch.isfinite(flat).all()):
+            raise SakError("the features to fit a pca basis on are not all finite")
         mean = flat.mean(0)
         cov = (flat - mean).T @ (flat - mean) / max(flat.shape[0] - 1, 1)  # (C, C)
         evals, evecs = torch.linalg.eigh(cov)  # ascending
@@ -401,13 +453,27 @@ class PcaBasis:
     def k(self) -> int:
         return self.components.shape[0]
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> float32 coefficients (..., k) on the CPU."""
+        m, p = torch.from_numpy(self.mean), torch.from_numpy(self.components)
+        return (x.detach().float().cpu() - m) @ p.T
+
     def encode(self, x: torch.Tensor, dtype: torch.dtype = torch.float16) -> np.ndarray:
         """(..., H, W, C) -> coefficients (..., H, W, k) in `dtype` (float16 as stored)."""
-        m, p = torch.from_numpy(self.mean), torch.from_numpy(self.components)
-        coeffs = (x.detach().float().cpu() - m) @ p.T
+        coeffs = self.project(x)
         if dtype == torch.float16 and float(coeffs.abs().max()) > 65504:
             raise SakError("pca coefficients exceed float16's 65504; the features are too large for fp16")
         return coeffs.to(dtype).numpy()
+
+    def on(self, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, components) as tensors on `device`, moved there once."""
+        key = (str(device), dtype)
+        if key not in self._on:
+            self._on[key] = (
+                torch.from_numpy(self.mean).to(device, dtype),
+                torch.from_numpy(self.components).to(device, dtype),
+            )
+        return self._on[key]
 
     def decode_torch(
         self, coeffs: np.ndarray | torch.Tensor, device=None, dtype: torch.dtype = torch.float32
@@ -415,7 +481,5 @@ class PcaBasis:
         """Coefficients (..., k) -> (..., C) on `device`: one matmul there (the basis is small)."""
         c = torch.from_numpy(np.ascontiguousarray(coeffs)) if isinstance(coeffs, np.ndarray) else coeffs
         c = c.to(device).to(dtype)
-        p = torch.from_numpy(self.components).to(device, dtype)
-        return torch.addmm(torch.from_numpy(self.mean).to(device, dtype), c.reshape(-1, self.k), p).reshape(
-            *c.shape[:-1], p.shape[-1]
-        )
+        mean, comps = self.on(c.device, dtype)
+        return torch.addmm(mean, c.reshape(-1, self.k), comps).reshape(*c.shape[:-1], comps.shape[-1])

@@ -43,6 +43,7 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
+from sak.pipeline.lowrank import has_basis, prepare_bases
 from sak.pipeline.manifest import (
     IMAGE_INDEX_FILE,
     JOURNAL,
@@ -309,6 +310,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
         schedule = Schedule.of(_shard_jobs(cache, stores))
+        schedule.hold_first = _needs_basis(stores)  # pca<k>: shard 0 fits the basis before any other shard
         t0 = time.monotonic()
         try:
             _run_shards(cfg, out, stores, schedule)
@@ -363,7 +365,11 @@ def _setup(cfg: ExtractConfig):
         )
     if cfg.batch_size < 1:
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    get_codec(cfg.codec)
+    if get_codec(cfg.codec).low_rank and is_url(cfg.out):
+        raise SakError(
+            f"--codec {cfg.codec} is not yet supported for a cache at a URL ({cfg.out}); extract into a "
+            f"folder (and upload it), or use a codec without a basis (fp16, fp8, int8_tc)"
+        )
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
     if cfg.student_views == "raw" and is_url(cfg.out):
@@ -513,7 +519,7 @@ def _store_identity(
         token_selection=TOKEN_SELECTION,
         grid=shape["grid"],
         codec=codec.name,
-        codec_spec=_codec_spec(codec) if codec.scaled else None,
+        codec_spec=_codec_spec(codec) if codec.scaled or codec.low_rank else None,
         dtype=codec.true_dtype,
         format=cfg.format,
         compressor=_compressor(cfg),
@@ -547,6 +553,11 @@ def _store_plan(
     path = out / "teachers" / fp
     created = read_store_manifest(path).created if (path / STORE_MANIFEST).exists() else now_iso()
     grids = {b: (*grid, spec.dim) for b in blocks}
+    if codec.low_rank and codec.rank >= spec.dim:
+        log.warning(
+            f"{spec.name} has {spec.dim} channels: --codec {codec.name} keeps all {spec.dim} (k clipped to the "
+            f"channel count): an exact rotation, no smaller than fp16"
+        )
     manifest = StoreManifest(
         schema_version=SCHEMA_VERSION,
         fingerprint=fp,
@@ -678,6 +689,7 @@ class Schedule:
     first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
     views_at_first: int = 0
     steady_views_per_s: float | None = None
+    hold_first: bool = False  # submit nothing more until the first job has landed (a pca<k> basis fit)
 
     @classmethod
     def of(cls, jobs: list[ShardJob]) -> Schedule:
@@ -688,6 +700,8 @@ class Schedule:
 
     def can_submit(self) -> bool:
         in_flight = len(self.cutting) + len(self.computing)
+        if self.hold_first and in_flight:
+            return False
         return bool(self.queue) and self.failure is None and in_flight < self.max_in_flight
 
     def busy(self) -> bool:
@@ -699,6 +713,7 @@ class Schedule:
         return w
 
     def landed(self, job: ShardJob) -> None:
+        self.hold_first = False
         self.views_done += job.views
         if self.first_done is None:
             self.first_done, self.views_at_first = time.monotonic(), self.views_done
@@ -713,6 +728,22 @@ class Schedule:
             views_per_s=round(self.views_done / seconds, 3) if seconds > 0 else None,
             steady_views_per_s=self.steady_views_per_s,  # from the first finished shard to the last
         )
+
+
+def _needs_basis(stores: list[StorePlan]) -> bool:
+    """Whether a pca<k> store still needs its basis (fitted by the worker that computes shard 0); a store
+    that records shards but lost its basis is refused."""
+    needs = False
+    for sp in stores:
+        if not get_codec(sp.manifest.codec).low_rank or has_basis(sp.path):
+            continue
+        if sp.done:
+            raise SakError(
+                f"store {sp.fingerprint} records {len(sp.done)} shard(s) but its pca basis (basis/) is "
+                f"missing, so they cannot be decoded; delete {sp.path} and re-run"
+            )
+        needs = True
+    return needs
 
 
 def _shard_jobs(cache: CacheManifest, stores: list[StorePlan]) -> list[ShardJob]:
@@ -894,10 +925,11 @@ class TeacherWorker:
             store, (blocks, _) = self.stores[name], self.shapes[name]
             for block, level in zip(blocks, levels):
                 refuse_overflow(store.codec, level, name, block)
+            prepare_bases(store, job.shard, dict(zip(blocks, levels)))  # pca<k>: fitted on shard 0, first
             fidelity = None
             if native[name]:  # measured before writing: the stored bytes are the same encoding
                 fidelity = measure_levels(
-                    store.codec, dict(zip(blocks, native[name])), dict(zip(blocks, levels))
+                    store.codec, dict(zip(blocks, native[name])), dict(zip(blocks, levels)), store.bases
                 )
             files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
             stats = save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))

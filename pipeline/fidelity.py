@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.codecs import Codec
+from sak.pipeline.codecs import Codec, PcaBasis
 from sak.pipeline.format import LevelFidelity, StoreManifest
+from sak.pipeline.lowrank import decode_level, encode_level
 from sak.pipeline.targets import resample
 
 WARN_BELOW = 0.99  # 1st-percentile per-token cosine (raw or standardised) under which `run` warns
@@ -59,16 +60,21 @@ def compare(block: int, reference: torch.Tensor, stored: torch.Tensor, compared:
 
 
 def measure_levels(
-    codec: Codec, native: dict[int, torch.Tensor], stored: dict[int, torch.Tensor]
+    codec: Codec,
+    native: dict[int, torch.Tensor],
+    stored: dict[int, torch.Tensor],
+    bases: dict[int, PcaBasis] | None = None,
 ) -> list[LevelFidelity]:
     """Per kept block: native (n, H, W, C) fp32 teacher output, stored (n, h, w, C) fp32 before encoding
-    (resampled when the grid is); the stored bytes are recomputed with the same codec and decoded."""
+    (resampled when the grid is); the stored bytes are recomputed with the same codec (and, pca<k>, the
+    store's basis) and decoded."""
     out = []
     for block, x in stored.items():
         ref = native[block].float()
         resampled = tuple(ref.shape[1:3]) != tuple(x.shape[1:3])
         kind = "+".join(k for k, on in (("codec", codec.name not in EXACT_CODECS), ("grid", resampled)) if on)
-        decoded = codec.decode(*codec.encode_parts(x))
+        basis = (bases or {}).get(block)
+        decoded = decode_level(codec, basis, *encode_level(codec, basis, x))
         out.append(compare(block, ref, decoded, kind or "codec"))
     return out
 
@@ -83,7 +89,7 @@ def fidelity_warnings(teacher: str, manifest: StoreManifest) -> list[str]:
         for name, v in low:
             lines.append(
                 f"WARNING: {teacher} level {f.block}: 1st-percentile per-token {name} {v:.4f} < {WARN_BELOW} "
-                f"({f.compared} {manifest.codec}); a less lossy --codec (fp8, int8_tc, fp16) or --grid "
+                f"({f.compared} {manifest.codec}); a less lossy --codec (fp8, int8_tc, fp16, a larger pca<k>) or --grid "
                 f"native keeps more"
             )
     return lines

@@ -83,6 +83,8 @@ _STORE_FILES = {  # kind -> pattern of a path relative to a store
     "zarr shard": r"(?:levels|scales)/\d+/c/\d+/0/0/0",
     "wds layout": r"layout\.json",
     "wds shard": r"shards/shard-\d{6}\.tar",
+    "pca basis": r"basis/(?:(?:\d+/(?:(?:mean|components)/)?)?zarr\.json|\d+/mean/c/0|\d+/components/c/0/0"
+    r"|\d+\.(?:mean|components)\.npy)",
 }
 
 
@@ -257,12 +259,22 @@ class CodecScales:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CodecLowRank:
+    """pca<k> codecs: the values are k coefficients per token over a per-level basis (lowrank.py)."""
+
+    rank: int = field(metadata=doc("k asked for; a level of C < k channels stores C"))
+    fit: str
+    decode: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class CodecSpec:
     """How stored values decode (codecs.py `Codec.describe`)."""
 
     name: str
     values: CodecValues
     scales: CodecScales | None = field(default=None, metadata=OMIT)
+    low_rank: CodecLowRank | None = field(default=None, metadata=OMIT)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -307,6 +319,18 @@ class StoreIdentity:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LevelBasis:
+    """A pca<k> level's basis, stored beside its arrays: x = coefficients @ components + mean."""
+
+    mean: str = field(metadata=doc("Zarr array basis/<block>/mean or WebDataset file basis/<block>.mean.npy"))
+    components: str = field(metadata=doc("basis/<block>/components or basis/<block>.components.npy"))
+    mean_shape: list[int] = field(metadata=doc("(C,)"))
+    components_shape: list[int] = field(metadata=doc("(k, C): orthonormal rows, largest variance first"))
+    dtype: str
+    decode: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class LevelRecord:
     """One stored level: where its values (and scales) are, shapes and dtypes."""
 
@@ -321,6 +345,11 @@ class LevelRecord:
     scales_member: str | None = field(default=None, metadata=OMIT)
     scales_shape: list[int] | None = field(default=None, metadata=OMIT)
     scales_dtype: str | None = field(default=None, metadata=OMIT)
+    channels: int | None = field(
+        default=None,
+        metadata=doc("pca<k> stores: the decoded width C (shape[-1] is the stored width k)", **OMIT),
+    )
+    basis: LevelBasis | None = field(default=None, metadata=OMIT)  # pca<k> stores only
 
 
 @dataclass(frozen=True, kw_only=True)

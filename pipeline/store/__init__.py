@@ -59,9 +59,12 @@ def level_records(
     fmt: str, codec, num_views: int, grids: dict[int, tuple[int, int, int]]
 ) -> list[LevelRecord]:
     """One manifest entry per level: where its values (and scales) are, shapes, dtypes, codec."""
+    from sak.pipeline.lowrank import basis_record
+
     zarr = check_format(fmt) == "zarr"
     out = []
-    for b, (h, w, c) in sorted(grids.items()):
+    for b, (h, w, channels) in sorted(grids.items()):
+        c = codec.stored_width(channels)  # pca<k>: the stored k; `channels` and `basis` say how to decode
         out.append(
             LevelRecord(
                 block=int(b),
@@ -75,6 +78,8 @@ def level_records(
                 scales_member=f"<samplekey>.{b}.scales.npy" if codec.scaled and not zarr else None,
                 scales_shape=[num_views, *codec.scale_shape(h, w, c)] if codec.scaled else None,
                 scales_dtype="float16" if codec.scaled else None,
+                channels=channels if codec.low_rank else None,
+                basis=basis_record(fmt, b, c, channels) if codec.low_rank else None,
             )
         )
     return out

@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sak.pipeline.codecs import Codec, Encoded, get_codec
+from sak.pipeline.codecs import Codec, Encoded, PcaBasis, get_codec
 from sak.pipeline.errors import SakError
+from sak.pipeline.lowrank import basis_paths, decode_level, encode_level, level_basis
 from sak.pipeline.provenance import read_json, sha256_file, write_json_atomic
 
 FORMAT = "wds"
@@ -73,13 +74,18 @@ def layout_record(
             {
                 "block": int(b),
                 "member": f"<samplekey>.{b}.npy",
-                "shape": [h, w, c],
+                "shape": [h, w, codec.stored_width(c)],
+                **(
+                    {"channels": c, "basis": dict(zip(("mean", "components"), basis_paths(FORMAT, b)))}
+                    if codec.low_rank
+                    else {}
+                ),
                 "store_dtype": codec.store_dtype,
                 "true_dtype": codec.true_dtype,
                 **(
                     {
                         "scales_member": f"<samplekey>.{b}.scales.npy",
-                        "scales_shape": list(codec.scale_shape(h, w, c)),
+                        "scales_shape": list(codec.scale_shape(h, w, codec.stored_width(c))),
                     }
                     if codec.scaled
                     else {}
@@ -136,6 +142,8 @@ class WdsTeacherStore:
         self.shard_size = shard_size
         self._keys = sample_keys
         self._index: dict[int, tuple[int, dict[str, tarfile.TarInfo]]] = {}  # shard -> (mtime, members)
+        self.format = FORMAT
+        self.bases: dict[int, PcaBasis] = {}  # pca<k>: each level's basis (lowrank.py), read when first used
 
     @property
     def sample_keys(self) -> list[str]:
@@ -180,7 +188,7 @@ class WdsTeacherStore:
                 raise ValueError(
                     f"shard {shard} of level {block} must hold {hi - lo} rows, got {feats.shape[0]}"
                 )
-        encoded = {b: self.codec.encode_parts(levels[b]) for b in sorted(levels)}  # block -> Encoded
+        encoded = {b: encode_level(self.codec, self.basis(b), levels[b]) for b in sorted(levels)}
         rel = shard_file(shard)
         final = self.path / rel
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -265,10 +273,13 @@ class WdsTeacherStore:
 
     def read(self, block: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one level, decoded to float32 (n, H, W, C)."""
-        return self.codec.decode(*self.read_encoded(block, start, stop))
+        return decode_level(self.codec, self.basis(block), *self.read_encoded(block, start, stop))
 
     def read_rows(self, block: int, rows: np.ndarray) -> torch.Tensor:
-        return self.codec.decode(*self._read_rows_encoded(block, rows))
+        return decode_level(self.codec, self.basis(block), *self._read_rows_encoded(block, rows))
+
+    def basis(self, block: int) -> PcaBasis | None:
+        return level_basis(self, block)
 
     def blocks(self, shard: int = 0) -> list[int]:
         """Blocks stored in a shard (from its first sample's members)."""

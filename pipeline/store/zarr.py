@@ -33,8 +33,9 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, get_codec
+from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, PcaBasis, get_codec
 from sak.pipeline.errors import SakError
+from sak.pipeline.lowrank import decode_level, encode_level, level_basis
 from sak.pipeline.provenance import sha256_file
 
 FORMAT = "zarr"
@@ -102,6 +103,7 @@ def create_store(
     scales = group.require_group("scales") if codec.scaled else None
     for block, (h, w, c) in grids.items():
         attrs = {"block": int(block), "codec": codec.name, "true_dtype": codec.true_dtype}
+        c = codec.stored_width(c)  # pca<k>: k coefficients per token
         _require_array(
             levels,
             str(block),
@@ -133,6 +135,8 @@ class ZarrTeacherStore:
         self.codec = get_codec(codec)
         self.shard_size = shard_size
         self._arrays: dict[tuple[str, int], zarr.Array] = {}
+        self.format = FORMAT
+        self.bases: dict[int, PcaBasis] = {}  # pca<k>: each level's basis (lowrank.py), read when first used
 
     def array(self, block: int, kind: str = "levels") -> zarr.Array:
         """The values (`kind="levels"`) or scales (`kind="scales"`) array of one level."""
@@ -164,7 +168,7 @@ class ZarrTeacherStore:
                 raise ValueError(
                     f"shard {shard} of level {block} must hold whole shard rows, got {feats.shape[0]}"
                 )
-            enc = self.codec.encode_parts(feats)
+            enc = encode_level(self.codec, self.basis(block), feats)
             arr[start:stop] = enc.values
             kinds = ["levels"]
             if enc.scales is not None:
@@ -189,11 +193,14 @@ class ZarrTeacherStore:
 
     def read(self, block: int, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of one level, decoded to float32 (n, H, W, C)."""
-        return self.codec.decode(*self.read_encoded(block, start, stop))
+        return decode_level(self.codec, self.basis(block), *self.read_encoded(block, start, stop))
 
     def read_rows(self, block: int, rows: np.ndarray) -> torch.Tensor:
         """Arbitrary rows (sorted for speed within a shard) decoded to float32 (n, H, W, C)."""
-        return self.codec.decode(*self.read_encoded_rows(block, rows))
+        return decode_level(self.codec, self.basis(block), *self.read_encoded_rows(block, rows))
+
+    def basis(self, block: int) -> PcaBasis | None:
+        return level_basis(self, block)
 
     def blocks(self) -> list[int]:
         return sorted(int(k) for k in zarr.open_group(str(self.path / "levels"), mode="r").array_keys())

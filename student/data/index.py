@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sak.pipeline.codecs import PcaBasis
 from sak.pipeline.format import CacheManifest, StoreManifest
 from sak.pipeline.views import ViewPlan
 
@@ -29,6 +30,7 @@ class StoreInfo:
     positions: tuple[int, ...]  # which of the teacher's (and student's) 4 taps each stored level is
     grids: tuple[tuple[int, int], ...]  # (H, W) of each level (the teacher's grid, or a resampled one)
     manifest: StoreManifest = field(compare=False, repr=False)
+    bases: dict[int, PcaBasis] | None = field(default=None, compare=False, repr=False)  # pca<k>, by block
 
     @property
     def side(self) -> int:

@@ -46,8 +46,10 @@ from sak.pipeline.format import (
     StoreManifest,
     read_cache,
     read_store_manifest,
+    store_file_kind,
     to_json,
 )
+from sak.pipeline.lowrank import decode_level, read_bases
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
 from sak.pipeline.storage import Bucket, is_url, pull, stage_dir
@@ -216,6 +218,7 @@ def open_cache(
                 positions=tuple(taps.index(lv.block) for lv in m.levels),
                 grids=tuple((lv.shape[1], lv.shape[2]) for lv in m.levels),
                 manifest=m,
+                bases=_store_bases(root / cache.stores[fp].path, m, fp),
             )
         )
     boxes = np.stack([views.column(c).to_numpy().astype(np.int64) for c in ("x0", "y0", "x1", "y1")], axis=1)
@@ -233,6 +236,25 @@ def open_cache(
         boxes=boxes,
         flips=views.column("flip").to_numpy(zero_copy_only=False).astype(bool),
     )
+
+
+def _store_bases(path: Path, m: StoreManifest, fp: str) -> dict | None:
+    """A pca<k> store's basis of every level (checked against the manifest's digests before)."""
+    if not get_codec(m.codec).low_rank:
+        return None
+    bases = read_bases(path, m.format, [lv.block for lv in m.levels])
+    if bases is None:
+        raise SakError(
+            f"store {m.teacher.name} ({fp}) is a {m.codec} store without its pca basis (basis/); it cannot be "
+            f"decoded: run `sak-cache verify`, delete the store and re-run `sak-cache run`"
+        )
+    for lv in m.levels:
+        if list(bases[lv.block].components.shape) != [lv.shape[-1], lv.channels]:
+            raise SakError(
+                f"store {m.teacher.name} ({fp}) level {lv.block}: its pca basis has shape "
+                f"{list(bases[lv.block].components.shape)}, the manifest says {[lv.shape[-1], lv.channels]}"
+            )
+    return bases
 
 
 def _read_table(path: Path):
@@ -253,7 +275,7 @@ def _check_recorded_digests(root: Path, cache: CacheManifest, manifests: dict[st
         files += [
             (store / rel, d)
             for rel, d in (m.files or {}).items()
-            if rel.endswith(("zarr.json", "layout.json"))
+            if rel.endswith(("zarr.json", "layout.json")) or store_file_kind(rel) == "pca basis"
         ]
     for path, digest in files:
         if not path.is_file() or path.stat().st_size != digest.bytes or sha256_file(path) != digest.sha256:
@@ -313,7 +335,14 @@ def decode_targets(
     out = {}
     for store in stores:
         values = batch["targets"][store.teacher]
-        if store.teacher in scales:
+        if store.bases is not None:  # pca<k>: coefficients (B, H, W, k) @ components (k, C) + mean, there
+            codec = get_codec(store.codec)
+            sc = scales.get(store.teacher, [None] * len(values))
+            out[store.teacher] = [
+                decode_level(codec, store.bases[b], v, s, device=device)
+                for b, v, s in zip(store.blocks, values, sc)
+            ]
+        elif store.teacher in scales:
             codec = get_codec(store.codec)
             out[store.teacher] = [
                 codec.decode_torch(v, sc, device=device, dtype=torch.float32)
