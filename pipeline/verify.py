@@ -176,13 +176,41 @@ def _verify_store(
     # every file the manifest digests (shard files are checked below, with their shard)
     shard_files = {f"{entry.path}/{rel}" for s in m.shards for rel in s.files}
     for rel, digest in (m.files or {}).items():
-        if f"{entry.path}/{rel}" not in shard_files:
+        if f"{entry.path}/{rel}" not in shard_files and store_file_kind(rel) != "pca basis":
             digests.check(f"{entry.path}/{rel}", digest.sha256, where, size=digest.bytes)
+    problems += _verify_basis(store_dir, m, where)
     problems += (
         _verify_wds_layout(store_dir, m, where) if m.format == "wds" else _verify_arrays(store_dir, m, where)
     )
     problems += _verify_shards(cache, m, entry, digests, where, progress)
     return m
+
+
+def _verify_basis(store_dir: Path, m: StoreManifest, where: str) -> list[str]:
+    """A pca<k> store: every level's basis recorded in the files table and every basis file matching its
+    digest; all findings in one line (without its basis the store cannot be decoded at all)."""
+    levels = [lv for lv in m.levels if lv.basis is not None]
+    if not levels:
+        return []
+    recorded = {rel: d for rel, d in (m.files or {}).items() if store_file_kind(rel) == "pca basis"}
+    bad = [
+        f"level {lv.block} {part} not recorded"
+        for lv in levels
+        for part in (lv.basis.mean, lv.basis.components)
+        if not any(rel == part or rel.startswith(part + "/") for rel in recorded)
+    ]
+    for rel, d in sorted(recorded.items()):
+        path = store_dir / rel
+        if not path.is_file():
+            bad.append(f"{rel} missing")
+        elif path.stat().st_size != d.bytes or sha256_file(path) != d.sha256:
+            bad.append(f"{rel} altered")
+    if not bad:
+        return []
+    return [
+        f"{where}: its pca basis is missing or altered ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+        f"the store cannot be decoded: delete it and re-run `sak-cache run`"
+    ]
 
 
 def _verify_arrays(store_dir: Path, m: StoreManifest, where: str) -> list[str]:
@@ -357,6 +385,8 @@ def describe_cache(
         nbytes = _prefix_bytes(sizes, entry.path) if sizes is not None else _dir_bytes(store_dir)
         blocks = ",".join(str(lv.block) for lv in m.levels)
         shape = "x".join(str(v) for v in m.levels[0].shape[1:]) if m.levels else "-"
+        if m.levels and m.levels[0].channels is not None:  # pca<k>: decoded H x W x C, stored k
+            shape = f"{'x'.join(str(v) for v in m.levels[0].shape[1:3])}x{m.levels[0].channels} k{m.levels[0].shape[3]}"
         done = f"{len(m.shards)}/{cache.num_shards}"
         codec = f"{m.codec}/{m.format}"  # e.g. fp16/zarr, int8/wds
         lines.append(
