@@ -357,6 +357,11 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
+    if get_codec(cfg.codec).low_rank and is_url(cfg.out):
+        raise SakError(
+            f"--codec {cfg.codec} is not yet supported for a cache at a URL ({cfg.out}); extract into a "
+            f"folder (and upload it), or use a codec without a basis (fp16, fp8, int8_tc)"
+        )
     out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else _fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
@@ -365,11 +370,6 @@ def _setup(cfg: ExtractConfig):
         )
     if cfg.batch_size < 1:
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if get_codec(cfg.codec).low_rank and is_url(cfg.out):
-        raise SakError(
-            f"--codec {cfg.codec} is not yet supported for a cache at a URL ({cfg.out}); extract into a "
-            f"folder (and upload it), or use a codec without a basis (fp16, fp8, int8_tc)"
-        )
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
     if cfg.student_views == "raw" and is_url(cfg.out):

@@ -279,8 +279,10 @@ def _check_recorded_digests(root: Path, cache: CacheManifest, manifests: dict[st
         ]
     for path, digest in files:
         if not path.is_file() or path.stat().st_size != digest.bytes or sha256_file(path) != digest.sha256:
+            what = "a pca basis file: the store cannot be decoded; " if "/basis/" in path.as_posix() else ""
             raise SakError(
-                f"{path} does not match its recorded sha256 (damaged or modified); run `sak-cache verify`"
+                f"{path} does not match its recorded sha256 (damaged, modified or missing; {what}run "
+                f"`sak-cache verify`)"
             )
 
 
