@@ -5,6 +5,7 @@ student views, and the cores a ViT-B student at 1000 samples/s needs.
     python bench/loader.py --cache s3://bucket/c     # a bucket cache vs the same cache on local disk
     python bench/loader.py --serve-s3                # the same against a local S3 server (moto, 127.0.0.1)
     python bench/loader.py --codecs fp16,int8 --compressors none,zstd
+    python bench/loader.py --codecs fp16,pca64,pca256,pca256-fp8 --compressors none   # the pca rows
 
 Method (one process, torch and Blosc on one thread, timed in process CPU seconds, best of --reps: every
 figure is per core; files are in the page cache, so this is CPU cost, not storage bandwidth: see
@@ -21,7 +22,8 @@ figure is per core; files are in the page cache, so this is CPU cost, not storag
   synthetic ViT-like maps (codecs.outlier_features: massive channels, high-norm tokens) per level shape
   is written by the extraction's own Zarr store, then read as the loader reads a batch: the rows of one
   shard in shuffled order, `ShardRows.read_into` straight into the batch, then to tensors in the stored
-  dtype (quantised values are dequantised on the training device, not here). The integrity check is
+  dtype (quantised values are dequantised on the training device, not here; pca<k> coefficients, k
+  wide, are decoded there too, by one matmul with the basis fitted on that shard). The integrity check is
   the xxh3-128 of each file once per process, charged per sample as disk bytes / xxh3 rate.
 
   per sample = image ms + sum over the 12 levels of (read ms) + integrity ms;
@@ -43,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CODECS = ("fp16", "bf16", "int8", "fp8")
+CODECS = ("fp16", "bf16", "int8", "fp8", "pca256")
 GRIDS = ("native", "student")
 COMPRESSORS = ("none", "lz4", "zstd")
 # the paper's configuration at 384 px: (levels, H, W, C) per teacher
@@ -105,6 +107,7 @@ def measure_images(root: Path, images: int, size: int, batch_size: int, reps: in
 def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> dict[str, dict]:
     """Per level shape: read ms per sample (loader path) and stored bytes on disk per sample."""
     from sak.pipeline.codecs import get_codec, outlier_features
+    from sak.pipeline.lowrank import prepare_bases
     from sak.pipeline.store.zarr import ShardRows, ZarrTeacherStore, create_store
 
     codec = get_codec(codec_name)
@@ -114,9 +117,9 @@ def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> d
     for i, (h, w, c) in enumerate(shapes):
         path = root / f"{codec_name}-{compressor}-{h}x{w}x{c}"
         create_store(path, SHARD, SHARD, {0: (h, w, c)}, codec, compressor)
-        ZarrTeacherStore(path, codec_name, SHARD).write_shard(
-            0, 0, {0: outlier_features(SHARD, h, w, c, seed=i)}
-        )
+        store, maps = ZarrTeacherStore(path, codec_name, SHARD), {0: outlier_features(SHARD, h, w, c, seed=i)}
+        prepare_bases(store, 0, maps)  # pca<k>: the basis fitted on this shard first, as extraction does
+        store.write_shard(0, 0, maps)
         kinds = ["levels", "scales"] if codec.scaled else ["levels"]
         readers = [ShardRows.of(path / kind / "0") for kind in kinds]
         rows = rng.permutation(SHARD)
@@ -130,7 +133,13 @@ def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> d
                 parts.append(buf)
             codec.to_torch(*parts) if codec.scaled else codec.to_torch(parts[0])
 
-        disk = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and "/c/" in p.as_posix())
+        disk = sum(  # per-sample files only: a pca<k> basis is stored once per store and level
+            p.stat().st_size
+            for p in path.rglob("*")
+            if p.is_file()
+            and "/c/" in p.as_posix()
+            and not p.relative_to(path).as_posix().startswith("basis/")
+        )
         out[f"{h}x{w}x{c}"] = {
             "read_ms": 1e3 * _best(run, reps) / SHARD,
             "disk_bytes": disk / SHARD,
@@ -222,23 +231,23 @@ def main(argv: list[str] | None = None) -> int:
           f"xxh3-128 {digests['xxh3_128']:.0f} MB/s (now)")  # fmt: skip
     print("\nPer level read, one core (ms per sample; loader path: ShardRows into the batch, to tensors):")
     shapes = list(next(iter(levels.values())))
-    print(f"{'codec':<6} {'compressor':<10} " + " ".join(f"{s:>22}" for s in shapes))
+    print(f"{'codec':<10} {'compressor':<10} " + " ".join(f"{s:>22}" for s in shapes))
     for (c, z), lv in levels.items():
         cells = [
             f"{lv[s]['read_ms']:6.2f} ms {lv[s]['bytes'] / lv[s]['read_ms'] / 1e3:6.0f} MB/s" for s in shapes
         ]
-        print(f"{c:<6} {z:<10} " + " ".join(f"{x:>22}" for x in cells))
+        print(f"{c:<10} {z:<10} " + " ".join(f"{x:>22}" for x in cells))
     print(
         "\nPaper targets (DINOv2-L, CLIP-L 4 x 27x27x1024, SAM-L 4 x 64x64x1024; student grid 12 x 24x24x1024):"
     )
     head = (
-        f"{'codec':<6} {'grid':<8} {'compressor':<10} {'views':<7} {'MB/sample':>9} {'disk MB':>8} "
+        f"{'codec':<10} {'grid':<8} {'compressor':<10} {'views':<7} {'MB/sample':>9} {'disk MB':>8} "
         f"{'image ms':>8} {'targets ms':>10} {'check ms':>8} {'samples/s':>9} {'cores @1000/s':>13}"
     )
     print(head)
     for r in rows:
         print(
-            f"{r['codec']:<6} {r['grid']:<8} {r['compressor']:<10} {r['student_views']:<7} "
+            f"{r['codec']:<10} {r['grid']:<8} {r['compressor']:<10} {r['student_views']:<7} "
             f"{r['target_MB_per_sample']:>9.2f} {r['disk_MB_per_sample']:>8.2f} {r['image_ms']:>8.2f} "
             f"{r['targets_ms']:>10.2f} {r['integrity_ms']:>8.2f} {r['samples_per_s_per_core']:>9.1f} "
             f"{r['cores_per_1000']:>13.1f}"
