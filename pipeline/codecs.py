@@ -18,6 +18,9 @@ shuffle makes int8 and fp8 bigger).
   fp8_token      float8_e4m3fn as uint8 bits    one per token                    1 + 2/C
   int8_tc        int8                           one per token AND one per channel 1 + 2/C + 2/(H W)
                                                  (1, 1, H*W + C): token scales, then channel scales
+  pca<k>         float16 coefficients (H, W, k)  -                               2 k/C, + a basis per store
+  pca<k>-fp8     float8 coefficients (H, W, k)   one per token (H, W, 1)          (k + 2)/C, + the basis
+                 over a per-level basis (mean (C,), components (k, C) float32): lowrank.py
 
 Measured (bench/codecs.py, synthetic ViT-L-like maps 27x27x1024 with 3 channels x50-100 and 1.5% of
 tokens x10): `int8` is per group of 32 channels because it is the only int8 granularity that keeps the

@@ -11,7 +11,8 @@
     BatchReader (in the workers)  stored bytes -> decode -> cut_view at the student size -> normalise;
                                   each store's targets (Zarr or WebDataset) read as sorted rows within
                                   each shard, kept as stored (fp16 stays fp16; int8/fp8 values + scales
-                                  are dequantised on the training device by decode_targets), batch order
+                                  are dequantised on the training device by decode_targets; pca<k>
+                                  coefficients decoded there by one matmul with the store's basis), batch order
     ShardIntegrity (integrity.py)  before a shard is first read: sha256 of its store files and image
                                   tars against the manifests, once per file per process; a bad file is a
                                   SakError naming shard and file (or, --skip-bad-shards, the trainer
