@@ -178,7 +178,7 @@ class Codec:
             d["low_rank"] = {
                 "rank": self.rank,
                 "fit": "per level: channel mean and top-k principal directions of the store's first shard, "
-                "float32 features (float64 arithmetic), stored float32; k clipped to the channel count",
+                "float32 features and covariance, float64 eigendecomposition, stored float32; k clipped to C",
                 "decode": "x = coefficients @ components + mean; coefficients (..., k) as values decode, "
                 "components (k, C), mean (C,)",
             }
@@ -355,7 +355,8 @@ register_codec(Codec("int8_tc", "int8", "int8", "token_channel", None, "noshuffl
 
 
 def codec_names() -> list[str]:
-    return sorted(_CODECS) + ["pca<k>", "pca<k>-fp8"]
+    """The registered codecs (pca<k> and pca<k>-fp8 are parsed by name: `get_codec`)."""
+    return sorted(_CODECS)
 
 
 _PCA = re.compile(r"pca(\d+)(?:-(\w+))?")
@@ -388,7 +389,7 @@ def get_codec(name: str) -> Codec:
         codec = pca_codec(name)
         if codec is not None:
             return codec
-    raise SakError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}")
+    raise SakError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}, pca<k>, pca<k>-fp8")
 
 
 # ------------------------------------------------------------------------------------ test features
@@ -423,7 +424,8 @@ def outlier_features(
 @dataclass(frozen=True)
 class PcaBasis:
     """A low-rank basis of one (teacher, level): the channel mean (C,) and the top-k principal directions
-    (k, C), both float32, fitted (float64 arithmetic) on float32 features of that level. A map is stored as
+    (k, C), both float32, fitted on float32 features of that level (float32 covariance, float64
+    mean and eigendecomposition). A map is stored as
     its coefficients (..., H, W, k) = (x - mean) @ components.T and decoded by one matmul:
 
         x = coefficients.astype("float32") @ components + mean          # numpy alone
@@ -437,15 +439,16 @@ class PcaBasis:
     @classmethod
     def fit(cls, x: torch.Tensor, k: int) -> PcaBasis:
         """Fit on (..., C) features; k is capped at C (k >= C keeps everything: an exact rotation)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).float().double().cpu()  # (T, C)
+        flat = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (T, C) float32
         c = flat.shape[-1]
         if k < 1:
             raise SakError(f"pca<k> needs k >= 1, got {k}")
         if not bool(torch.isfinite(flat).all()):
             raise SakError("the features to fit a pca basis on are not all finite")
-        mean = flat.mean(0)
-        cov = (flat - mean).T @ (flat - mean) / max(flat.shape[0] - 1, 1)  # (C, C)
-        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        mean = flat.double().mean(0)  # exact enough in float64, then the centred products in float32
+        centred = flat - mean.float()
+        cov = (centred.T @ centred).double() / max(flat.shape[0] - 1, 1)  # (C, C)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending, float64 (C x C: cheap)
         k = min(k, c)
         comps = evecs[:, -k:].flip(-1).T  # (k, C), largest first
         total = float(evals.clamp_min(0).sum())
