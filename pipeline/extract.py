@@ -242,6 +242,7 @@ class StoreJob:
     blocks: tuple[int, ...]  # kept levels
     grid: tuple[int, int]  # stored (H, W)
     cache_url: str | None = None  # a URL cache: the worker writes in its node's mirror, then uploads
+    fidelity_shard: int = 0  # the shard whose stored targets are compared with fp32 (pca<k>: a held-out one)
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,8 @@ class StorePlan:
             self.blocks,
             self.grid,
             self.cache_url,
+            # pca<k>: the basis is fitted on shard 0, so its fidelity is measured on shard 1 (held out)
+            1 if get_codec(m.codec).low_rank and m.num_views > m.shard_size else 0,
         )
 
 
@@ -899,6 +902,7 @@ class TeacherWorker:
             torch.set_num_threads(threads)
         self.batch_size = batch_size
         self.teachers, self.stores, self.sizes, self.shapes = {}, {}, {}, {}
+        self.fidelity_shard: dict[str, int] = {}
         self.uploads: dict[str, tuple[str, str]] = {}  # teacher -> (cache URL, store path in the bucket)
         for s in stores:
             spec = get_teacher(s.teacher)
@@ -910,6 +914,7 @@ class TeacherWorker:
                 self.uploads[spec.name] = (s.cache_url, rel)
             self.stores[spec.name] = open_teacher_store(s.format, path, s.codec, s.shard_size)
             self.shapes[spec.name] = (s.blocks, s.grid)  # kept blocks, stored (H, W)
+            self.fidelity_shard[spec.name] = s.fidelity_shard
             self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
         self.lock = threading.Lock()
 
@@ -919,7 +924,8 @@ class TeacherWorker:
         native: dict[str, list[torch.Tensor]] = {}  # first shard of a lossy store: fp32 before resampling
         with self.lock:
             for name in job.teachers:
-                feats[name], native[name] = self._forward(name, views, keep_native=job.shard == 0)
+                keep = job.shard == self.fidelity_shard[name]
+                feats[name], native[name] = self._forward(name, views, keep_native=keep)
         records = {}
         for name, levels in feats.items():
             store, (blocks, _) = self.stores[name], self.shapes[name]

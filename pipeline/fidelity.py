@@ -7,6 +7,9 @@ after standardising every channel with the reference's own mean and std (raw cos
 massive channels of real ViTs and hides damage to all the others). A resampled grid is judged by bringing
 the stored map back to the teacher's native grid with the same resampling, against the native map.
 
+A pca<k> store is measured on its second shard instead (the first one fitted its basis; a store of one
+shard is measured in-sample, on it).
+
 The figures go into the shard's journal line and from there into the store manifest (`fidelity`);
 `sak-cache inspect` prints them and `sak-cache run` warns when a 1st-percentile cosine is under 0.99.
 """

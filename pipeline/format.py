@@ -450,7 +450,8 @@ class StoreManifest:
     fidelity: list[LevelFidelity] | None = field(
         default=None,
         metadata=doc(
-            "per level: stored targets vs the float32 values before encoding, on the first shard; only for "
+            "per level: stored targets vs the float32 values before encoding, on the first shard (pca<k>: the "
+            "second, held out from the basis fit); only for "
             "lossy stores (a codec other than fp32/fp16/bf16, or a resampled grid)",
             **OMIT,
         ),

@@ -19,6 +19,7 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.extract import ExtractConfig, run_extraction
 from sak.pipeline.format import read_cache, read_store_manifest
 from sak.pipeline.lowrank import prepare_bases
+from sak.pipeline.manifest import read_journal
 from sak.pipeline.store import create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.store.wds import WdsTeacherStore
 from sak.pipeline.verify import verify_cache
@@ -119,6 +120,8 @@ def test_a_pca_store_records_its_basis_and_decodes_like_the_numpy_recipe(pca_cac
     for store in index.stores:
         m = read_store_manifest(pca_cache / cache.stores[store.fingerprint].path)
         assert m.codec_spec.low_rank.rank == 8 and m.fidelity and len(m.fidelity) == len(m.levels)
+        journal = read_journal(store.path)  # fidelity measured on shard 1, held out from the basis fit
+        assert journal[0].fidelity is None and journal[1].fidelity == m.fidelity
         group = zarr.open_group(str(store.path), mode="r")  # stock zarr + numpy, no project code
         for block, level, got in zip(store.blocks, m.levels, targets[store.teacher]):
             assert level.shape[-1] == 8 and level.channels == store.dim
