@@ -73,7 +73,8 @@ def write_bases(path: Path, fmt: str, bases: dict[int, PcaBasis]) -> None:
     final, tmp = path / BASIS_DIR, path / f".basis.tmp{os.getpid()}"
     if final.exists():
         raise SakError(f"{final} exists already; a stored basis is never refitted")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in path.glob(".basis.tmp*"):  # a crashed writer's (one writer per cache: the cache lock)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     if fmt == "wds":
         for block, b in bases.items():
