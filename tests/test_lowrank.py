@@ -14,6 +14,7 @@ import pytest
 import torch
 import zarr
 
+from sak.cli.cache import main as cache_main
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.extract import ExtractConfig, run_extraction
@@ -22,7 +23,7 @@ from sak.pipeline.lowrank import prepare_bases
 from sak.pipeline.manifest import read_journal
 from sak.pipeline.store import create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.store.wds import WdsTeacherStore
-from sak.pipeline.verify import verify_cache
+from sak.pipeline.verify import describe_cache, store_fidelity_warnings, verify_cache
 from sak.student.data.loader import BatchReader, decode_targets, open_cache
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
@@ -104,6 +105,13 @@ def test_pca_names_records_and_refusals():
         run_extraction(ExtractConfig(source=None, out="s3://b/c", teachers=("dinov2_tiny",), codec="pca8"))
 
 
+def test_the_cli_refuses_pca_with_another_coefficient_type_in_one_line(tmp_path, capsys):
+    args = ["run", "--source", str(tmp_path), "--out", str(tmp_path / "c"), "--teachers", "dinov2_tiny"]
+    assert cache_main([*args, "--codec", "pca64-int8", "--random-init"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pca coefficients are stored as fp16 (pca64) or fp8" in err
+
+
 @pytest.fixture(scope="module")
 def pca_cache(tiny_caches):
     return tiny_caches.get("pca8", teachers=TEACHERS)
@@ -111,6 +119,10 @@ def pca_cache(tiny_caches):
 
 def test_a_pca_store_records_its_basis_and_decodes_like_the_numpy_recipe(pca_cache):
     assert verify_cache(pca_cache) == []
+    # lossy: 8 of 64 random-init directions fall under 0.99, and `run` says so per level, with the fix
+    warnings = store_fidelity_warnings(pca_cache)
+    assert len(warnings) >= 2 and all("pca8" in w and "a larger pca<k>" in w for w in warnings)
+    assert "k8" in describe_cache(pca_cache)  # inspect: H x W x C and the stored k
     cache = read_cache(pca_cache)
     index = open_cache(pca_cache)
     reader = BatchReader(index, 64, (0.5,) * 3, (0.5,) * 3)
