@@ -205,3 +205,14 @@ def test_stage1_trains_from_a_pca_store_close_to_live_teachers(pca_cache, tmp_pa
     rel = float(np.max(np.abs(a - b) / np.abs(b)))
     print(f"pca8 cache vs online: max relative loss difference {rel:.2e} over 3 steps")
     assert 0 < rel < 0.05
+
+
+def test_a_stage2_target_cache_refuses_pca_in_one_line(tmp_path):
+    from sak.student.train.stage2_cache import Stage2CacheConfig, build_stage2_cache
+
+    cfg = Stage2CacheConfig(
+        dataset="folder", data_root=str(tmp_path), out=str(tmp_path / "s2"), teachers=("dinov2_tiny",),
+        codec="pca8",
+    )  # fmt: skip
+    with pytest.raises(SakError, match=r"^--codec pca8: a stage-2 target cache does not take pca<k>[^\n]*$"):
+        build_stage2_cache(cfg)

@@ -208,6 +208,11 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
     if crop[0] % 16 or crop[1] % 16 or min(crop) < 32:
         raise SakError(f"--img-size {crop[0]}x{crop[1]}: both sides must be multiples of 16 and >= 32")
     codec = get_codec(cfg.codec)
+    if codec.low_rank:
+        raise SakError(
+            f"--codec {cfg.codec}: a stage-2 target cache does not take pca<k> (its targets change every epoch, "
+            f"no first shard fits them all); use fp16, bf16, fp32 or a quantised codec"
+        )
     out = Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
