@@ -20,6 +20,7 @@ stage-1 teachers; a batch's rows (epoch * N + image) index it, and each image is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,7 +50,16 @@ from sak.student.data.dense import (
 from sak.student.model.multitask import SakMultiTask, resize_stem_input
 from sak.student.model.student import SakStudent, StudentConfig
 from sak.student.train.checkpoint import RUN_CONFIG
-from sak.student.train.distributed import resolve_device
+from sak.student.train.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    rank_mean_value,
+    rank_positions,
+    resolve_device,
+    shutdown,
+    wrap_ddp,
+)
 from sak.student.train.losses import clip_gradients, distillation_loss
 from sak.student.train.metrics import (
     EDGE_TOLERANCE,
@@ -235,11 +245,28 @@ class Stage2Result:
 
 
 def train_stage2(cfg: Stage2Config) -> Stage2Result:
-    """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks."""
+    """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks.
+
+    Under `torchrun --nproc_per_node=N` each rank takes its 1/N part of every global batch (DDP; the
+    heads' BatchNorm normalises over the global batch); rank 0 alone writes the run folder."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    env = init_distributed(cfg.device)
+    try:
+        result = _train_stage2(cfg, env)
+    except BaseException:
+        shutdown(env, wait=False)  # the other ranks may never reach a barrier
+        raise
+    shutdown(env)
+    return result
+
+
+def _train_stage2(cfg: Stage2Config, env: DistEnv) -> Stage2Result:
+    device = env.device
+    if cfg.batch_size % env.world_size:
+        raise SakError(f"--batch-size {cfg.batch_size} is not divisible by the {env.world_size} processes")
     run = Path(cfg.out).expanduser()
     resuming = _check_resume(cfg, run)
+    barrier(env)  # every rank has looked at --out before rank 0 writes to it
     img_size = cfg.input_size()
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     student, stage1 = load_stage1_run(cfg.init, device)
@@ -254,13 +281,15 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
         optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
     )
     meta = _run_meta(cfg, stage1, img_size)
-    start = _restore(run, model, optimizer, scheduler, device) if resuming else 0
-    if not resuming:
-        _write_run_record(run, meta, data, cfg.weights(), model, device)
+    start = _restore(run, model, optimizer, scheduler, device, env.is_main) if resuming else 0
+    if not resuming and env.is_main:
+        _write_run_record(run, meta, data, cfg.weights(), model, device, env.world_size)
+    barrier(env)
+    train_model = wrap_ddp(model, env, find_unused=teachers is None)  # the aligners idle without targets
     loader = torch.utils.data.DataLoader(
         TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric),
-        batch_size=cfg.batch_size,
-        sampler=range(start * cfg.batch_size, cfg.steps * cfg.batch_size),
+        batch_size=cfg.batch_size // env.world_size,
+        sampler=rank_positions(start, cfg.steps, cfg.batch_size, env),
         num_workers=cfg.num_workers,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG (the routers' noise)
@@ -268,13 +297,14 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     log.info(
         f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
         f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
-        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
+        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, "
+        f"{env.world_size} process(es), run {run}"
     )
-    step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device)
+    step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device, train_model)
     result = Stage2Result(run=run, steps=start, model=model)
     model.train()
     t_start = time.perf_counter()
-    with open(run / METRICS, "a") as metrics:
+    with open(run / METRICS, "a") if env.is_main else contextlib.nullcontext() as metrics:
         for step, batch in enumerate(loader, start=start + 1):
             record = {
                 "kind": "train",
@@ -282,19 +312,24 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
                 **step_of(batch),
                 "elapsed_s": time.perf_counter() - t_start,
             }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             result.losses.append(record["loss"])
             result.records.append(record)
             result.steps = step
-            if step % max(1, cfg.log_every) == 0 or step == 1:
+            if env.is_main and (step % max(1, cfg.log_every) == 0 or step == 1):
                 log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_stage2(run, model, {**meta, "step": step})
-                _save_state(run, optimizer, scheduler, step)
-    save_stage2(run, model, {**meta, "step": result.steps})
-    _save_state(run, optimizer, scheduler, result.steps)
-    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+                if env.is_main:
+                    save_stage2(run, model, {**meta, "step": step})
+                    _save_state(run, optimizer, scheduler, step)
+                barrier(env)  # a restart after this step finds the checkpoint on every rank
+    if env.is_main:
+        save_stage2(run, model, {**meta, "step": result.steps})
+        _save_state(run, optimizer, scheduler, result.steps)
+        log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+    barrier(env)  # the run folder is complete when any rank returns
     return result
 
 
@@ -328,8 +363,11 @@ def _save_state(run: Path, optimizer, scheduler, step: int) -> None:
     (d / (STATE + ".tmp")).replace(d / STATE)
 
 
-def _restore(run: Path, model: SakMultiTask, optimizer, scheduler, device: torch.device) -> int:
-    """Weights (checksum-verified), optimizer and scheduler of the run's checkpoint; metrics trimmed."""
+def _restore(
+    run: Path, model: SakMultiTask, optimizer, scheduler, device: torch.device, trim: bool = True
+) -> int:
+    """Weights (checksum-verified), optimizer and scheduler of the run's checkpoint; metrics trimmed
+    (by rank 0 alone: trim=False on the others)."""
     d = run / STAGE2_DIR
     meta = read_json(d / "model.json")
     if sha256_file(d / "model.safetensors") != meta["weights_sha256"]:
@@ -344,9 +382,10 @@ def _restore(run: Path, model: SakMultiTask, optimizer, scheduler, device: torch
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
     step = int(state["step"])
-    lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    (run / METRICS).write_text("".join(ln + "\n" for ln in kept))
+    if trim:
+        lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        (run / METRICS).write_text("".join(ln + "\n" for ln in kept))
     return step
 
 
@@ -390,7 +429,13 @@ def _run_meta(cfg: Stage2Config, stage1: dict, img_size: tuple[int, int]) -> dic
 
 
 def _write_run_record(
-    run: Path, meta: dict, data: DenseDataset, weights: dict, model: SakMultiTask, device: torch.device
+    run: Path,
+    meta: dict,
+    data: DenseDataset,
+    weights: dict,
+    model: SakMultiTask,
+    device: torch.device,
+    world_size: int = 1,
 ) -> None:
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -403,6 +448,7 @@ def _write_run_record(
             "train_images": len(data),
             "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
             "device": str(device),
+            "world_size": world_size,
             "code_version": code_version(),
             "created": now_iso(),
         },
@@ -421,8 +467,10 @@ class _Stage2Step:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         stage1: dict,
         device: torch.device,
+        train_model: torch.nn.Module | None = None,
     ) -> None:
         self.cfg, self.model, self.teachers, self.device = cfg, model, teachers, device
+        self.train_model = train_model if train_model is not None else model  # DDP-wrapped under torchrun
         self.optimizer, self.scheduler = optimizer, scheduler
         self.weights = cfg.weights()
         self.mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
@@ -432,7 +480,7 @@ class _Stage2Step:
         cfg, device, teachers = self.cfg, self.device, self.teachers
         images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
         targets = {t: v.to(device) for t, v in batch["labels"].items()}
-        preds, _, distill_maps = self.model(normalize_u8(images_u8.to(device), self.mean, self.std))
+        preds, _, distill_maps = self.train_model(normalize_u8(images_u8.to(device), self.mean, self.std))
         task_loss, parts = multi_task_loss(preds, targets, self.weights)
         loss = task_loss
         distill = None
@@ -449,10 +497,13 @@ class _Stage2Step:
         grad_norm = clip_gradients(self.model.trainable_parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        # the numbers of the global batch: means over ranks (one all_reduce; a host-device sync per step)
+        logged = [loss, *parts.values()] + ([distill] if distill is not None else [])
+        values = rank_mean_value(torch.stack([x.detach().float() for x in logged])).tolist()
         return {
-            "loss": float(loss.detach()),  # note: host-device sync, once per step
-            **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
-            "distill": float(distill.detach()) if distill is not None else None,
+            "loss": values[0],
+            **{f"loss/{t}": v for t, v in zip(parts, values[1:])},
+            "distill": values[-1] if distill is not None else None,
             "lr": lr,
             "grad_norm": float(grad_norm),
         }

@@ -23,6 +23,7 @@ state.pt: optimizer, scheduler, step; `--resume` continues exactly: same remaini
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -55,7 +56,16 @@ from sak.student.model.instructions import (
     save_instructions,
 )
 from sak.student.model.tiger import ExpertSpec, Tiger, TigerModelConfig, TigerOutput
-from sak.student.train.distributed import resolve_device
+from sak.student.train.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    rank_mean,
+    rank_mean_value,
+    rank_positions,
+    shutdown,
+    wrap_ddp,
+)
 from sak.student.train.losses import clip_gradients
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
 from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, TASK_LOSSES, multi_task_loss
@@ -335,7 +345,7 @@ def expert_contributions(
                     maps = list(fused)
                     maps[lvl] = model.fuse(exclude_expert(out.gates[(lvl, task)].detach(), e), experts)
                     rises.append(loss_fn(model.decode(task, maps, out_size), target) - base)
-                c[(lvl, task)] = torch.stack(rises).clamp_min(0)
+                c[(lvl, task)] = rank_mean_value(torch.stack(rises)).clamp_min(0)  # of the global batch
     return c
 
 
@@ -347,7 +357,7 @@ def counterfactual_loss(
     terms, logged = [], {}
     for (lvl, task), c in contributions.items():
         q = torch.softmax(c / tau, dim=0)
-        gbar = out.gates[(lvl, task)].mean(dim=(0, 1))  # (E,)
+        gbar = rank_mean(out.gates[(lvl, task)].mean(dim=(0, 1)))  # (E,), over the global batch
         terms.append((q * (q.clamp_min(1e-12).log() - gbar.clamp_min(1e-12).log())).sum())
         logged[f"{lvl}/{task}"] = {
             "c": c.tolist(),
@@ -440,11 +450,29 @@ def _start(cfg: TigerConfig, run: Path) -> bool:
 
 
 def train_tiger(cfg: TigerConfig) -> TigerResult:
-    """Train TIGER's projections, routers and heads; returns the per-step losses of this call."""
+    """Train TIGER's projections, routers and heads; returns the per-step losses of this call.
+
+    Under `torchrun --nproc_per_node=N` each rank takes its 1/N part of every global batch (DDP); the
+    heads' BatchNorm, the counterfactual contributions and the mean gates cover the global batch, so the
+    run follows one process's; rank 0 alone writes the run folder."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    env = init_distributed(cfg.device)
+    try:
+        result = _train_tiger(cfg, env)
+    except BaseException:
+        shutdown(env, wait=False)  # the other ranks may never reach a barrier
+        raise
+    shutdown(env)
+    return result
+
+
+def _train_tiger(cfg: TigerConfig, env: DistEnv) -> TigerResult:
+    if cfg.batch_size % env.world_size:
+        raise SakError(f"--batch-size {cfg.batch_size} is not divisible by the {env.world_size} processes")
+    device = env.device
     run = Path(cfg.out).expanduser()
     resume = _start(cfg, run)
+    barrier(env)  # every rank has looked at --out before rank 0 writes to it
     crop = cfg.input_size()
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     source = _cached_source(cfg, data, crop) if cfg.cache else _online_source(cfg, crop, device)
@@ -466,8 +494,8 @@ def train_tiger(cfg: TigerConfig) -> TigerResult:
     )
     start = 0
     if resume:
-        start = _restore(run, model, optimizer, scheduler, device)
-    else:
+        start = _restore(run, model, optimizer, scheduler, device, trim=env.is_main)
+    elif env.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_instructions(run, emb, identity)
         write_json_atomic(
@@ -485,18 +513,21 @@ def train_tiger(cfg: TigerConfig) -> TigerResult:
                 "router_parameters": sum(p.numel() for p in model.router_parameters()),
                 "train_images": len(data),
                 "device": str(device),
+                "world_size": env.world_size,
                 "code_version": code_version(),
                 "created": now_iso(),
             },
         )
+    barrier(env)
     log.info(
         f"TIGER: {len(mcfg.experts)} experts x {mcfg.num_levels} levels x {list(data.outputs)}, "
-        f"{'cached targets' if cfg.cache else 'live teachers'}, steps {start + 1}..{cfg.steps}, run {run}"
+        f"{'cached targets' if cfg.cache else 'live teachers'}, steps {start + 1}..{cfg.steps}, "
+        f"{env.world_size} process(es), run {run}"
     )
-    return _loop(cfg, run, model, source, data, optimizer, scheduler, start, device)
+    return _loop(cfg, run, model, source, data, optimizer, scheduler, start, env)
 
 
-def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device) -> int:
+def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device, trim: bool = True) -> int:
     meta = read_json(run / CKPT / "model.json")
     for name, key in (("model.safetensors", "weights_sha256"), ("state.pt", "state_sha256")):
         if sha256_file(run / CKPT / name) != meta[key]:
@@ -506,50 +537,58 @@ def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     step = int(state["step"])
-    lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    (run / METRICS).write_text("".join(ln + "\n" for ln in kept))  # steps after the checkpoint re-run
+    if trim:  # rank 0 alone
+        lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        (run / METRICS).write_text("".join(ln + "\n" for ln in kept))  # steps after the checkpoint re-run
     return step
 
 
-def _loop(cfg, run, model, source, data, optimizer, scheduler, start, device) -> TigerResult:
+def _loop(cfg, run, model, source, data, optimizer, scheduler, start, env: DistEnv) -> TigerResult:
     crop = cfg.input_size()
     weights = {**DEFAULT_TASK_WEIGHTS, **dict(cfg.task_weights)}
     loader = torch.utils.data.DataLoader(
         TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric),
-        batch_size=cfg.batch_size,
-        sampler=range(start * cfg.batch_size, cfg.steps * cfg.batch_size),
+        batch_size=cfg.batch_size // env.world_size,
+        sampler=rank_positions(start, cfg.steps, cfg.batch_size, env),
         num_workers=cfg.num_workers,
         collate_fn=collate,
     )
+    train_model = wrap_ddp(model, env)
     result = TigerResult(run=run, steps=start, model=model)
     model.train()
     t0 = time.perf_counter()
-    with open(run / METRICS, "a") as metrics:
+    with open(run / METRICS, "a") if env.is_main else contextlib.nullcontext() as metrics:
         for step, batch in enumerate(loader, start=start + 1):
             record = {"kind": "train", "step": step, **tiger_step(cfg, model, source, batch, weights, optimizer,
-                                                                   scheduler, device)}  # fmt: skip
+                                                                   scheduler, env.device, train_model)}  # fmt: skip
             record["elapsed_s"] = time.perf_counter() - t0
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             result.losses.append(record["loss"])
             result.records.append(record)
             result.steps = step
-            if step % max(1, cfg.log_every) == 0 or step == start + 1:
+            if env.is_main and (step % max(1, cfg.log_every) == 0 or step == start + 1):
                 log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | cf {record['cf']:.4f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_checkpoint(run, model, optimizer, scheduler, step)
-    save_checkpoint(run, model, optimizer, scheduler, result.steps)
-    log.info(f"TIGER done: {result.steps} steps; checkpoint {run / CKPT}")
+                if env.is_main:
+                    save_checkpoint(run, model, optimizer, scheduler, step)
+                barrier(env)  # a restart after this step finds the checkpoint on every rank
+    if env.is_main:
+        save_checkpoint(run, model, optimizer, scheduler, result.steps)
+        log.info(f"TIGER done: {result.steps} steps; checkpoint {run / CKPT}")
+    barrier(env)  # the run folder is complete when any rank returns
     return result
 
 
-def tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, device) -> dict:
-    """One optimizer step: task losses + cf_weight x counterfactual loss; the numbers for metrics.jsonl."""
+def tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, device, train_model=None) -> dict:
+    """One optimizer step: task losses + cf_weight x counterfactual loss; the numbers for metrics.jsonl.
+    train_model: the DDP-wrapped model under torchrun (forward and gradient averaging), else model."""
     images = batch["images"]
     maps = source.fetch(batch, images, device)
     targets = {t: v.to(device) for t, v in batch["labels"].items()}
-    out = model(maps, tuple(images.shape[-2:]))
+    out = (train_model or model)(maps, tuple(images.shape[-2:]))
     task_loss, parts = multi_task_loss(out.preds, targets, weights)
     loss, routing, cf = task_loss, {}, None
     if cfg.cf_weight > 0:
@@ -561,11 +600,13 @@ def tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, device)
     grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
     optimizer.step()
     scheduler.step()
+    logged = [loss, task_loss, *parts.values(), cf if cf is not None else torch.zeros_like(loss)]
+    values = rank_mean_value(torch.stack([x.detach().float() for x in logged])).tolist()  # global batch
     return {
-        "loss": float(loss.detach()),
-        "task_loss": float(task_loss.detach()),
-        **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
-        "cf": float(cf.detach()) if cf is not None else 0.0,
+        "loss": values[0],
+        "task_loss": values[1],
+        **{f"loss/{t}": v for t, v in zip(parts, values[2:])},
+        "cf": values[-1],
         "lr": lr,
         "grad_norm": float(grad_norm),
         "routing": routing,
