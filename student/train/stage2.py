@@ -47,9 +47,11 @@ from sak.student.data.dense import (
     collate,
     parse_img_size,
 )
+from sak.student.model.instructions import save_instructions
 from sak.student.model.multitask import SakMultiTask, resize_stem_input
 from sak.student.model.student import SakStudent, StudentConfig
 from sak.student.train.checkpoint import RUN_CONFIG
+from sak.student.train.counterfactual import counterfactual_loss, sample_experts
 from sak.student.train.distributed import (
     DistEnv,
     barrier,
@@ -71,11 +73,24 @@ from sak.student.train.metrics import (
     SegmentationMeter,
     mtl_gain,
 )
+from sak.student.train.routing_options import (
+    cf_every_field,
+    cf_experts_field,
+    cf_tau_field,
+    cf_weight_field,
+    instructions_field,
+    router_hidden_field,
+    run_instructions,
+    text_model_field,
+    text_pretrained_field,
+    validate_routing,
+)
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, student_levels
 from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
 
 log = logging.getLogger("sak")
 
+TIGER_GROUP = "tiger router"  # --help lists these options last
 METRICS = "metrics.jsonl"
 STAGE2_DIR = "checkpoint"
 STAGE2_KIND = "sak-stage2"
@@ -114,8 +129,9 @@ class Stage2Config:
     router: str = field(
         default="mor",
         metadata={
-            "help": "mor: mixture of routers (the paper); sum: plain sum (ablation).",
-            "choices": ("mor", "sum"),
+            "help": "mor: mixture of routers (the paper); sum: plain sum (ablation); tiger: TIGER's "
+            "token-level instruction router over the same experts.",
+            "choices": ("mor", "sum", "tiger"),
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train routers and heads only."})
@@ -157,6 +173,15 @@ class Stage2Config:
         default=False,
         metadata={"help": "Continue the run in --out from its checkpoint: same remaining losses."},
     )
+    # --router tiger (student/train/routing_options.py; the same options as `sak-train tiger`)
+    instructions: str | None = instructions_field(TIGER_GROUP)
+    text_model: str = text_model_field(TIGER_GROUP)
+    text_pretrained: str | None = text_pretrained_field(TIGER_GROUP)
+    router_hidden: int = router_hidden_field(TIGER_GROUP)
+    cf_weight: float = cf_weight_field(TIGER_GROUP)
+    cf_tau: float = cf_tau_field(TIGER_GROUP)
+    cf_experts: int | None = cf_experts_field(TIGER_GROUP)
+    cf_every: int = cf_every_field(TIGER_GROUP)
 
     @classmethod
     def debug(cls, dataset: str, data_root: str, init: str, out: str, **overrides: Any) -> Stage2Config:
@@ -178,8 +203,9 @@ class Stage2Config:
             raise SakError("stage 2 distils from the teachers: pass --online or --cache (or --gamma 0)")
         if self.steps < 1 or self.batch_size < 1:
             raise SakError("--steps and --batch-size must be >= 1")
-        if self.router not in ("mor", "sum"):
-            raise SakError(f"--router must be mor or sum, got {self.router!r}")
+        if self.router not in ("mor", "sum", "tiger"):
+            raise SakError(f"--router must be mor, sum or tiger, got {self.router!r}")
+        validate_routing(self)
         h, w = self.input_size()
         if h % 16 or w % 16 or h < 32 or w < 32:
             raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
@@ -205,12 +231,20 @@ def save_stage2(run: Path, model: SakMultiTask, meta: dict) -> Path:
             "student": model.student.config.to_dict(),
             "tasks": model.tasks,
             "router": model.router_kind,
+            **_tiger_shape(model),
             "code_version": code_version(),
             "weights_sha256": sha256_file(d / "model.safetensors"),
             "saved": now_iso(),
         },
     )
     return d
+
+
+def _tiger_shape(model: SakMultiTask) -> dict:
+    """What load_stage2 needs to rebuild a tiger router (its weights and instruction buffer are in the file)."""
+    if model.router_kind != "tiger":
+        return {}
+    return {"text_dim": int(model.instructions.shape[1]), "router_hidden": model.router_hidden}
 
 
 def load_stage2(run: str | Path, device: torch.device | str = "cpu") -> tuple[SakMultiTask, dict]:
@@ -226,7 +260,12 @@ def load_stage2(run: str | Path, device: torch.device | str = "cpu") -> tuple[Sa
     config = StudentConfig.from_dict({**meta["student"], "pretrained": False})
     student = SakStudent(config)
     resize_stem_input(student, tuple(meta["img_size"]))
-    model = SakMultiTask(student, meta["tasks"], meta["router"])
+    instructions = None
+    if meta["router"] == "tiger":  # a placeholder of the right shape: the weights file holds the buffer
+        instructions = torch.zeros(len(meta["tasks"]), int(meta["text_dim"]))
+    model = SakMultiTask(
+        student, meta["tasks"], meta["router"], instructions, int(meta.get("router_hidden", 64))
+    )
     model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     return model.to(device), meta
 
@@ -271,8 +310,11 @@ def _train_stage2(cfg: Stage2Config, env: DistEnv) -> Stage2Result:
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     student, stage1 = load_stage1_run(cfg.init, device)
     resize_stem_input(student, img_size)
+    emb, identity = None, None
+    if cfg.router == "tiger":
+        emb, identity = run_instructions(cfg, run, list(data.outputs), resuming)
     torch.manual_seed(cfg.seed)
-    model = SakMultiTask(student, data.outputs, cfg.router).to(device)  # type: ignore[arg-type]
+    model = SakMultiTask(student, data.outputs, cfg.router, emb, cfg.router_hidden).to(device)  # type: ignore[arg-type]
     if cfg.freeze_backbone:
         model.freeze_backbone()
     teachers = _distillation_targets(cfg, data, stage1, img_size, device)
@@ -281,9 +323,13 @@ def _train_stage2(cfg: Stage2Config, env: DistEnv) -> Stage2Result:
         optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
     )
     meta = _run_meta(cfg, stage1, img_size)
+    if identity is not None:
+        meta["instructions"] = identity.to_dict()  # the texts and the encoder that made the embeddings
     start = _restore(run, model, optimizer, scheduler, device, env.is_main) if resuming else 0
     if not resuming and env.is_main:
         _write_run_record(run, meta, data, cfg.weights(), model, device, env.world_size)
+        if identity is not None:
+            save_instructions(run, emb, identity)
     barrier(env)
     train_model = wrap_ddp(model, env, find_unused=teachers is None)  # the aligners idle without targets
     loader = torch.utils.data.DataLoader(
@@ -301,6 +347,7 @@ def _train_stage2(cfg: Stage2Config, env: DistEnv) -> Stage2Result:
         f"{env.world_size} process(es), run {run}"
     )
     step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device, train_model)
+    step_of.step = start + 1
     result = Stage2Result(run=run, steps=start, model=model)
     model.train()
     t_start = time.perf_counter()
@@ -471,6 +518,7 @@ class _Stage2Step:
     ) -> None:
         self.cfg, self.model, self.teachers, self.device = cfg, model, teachers, device
         self.train_model = train_model if train_model is not None else model  # DDP-wrapped under torchrun
+        self.step = 1  # the step this call takes (set to the checkpoint's + 1 on resume)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.weights = cfg.weights()
         self.mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
@@ -480,10 +528,23 @@ class _Stage2Step:
         cfg, device, teachers = self.cfg, self.device, self.teachers
         images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
         targets = {t: v.to(device) for t, v in batch["labels"].items()}
-        preds, _, distill_maps = self.train_model(normalize_u8(images_u8.to(device), self.mean, self.std))
+        images = normalize_u8(images_u8.to(device), self.mean, self.std)
+        counterfactual = cfg.router == "tiger" and cfg.cf_weight > 0 and self.step % cfg.cf_every == 0
+        if counterfactual:
+            preds, _, distill_maps, token = self.train_model(images, routing=True)
+        else:
+            preds, _, distill_maps = self.train_model(images)
         task_loss, parts = multi_task_loss(preds, targets, self.weights)
         loss = task_loss
-        distill = None
+        distill = cf = None
+        routing: dict = {}
+        if counterfactual:
+            sampled = sample_experts(
+                list(token.gates), token.num_experts, cfg.cf_experts, cfg.seed, self.step
+            )
+            cf, routing = counterfactual_loss(self.model, token, targets, tuple(images.shape[-2:]), cfg.cf_tau,
+                                              sampled)  # fmt: skip
+            loss = loss + cfg.cf_weight * cf
         if teachers is not None:
             if cfg.cache is not None:
                 teacher_maps = teachers(batch, images_u8, device)
@@ -497,16 +558,26 @@ class _Stage2Step:
         grad_norm = clip_gradients(self.model.trainable_parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        self.step += 1
         # the numbers of the global batch: means over ranks (one all_reduce; a host-device sync per step)
-        logged = [loss, *parts.values()] + ([distill] if distill is not None else [])
+        zero = torch.zeros_like(task_loss)
+        logged = [
+            loss,
+            *parts.values(),
+            distill if distill is not None else zero,
+            cf if cf is not None else zero,
+        ]
         values = rank_mean_value(torch.stack([x.detach().float() for x in logged])).tolist()
-        return {
+        record = {
             "loss": values[0],
             **{f"loss/{t}": v for t, v in zip(parts, values[1:])},
-            "distill": values[-1] if distill is not None else None,
+            "distill": values[-2] if distill is not None else None,
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
+        if cfg.router == "tiger":
+            record.update(cf=values[-1], routing=routing)
+        return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -571,6 +642,7 @@ def evaluate(
     for batch in loader:
         preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
         for key, g in gates.items():
+            g = g.mean(1) if g.dim() == 3 else g  # token-level (tiger) gates: per image, mean over tokens
             gate_sum[key] = gate_sum.get(key, 0) + g.sum(0).cpu()
         outs = {t: task_output(t, p).cpu() for t, p in preds.items()}
         for i, (h, w) in enumerate(batch["sizes"]):  # metrics on the unpadded region only

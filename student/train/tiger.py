@@ -28,14 +28,12 @@ import dataclasses
 import json
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.extract import parse_weights
@@ -50,25 +48,41 @@ from sak.student.data.dense import (
     parse_img_size,
 )
 from sak.student.model.instructions import (
-    encode_instructions,
-    instruction_texts,
     load_instructions,
     save_instructions,
 )
-from sak.student.model.tiger import ExpertSpec, Tiger, TigerModelConfig, TigerOutput
+from sak.student.model.tiger import ExpertSpec, Tiger, TigerModelConfig
+from sak.student.train.counterfactual import (  # noqa: F401  (re-exported: TIGER's loss)
+    batchnorm_stats_frozen,
+    counterfactual_loss,
+    exclude_expert,
+    expert_contributions,
+    sample_experts,
+)
 from sak.student.train.distributed import (
     DistEnv,
     barrier,
     init_distributed,
-    rank_mean,
     rank_mean_value,
     rank_positions,
     shutdown,
     wrap_ddp,
 )
 from sak.student.train.losses import clip_gradients
+from sak.student.train.routing_options import (
+    cf_every_field,
+    cf_experts_field,
+    cf_tau_field,
+    cf_weight_field,
+    instructions_field,
+    router_hidden_field,
+    run_instructions,
+    text_model_field,
+    text_pretrained_field,
+    validate_routing,
+)
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
-from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, TASK_LOSSES, multi_task_loss
+from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
 
 log = logging.getLogger("sak")
 
@@ -111,32 +125,19 @@ class TigerConfig:
     tasks: tuple[str, ...] = field(
         default=(), metadata={"help": "Comma list of tasks [default: all of the dataset's]."}
     )
-    instructions: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON {task: sentence} overriding the default instructions.",
-            "metavar": "FILE.json",
-        },
-    )
-    text_model: str = field(
-        default="ViT-B-32",
-        metadata={"help": "open_clip model whose text tower encodes the instructions once."},
-    )
-    text_pretrained: str | None = field(
-        default="laion2b_s34b_b79k",
-        metadata={
-            "help": "open_clip pretrained tag; 'none' = random init (flagged in the run).",
-            "parse": lambda t: None if t.strip().lower() == "none" else t.strip(),
-        },
-    )
+    instructions: str | None = instructions_field()
+    text_model: str = text_model_field()
+    text_pretrained: str | None = text_pretrained_field()
     dim: int = field(default=256, metadata={"help": "Width D of the projected experts and the heads."})
-    router_hidden: int = field(default=64, metadata={"help": "Hidden width of each router."})
+    router_hidden: int = router_hidden_field()
     grid: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "Common token grid HxW [default: crop / 16].", "parse": parse_img_size},
     )
-    cf_weight: float = field(default=0.1, metadata={"help": "Weight of the counterfactual routing loss."})
-    cf_tau: float = field(default=0.1, metadata={"help": "Temperature of q = softmax(c / tau)."})
+    cf_weight: float = cf_weight_field()
+    cf_tau: float = cf_tau_field()
+    cf_experts: int | None = cf_experts_field()
+    cf_every: int = cf_every_field()
     steps: int = field(default=20_000, metadata={"help": "Optimizer steps.", "group": "optimisation"})
     batch_size: int = field(default=8, metadata={"help": "Images per step.", "group": "optimisation"})
     lr: float = field(
@@ -184,8 +185,7 @@ class TigerConfig:
             raise SakError("--online runs teachers by name: pass --teachers dinov2_l,clip_l,sam_l")
         if self.steps < 1 or self.batch_size < 1:
             raise SakError("--steps and --batch-size must be >= 1")
-        if self.cf_tau <= 0 or self.cf_weight < 0:
-            raise SakError("--cf-tau must be > 0 and --cf-weight >= 0")
+        validate_routing(self)
         if self.dim % 4:
             raise SakError(f"--dim {self.dim}: must be a multiple of 4 (the heads split it over 4 levels)")
         h, w = self.input_size()
@@ -303,70 +303,6 @@ def live_teachers(record: dict, crop: tuple[int, int], device: torch.device) -> 
 # the counterfactual loss
 
 
-@contextmanager
-def batchnorm_stats_frozen(model: nn.Module):
-    """Forward passes that use batch statistics (train mode) but leave the running statistics alone."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
-            m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, tracked in saved:
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
-
-
-def exclude_expert(gates: torch.Tensor, e: int) -> torch.Tensor:
-    """Gates with expert e set to zero and the others renormalised to sum 1 per token."""
-    g = gates.clone()
-    g[..., e] = 0
-    return g / g.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-@torch.no_grad()
-def expert_contributions(
-    model: Tiger, out: TigerOutput, targets: dict[str, torch.Tensor], out_size: tuple[int, int]
-) -> dict[tuple[int, str], torch.Tensor]:
-    """c[(l, t)] = (E,) max(L_-e - L, 0): the task loss's rise when expert e is excluded at level l."""
-    L, E = model.config.num_levels, len(model.config.experts)
-    experts = out.experts.detach()
-    c = {}
-    with batchnorm_stats_frozen(model):
-        for task in model.task_order:
-            loss_fn, target = TASK_LOSSES[task], targets[task]
-            base = loss_fn(out.preds[task].detach(), target)
-            fused = [out.fused[(k, task)].detach() for k in range(L)]
-            for lvl in range(L):
-                rises = []
-                for e in range(E):
-                    maps = list(fused)
-                    maps[lvl] = model.fuse(exclude_expert(out.gates[(lvl, task)].detach(), e), experts)
-                    rises.append(loss_fn(model.decode(task, maps, out_size), target) - base)
-                c[(lvl, task)] = rank_mean_value(torch.stack(rises)).clamp_min(0)  # of the global batch
-    return c
-
-
-def counterfactual_loss(
-    model: Tiger, out: TigerOutput, targets: dict[str, torch.Tensor], out_size: tuple[int, int], tau: float
-) -> tuple[torch.Tensor, dict[str, dict[str, list[float]]]]:
-    """Mean over (level, task) of KL(softmax(c / tau) || mean gate); and c, q, mean gate per (level, task)."""
-    contributions = expert_contributions(model, out, targets, out_size)
-    terms, logged = [], {}
-    for (lvl, task), c in contributions.items():
-        q = torch.softmax(c / tau, dim=0)
-        gbar = rank_mean(out.gates[(lvl, task)].mean(dim=(0, 1)))  # (E,), over the global batch
-        terms.append((q * (q.clamp_min(1e-12).log() - gbar.clamp_min(1e-12).log())).sum())
-        logged[f"{lvl}/{task}"] = {
-            "c": c.tolist(),
-            "q": q.tolist(),
-            "gate": gbar.detach().tolist(),
-        }
-    return torch.stack(terms).mean(), logged
-
-
 # ----------------------------------------------------------------------------------------------
 # training
 
@@ -378,15 +314,6 @@ class TigerResult:
     losses: list[float] = field(default_factory=list)  # total loss per step run in this call
     records: list[dict] = field(default_factory=list, repr=False)
     model: Tiger | None = field(default=None, repr=False)
-
-
-def _instructions(cfg: TigerConfig, run: Path, tasks: list[str], resume: bool):
-    if resume:
-        return load_instructions(run)
-    texts = instruction_texts(tasks, cfg.instructions)
-    pretrained = None if (cfg.text_pretrained or "").lower() in ("", "none") else cfg.text_pretrained
-    emb, identity = encode_instructions(texts, cfg.text_model, pretrained, cfg.seed)
-    return emb, identity
 
 
 def save_checkpoint(run: Path, model: Tiger, optimizer, scheduler, step: int) -> None:
@@ -441,7 +368,7 @@ def _start(cfg: TigerConfig, run: Path) -> bool:
         raise SakError(f"--resume {run}: no checkpoint to resume from ({CKPT}/state.pt)")
     old = read_json(run / RUN_CONFIG)["config"]
     new = {**cfg.to_dict(), "resume": old["resume"]}
-    diff = [k for k in new if new[k] != old.get(k)]
+    diff = [k for k in new if k in old and new[k] != old[k]]  # options added since: their defaults
     if diff:
         raise SakError(
             f"--resume {run}: options differ from the run's ({', '.join(diff)}); resume with the same"
@@ -476,7 +403,7 @@ def _train_tiger(cfg: TigerConfig, env: DistEnv) -> TigerResult:
     crop = cfg.input_size()
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     source = _cached_source(cfg, data, crop) if cfg.cache else _online_source(cfg, crop, device)
-    emb, identity = _instructions(cfg, run, list(data.outputs), resume)
+    emb, identity = run_instructions(cfg, run, list(data.outputs), resume)
     grid = tuple(cfg.grid) if cfg.grid else (crop[0] // 16, crop[1] // 16)
     mcfg = TigerModelConfig(
         experts=tuple(source.experts),
@@ -560,8 +487,9 @@ def _loop(cfg, run, model, source, data, optimizer, scheduler, start, env: DistE
     t0 = time.perf_counter()
     with open(run / METRICS, "a") if env.is_main else contextlib.nullcontext() as metrics:
         for step, batch in enumerate(loader, start=start + 1):
-            record = {"kind": "train", "step": step, **tiger_step(cfg, model, source, batch, weights, optimizer,
-                                                                   scheduler, env.device, train_model)}  # fmt: skip
+            numbers = tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, env.device, train_model,
+                                 step=step)  # fmt: skip
+            record = {"kind": "train", "step": step, **numbers}
             record["elapsed_s"] = time.perf_counter() - t0
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
@@ -582,17 +510,21 @@ def _loop(cfg, run, model, source, data, optimizer, scheduler, start, env: DistE
     return result
 
 
-def tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, device, train_model=None) -> dict:
-    """One optimizer step: task losses + cf_weight x counterfactual loss; the numbers for metrics.jsonl.
-    train_model: the DDP-wrapped model under torchrun (forward and gradient averaging), else model."""
+def tiger_step(
+    cfg, model, source, batch, weights, optimizer, scheduler, device, train_model=None, step: int = 1
+) -> dict:
+    """One optimizer step: task losses + cf_weight x counterfactual loss (every cf_every steps, over
+    cf_experts sampled experts); the numbers for metrics.jsonl. train_model: the DDP-wrapped model under
+    torchrun (forward and gradient averaging), else model."""
     images = batch["images"]
     maps = source.fetch(batch, images, device)
     targets = {t: v.to(device) for t, v in batch["labels"].items()}
     out = (train_model or model)(maps, tuple(images.shape[-2:]))
     task_loss, parts = multi_task_loss(out.preds, targets, weights)
     loss, routing, cf = task_loss, {}, None
-    if cfg.cf_weight > 0:
-        cf, routing = counterfactual_loss(model, out, targets, tuple(images.shape[-2:]), cfg.cf_tau)
+    if cfg.cf_weight > 0 and step % cfg.cf_every == 0:
+        sampled = sample_experts(list(out.gates), out.num_experts, cfg.cf_experts, cfg.seed, step)
+        cf, routing = counterfactual_loss(model, out, targets, tuple(images.shape[-2:]), cfg.cf_tau, sampled)
         loss = task_loss + cfg.cf_weight * cf
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
