@@ -112,7 +112,8 @@ def test_eval_works_on_a_tiger_router_run(trained, folder, tmp_path):
     assert set(report["metrics"]) == {"semseg", "normals"}
     for gates in report["router_mean_gates"].values():  # per token, then over tokens and images
         assert sum(gates) == pytest.approx(1, abs=1e-5)
-    assert (tmp_path / "routers.png").stat().st_size > 1000
+    for name in ("routers.png", "predictions.png", "gates_semseg.png", "gates_normals.png"):
+        assert (tmp_path / name).stat().st_size > 1000  # token-level gates: per-expert gate maps too
 
 
 def test_tiger_router_refusals(tiny_stage1_run, folder, tmp_path):

@@ -21,7 +21,6 @@ stage-1 teachers; a batch's rows (epoch * N + image) index it, and each image is
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import time
@@ -29,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -38,11 +36,7 @@ from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
 from sak.pipeline.teachers import normalize_u8
 from sak.student.data.dense import (
-    DATASET_METRIC_NAME,
-    DATASETS,
-    DEFAULT_INPUT_SIZE,
     DenseDataset,
-    EvalSamples,
     TrainSamples,
     collate,
     parse_img_size,
@@ -52,6 +46,14 @@ from sak.student.model.multitask import SakMultiTask, resize_stem_input
 from sak.student.model.student import SakStudent, StudentConfig
 from sak.student.train.checkpoint import RUN_CONFIG
 from sak.student.train.counterfactual import counterfactual_loss, sample_experts
+from sak.student.train.dense_config import (
+    OPTIMISATION,
+    DenseTrainConfig,
+    device_field,
+    log_every_field,
+    num_workers_field,
+)
+from sak.student.train.dense_eval import EvalModel, evaluate_dense, format_table  # noqa: F401
 from sak.student.train.distributed import (
     DistEnv,
     barrier,
@@ -63,16 +65,6 @@ from sak.student.train.distributed import (
     wrap_ddp,
 )
 from sak.student.train.losses import clip_gradients, distillation_loss
-from sak.student.train.metrics import (
-    EDGE_TOLERANCE,
-    SINGLE_TASK_BASELINES,
-    BoundaryMeter,
-    DepthMeter,
-    NormalsMeter,
-    SaliencyMeter,
-    SegmentationMeter,
-    mtl_gain,
-)
 from sak.student.train.routing_options import (
     cf_every_field,
     cf_experts_field,
@@ -86,7 +78,7 @@ from sak.student.train.routing_options import (
     validate_routing,
 )
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, student_levels
-from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
+from sak.student.train.task_losses import multi_task_loss
 
 log = logging.getLogger("sak")
 
@@ -94,25 +86,14 @@ TIGER_GROUP = "tiger router"  # --help lists these options last
 METRICS = "metrics.jsonl"
 STAGE2_DIR = "checkpoint"
 STAGE2_KIND = "sak-stage2"
-METRIC_NAMES = {
-    "semseg": "mIoU",
-    "human_parts": "mIoU",
-    "sal": "maxF",
-    "normals": "mErr",
-    "edge": "odsF",
-    "depth": "RMSE",
-}
 
 
-@dataclass(frozen=True)
-class Stage2Config:
+@dataclass(frozen=True, kw_only=True)
+class Stage2Config(DenseTrainConfig):
     """Stage-2 fine-tuning; defaults are the paper's (Table 11, B.3, B.5). Each field's help (metadata)
-    is also its `sak-train stage2` option's help."""
+    is also its `sak-train stage2` option's help. Dataset, optimisation, loss weights and augmentation:
+    DenseTrainConfig (shared with TIGER)."""
 
-    dataset: str = field(
-        metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
-    )
-    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
     init: str = field(metadata={"help": "The stage-1 run folder.", "metavar": "RUN"})
     out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
     tasks: tuple[str, ...] = field(
@@ -135,36 +116,24 @@ class Stage2Config:
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train routers and heads only."})
-    steps: int = field(default=40_000, metadata={"help": "Training iterations.", "group": "optimisation"})
-    batch_size: int = field(default=4, metadata={"help": "Global batch size.", "group": "optimisation"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate.", "group": "optimisation"})
-    weight_decay: float = field(
-        default=1e-6, metadata={"help": "AdamW weight decay.", "group": "optimisation"}
-    )
-    poly_power: float = field(
-        default=0.9, metadata={"cli": False}
-    )  # lr factor (1 - step / steps) ** power, no warm-up
-    grad_clip: float | None = field(
-        default=10.0, metadata={"help": "Max global gradient norm.", "group": "optimisation"}
-    )
+    # the paper's schedule (the base's place and help, other defaults)
+    steps: int = field(default=40_000, metadata={"help": "Training iterations.", "group": OPTIMISATION})
+    batch_size: int = field(default=4, metadata={"help": "Global batch size.", "group": OPTIMISATION})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate.", "group": OPTIMISATION})
+    weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay.", "group": OPTIMISATION})
     gamma: float = field(
-        default=1.0, metadata={"help": "Weight of the distillation loss (eq. 6).", "group": "optimisation"}
+        default=1.0, metadata={"help": "Weight of the distillation loss (eq. 6).", "group": OPTIMISATION}
     )
-    # (task, weight) pairs overriding the paper's 1/2/5/10/50/1 (semseg, human_parts, sal, normals, edge, depth)
-    task_weights: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
     img_size: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "HxW input [default: 512x512 PASCAL, 448x576 NYUD].", "parse": parse_img_size},
     )
-    # the training augmentation: random scale range; colour jitter on/off
-    scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
-    photometric: bool = field(default=True, metadata={"cli": False})
     seed: int = field(
         default=0, metadata={"help": "Head/router initialisation, data order and augmentation."}
     )
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
-    log_every: int = field(default=50, metadata={"help": "Console line every N steps."})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    num_workers: int = num_workers_field()
+    log_every: int = log_every_field()
+    device: str | None = device_field()
     checkpoint_every: int = field(
         default=1000,
         metadata={"help": "Save a resumable checkpoint (weights, optimizer, step) every N steps."},
@@ -189,29 +158,16 @@ class Stage2Config:
         base: dict[str, Any] = dict(steps=10, batch_size=2, img_size=(64, 64), num_workers=0, log_every=5)
         return cls(dataset=dataset, data_root=data_root, init=init, out=out, **{**base, **overrides})
 
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
-
-    def weights(self) -> dict[str, float]:
-        return {**DEFAULT_TASK_WEIGHTS, **dict(self.task_weights)}
-
     def validate(self) -> None:
         if self.cache is not None and self.online:
             raise SakError("give one of --online and --cache, not both")
         needs_teachers = self.gamma > 0 and not self.freeze_backbone
         if needs_teachers and not (self.online or self.cache):
             raise SakError("stage 2 distils from the teachers: pass --online or --cache (or --gamma 0)")
-        if self.steps < 1 or self.batch_size < 1:
-            raise SakError("--steps and --batch-size must be >= 1")
         if self.router not in ("mor", "sum", "tiger"):
             raise SakError(f"--router must be mor, sum or tiger, got {self.router!r}")
         validate_routing(self)
-        h, w = self.input_size()
-        if h % 16 or w % 16 or h < 32 or w < 32:
-            raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        self.validate_training()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,16 +274,13 @@ def _train_stage2(cfg: Stage2Config, env: DistEnv) -> Stage2Result:
     if cfg.freeze_backbone:
         model.freeze_backbone()
     teachers = _distillation_targets(cfg, data, stage1, img_size, device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
-    )
+    optimizer, scheduler = cfg.optimizer(model.trainable_parameters())
     meta = _run_meta(cfg, stage1, img_size)
     if identity is not None:
         meta["instructions"] = identity.to_dict()  # the texts and the encoder that made the embeddings
     start = _restore(run, model, optimizer, scheduler, device, env.is_main) if resuming else 0
     if not resuming and env.is_main:
-        _write_run_record(run, meta, data, cfg.weights(), model, device, env.world_size)
+        _write_run_record(run, meta, data, cfg.loss_weights(), model, device, env.world_size)
         if identity is not None:
             save_instructions(run, emb, identity)
     barrier(env)
@@ -444,18 +397,10 @@ def _distillation_targets(
     if cfg.gamma <= 0 or cfg.freeze_backbone:
         return None
     if cfg.cache is not None:
-        from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
+        from sak.student.train.stage2_cache import Stage2CachedTargets
 
         expected = {
-            "dataset": cfg.dataset,
-            "split": SPLIT,
-            "num_images": len(data),
-            "names_sha": names_hash(data.names),
-            "seed": int(cfg.seed),
-            "crop": list(img_size),
-            "scale_range": [float(x) for x in cfg.scale_range],
-            "photometric": bool(cfg.photometric),
-            "plan_version": PLAN_VERSION,
+            **cfg.cache_identity(data, img_size),
             "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
         }
         return Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
@@ -520,7 +465,7 @@ class _Stage2Step:
         self.train_model = train_model if train_model is not None else model  # DDP-wrapped under torchrun
         self.step = 1  # the step this call takes (set to the checkpoint's + 1 on resume)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.weights = cfg.weights()
+        self.weights = cfg.loss_weights()
         self.mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
 
@@ -584,33 +529,6 @@ class _Stage2Step:
 # evaluation
 
 
-def make_meters(outputs: dict[str, int], dataset: str) -> dict[str, Any]:
-    tolerance = EDGE_TOLERANCE.get(DATASET_METRIC_NAME[dataset], EDGE_TOLERANCE["pascal_context"])
-    meters: dict[str, Any] = {}
-    for t, n in outputs.items():
-        if t in ("semseg", "human_parts"):
-            meters[t] = SegmentationMeter(n)
-        elif t == "sal":
-            meters[t] = SaliencyMeter()
-        elif t == "normals":
-            meters[t] = NormalsMeter()
-        elif t == "edge":
-            meters[t] = BoundaryMeter(tolerance)
-        elif t == "depth":
-            meters[t] = DepthMeter()
-    return meters
-
-
-def task_output(task: str, pred: torch.Tensor) -> torch.Tensor:
-    """Raw head output (B, out, H, W) -> what the meter takes (ids, probabilities, vectors, metres)."""
-    if task in ("semseg", "human_parts"):
-        return pred.argmax(1)  # (B, H, W)
-    if task in ("sal", "edge"):
-        return pred.sigmoid()[:, 0]  # (B, H, W)
-    return pred
-
-
-@torch.no_grad()
 def evaluate(
     checkpoint: str | Path,
     dataset: str,
@@ -622,150 +540,28 @@ def evaluate(
     baselines: dict[str, float] | None = None,
     num_pictures: int = 4,
 ) -> dict[str, Any]:
-    """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png, predictions.png."""
+    """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png,
+    predictions.png (and gates_<task>.png with --router tiger); dense_eval.evaluate_dense does the work."""
     dev = resolve_device(device)
     model, meta = load_stage2(checkpoint, dev)
     model.eval()
-    data = DenseDataset(dataset, data_root, split, tuple(model.tasks))
-    for t, n in data.outputs.items():
-        if n != model.tasks[t]:
-            raise SakError(f"task {t}: the model predicts {model.tasks[t]} channels, the dataset has {n}")
-    img_size = tuple(meta["img_size"])
-    loader = torch.utils.data.DataLoader(
-        EvalSamples(data, img_size), batch_size=batch_size, shuffle=False, collate_fn=collate
-    )
     mean = torch.tensor(meta["input_mean"], device=dev).view(1, 3, 1, 1)
     std = torch.tensor(meta["input_std"], device=dev).view(1, 3, 1, 1)
-    meters = make_meters(model.tasks, dataset)
-    gate_sum: dict[tuple[int, str], torch.Tensor] = {}
-    shown: list[dict] = []
-    for batch in loader:
+
+    def predict(batch: dict) -> tuple[dict, dict]:
         preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
-        for key, g in gates.items():
-            g = g.mean(1) if g.dim() == 3 else g  # token-level (tiger) gates: per image, mean over tokens
-            gate_sum[key] = gate_sum.get(key, 0) + g.sum(0).cpu()
-        outs = {t: task_output(t, p).cpu() for t, p in preds.items()}
-        for i, (h, w) in enumerate(batch["sizes"]):  # metrics on the unpadded region only
-            for t, meter in meters.items():
-                meter.update(outs[t][i : i + 1, ..., :h, :w], batch["labels"][t][i : i + 1, ..., :h, :w])
-            if len(shown) < num_pictures:
-                shown.append(
-                    {
-                        "image": batch["images"][i, :, :h, :w],
-                        "gt": {t: v[i, ..., :h, :w] for t, v in batch["labels"].items()},
-                        "pred": {t: v[i, ..., :h, :w] for t, v in outs.items()},
-                    }
-                )
-    results = {t: float(m.compute()) for t, m in meters.items()}
-    metric_ds = DATASET_METRIC_NAME[dataset]
-    backbone = meta["student"]["name"]
-    paper = SINGLE_TASK_BASELINES.get(metric_ds, {}).get(backbone)
-    report: dict[str, Any] = {
-        "kind": "sak-stage2-eval",
-        "dataset": dataset,
-        "split": split,
-        "images": len(data),
-        "metrics": {t: {"name": METRIC_NAMES[t], "value": v} for t, v in results.items()},
-        "code_version": code_version(),
-        "created": now_iso(),
-    }
-    if baselines is not None:
-        report["delta_m"] = mtl_gain(results, baselines)
-        report["baselines"] = dict(baselines)
-    elif paper is not None and all(t in paper for t in results):
-        report["delta_m"] = mtl_gain(results, dataset=metric_ds, backbone=backbone)
-        report["baselines"] = {t: paper[t] for t in results}
-    n = len(data)
-    levels = sorted({b for b, _ in gate_sum})
-    mean_gates = {f"{b}/{t}": (g / n).tolist() for (b, t), g in sorted(gate_sum.items())}
-    report["router_mean_gates"] = mean_gates
-    report["experts"] = ["stem", *(x["name"] for x in meta["student"]["teachers"])]
-    target = Path(out or checkpoint).expanduser()
-    target.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target / "eval.json", report)
-    plot_gates(gate_sum, n, levels, list(model.tasks), report["experts"], target / "routers.png")
-    plot_predictions(shown, list(model.tasks), model.tasks, target / "predictions.png")
-    report["pictures"] = [str(target / "routers.png"), str(target / "predictions.png")]
-    return report
+        return preds, gates
 
-
-def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'task':<12} {'metric':<6} {'value':>9}"]
-    for t, m in report["metrics"].items():
-        lines.append(f"{t:<12} {m['name']:<6} {m['value']:>9.4f}")
-    if "delta_m" in report:
-        lines.append(f"{'delta_m %':<19} {report['delta_m']:>9.2f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# pictures (matplotlib, Agg)
-
-
-def plot_gates(
-    gate_sum: dict[tuple[int, str], torch.Tensor],
-    count: int,
-    levels: list[int],
-    tasks: list[str],
-    experts: list[str],
-    path: Path,
-) -> None:
-    """The paper's Figure 4: mean gate weight per expert, one panel per level, grouped bars per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.0), squeeze=False, sharey=True)
-    width = 0.8 / len(experts)
-    for ax, b in zip(axes[0], levels):
-        for e, name in enumerate(experts):
-            values = [float(gate_sum[(b, t)][e]) / count for t in tasks]
-            ax.bar(np.arange(len(tasks)) + (e - (len(experts) - 1) / 2) * width, values, width, label=name)
-        ax.set_title(f"block {b}")
-        ax.set_xticks(np.arange(len(tasks)), tasks, rotation=30, fontsize=8)
-    axes[0][0].set_ylabel("mean gate weight")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _show(task: str, x: torch.Tensor, classes: int) -> tuple[np.ndarray, dict]:
-    """A label or prediction -> (image array, imshow kwargs)."""
-    x = x.float()
-    if task in ("semseg", "human_parts"):
-        return np.ma.masked_equal(x.numpy(), 255), {"cmap": "tab20", "vmin": 0, "vmax": max(1, classes - 1)}
-    if task == "normals":
-        n = torch.nn.functional.normalize(x, dim=0) if x.abs().sum() else x
-        return ((n.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1), {}
-    if task == "depth":
-        return np.ma.masked_equal(x.squeeze(0).numpy(), 0), {"cmap": "viridis"}
-    return np.ma.masked_equal(x.numpy(), 255), {"cmap": "gray", "vmin": 0, "vmax": 1}
-
-
-def plot_predictions(shown: list[dict], tasks: list[str], outputs: dict[str, int], path: Path) -> None:
-    """Rows: images; columns: input | GT and prediction per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not shown:
-        return
-    cols = 1 + 2 * len(tasks)
-    fig, axes = plt.subplots(len(shown), cols, figsize=(1.8 * cols, 1.8 * len(shown)), squeeze=False)
-    for r, s in enumerate(shown):
-        axes[r][0].imshow(s["image"].permute(1, 2, 0).numpy())
-        axes[r][0].set_title("input", fontsize=7)
-        for k, t in enumerate(tasks):
-            for j, (what, x) in enumerate((("GT", s["gt"][t]), ("pred", s["pred"][t]))):
-                img, kw = _show(t, x, outputs[t])
-                ax = axes[r][1 + 2 * k + j]
-                ax.imshow(img, **kw)
-                ax.set_title(f"{t} {what}", fontsize=7)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tiger = model.router_kind == "tiger"
+    target = EvalModel(
+        kind="sak-stage2-eval",
+        tasks=dict(model.tasks),
+        img_size=tuple(meta["img_size"]),
+        predict=predict,
+        experts=["stem", *(x["name"] for x in meta["student"]["teachers"])],
+        levels=list(model.levels),
+        backbone=meta["student"]["name"],
+        token_grid=tuple(model.student.stem.patch_embed.grid_size) if tiger else None,
+    )
+    dest = Path(out or checkpoint).expanduser()
+    return evaluate_dense(target, dataset, data_root, split, dest, batch_size, baselines, num_pictures)

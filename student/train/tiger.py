@@ -40,8 +40,6 @@ from sak.pipeline.extract import parse_weights
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
 from sak.student.data.dense import (
-    DATASETS,
-    DEFAULT_INPUT_SIZE,
     DenseDataset,
     TrainSamples,
     collate,
@@ -58,6 +56,13 @@ from sak.student.train.counterfactual import (  # noqa: F401  (re-exported: TIGE
     exclude_expert,
     expert_contributions,
     sample_experts,
+)
+from sak.student.train.dense_config import (
+    OPTIMISATION,
+    DenseTrainConfig,
+    device_field,
+    log_every_field,
+    num_workers_field,
 )
 from sak.student.train.distributed import (
     DistEnv,
@@ -82,7 +87,7 @@ from sak.student.train.routing_options import (
     validate_routing,
 )
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
-from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
+from sak.student.train.task_losses import multi_task_loss
 
 log = logging.getLogger("sak")
 
@@ -92,14 +97,11 @@ METRICS = "metrics.jsonl"
 CKPT = "checkpoint"
 
 
-@dataclass(frozen=True)
-class TigerConfig:
-    """Every option of `sak-train tiger` (defaults are ours: the paper's are not public)."""
+@dataclass(frozen=True, kw_only=True)
+class TigerConfig(DenseTrainConfig):
+    """Every option of `sak-train tiger` (defaults are ours: the paper's are not public). Dataset,
+    optimisation, loss weights and augmentation: DenseTrainConfig (shared with stage 2)."""
 
-    dataset: str = field(
-        metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
-    )
-    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
     out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
     cache: str | None = field(
         default=None, metadata={"help": "A stage-2 target cache (`sak-cache stage2`): no teacher in memory."}
@@ -138,34 +140,23 @@ class TigerConfig:
     cf_tau: float = cf_tau_field()
     cf_experts: int | None = cf_experts_field()
     cf_every: int = cf_every_field()
-    steps: int = field(default=20_000, metadata={"help": "Optimizer steps.", "group": "optimisation"})
-    batch_size: int = field(default=8, metadata={"help": "Images per step.", "group": "optimisation"})
+    batch_size: int = field(default=8, metadata={"help": "Images per step.", "group": OPTIMISATION})
     lr: float = field(
         default=1e-4,
-        metadata={"help": "AdamW learning rate (polynomial decay 0.9).", "group": "optimisation"},
+        metadata={"help": "AdamW learning rate (polynomial decay 0.9).", "group": OPTIMISATION},
     )
-    weight_decay: float = field(
-        default=1e-4, metadata={"help": "AdamW weight decay.", "group": "optimisation"}
-    )
-    poly_power: float = field(default=0.9, metadata={"cli": False})
-    grad_clip: float | None = field(
-        default=10.0, metadata={"help": "Max global gradient norm.", "group": "optimisation"}
-    )
-    task_weights: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
     img_size: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "HxW crop [default: the dataset's; must be the cache's].", "parse": parse_img_size},
     )
-    scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
-    photometric: bool = field(default=True, metadata={"cli": False})
     seed: int = field(default=0, metadata={"help": "Init, data order, augmentation (the cache's --seed)."})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
-    log_every: int = field(default=50, metadata={"help": "Console line every N steps."})
+    num_workers: int = num_workers_field()
+    log_every: int = log_every_field()
     checkpoint_every: int = field(
         default=500, metadata={"help": "Save a resumable checkpoint every N steps."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue the run in --out exactly."})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    device: str | None = device_field()
 
     @classmethod
     def debug(cls, dataset: str, data_root: str, out: str, **overrides: Any) -> TigerConfig:
@@ -175,25 +166,15 @@ class TigerConfig:
         )  # fmt: skip
         return cls(dataset=dataset, data_root=data_root, out=out, **{**base, **overrides})
 
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
-
     def validate(self) -> None:
         if bool(self.cache) == bool(self.online):
             raise SakError("give one of --cache S2CACHE and --online (with --teachers)")
         if self.online and not self.teachers:
             raise SakError("--online runs teachers by name: pass --teachers dinov2_l,clip_l,sam_l")
-        if self.steps < 1 or self.batch_size < 1:
-            raise SakError("--steps and --batch-size must be >= 1")
         validate_routing(self)
         if self.dim % 4:
             raise SakError(f"--dim {self.dim}: must be a multiple of 4 (the heads split it over 4 levels)")
-        h, w = self.input_size()
-        if h % 16 or w % 16 or h < 32 or w < 32:
-            raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        self.validate_training()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,19 +208,9 @@ def _live_experts(teachers: Stage2Teachers, crop: tuple[int, int]) -> list[Exper
 
 
 def _cached_source(cfg: TigerConfig, data: DenseDataset, crop: tuple[int, int]) -> TeacherSource:
-    from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
+    from sak.student.train.stage2_cache import Stage2CachedTargets
 
-    expected = {
-        "dataset": cfg.dataset,
-        "split": SPLIT,
-        "num_images": len(data),
-        "names_sha": names_hash(data.names),
-        "seed": int(cfg.seed),
-        "crop": list(crop),
-        "scale_range": [float(x) for x in cfg.scale_range],
-        "photometric": bool(cfg.photometric),
-        "plan_version": PLAN_VERSION,
-    }
+    expected = cfg.cache_identity(data, crop)
     targets = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
     cache = targets.cache
     experts = [
@@ -415,10 +386,7 @@ def _train_tiger(cfg: TigerConfig, env: DistEnv) -> TigerResult:
     )
     torch.manual_seed(cfg.seed)
     model = Tiger(mcfg, emb).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
-    )
+    optimizer, scheduler = cfg.optimizer(model.parameters())
     start = 0
     if resume:
         start = _restore(run, model, optimizer, scheduler, device, trim=env.is_main)
@@ -473,7 +441,7 @@ def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device
 
 def _loop(cfg, run, model, source, data, optimizer, scheduler, start, env: DistEnv) -> TigerResult:
     crop = cfg.input_size()
-    weights = {**DEFAULT_TASK_WEIGHTS, **dict(cfg.task_weights)}
+    weights = cfg.loss_weights()
     loader = torch.utils.data.DataLoader(
         TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric),
         batch_size=cfg.batch_size // env.world_size,
