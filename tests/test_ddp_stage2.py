@@ -121,12 +121,16 @@ def folder(tmp_path_factory):
 
 def test_stage2_two_processes_match_one_and_resume(tiny_stage1_run, folder, tmp_path):
     kwargs = dict(
-        dataset="folder", data_root=str(folder), init=str(tiny_stage1_run), online=True, router="sum",
-        steps=STEPS, batch_size=4, lr=1e-3, checkpoint_every=2, scale_range=[2.0, 2.0], device="cpu",
+        dataset="folder", data_root=str(folder), init=str(tiny_stage1_run), online=True, router="tiger",
+        text_model="ViT-S-32-alt", text_pretrained=None, steps=STEPS, batch_size=4, lr=1e-3,
+        checkpoint_every=2, scale_range=[2.0, 2.0], device="cpu",
     )  # fmt: skip
     ranks = _torchrun(tmp_path, "stage2", kwargs)
     single = train_stage2(Stage2Config.debug(**{**kwargs, "out": str(tmp_path / "one")}))
     _check(ranks, single.losses, tmp_path / "ddp")
+    assert [r["cf"] for r in ranks[0]["records"]] == pytest.approx(
+        [r["cf"] for r in single.records], rel=1e-4
+    )
 
 
 def test_tiger_two_processes_match_one_and_resume(folder, tmp_path):

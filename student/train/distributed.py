@@ -184,7 +184,10 @@ def global_batchnorm(model: nn.Module) -> nn.Module:
             new = GlobalBatchNorm2d(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
-            new._parameters, new._buffers = child._parameters, child._buffers  # the same tensors
+            for pname, p in child.named_parameters(recurse=False):
+                setattr(new, pname, p)  # the same Parameter objects
+            for bname, b in child.named_buffers(recurse=False):
+                setattr(new, bname, b)  # the same buffers (running statistics, batches tracked)
             new.train(child.training)
             setattr(model, name, new)
         else:
