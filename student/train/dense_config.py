@@ -53,7 +53,7 @@ class DenseTrainConfig:
     grad_clip: float | None = field(
         default=10.0, metadata={"help": "Max global gradient norm.", "group": OPTIMISATION}
     )
-    # (task, weight) pairs overriding the paper's 1/2/5/10/50/1 (semseg, human_parts, sal, normals, edge, depth)
+    # (task, weight) pairs overriding the paper's 1/2/5/10/50/1 (semseg, parsing, sal, normals, edge, depth)
     task_weights: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
     # the training augmentation: random scale range; colour jitter on/off
     scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
@@ -62,7 +62,8 @@ class DenseTrainConfig:
     # declared by the subclasses (their help differs): img_size, seed
 
     def input_size(self) -> tuple[int, int]:
-        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]  # type: ignore[attr-defined]
+        size = self.img_size  # type: ignore[attr-defined]  (declared by the subclass)
+        return tuple(size) if size else DEFAULT_INPUT_SIZE[self.dataset]
 
     def loss_weights(self) -> dict[str, float]:
         """Per task: the paper's weight (B.5) unless task_weights overrides it."""

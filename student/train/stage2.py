@@ -197,7 +197,7 @@ def save_stage2(run: Path, model: SakMultiTask, meta: dict) -> Path:
 
 
 def _tiger_shape(model: SakMultiTask) -> dict:
-    """What load_stage2 needs to rebuild a tiger router (its weights and instruction buffer are in the file)."""
+    """What load_stage2 needs to rebuild a tiger router (the weights file holds its instruction buffer)."""
     if model.router_kind != "tiger":
         return {}
     return {"text_dim": int(model.instructions.shape[1]), "router_hidden": model.router_hidden}
