@@ -23,6 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from sak.pipeline.actors import actor_placement, shard_failure_error, start_actors, stop_actors
 from sak.pipeline.codecs import get_codec, refuse_overflow
 from sak.pipeline.errors import SakError
 from sak.pipeline.fidelity import is_lossy, measure_levels
@@ -763,28 +764,12 @@ def _shard_jobs(cache: CacheManifest, stores: list[StorePlan]) -> list[ShardJob]
 
 
 def _start_workers(cfg: ExtractConfig, stores: list[StorePlan], n_jobs: int) -> list:
-    """TeacherWorker actors, one per GPU (or per two CPUs), each holding every selected teacher."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_workers = min(cfg.workers or (gpus if gpus else max(1, cpus // 2)), n_jobs)
-    threads = 1 if gpus else max(1, cpus // (2 * n_workers))
-    # A worker that dies (kill -9, OOM, preemption) is restarted and its shard retried: writes are whole-shard
-    # overwrites, so a retry is idempotent. Application errors (a bad file, ENOSPC) are not retried.
-    worker_cls = ray.remote(TeacherWorker).options(
-        num_gpus=1 if gpus else 0,
-        num_cpus=1 if gpus else threads,
-        max_concurrency=2,
-        max_restarts=3,
-        max_task_retries=3,
-        scheduling_strategy="SPREAD",  # over the nodes: one lost node costs only its own actors
-    )
+    """TeacherWorker actors, one per GPU (or per two CPUs), each holding every selected teacher; placed,
+    restarted and retried as pipeline/actors.py says (shared with `sak-cache stage2`)."""
+    placement = actor_placement(cfg.workers, n_jobs)
     jobs = [sp.job() for sp in stores]
-    return [
-        worker_cls.remote(jobs, cfg.size, cfg.normalization, cfg.batch_size, threads)
-        for _ in range(n_workers)
-    ]
+    args = (jobs, cfg.size, cfg.normalization, cfg.batch_size, placement.threads)
+    return start_actors(TeacherWorker, placement, *args)
 
 
 def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule: Schedule) -> None:
@@ -825,10 +810,9 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
                 bar.update(job.views)
     finally:
         bar.close()
-        for w in workers:
-            ray.kill(w)
+        stop_actors(workers)
     if schedule.failure is not None:
-        raise _failure_error(schedule.failure, out, sum(len(sp.done) for sp in stores))
+        raise shard_failure_error(schedule.failure, out, sum(len(sp.done) for sp in stores))
 
 
 def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
@@ -840,22 +824,6 @@ def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
         if sp.cache_url:  # the workers uploaded and checked the shard's objects before returning
             Bucket(sp.cache_url).put_whole(sp.path / JOURNAL, f"{sp.rel}/{JOURNAL}")
         sp.done[record.shard] = record
-
-
-def _failure_error(failure: Exception, out: Path, done: int) -> SakError:
-    cause = getattr(failure, "cause", None)  # a Ray task error wraps what the task raised
-    if isinstance(failure, SakError) or isinstance(cause, SakError):
-        return SakError(f"{str(cause or failure).strip()} (the {done} shard(s) already recorded are kept)")
-    msg = str(failure).strip().splitlines()
-    if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
-        return SakError(
-            f"no space left on the device holding {out} while writing teacher shards; free space and "
-            f"re-run the same command (the {done} shard(s) already recorded are complete and kept)"
-        )
-    return SakError(
-        f"extraction failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
-        f"shards are kept, re-run the same command to continue"
-    )
 
 
 def view_rows(out: Path) -> list[ViewRow]:

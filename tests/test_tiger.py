@@ -264,3 +264,31 @@ def test_ray_built_stage2_cache_resumes_after_kill_9(setup, tmp_path):
     assert [t["shards"] for t in a["teachers"]] == [t["shards"] for t in b["teachers"]]
     assert a["views_sha256"] == b["views_sha256"]
     print(f"killed after {len(kept)} of 12 shards; resumed, verified, equal to an uninterrupted build")
+
+
+def test_sampled_counterfactual_is_exact_on_its_experts(trained):
+    """--cf-experts K: c of the sampled experts equals the full pass's; the term is KL over the subset
+    (gates renormalised on it); a short run logs which experts each (level, task) drew."""
+    from sak.student.train.counterfactual import sample_experts
+
+    root, folder, _ = trained
+    model, _ = load_tiger(root / "run")
+    model.train()
+    maps, targets = _batch(root, folder, model)
+    out = model(maps, CROP)
+    full = expert_contributions(model, out, targets, CROP)
+    sampled = sample_experts(list(out.gates), 12, 4, seed=0, step=7)
+    part = expert_contributions(model, out, targets, CROP, sampled)
+    for key, idx in sampled.items():
+        assert len(idx) == 4 and torch.allclose(part[key], full[key][idx], atol=1e-6)
+    cf, logged = counterfactual_loss(model, out, targets, CROP, 0.1, sampled)
+    terms = []
+    for (lvl, task), idx in sampled.items():
+        q = torch.softmax(part[(lvl, task)] / 0.1, 0)
+        g = out.gates[(lvl, task)].mean((0, 1))[idx]
+        terms.append((q * (q.clamp_min(1e-12).log() - (g / g.sum()).log())).sum())
+        assert logged[f"{lvl}/{task}"]["sampled"] == idx
+    assert float(cf.detach()) == pytest.approx(float(torch.stack(terms).mean().detach()), rel=1e-5)
+    run = train_tiger(_cfg(root, folder, "k3", steps=2, cf_experts=3))
+    for v in run.records[-1]["routing"].values():
+        assert len(v["sampled"]) == len(v["c"]) == 3 and len(v["gate"]) == 12

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 from sak.pipeline.errors import SakError
+from sak.student.model.routing import InstructionRouter, TokenRouting, fuse_tokens, tokens_of
 from sak.student.model.student import INIT_STD, SakStudent
 
 ROUTER_NOISE_FLOOR = 1e-2  # noise std = softplus(raw) + 1e-2 (paper code)
@@ -41,7 +42,7 @@ HEAD_REDUCTION = 4  # per-level Linear C -> C/4; 4 levels concatenated give C ag
 PASCAL_CONTEXT_TASKS: dict[str, int] = {"semseg": 21, "human_parts": 7, "sal": 1, "normals": 3, "edge": 1}
 NYUD_TASKS: dict[str, int] = {"semseg": 40, "normals": 3, "edge": 1, "depth": 1}
 DATASET_TASKS: dict[str, dict[str, int]] = {"pascal_context": PASCAL_CONTEXT_TASKS, "nyud": NYUD_TASKS}
-RouterKind = Literal["mor", "sum"]
+RouterKind = Literal["mor", "sum", "tiger"]
 
 
 def _init_linear(m: nn.Linear) -> None:
@@ -172,18 +173,28 @@ def resize_stem_input(student: SakStudent, img_size: tuple[int, int]) -> None:
 
 
 class SakMultiTask(nn.Module):
-    """Stage-1 SakStudent + one MoR router per (level, task) + one decode head per task.
+    """Stage-1 SakStudent + one router per (level, task) + one decode head per task.
 
     tasks: {task name: output channels}, in a fixed order (e.g. PASCAL_CONTEXT_TASKS).
-    router: "mor" (the paper) or "sum" (ablation: experts summed with weight 1, no router).
+    router: "mor" (the paper), "sum" (ablation: experts summed with weight 1, no router) or "tiger"
+    (TIGER's token-level instruction router, student/model/routing.py, over the same E experts; needs
+    `instructions` (T, text_dim), one embedding per task in `tasks` order, kept as a buffer).
     forward(images) -> (preds {task: (B, out, H, W)}, gates {(block, task): (B, E)}, distill_maps).
-    With router="sum" the gates are all ones (the fixed weights used).
+    With router="sum" the gates are all ones (the fixed weights used); with "tiger" they are per token
+    (B, N, E), and forward(images, routing=True) adds the TokenRouting the counterfactual loss re-runs.
     """
 
-    def __init__(self, student: SakStudent, tasks: Mapping[str, int], router: RouterKind = "mor"):
+    def __init__(
+        self,
+        student: SakStudent,
+        tasks: Mapping[str, int],
+        router: RouterKind = "mor",
+        instructions: torch.Tensor | None = None,
+        router_hidden: int = 64,
+    ):
         super().__init__()
-        if router not in ("mor", "sum"):
-            raise SakError(f"unknown router {router!r}; known: mor, sum")
+        if router not in ("mor", "sum", "tiger"):
+            raise SakError(f"unknown router {router!r}; known: mor, sum, tiger")
         if not tasks:
             raise SakError("stage 2 needs at least one task")
         for t in tasks:
@@ -204,6 +215,23 @@ class SakMultiTask(nn.Module):
             }
         )
         self.heads = nn.ModuleDict({t: DecodeHead(dim, n, len(self.levels)) for t, n in self.tasks.items()})
+        self.router_hidden = router_hidden
+        self.tiger = nn.ModuleDict()
+        if router == "tiger":
+            if instructions is None or instructions.dim() != 2 or instructions.shape[0] != len(self.tasks):
+                raise SakError("--router tiger needs one instruction embedding per task (T, text_dim)")
+            self.register_buffer("instructions", instructions.float().clone())
+            text_dim = int(instructions.shape[1])
+            for b in self.levels:
+                for t in self.tasks:
+                    self.tiger[f"{b}_{t}"] = InstructionRouter(self.num_experts, dim, text_dim, router_hidden)
+
+    @property
+    def task_order(self) -> list[str]:
+        return list(self.tasks)
+
+    def decode(self, task: str, maps: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
+        return self.heads[task](maps, out_size)
 
     def freeze_backbone(self) -> None:
         """Freeze the stem, adapter paths, level norms and aligners: only routers and heads train."""
@@ -214,20 +242,23 @@ class SakMultiTask(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def num_router_parameters(self) -> int:
-        return sum(p.numel() for p in self.mor.parameters())
+        return sum(p.numel() for p in self.mor.parameters()) + sum(p.numel() for p in self.tiger.parameters())
 
     def num_head_parameters(self) -> int:
         return sum(p.numel() for p in self.heads.parameters())
 
-    def forward(
-        self, images: torch.Tensor
-    ) -> tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor], dict[str, list[torch.Tensor]]]:
+    def forward(self, images: torch.Tensor, routing: bool = False) -> tuple:
+        """-> (preds, gates, distill_maps), plus the TokenRouting when routing=True (router "tiger")."""
         features = self.student.forward_features(images)
         B = images.shape[0]
         routed: dict[str, list[torch.Tensor]] = {t: [] for t in self.tasks}
         gates: dict[tuple[int, str], torch.Tensor] = {}
+        token = TokenRouting({}, {}, [], {}, (0, 0))  # level-indexed record of the tiger router
         for i, block in enumerate(features.levels):
             experts = features.experts(i)  # [(B, C, h, w)] x E: stem first, then teachers in order
+            if self.router_kind == "tiger":
+                self._route_tokens(i, block, experts, routed, gates, token)
+                continue
             if self.router_kind == "sum":
                 total = torch.stack(experts).sum(0)  # (B, C, h, w), shared by all tasks
                 ones = experts[0].new_ones(B, len(experts))
@@ -242,7 +273,27 @@ class SakMultiTask(nn.Module):
         out_size = (images.shape[-2], images.shape[-1])
         preds = {t: self.heads[t](routed[t], out_size) for t in self.tasks}
         distill_maps = self.student.align(features)
+        if routing:
+            if self.router_kind != "tiger":
+                raise SakError(f"routing=True needs the tiger router, not {self.router_kind!r}")
+            token.preds = preds
+            return preds, gates, distill_maps, token
         return preds, gates, distill_maps
+
+    def _route_tokens(self, i, block, experts, routed, gates, token: TokenRouting) -> None:
+        """Level i: per-token instruction gates over the E experts, per task (routers read the experts
+        without gradient, so a counterfactual term trains the routers only)."""
+        tokens = tokens_of(experts)  # (B, N, E, C)
+        grid = tuple(experts[0].shape[-2:])
+        token.grid = grid
+        token.experts.append(tokens)
+        for k, t in enumerate(self.tasks):
+            g = self.tiger[f"{block}_{t}"](tokens.detach(), self.instructions[k])  # (B, N, E)
+            fused = fuse_tokens(g, tokens, grid)
+            routed[t].append(fused)
+            gates[(block, t)] = g
+            token.gates[(i, t)] = g
+            token.fused[(i, t)] = fused
 
 
 # ------------------------------------------------------------------------- the authors' stage-2 checkpoints

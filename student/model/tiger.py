@@ -16,7 +16,8 @@ excluded). Everything below that is more specific is our reading (the authors' c
 The routers read the projected experts without gradient to the projections, so the counterfactual term
 (which depends on the gates only) trains the routers and nothing else; the projections and heads learn
 from the task losses through the fusion. `counterfactual` (student/train/tiger.py) uses `fuse` and
-`decode` to re-run a head with one expert excluded.
+`decode` to re-run a head with one expert excluded. The router and the fusion are student/model/routing.py's
+(shared with `sak-train stage2 --router tiger`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from sak.pipeline.errors import SakError
 from sak.student.model.multitask import DecodeHead
+from sak.student.model.routing import InstructionRouter, TokenRouting, fuse_tokens
 
 
 @dataclass(frozen=True)
@@ -79,29 +81,7 @@ class TigerModelConfig:
         )
 
 
-class InstructionRouter(nn.Module):
-    """Per-token gates over E experts, conditioned on the tokens' expert features and one instruction."""
-
-    def __init__(self, num_experts: int, dim: int, text_dim: int, hidden: int):
-        super().__init__()
-        self.inp = nn.Linear(num_experts * dim, hidden)
-        self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
-        self.film = nn.Linear(text_dim, 2 * hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, num_experts))
-
-    def forward(self, experts: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
-        """experts (B, N, E, D), instruction (text_dim,) -> gates (B, N, E), softmax over E."""
-        u = self.norm(self.inp(experts.flatten(2)))  # (B, N, H)
-        gamma, beta = self.film(instruction).chunk(2, dim=-1)  # (H,) each
-        return self.mlp(u * (1 + gamma) + beta).softmax(dim=-1)
-
-
-@dataclass
-class TigerOutput:
-    preds: dict[str, torch.Tensor]  # task -> (B, outputs, H, W)
-    gates: dict[tuple[int, str], torch.Tensor]  # (level, task) -> (B, N, E)
-    experts: torch.Tensor  # (B, N, E, D) projected experts
-    fused: dict[tuple[int, str], torch.Tensor]  # (level, task) -> (B, D, gh, gw)
+TigerOutput = TokenRouting  # preds, gates, experts (B, N, E, D) shared by the levels, fused, grid
 
 
 class Tiger(nn.Module):
@@ -161,9 +141,7 @@ class Tiger(nn.Module):
 
     def fuse(self, gates: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """gates (B, N, E), experts (B, N, E, D) -> fused map (B, D, gh, gw)."""
-        fused = torch.einsum("bne,bned->bnd", gates, experts)
-        B, _, D = fused.shape
-        return fused.transpose(1, 2).reshape(B, D, *self.config.grid)
+        return fuse_tokens(gates, experts, tuple(self.config.grid))
 
     def decode(self, task: str, fused: list[torch.Tensor], out_size: tuple[int, int]) -> torch.Tensor:
         return self.heads[task](fused, out_size)
@@ -180,4 +158,4 @@ class Tiger(nn.Module):
             preds[task] = self.decode(
                 task, [fused[(lvl, task)] for lvl in range(self.config.num_levels)], out_size
             )
-        return TigerOutput(preds, gates, experts, fused)
+        return TigerOutput(preds, gates, experts, fused, tuple(self.config.grid))

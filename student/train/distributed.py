@@ -12,7 +12,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
+from sak.pipeline.errors import SakError
 from sak.pipeline.teachers import bf16_autocast  # noqa: F401  (the one autocast rule, re-exported)
 
 
@@ -90,3 +92,115 @@ def all_reduce_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2 and TIGER: ranks split every global batch (the same samples, in the same order, as one process)
+
+
+def rank_positions(start: int, steps: int, batch_size: int, env: DistEnv) -> list[int]:
+    """Stream positions this rank trains on for steps start+1..steps: its contiguous 1/world part of each
+    global batch of `batch_size`. Together the ranks see exactly what one process would, step by step."""
+    if batch_size % env.world_size:
+        raise SakError(f"--batch-size {batch_size} is not divisible by the {env.world_size} processes")
+    per = batch_size // env.world_size
+    lo = env.rank * per
+    return [s * batch_size + lo + i for s in range(start, steps) for i in range(per)]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with a gradient: the backward pass sums the incoming gradients over ranks too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clone()
+        dist.all_reduce(y, op=dist.ReduceOp.SUM)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of x over ranks as a value, with the gradient of this rank's x (identity in one process).
+
+    DDP averages the gradients over ranks, so a loss of rank_mean(x) gets the gradient of the mean."""
+    if not _in_group():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return x + (y / dist.get_world_size() - x.detach())
+
+
+def rank_mean_value(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, no gradient (numbers to log; contributions compared across the global batch)."""
+    if not _in_group():
+        return x
+    y = x.detach().clone()
+    dist.all_reduce(y, op=dist.ReduceOp.SUM)
+    return y / dist.get_world_size()
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics cover the global batch (every rank's part), on any device.
+
+    torch's SyncBatchNorm only runs on GPUs; this one all-reduces (sum, sum of squares, count) through a
+    differentiable all_reduce, so a DDP run on gloo normalises as one process on the whole batch would.
+    Same parameters and buffers as BatchNorm2d (checkpoints are interchangeable)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _in_group()):
+            return super().forward(x)
+        C = x.shape[1]
+        count = x.new_full((1,), float(x.numel() // C))
+        stats = _SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
+        n = stats[-1].detach()
+        mean = stats[:C] / n
+        var = (stats[C : 2 * C] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(float(n) - 1, 1.0))
+        y = (x - mean.view(1, C, 1, 1)) * torch.rsqrt(var + self.eps).view(1, C, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, C, 1, 1) + self.bias.view(1, C, 1, 1)
+        return y
+
+
+def global_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in `model` by a GlobalBatchNorm2d holding the very same parameter and
+    buffer tensors (in place; an optimizer built before keeps working)."""
+    for name, child in list(model.named_children()):
+        if type(child) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            for pname, p in child.named_parameters(recurse=False):
+                setattr(new, pname, p)  # the same Parameter objects
+            for bname, b in child.named_buffers(recurse=False):
+                setattr(new, bname, b)  # the same buffers (running statistics, batches tracked)
+            new.train(child.training)
+            setattr(model, name, new)
+        else:
+            global_batchnorm(child)
+    return model
+
+
+def wrap_ddp(model: nn.Module, env: DistEnv, find_unused: bool = False) -> nn.Module:
+    """The module to run forward on: DDP-wrapped under torchrun (BatchNorm made global first), else model."""
+    if not env.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    global_batchnorm(model)
+    ids = [env.device.index] if env.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused)

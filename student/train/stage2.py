@@ -20,7 +20,7 @@ stage-1 teachers; a batch's rows (epoch * N + image) index it, and each image is
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
 import time
@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -37,57 +36,64 @@ from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
 from sak.pipeline.teachers import normalize_u8
 from sak.student.data.dense import (
-    DATASET_METRIC_NAME,
-    DATASETS,
-    DEFAULT_INPUT_SIZE,
     DenseDataset,
-    EvalSamples,
     TrainSamples,
     collate,
     parse_img_size,
 )
+from sak.student.model.instructions import save_instructions
 from sak.student.model.multitask import SakMultiTask, resize_stem_input
 from sak.student.model.student import SakStudent, StudentConfig
 from sak.student.train.checkpoint import RUN_CONFIG
-from sak.student.train.distributed import resolve_device
+from sak.student.train.counterfactual import counterfactual_loss, sample_experts
+from sak.student.train.dense_config import (
+    OPTIMISATION,
+    DenseTrainConfig,
+    device_field,
+    log_every_field,
+    num_workers_field,
+)
+from sak.student.train.dense_eval import EvalModel, evaluate_dense, format_table  # noqa: F401
+from sak.student.train.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    rank_mean_value,
+    rank_positions,
+    resolve_device,
+    shutdown,
+    wrap_ddp,
+)
 from sak.student.train.losses import clip_gradients, distillation_loss
-from sak.student.train.metrics import (
-    EDGE_TOLERANCE,
-    SINGLE_TASK_BASELINES,
-    BoundaryMeter,
-    DepthMeter,
-    NormalsMeter,
-    SaliencyMeter,
-    SegmentationMeter,
-    mtl_gain,
+from sak.student.train.routing_options import (
+    cf_every_field,
+    cf_experts_field,
+    cf_tau_field,
+    cf_weight_field,
+    instructions_field,
+    router_hidden_field,
+    run_instructions,
+    text_model_field,
+    text_pretrained_field,
+    validate_routing,
 )
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, student_levels
-from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, multi_task_loss
+from sak.student.train.task_losses import multi_task_loss
 
 log = logging.getLogger("sak")
 
+TIGER_GROUP = "tiger router"  # --help lists these options last
 METRICS = "metrics.jsonl"
 STAGE2_DIR = "checkpoint"
 STAGE2_KIND = "sak-stage2"
-METRIC_NAMES = {
-    "semseg": "mIoU",
-    "human_parts": "mIoU",
-    "sal": "maxF",
-    "normals": "mErr",
-    "edge": "odsF",
-    "depth": "RMSE",
-}
 
 
-@dataclass(frozen=True)
-class Stage2Config:
+@dataclass(frozen=True, kw_only=True)
+class Stage2Config(DenseTrainConfig):
     """Stage-2 fine-tuning; defaults are the paper's (Table 11, B.3, B.5). Each field's help (metadata)
-    is also its `sak-train stage2` option's help."""
+    is also its `sak-train stage2` option's help. Dataset, optimisation, loss weights and augmentation:
+    DenseTrainConfig (shared with TIGER)."""
 
-    dataset: str = field(
-        metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
-    )
-    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
     init: str = field(metadata={"help": "The stage-1 run folder.", "metavar": "RUN"})
     out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
     tasks: tuple[str, ...] = field(
@@ -104,41 +110,30 @@ class Stage2Config:
     router: str = field(
         default="mor",
         metadata={
-            "help": "mor: mixture of routers (the paper); sum: plain sum (ablation).",
-            "choices": ("mor", "sum"),
+            "help": "mor: mixture of routers (the paper); sum: plain sum (ablation); tiger: TIGER's "
+            "token-level instruction router over the same experts.",
+            "choices": ("mor", "sum", "tiger"),
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train routers and heads only."})
-    steps: int = field(default=40_000, metadata={"help": "Training iterations.", "group": "optimisation"})
-    batch_size: int = field(default=4, metadata={"help": "Global batch size.", "group": "optimisation"})
-    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate.", "group": "optimisation"})
-    weight_decay: float = field(
-        default=1e-6, metadata={"help": "AdamW weight decay.", "group": "optimisation"}
-    )
-    poly_power: float = field(
-        default=0.9, metadata={"cli": False}
-    )  # lr factor (1 - step / steps) ** power, no warm-up
-    grad_clip: float | None = field(
-        default=10.0, metadata={"help": "Max global gradient norm.", "group": "optimisation"}
-    )
+    # the paper's schedule (the base's place and help, other defaults)
+    steps: int = field(default=40_000, metadata={"help": "Training iterations.", "group": OPTIMISATION})
+    batch_size: int = field(default=4, metadata={"help": "Global batch size.", "group": OPTIMISATION})
+    lr: float = field(default=2e-5, metadata={"help": "AdamW learning rate.", "group": OPTIMISATION})
+    weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay.", "group": OPTIMISATION})
     gamma: float = field(
-        default=1.0, metadata={"help": "Weight of the distillation loss (eq. 6).", "group": "optimisation"}
+        default=1.0, metadata={"help": "Weight of the distillation loss (eq. 6).", "group": OPTIMISATION}
     )
-    # (task, weight) pairs overriding the paper's 1/2/5/10/50/1 (semseg, human_parts, sal, normals, edge, depth)
-    task_weights: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
     img_size: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "HxW input [default: 512x512 PASCAL, 448x576 NYUD].", "parse": parse_img_size},
     )
-    # the training augmentation: random scale range; colour jitter on/off
-    scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
-    photometric: bool = field(default=True, metadata={"cli": False})
     seed: int = field(
         default=0, metadata={"help": "Head/router initialisation, data order and augmentation."}
     )
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
-    log_every: int = field(default=50, metadata={"help": "Console line every N steps."})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    num_workers: int = num_workers_field()
+    log_every: int = log_every_field()
+    device: str | None = device_field()
     checkpoint_every: int = field(
         default=1000,
         metadata={"help": "Save a resumable checkpoint (weights, optimizer, step) every N steps."},
@@ -147,6 +142,15 @@ class Stage2Config:
         default=False,
         metadata={"help": "Continue the run in --out from its checkpoint: same remaining losses."},
     )
+    # --router tiger (student/train/routing_options.py; the same options as `sak-train tiger`)
+    instructions: str | None = instructions_field(TIGER_GROUP)
+    text_model: str = text_model_field(TIGER_GROUP)
+    text_pretrained: str | None = text_pretrained_field(TIGER_GROUP)
+    router_hidden: int = router_hidden_field(TIGER_GROUP)
+    cf_weight: float = cf_weight_field(TIGER_GROUP)
+    cf_tau: float = cf_tau_field(TIGER_GROUP)
+    cf_experts: int | None = cf_experts_field(TIGER_GROUP)
+    cf_every: int = cf_every_field(TIGER_GROUP)
 
     @classmethod
     def debug(cls, dataset: str, data_root: str, init: str, out: str, **overrides: Any) -> Stage2Config:
@@ -154,28 +158,16 @@ class Stage2Config:
         base: dict[str, Any] = dict(steps=10, batch_size=2, img_size=(64, 64), num_workers=0, log_every=5)
         return cls(dataset=dataset, data_root=data_root, init=init, out=out, **{**base, **overrides})
 
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
-
-    def weights(self) -> dict[str, float]:
-        return {**DEFAULT_TASK_WEIGHTS, **dict(self.task_weights)}
-
     def validate(self) -> None:
         if self.cache is not None and self.online:
             raise SakError("give one of --online and --cache, not both")
         needs_teachers = self.gamma > 0 and not self.freeze_backbone
         if needs_teachers and not (self.online or self.cache):
             raise SakError("stage 2 distils from the teachers: pass --online or --cache (or --gamma 0)")
-        if self.steps < 1 or self.batch_size < 1:
-            raise SakError("--steps and --batch-size must be >= 1")
-        if self.router not in ("mor", "sum"):
-            raise SakError(f"--router must be mor or sum, got {self.router!r}")
-        h, w = self.input_size()
-        if h % 16 or w % 16 or h < 32 or w < 32:
-            raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        if self.router not in ("mor", "sum", "tiger"):
+            raise SakError(f"--router must be mor, sum or tiger, got {self.router!r}")
+        validate_routing(self)
+        self.validate_training()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,12 +187,20 @@ def save_stage2(run: Path, model: SakMultiTask, meta: dict) -> Path:
             "student": model.student.config.to_dict(),
             "tasks": model.tasks,
             "router": model.router_kind,
+            **_tiger_shape(model),
             "code_version": code_version(),
             "weights_sha256": sha256_file(d / "model.safetensors"),
             "saved": now_iso(),
         },
     )
     return d
+
+
+def _tiger_shape(model: SakMultiTask) -> dict:
+    """What load_stage2 needs to rebuild a tiger router (the weights file holds its instruction buffer)."""
+    if model.router_kind != "tiger":
+        return {}
+    return {"text_dim": int(model.instructions.shape[1]), "router_hidden": model.router_hidden}
 
 
 def load_stage2(run: str | Path, device: torch.device | str = "cpu") -> tuple[SakMultiTask, dict]:
@@ -216,7 +216,12 @@ def load_stage2(run: str | Path, device: torch.device | str = "cpu") -> tuple[Sa
     config = StudentConfig.from_dict({**meta["student"], "pretrained": False})
     student = SakStudent(config)
     resize_stem_input(student, tuple(meta["img_size"]))
-    model = SakMultiTask(student, meta["tasks"], meta["router"])
+    instructions = None
+    if meta["router"] == "tiger":  # a placeholder of the right shape: the weights file holds the buffer
+        instructions = torch.zeros(len(meta["tasks"]), int(meta["text_dim"]))
+    model = SakMultiTask(
+        student, meta["tasks"], meta["router"], instructions, int(meta.get("router_hidden", 64))
+    )
     model.load_state_dict(load_file(str(d / "model.safetensors")), strict=True)
     return model.to(device), meta
 
@@ -235,32 +240,55 @@ class Stage2Result:
 
 
 def train_stage2(cfg: Stage2Config) -> Stage2Result:
-    """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks."""
+    """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks.
+
+    Under `torchrun --nproc_per_node=N` each rank takes its 1/N part of every global batch (DDP; the
+    heads' BatchNorm normalises over the global batch); rank 0 alone writes the run folder."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    env = init_distributed(cfg.device)
+    try:
+        result = _train_stage2(cfg, env)
+    except BaseException:
+        shutdown(env, wait=False)  # the other ranks may never reach a barrier
+        raise
+    shutdown(env)
+    return result
+
+
+def _train_stage2(cfg: Stage2Config, env: DistEnv) -> Stage2Result:
+    device = env.device
+    if cfg.batch_size % env.world_size:
+        raise SakError(f"--batch-size {cfg.batch_size} is not divisible by the {env.world_size} processes")
     run = Path(cfg.out).expanduser()
     resuming = _check_resume(cfg, run)
+    barrier(env)  # every rank has looked at --out before rank 0 writes to it
     img_size = cfg.input_size()
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     student, stage1 = load_stage1_run(cfg.init, device)
     resize_stem_input(student, img_size)
+    emb, identity = None, None
+    if cfg.router == "tiger":
+        emb, identity = run_instructions(cfg, run, list(data.outputs), resuming)
     torch.manual_seed(cfg.seed)
-    model = SakMultiTask(student, data.outputs, cfg.router).to(device)  # type: ignore[arg-type]
+    model = SakMultiTask(student, data.outputs, cfg.router, emb, cfg.router_hidden).to(device)  # type: ignore[arg-type]
     if cfg.freeze_backbone:
         model.freeze_backbone()
     teachers = _distillation_targets(cfg, data, stage1, img_size, device)
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
-    )
+    optimizer, scheduler = cfg.optimizer(model.trainable_parameters())
     meta = _run_meta(cfg, stage1, img_size)
-    start = _restore(run, model, optimizer, scheduler, device) if resuming else 0
-    if not resuming:
-        _write_run_record(run, meta, data, cfg.weights(), model, device)
+    if identity is not None:
+        meta["instructions"] = identity.to_dict()  # the texts and the encoder that made the embeddings
+    start = _restore(run, model, optimizer, scheduler, device, env.is_main) if resuming else 0
+    if not resuming and env.is_main:
+        _write_run_record(run, meta, data, cfg.loss_weights(), model, device, env.world_size)
+        if identity is not None:
+            save_instructions(run, emb, identity)
+    barrier(env)
+    train_model = wrap_ddp(model, env, find_unused=teachers is None)  # the aligners idle without targets
     loader = torch.utils.data.DataLoader(
         TrainSamples(data, img_size, cfg.seed, cfg.scale_range, cfg.photometric),
-        batch_size=cfg.batch_size,
-        sampler=range(start * cfg.batch_size, cfg.steps * cfg.batch_size),
+        batch_size=cfg.batch_size // env.world_size,
+        sampler=rank_positions(start, cfg.steps, cfg.batch_size, env),
         num_workers=cfg.num_workers,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG (the routers' noise)
@@ -268,13 +296,15 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
     log.info(
         f"stage 2: {student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
         f"{cfg.steps} steps of {cfg.batch_size} at {img_size[0]}x{img_size[1]}, "
-        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, run {run}"
+        f"{('cached targets' if cfg.cache else 'live teachers') if teachers else 'no distillation'}, "
+        f"{env.world_size} process(es), run {run}"
     )
-    step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device)
+    step_of = _Stage2Step(cfg, model, teachers, optimizer, scheduler, stage1, device, train_model)
+    step_of.step = start + 1
     result = Stage2Result(run=run, steps=start, model=model)
     model.train()
     t_start = time.perf_counter()
-    with open(run / METRICS, "a") as metrics:
+    with open(run / METRICS, "a") if env.is_main else contextlib.nullcontext() as metrics:
         for step, batch in enumerate(loader, start=start + 1):
             record = {
                 "kind": "train",
@@ -282,19 +312,24 @@ def train_stage2(cfg: Stage2Config) -> Stage2Result:
                 **step_of(batch),
                 "elapsed_s": time.perf_counter() - t_start,
             }
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             result.losses.append(record["loss"])
             result.records.append(record)
             result.steps = step
-            if step % max(1, cfg.log_every) == 0 or step == 1:
+            if env.is_main and (step % max(1, cfg.log_every) == 0 or step == 1):
                 log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_stage2(run, model, {**meta, "step": step})
-                _save_state(run, optimizer, scheduler, step)
-    save_stage2(run, model, {**meta, "step": result.steps})
-    _save_state(run, optimizer, scheduler, result.steps)
-    log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+                if env.is_main:
+                    save_stage2(run, model, {**meta, "step": step})
+                    _save_state(run, optimizer, scheduler, step)
+                barrier(env)  # a restart after this step finds the checkpoint on every rank
+    if env.is_main:
+        save_stage2(run, model, {**meta, "step": result.steps})
+        _save_state(run, optimizer, scheduler, result.steps)
+        log.info(f"stage 2 done: {result.steps} steps; checkpoint {run / STAGE2_DIR}")
+    barrier(env)  # the run folder is complete when any rank returns
     return result
 
 
@@ -328,8 +363,11 @@ def _save_state(run: Path, optimizer, scheduler, step: int) -> None:
     (d / (STATE + ".tmp")).replace(d / STATE)
 
 
-def _restore(run: Path, model: SakMultiTask, optimizer, scheduler, device: torch.device) -> int:
-    """Weights (checksum-verified), optimizer and scheduler of the run's checkpoint; metrics trimmed."""
+def _restore(
+    run: Path, model: SakMultiTask, optimizer, scheduler, device: torch.device, trim: bool = True
+) -> int:
+    """Weights (checksum-verified), optimizer and scheduler of the run's checkpoint; metrics trimmed
+    (by rank 0 alone: trim=False on the others)."""
     d = run / STAGE2_DIR
     meta = read_json(d / "model.json")
     if sha256_file(d / "model.safetensors") != meta["weights_sha256"]:
@@ -344,9 +382,10 @@ def _restore(run: Path, model: SakMultiTask, optimizer, scheduler, device: torch
     if "cuda_rng" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu() for t in state["cuda_rng"]])
     step = int(state["step"])
-    lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    (run / METRICS).write_text("".join(ln + "\n" for ln in kept))
+    if trim:
+        lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        (run / METRICS).write_text("".join(ln + "\n" for ln in kept))
     return step
 
 
@@ -358,18 +397,10 @@ def _distillation_targets(
     if cfg.gamma <= 0 or cfg.freeze_backbone:
         return None
     if cfg.cache is not None:
-        from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
+        from sak.student.train.stage2_cache import Stage2CachedTargets
 
         expected = {
-            "dataset": cfg.dataset,
-            "split": SPLIT,
-            "num_images": len(data),
-            "names_sha": names_hash(data.names),
-            "seed": int(cfg.seed),
-            "crop": list(img_size),
-            "scale_range": [float(x) for x in cfg.scale_range],
-            "photometric": bool(cfg.photometric),
-            "plan_version": PLAN_VERSION,
+            **cfg.cache_identity(data, img_size),
             "fingerprints": [s["fingerprint"] for s in stage1["cache"]["stores"]],
         }
         return Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
@@ -390,7 +421,13 @@ def _run_meta(cfg: Stage2Config, stage1: dict, img_size: tuple[int, int]) -> dic
 
 
 def _write_run_record(
-    run: Path, meta: dict, data: DenseDataset, weights: dict, model: SakMultiTask, device: torch.device
+    run: Path,
+    meta: dict,
+    data: DenseDataset,
+    weights: dict,
+    model: SakMultiTask,
+    device: torch.device,
+    world_size: int = 1,
 ) -> None:
     run.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
@@ -403,6 +440,7 @@ def _write_run_record(
             "train_images": len(data),
             "trainable_parameters": sum(p.numel() for p in model.trainable_parameters()),
             "device": str(device),
+            "world_size": world_size,
             "code_version": code_version(),
             "created": now_iso(),
         },
@@ -421,10 +459,13 @@ class _Stage2Step:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         stage1: dict,
         device: torch.device,
+        train_model: torch.nn.Module | None = None,
     ) -> None:
         self.cfg, self.model, self.teachers, self.device = cfg, model, teachers, device
+        self.train_model = train_model if train_model is not None else model  # DDP-wrapped under torchrun
+        self.step = 1  # the step this call takes (set to the checkpoint's + 1 on resume)
         self.optimizer, self.scheduler = optimizer, scheduler
-        self.weights = cfg.weights()
+        self.weights = cfg.loss_weights()
         self.mean = torch.tensor(stage1["resolved"]["input_mean"], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(stage1["resolved"]["input_std"], device=device).view(1, 3, 1, 1)
 
@@ -432,10 +473,23 @@ class _Stage2Step:
         cfg, device, teachers = self.cfg, self.device, self.teachers
         images_u8 = batch["images"]  # (B, 3, H, W) uint8, the augmented pixels
         targets = {t: v.to(device) for t, v in batch["labels"].items()}
-        preds, _, distill_maps = self.model(normalize_u8(images_u8.to(device), self.mean, self.std))
+        images = normalize_u8(images_u8.to(device), self.mean, self.std)
+        counterfactual = cfg.router == "tiger" and cfg.cf_weight > 0 and self.step % cfg.cf_every == 0
+        if counterfactual:
+            preds, _, distill_maps, token = self.train_model(images, routing=True)
+        else:
+            preds, _, distill_maps = self.train_model(images)
         task_loss, parts = multi_task_loss(preds, targets, self.weights)
         loss = task_loss
-        distill = None
+        distill = cf = None
+        routing: dict = {}
+        if counterfactual:
+            sampled = sample_experts(
+                list(token.gates), token.num_experts, cfg.cf_experts, cfg.seed, self.step
+            )
+            cf, routing = counterfactual_loss(self.model, token, targets, tuple(images.shape[-2:]), cfg.cf_tau,
+                                              sampled)  # fmt: skip
+            loss = loss + cfg.cf_weight * cf
         if teachers is not None:
             if cfg.cache is not None:
                 teacher_maps = teachers(batch, images_u8, device)
@@ -449,46 +503,32 @@ class _Stage2Step:
         grad_norm = clip_gradients(self.model.trainable_parameters(), cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return {
-            "loss": float(loss.detach()),  # note: host-device sync, once per step
-            **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
-            "distill": float(distill.detach()) if distill is not None else None,
+        self.step += 1
+        # the numbers of the global batch: means over ranks (one all_reduce; a host-device sync per step)
+        zero = torch.zeros_like(task_loss)
+        logged = [
+            loss,
+            *parts.values(),
+            distill if distill is not None else zero,
+            cf if cf is not None else zero,
+        ]
+        values = rank_mean_value(torch.stack([x.detach().float() for x in logged])).tolist()
+        record = {
+            "loss": values[0],
+            **{f"loss/{t}": v for t, v in zip(parts, values[1:])},
+            "distill": values[-2] if distill is not None else None,
             "lr": lr,
             "grad_norm": float(grad_norm),
         }
+        if cfg.router == "tiger":
+            record.update(cf=values[-1], routing=routing)
+        return record
 
 
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
 
-def make_meters(outputs: dict[str, int], dataset: str) -> dict[str, Any]:
-    tolerance = EDGE_TOLERANCE.get(DATASET_METRIC_NAME[dataset], EDGE_TOLERANCE["pascal_context"])
-    meters: dict[str, Any] = {}
-    for t, n in outputs.items():
-        if t in ("semseg", "human_parts"):
-            meters[t] = SegmentationMeter(n)
-        elif t == "sal":
-            meters[t] = SaliencyMeter()
-        elif t == "normals":
-            meters[t] = NormalsMeter()
-        elif t == "edge":
-            meters[t] = BoundaryMeter(tolerance)
-        elif t == "depth":
-            meters[t] = DepthMeter()
-    return meters
-
-
-def task_output(task: str, pred: torch.Tensor) -> torch.Tensor:
-    """Raw head output (B, out, H, W) -> what the meter takes (ids, probabilities, vectors, metres)."""
-    if task in ("semseg", "human_parts"):
-        return pred.argmax(1)  # (B, H, W)
-    if task in ("sal", "edge"):
-        return pred.sigmoid()[:, 0]  # (B, H, W)
-    return pred
-
-
-@torch.no_grad()
 def evaluate(
     checkpoint: str | Path,
     dataset: str,
@@ -500,149 +540,28 @@ def evaluate(
     baselines: dict[str, float] | None = None,
     num_pictures: int = 4,
 ) -> dict[str, Any]:
-    """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png, predictions.png."""
+    """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png,
+    predictions.png (and gates_<task>.png with --router tiger); dense_eval.evaluate_dense does the work."""
     dev = resolve_device(device)
     model, meta = load_stage2(checkpoint, dev)
     model.eval()
-    data = DenseDataset(dataset, data_root, split, tuple(model.tasks))
-    for t, n in data.outputs.items():
-        if n != model.tasks[t]:
-            raise SakError(f"task {t}: the model predicts {model.tasks[t]} channels, the dataset has {n}")
-    img_size = tuple(meta["img_size"])
-    loader = torch.utils.data.DataLoader(
-        EvalSamples(data, img_size), batch_size=batch_size, shuffle=False, collate_fn=collate
-    )
     mean = torch.tensor(meta["input_mean"], device=dev).view(1, 3, 1, 1)
     std = torch.tensor(meta["input_std"], device=dev).view(1, 3, 1, 1)
-    meters = make_meters(model.tasks, dataset)
-    gate_sum: dict[tuple[int, str], torch.Tensor] = {}
-    shown: list[dict] = []
-    for batch in loader:
+
+    def predict(batch: dict) -> tuple[dict, dict]:
         preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
-        for key, g in gates.items():
-            gate_sum[key] = gate_sum.get(key, 0) + g.sum(0).cpu()
-        outs = {t: task_output(t, p).cpu() for t, p in preds.items()}
-        for i, (h, w) in enumerate(batch["sizes"]):  # metrics on the unpadded region only
-            for t, meter in meters.items():
-                meter.update(outs[t][i : i + 1, ..., :h, :w], batch["labels"][t][i : i + 1, ..., :h, :w])
-            if len(shown) < num_pictures:
-                shown.append(
-                    {
-                        "image": batch["images"][i, :, :h, :w],
-                        "gt": {t: v[i, ..., :h, :w] for t, v in batch["labels"].items()},
-                        "pred": {t: v[i, ..., :h, :w] for t, v in outs.items()},
-                    }
-                )
-    results = {t: float(m.compute()) for t, m in meters.items()}
-    metric_ds = DATASET_METRIC_NAME[dataset]
-    backbone = meta["student"]["name"]
-    paper = SINGLE_TASK_BASELINES.get(metric_ds, {}).get(backbone)
-    report: dict[str, Any] = {
-        "kind": "sak-stage2-eval",
-        "dataset": dataset,
-        "split": split,
-        "images": len(data),
-        "metrics": {t: {"name": METRIC_NAMES[t], "value": v} for t, v in results.items()},
-        "code_version": code_version(),
-        "created": now_iso(),
-    }
-    if baselines is not None:
-        report["delta_m"] = mtl_gain(results, baselines)
-        report["baselines"] = dict(baselines)
-    elif paper is not None and all(t in paper for t in results):
-        report["delta_m"] = mtl_gain(results, dataset=metric_ds, backbone=backbone)
-        report["baselines"] = {t: paper[t] for t in results}
-    n = len(data)
-    levels = sorted({b for b, _ in gate_sum})
-    mean_gates = {f"{b}/{t}": (g / n).tolist() for (b, t), g in sorted(gate_sum.items())}
-    report["router_mean_gates"] = mean_gates
-    report["experts"] = ["stem", *(x["name"] for x in meta["student"]["teachers"])]
-    target = Path(out or checkpoint).expanduser()
-    target.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(target / "eval.json", report)
-    plot_gates(gate_sum, n, levels, list(model.tasks), report["experts"], target / "routers.png")
-    plot_predictions(shown, list(model.tasks), model.tasks, target / "predictions.png")
-    report["pictures"] = [str(target / "routers.png"), str(target / "predictions.png")]
-    return report
+        return preds, gates
 
-
-def format_table(report: dict[str, Any]) -> str:
-    lines = [f"{'task':<12} {'metric':<6} {'value':>9}"]
-    for t, m in report["metrics"].items():
-        lines.append(f"{t:<12} {m['name']:<6} {m['value']:>9.4f}")
-    if "delta_m" in report:
-        lines.append(f"{'delta_m %':<19} {report['delta_m']:>9.2f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# pictures (matplotlib, Agg)
-
-
-def plot_gates(
-    gate_sum: dict[tuple[int, str], torch.Tensor],
-    count: int,
-    levels: list[int],
-    tasks: list[str],
-    experts: list[str],
-    path: Path,
-) -> None:
-    """The paper's Figure 4: mean gate weight per expert, one panel per level, grouped bars per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.0), squeeze=False, sharey=True)
-    width = 0.8 / len(experts)
-    for ax, b in zip(axes[0], levels):
-        for e, name in enumerate(experts):
-            values = [float(gate_sum[(b, t)][e]) / count for t in tasks]
-            ax.bar(np.arange(len(tasks)) + (e - (len(experts) - 1) / 2) * width, values, width, label=name)
-        ax.set_title(f"block {b}")
-        ax.set_xticks(np.arange(len(tasks)), tasks, rotation=30, fontsize=8)
-    axes[0][0].set_ylabel("mean gate weight")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _show(task: str, x: torch.Tensor, classes: int) -> tuple[np.ndarray, dict]:
-    """A label or prediction -> (image array, imshow kwargs)."""
-    x = x.float()
-    if task in ("semseg", "human_parts"):
-        return np.ma.masked_equal(x.numpy(), 255), {"cmap": "tab20", "vmin": 0, "vmax": max(1, classes - 1)}
-    if task == "normals":
-        n = torch.nn.functional.normalize(x, dim=0) if x.abs().sum() else x
-        return ((n.permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1), {}
-    if task == "depth":
-        return np.ma.masked_equal(x.squeeze(0).numpy(), 0), {"cmap": "viridis"}
-    return np.ma.masked_equal(x.numpy(), 255), {"cmap": "gray", "vmin": 0, "vmax": 1}
-
-
-def plot_predictions(shown: list[dict], tasks: list[str], outputs: dict[str, int], path: Path) -> None:
-    """Rows: images; columns: input | GT and prediction per task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not shown:
-        return
-    cols = 1 + 2 * len(tasks)
-    fig, axes = plt.subplots(len(shown), cols, figsize=(1.8 * cols, 1.8 * len(shown)), squeeze=False)
-    for r, s in enumerate(shown):
-        axes[r][0].imshow(s["image"].permute(1, 2, 0).numpy())
-        axes[r][0].set_title("input", fontsize=7)
-        for k, t in enumerate(tasks):
-            for j, (what, x) in enumerate((("GT", s["gt"][t]), ("pred", s["pred"][t]))):
-                img, kw = _show(t, x, outputs[t])
-                ax = axes[r][1 + 2 * k + j]
-                ax.imshow(img, **kw)
-                ax.set_title(f"{t} {what}", fontsize=7)
-    for ax in axes.ravel():
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tiger = model.router_kind == "tiger"
+    target = EvalModel(
+        kind="sak-stage2-eval",
+        tasks=dict(model.tasks),
+        img_size=tuple(meta["img_size"]),
+        predict=predict,
+        experts=["stem", *(x["name"] for x in meta["student"]["teachers"])],
+        levels=list(model.levels),
+        backbone=meta["student"]["name"],
+        token_grid=tuple(model.student.stem.patch_embed.grid_size) if tiger else None,
+    )
+    dest = Path(out or checkpoint).expanduser()
+    return evaluate_dense(target, dataset, data_root, split, dest, batch_size, baselines, num_pictures)

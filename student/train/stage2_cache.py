@@ -264,7 +264,11 @@ class _ShardWriter:
 class _ShardWorker:
     """Augmented images of a shard's rows -> every teacher's maps (numpy, fp32). In process or a Ray actor."""
 
-    def __init__(self, cfg: Stage2CacheConfig, teachers: Stage2Teachers | None = None) -> None:
+    def __init__(
+        self, cfg: Stage2CacheConfig, teachers: Stage2Teachers | None = None, threads: int | None = None
+    ) -> None:
+        if threads:  # a CPU Ray actor: its share of the node's cores
+            torch.set_num_threads(threads)
         crop = cfg.crop()
         self.cfg = cfg
         self.data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
@@ -283,28 +287,28 @@ class _ShardWorker:
         return shard, [b[1] for b in built], joined, time.perf_counter() - t0
 
 
-def _ray_shards(cfg: Stage2CacheConfig, todo: list[int], bounds: dict):
-    """Shards computed by `cfg.workers` Ray actors (teachers loaded once each), at most 2 per actor in
-    flight; yields results as they finish (the driver writes and journals them)."""
-    import ray
-
+def _ray_shards(cfg: Stage2CacheConfig, todo: list[int], bounds: dict, out: Path):
+    """Shards computed by `cfg.workers` Ray actors (teachers loaded once each), placed, restarted and fed
+    as `sak-cache run`'s (pipeline/actors.py); yields results as they land (the driver writes and
+    journals each); a failure ends the build after the shards in flight, finished shards kept."""
+    from sak.pipeline.actors import ActorPool, actor_placement, shard_failure_error, start_actors, stop_actors
     from sak.pipeline.runtime import ray_session
 
     with ray_session(cfg.address, None, 512):
-        actor = ray.remote(num_cpus=1, num_gpus=1 if resolve_device(cfg.device).type == "cuda" else 0)(
-            _ShardWorker
+        placement = actor_placement(
+            cfg.workers, len(todo), use_gpus=resolve_device(cfg.device).type == "cuda"
         )
-        workers = [actor.remote(cfg) for _ in range(cfg.workers)]
-        pending, queue, k = [], list(todo), 0
-        while queue or pending:
-            while queue and len(pending) < 2 * len(workers):
-                s = queue.pop(0)
-                pending.append(workers[k % len(workers)].run.remote(s, *bounds[s]))
-                k += 1
-            ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
-        for w in workers:
-            ray.kill(w)
+        placement = dataclasses.replace(placement, concurrency=1)  # one shard at a time per actor
+        workers = start_actors(_ShardWorker, placement, cfg, None, placement.threads)
+        done = 0
+        try:
+            for _, result in ActorPool(workers).run(todo, lambda w, s: w.run.remote(s, *bounds[s])):
+                done += 1
+                yield result
+        except Exception as e:
+            raise shard_failure_error(e, out, done, "stage-2 cache build") from e
+        finally:
+            stop_actors(workers)
 
 
 def _build(
@@ -361,7 +365,7 @@ def _build(
     for shard in sorted(set(range(n_shards)) - set(todo)):  # resumed: on disk already, only its rows
         rows_of[shard] = [augmented_image(samples, *divmod(r, len(data)))[1] for r in range(*bounds[shard])]
     if cfg.workers > 0:
-        results = _ray_shards(cfg, todo, bounds)
+        results = _ray_shards(cfg, todo, bounds, out)
     else:
         worker = _ShardWorker(cfg, teachers)
         results = (worker.run(s, *bounds[s]) for s in todo)

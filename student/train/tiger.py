@@ -23,42 +23,71 @@ state.pt: optimizer, scheduler, step; `--resume` continues exactly: same remaini
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.extract import parse_weights
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
 from sak.student.data.dense import (
-    DATASETS,
-    DEFAULT_INPUT_SIZE,
     DenseDataset,
     TrainSamples,
     collate,
     parse_img_size,
 )
 from sak.student.model.instructions import (
-    encode_instructions,
-    instruction_texts,
     load_instructions,
     save_instructions,
 )
-from sak.student.model.tiger import ExpertSpec, Tiger, TigerModelConfig, TigerOutput
-from sak.student.train.distributed import resolve_device
+from sak.student.model.tiger import ExpertSpec, Tiger, TigerModelConfig
+from sak.student.train.counterfactual import (  # noqa: F401  (re-exported: TIGER's loss)
+    batchnorm_stats_frozen,
+    counterfactual_loss,
+    exclude_expert,
+    expert_contributions,
+    sample_experts,
+)
+from sak.student.train.dense_config import (
+    OPTIMISATION,
+    DenseTrainConfig,
+    device_field,
+    log_every_field,
+    num_workers_field,
+)
+from sak.student.train.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    rank_mean_value,
+    rank_positions,
+    shutdown,
+    wrap_ddp,
+)
 from sak.student.train.losses import clip_gradients
+from sak.student.train.routing_options import (
+    cf_every_field,
+    cf_experts_field,
+    cf_tau_field,
+    cf_weight_field,
+    instructions_field,
+    router_hidden_field,
+    run_instructions,
+    text_model_field,
+    text_pretrained_field,
+    validate_routing,
+)
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run
-from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS, TASK_LOSSES, multi_task_loss
+from sak.student.train.task_losses import multi_task_loss
 
 log = logging.getLogger("sak")
 
@@ -68,14 +97,11 @@ METRICS = "metrics.jsonl"
 CKPT = "checkpoint"
 
 
-@dataclass(frozen=True)
-class TigerConfig:
-    """Every option of `sak-train tiger` (defaults are ours: the paper's are not public)."""
+@dataclass(frozen=True, kw_only=True)
+class TigerConfig(DenseTrainConfig):
+    """Every option of `sak-train tiger` (defaults are ours: the paper's are not public). Dataset,
+    optimisation, loss weights and augmentation: DenseTrainConfig (shared with stage 2)."""
 
-    dataset: str = field(
-        metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
-    )
-    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
     out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
     cache: str | None = field(
         default=None, metadata={"help": "A stage-2 target cache (`sak-cache stage2`): no teacher in memory."}
@@ -101,60 +127,36 @@ class TigerConfig:
     tasks: tuple[str, ...] = field(
         default=(), metadata={"help": "Comma list of tasks [default: all of the dataset's]."}
     )
-    instructions: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON {task: sentence} overriding the default instructions.",
-            "metavar": "FILE.json",
-        },
-    )
-    text_model: str = field(
-        default="ViT-B-32",
-        metadata={"help": "open_clip model whose text tower encodes the instructions once."},
-    )
-    text_pretrained: str | None = field(
-        default="laion2b_s34b_b79k",
-        metadata={
-            "help": "open_clip pretrained tag; 'none' = random init (flagged in the run).",
-            "parse": lambda t: None if t.strip().lower() == "none" else t.strip(),
-        },
-    )
+    instructions: str | None = instructions_field()
+    text_model: str = text_model_field()
+    text_pretrained: str | None = text_pretrained_field()
     dim: int = field(default=256, metadata={"help": "Width D of the projected experts and the heads."})
-    router_hidden: int = field(default=64, metadata={"help": "Hidden width of each router."})
+    router_hidden: int = router_hidden_field()
     grid: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "Common token grid HxW [default: crop / 16].", "parse": parse_img_size},
     )
-    cf_weight: float = field(default=0.1, metadata={"help": "Weight of the counterfactual routing loss."})
-    cf_tau: float = field(default=0.1, metadata={"help": "Temperature of q = softmax(c / tau)."})
-    steps: int = field(default=20_000, metadata={"help": "Optimizer steps.", "group": "optimisation"})
-    batch_size: int = field(default=8, metadata={"help": "Images per step.", "group": "optimisation"})
+    cf_weight: float = cf_weight_field()
+    cf_tau: float = cf_tau_field()
+    cf_experts: int | None = cf_experts_field()
+    cf_every: int = cf_every_field()
+    batch_size: int = field(default=8, metadata={"help": "Images per step.", "group": OPTIMISATION})
     lr: float = field(
         default=1e-4,
-        metadata={"help": "AdamW learning rate (polynomial decay 0.9).", "group": "optimisation"},
+        metadata={"help": "AdamW learning rate (polynomial decay 0.9).", "group": OPTIMISATION},
     )
-    weight_decay: float = field(
-        default=1e-4, metadata={"help": "AdamW weight decay.", "group": "optimisation"}
-    )
-    poly_power: float = field(default=0.9, metadata={"cli": False})
-    grad_clip: float | None = field(
-        default=10.0, metadata={"help": "Max global gradient norm.", "group": "optimisation"}
-    )
-    task_weights: tuple[tuple[str, float], ...] = field(default=(), metadata={"cli": False})
     img_size: tuple[int, int] | None = field(
         default=None,
         metadata={"help": "HxW crop [default: the dataset's; must be the cache's].", "parse": parse_img_size},
     )
-    scale_range: tuple[float, float] = field(default=(0.5, 2.0), metadata={"cli": False})
-    photometric: bool = field(default=True, metadata={"cli": False})
     seed: int = field(default=0, metadata={"help": "Init, data order, augmentation (the cache's --seed)."})
-    num_workers: int = field(default=2, metadata={"help": "DataLoader workers."})
-    log_every: int = field(default=50, metadata={"help": "Console line every N steps."})
+    num_workers: int = num_workers_field()
+    log_every: int = log_every_field()
     checkpoint_every: int = field(
         default=500, metadata={"help": "Save a resumable checkpoint every N steps."}
     )
     resume: bool = field(default=False, metadata={"help": "Continue the run in --out exactly."})
-    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    device: str | None = device_field()
 
     @classmethod
     def debug(cls, dataset: str, data_root: str, out: str, **overrides: Any) -> TigerConfig:
@@ -164,26 +166,15 @@ class TigerConfig:
         )  # fmt: skip
         return cls(dataset=dataset, data_root=data_root, out=out, **{**base, **overrides})
 
-    def input_size(self) -> tuple[int, int]:
-        return tuple(self.img_size) if self.img_size else DEFAULT_INPUT_SIZE[self.dataset]
-
     def validate(self) -> None:
         if bool(self.cache) == bool(self.online):
             raise SakError("give one of --cache S2CACHE and --online (with --teachers)")
         if self.online and not self.teachers:
             raise SakError("--online runs teachers by name: pass --teachers dinov2_l,clip_l,sam_l")
-        if self.steps < 1 or self.batch_size < 1:
-            raise SakError("--steps and --batch-size must be >= 1")
-        if self.cf_tau <= 0 or self.cf_weight < 0:
-            raise SakError("--cf-tau must be > 0 and --cf-weight >= 0")
+        validate_routing(self)
         if self.dim % 4:
             raise SakError(f"--dim {self.dim}: must be a multiple of 4 (the heads split it over 4 levels)")
-        h, w = self.input_size()
-        if h % 16 or w % 16 or h < 32 or w < 32:
-            raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        self.validate_training()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,19 +208,9 @@ def _live_experts(teachers: Stage2Teachers, crop: tuple[int, int]) -> list[Exper
 
 
 def _cached_source(cfg: TigerConfig, data: DenseDataset, crop: tuple[int, int]) -> TeacherSource:
-    from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, Stage2CachedTargets, names_hash
+    from sak.student.train.stage2_cache import Stage2CachedTargets
 
-    expected = {
-        "dataset": cfg.dataset,
-        "split": SPLIT,
-        "num_images": len(data),
-        "names_sha": names_hash(data.names),
-        "seed": int(cfg.seed),
-        "crop": list(crop),
-        "scale_range": [float(x) for x in cfg.scale_range],
-        "photometric": bool(cfg.photometric),
-        "plan_version": PLAN_VERSION,
-    }
+    expected = cfg.cache_identity(data, crop)
     targets = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
     cache = targets.cache
     experts = [
@@ -293,70 +274,6 @@ def live_teachers(record: dict, crop: tuple[int, int], device: torch.device) -> 
 # the counterfactual loss
 
 
-@contextmanager
-def batchnorm_stats_frozen(model: nn.Module):
-    """Forward passes that use batch statistics (train mode) but leave the running statistics alone."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
-            m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, momentum, tracked in saved:
-            m.momentum = momentum
-            m.num_batches_tracked.copy_(tracked)
-
-
-def exclude_expert(gates: torch.Tensor, e: int) -> torch.Tensor:
-    """Gates with expert e set to zero and the others renormalised to sum 1 per token."""
-    g = gates.clone()
-    g[..., e] = 0
-    return g / g.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-@torch.no_grad()
-def expert_contributions(
-    model: Tiger, out: TigerOutput, targets: dict[str, torch.Tensor], out_size: tuple[int, int]
-) -> dict[tuple[int, str], torch.Tensor]:
-    """c[(l, t)] = (E,) max(L_-e - L, 0): the task loss's rise when expert e is excluded at level l."""
-    L, E = model.config.num_levels, len(model.config.experts)
-    experts = out.experts.detach()
-    c = {}
-    with batchnorm_stats_frozen(model):
-        for task in model.task_order:
-            loss_fn, target = TASK_LOSSES[task], targets[task]
-            base = loss_fn(out.preds[task].detach(), target)
-            fused = [out.fused[(k, task)].detach() for k in range(L)]
-            for lvl in range(L):
-                rises = []
-                for e in range(E):
-                    maps = list(fused)
-                    maps[lvl] = model.fuse(exclude_expert(out.gates[(lvl, task)].detach(), e), experts)
-                    rises.append(loss_fn(model.decode(task, maps, out_size), target) - base)
-                c[(lvl, task)] = torch.stack(rises).clamp_min(0)
-    return c
-
-
-def counterfactual_loss(
-    model: Tiger, out: TigerOutput, targets: dict[str, torch.Tensor], out_size: tuple[int, int], tau: float
-) -> tuple[torch.Tensor, dict[str, dict[str, list[float]]]]:
-    """Mean over (level, task) of KL(softmax(c / tau) || mean gate); and c, q, mean gate per (level, task)."""
-    contributions = expert_contributions(model, out, targets, out_size)
-    terms, logged = [], {}
-    for (lvl, task), c in contributions.items():
-        q = torch.softmax(c / tau, dim=0)
-        gbar = out.gates[(lvl, task)].mean(dim=(0, 1))  # (E,)
-        terms.append((q * (q.clamp_min(1e-12).log() - gbar.clamp_min(1e-12).log())).sum())
-        logged[f"{lvl}/{task}"] = {
-            "c": c.tolist(),
-            "q": q.tolist(),
-            "gate": gbar.detach().tolist(),
-        }
-    return torch.stack(terms).mean(), logged
-
-
 # ----------------------------------------------------------------------------------------------
 # training
 
@@ -368,15 +285,6 @@ class TigerResult:
     losses: list[float] = field(default_factory=list)  # total loss per step run in this call
     records: list[dict] = field(default_factory=list, repr=False)
     model: Tiger | None = field(default=None, repr=False)
-
-
-def _instructions(cfg: TigerConfig, run: Path, tasks: list[str], resume: bool):
-    if resume:
-        return load_instructions(run)
-    texts = instruction_texts(tasks, cfg.instructions)
-    pretrained = None if (cfg.text_pretrained or "").lower() in ("", "none") else cfg.text_pretrained
-    emb, identity = encode_instructions(texts, cfg.text_model, pretrained, cfg.seed)
-    return emb, identity
 
 
 def save_checkpoint(run: Path, model: Tiger, optimizer, scheduler, step: int) -> None:
@@ -431,7 +339,7 @@ def _start(cfg: TigerConfig, run: Path) -> bool:
         raise SakError(f"--resume {run}: no checkpoint to resume from ({CKPT}/state.pt)")
     old = read_json(run / RUN_CONFIG)["config"]
     new = {**cfg.to_dict(), "resume": old["resume"]}
-    diff = [k for k in new if new[k] != old.get(k)]
+    diff = [k for k in new if k in old and new[k] != old[k]]  # options added since: their defaults
     if diff:
         raise SakError(
             f"--resume {run}: options differ from the run's ({', '.join(diff)}); resume with the same"
@@ -440,15 +348,33 @@ def _start(cfg: TigerConfig, run: Path) -> bool:
 
 
 def train_tiger(cfg: TigerConfig) -> TigerResult:
-    """Train TIGER's projections, routers and heads; returns the per-step losses of this call."""
+    """Train TIGER's projections, routers and heads; returns the per-step losses of this call.
+
+    Under `torchrun --nproc_per_node=N` each rank takes its 1/N part of every global batch (DDP); the
+    heads' BatchNorm, the counterfactual contributions and the mean gates cover the global batch, so the
+    run follows one process's; rank 0 alone writes the run folder."""
     cfg.validate()
-    device = resolve_device(cfg.device)
+    env = init_distributed(cfg.device)
+    try:
+        result = _train_tiger(cfg, env)
+    except BaseException:
+        shutdown(env, wait=False)  # the other ranks may never reach a barrier
+        raise
+    shutdown(env)
+    return result
+
+
+def _train_tiger(cfg: TigerConfig, env: DistEnv) -> TigerResult:
+    if cfg.batch_size % env.world_size:
+        raise SakError(f"--batch-size {cfg.batch_size} is not divisible by the {env.world_size} processes")
+    device = env.device
     run = Path(cfg.out).expanduser()
     resume = _start(cfg, run)
+    barrier(env)  # every rank has looked at --out before rank 0 writes to it
     crop = cfg.input_size()
     data = DenseDataset(cfg.dataset, cfg.data_root, "train", cfg.tasks)
     source = _cached_source(cfg, data, crop) if cfg.cache else _online_source(cfg, crop, device)
-    emb, identity = _instructions(cfg, run, list(data.outputs), resume)
+    emb, identity = run_instructions(cfg, run, list(data.outputs), resume)
     grid = tuple(cfg.grid) if cfg.grid else (crop[0] // 16, crop[1] // 16)
     mcfg = TigerModelConfig(
         experts=tuple(source.experts),
@@ -460,14 +386,11 @@ def train_tiger(cfg: TigerConfig) -> TigerResult:
     )
     torch.manual_seed(cfg.seed)
     model = Tiger(mcfg, emb).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: max(0.0, 1.0 - s / cfg.steps) ** cfg.poly_power
-    )
+    optimizer, scheduler = cfg.optimizer(model.parameters())
     start = 0
     if resume:
-        start = _restore(run, model, optimizer, scheduler, device)
-    else:
+        start = _restore(run, model, optimizer, scheduler, device, trim=env.is_main)
+    elif env.is_main:
         run.mkdir(parents=True, exist_ok=True)
         save_instructions(run, emb, identity)
         write_json_atomic(
@@ -485,18 +408,21 @@ def train_tiger(cfg: TigerConfig) -> TigerResult:
                 "router_parameters": sum(p.numel() for p in model.router_parameters()),
                 "train_images": len(data),
                 "device": str(device),
+                "world_size": env.world_size,
                 "code_version": code_version(),
                 "created": now_iso(),
             },
         )
+    barrier(env)
     log.info(
         f"TIGER: {len(mcfg.experts)} experts x {mcfg.num_levels} levels x {list(data.outputs)}, "
-        f"{'cached targets' if cfg.cache else 'live teachers'}, steps {start + 1}..{cfg.steps}, run {run}"
+        f"{'cached targets' if cfg.cache else 'live teachers'}, steps {start + 1}..{cfg.steps}, "
+        f"{env.world_size} process(es), run {run}"
     )
-    return _loop(cfg, run, model, source, data, optimizer, scheduler, start, device)
+    return _loop(cfg, run, model, source, data, optimizer, scheduler, start, env)
 
 
-def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device) -> int:
+def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device, trim: bool = True) -> int:
     meta = read_json(run / CKPT / "model.json")
     for name, key in (("model.safetensors", "weights_sha256"), ("state.pt", "state_sha256")):
         if sha256_file(run / CKPT / name) != meta[key]:
@@ -506,54 +432,67 @@ def _restore(run: Path, model: Tiger, optimizer, scheduler, device: torch.device
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     step = int(state["step"])
-    lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
-    kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    (run / METRICS).write_text("".join(ln + "\n" for ln in kept))  # steps after the checkpoint re-run
+    if trim:  # rank 0 alone
+        lines = (run / METRICS).read_text().splitlines() if (run / METRICS).exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        (run / METRICS).write_text("".join(ln + "\n" for ln in kept))  # steps after the checkpoint re-run
     return step
 
 
-def _loop(cfg, run, model, source, data, optimizer, scheduler, start, device) -> TigerResult:
+def _loop(cfg, run, model, source, data, optimizer, scheduler, start, env: DistEnv) -> TigerResult:
     crop = cfg.input_size()
-    weights = {**DEFAULT_TASK_WEIGHTS, **dict(cfg.task_weights)}
+    weights = cfg.loss_weights()
     loader = torch.utils.data.DataLoader(
         TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric),
-        batch_size=cfg.batch_size,
-        sampler=range(start * cfg.batch_size, cfg.steps * cfg.batch_size),
+        batch_size=cfg.batch_size // env.world_size,
+        sampler=rank_positions(start, cfg.steps, cfg.batch_size, env),
         num_workers=cfg.num_workers,
         collate_fn=collate,
     )
+    train_model = wrap_ddp(model, env)
     result = TigerResult(run=run, steps=start, model=model)
     model.train()
     t0 = time.perf_counter()
-    with open(run / METRICS, "a") as metrics:
+    with open(run / METRICS, "a") if env.is_main else contextlib.nullcontext() as metrics:
         for step, batch in enumerate(loader, start=start + 1):
-            record = {"kind": "train", "step": step, **tiger_step(cfg, model, source, batch, weights, optimizer,
-                                                                   scheduler, device)}  # fmt: skip
+            numbers = tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, env.device, train_model,
+                                 step=step)  # fmt: skip
+            record = {"kind": "train", "step": step, **numbers}
             record["elapsed_s"] = time.perf_counter() - t0
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            if metrics is not None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
             result.losses.append(record["loss"])
             result.records.append(record)
             result.steps = step
-            if step % max(1, cfg.log_every) == 0 or step == start + 1:
+            if env.is_main and (step % max(1, cfg.log_every) == 0 or step == start + 1):
                 log.info(f"step {step}/{cfg.steps} | loss {record['loss']:.4f} | cf {record['cf']:.4f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                save_checkpoint(run, model, optimizer, scheduler, step)
-    save_checkpoint(run, model, optimizer, scheduler, result.steps)
-    log.info(f"TIGER done: {result.steps} steps; checkpoint {run / CKPT}")
+                if env.is_main:
+                    save_checkpoint(run, model, optimizer, scheduler, step)
+                barrier(env)  # a restart after this step finds the checkpoint on every rank
+    if env.is_main:
+        save_checkpoint(run, model, optimizer, scheduler, result.steps)
+        log.info(f"TIGER done: {result.steps} steps; checkpoint {run / CKPT}")
+    barrier(env)  # the run folder is complete when any rank returns
     return result
 
 
-def tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, device) -> dict:
-    """One optimizer step: task losses + cf_weight x counterfactual loss; the numbers for metrics.jsonl."""
+def tiger_step(
+    cfg, model, source, batch, weights, optimizer, scheduler, device, train_model=None, step: int = 1
+) -> dict:
+    """One optimizer step: task losses + cf_weight x counterfactual loss (every cf_every steps, over
+    cf_experts sampled experts); the numbers for metrics.jsonl. train_model: the DDP-wrapped model under
+    torchrun (forward and gradient averaging), else model."""
     images = batch["images"]
     maps = source.fetch(batch, images, device)
     targets = {t: v.to(device) for t, v in batch["labels"].items()}
-    out = model(maps, tuple(images.shape[-2:]))
+    out = (train_model or model)(maps, tuple(images.shape[-2:]))
     task_loss, parts = multi_task_loss(out.preds, targets, weights)
     loss, routing, cf = task_loss, {}, None
-    if cfg.cf_weight > 0:
-        cf, routing = counterfactual_loss(model, out, targets, tuple(images.shape[-2:]), cfg.cf_tau)
+    if cfg.cf_weight > 0 and step % cfg.cf_every == 0:
+        sampled = sample_experts(list(out.gates), out.num_experts, cfg.cf_experts, cfg.seed, step)
+        cf, routing = counterfactual_loss(model, out, targets, tuple(images.shape[-2:]), cfg.cf_tau, sampled)
         loss = task_loss + cfg.cf_weight * cf
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
@@ -561,11 +500,13 @@ def tiger_step(cfg, model, source, batch, weights, optimizer, scheduler, device)
     grad_norm = clip_gradients(model.parameters(), cfg.grad_clip)
     optimizer.step()
     scheduler.step()
+    logged = [loss, task_loss, *parts.values(), cf if cf is not None else torch.zeros_like(loss)]
+    values = rank_mean_value(torch.stack([x.detach().float() for x in logged])).tolist()  # global batch
     return {
-        "loss": float(loss.detach()),
-        "task_loss": float(task_loss.detach()),
-        **{f"loss/{t}": float(v.detach()) for t, v in parts.items()},
-        "cf": float(cf.detach()) if cf is not None else 0.0,
+        "loss": values[0],
+        "task_loss": values[1],
+        **{f"loss/{t}": v for t, v in zip(parts, values[2:])},
+        "cf": values[-1],
         "lr": lr,
         "grad_norm": float(grad_norm),
         "routing": routing,
