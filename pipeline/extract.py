@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -64,7 +63,16 @@ from sak.pipeline.manifest import (
 from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file, xxh3_file
 from sak.pipeline.runtime import Progress, log, ray_session
-from sak.pipeline.storage import Bucket, BucketLock, is_url, node_mirror, pull, push, push_metadata, stage_dir
+from sak.pipeline.storage import (
+    Bucket,
+    BucketLock,
+    fresh_mirror,
+    is_url,
+    node_mirror,
+    pull,
+    push,
+    push_metadata,
+)
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.student_views import add_student_views
 from sak.pipeline.student_views import check_mode as check_views_mode
@@ -355,7 +363,7 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
-    out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else _fresh_mirror(cfg.out)
+    out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
             f"source {cfg.source} does not exist; pass --source with an image folder, .tar shards "
@@ -427,20 +435,6 @@ def _probe_nodes(out: Path) -> None:
     finally:
         for p in out.glob(".probe-*"):
             p.unlink(missing_ok=True)
-
-
-def _fresh_mirror(url: str) -> Path:
-    """The driver's mirror of a URL cache, emptied (filled from the bucket once the lock is held)."""
-    try:
-        Bucket(url).listing()
-    except (OSError, PermissionError) as e:
-        raise SakError(
-            f"cannot list {url} ({type(e).__name__}: {e}); check the bucket name and the standard credentials "
-            f"environment (AWS_*/AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
-        ) from e
-    out = stage_dir(url)
-    shutil.rmtree(out, ignore_errors=True)
-    return out
 
 
 def _check_out_dir(out: Path) -> None:

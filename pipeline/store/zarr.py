@@ -36,6 +36,7 @@ from zarr.codecs import BloscCodec
 from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import sha256_file
+from sak.pipeline.storage import is_url
 
 FORMAT = "zarr"
 
@@ -129,6 +130,8 @@ class ZarrTeacherStore:
     """Read/write access to one teacher store. Cheap to construct; arrays open lazily."""
 
     def __init__(self, path: str | Path, codec: str, shard_size: int) -> None:
+        # a URL (s3://, gs://): read in place through zarr's fsspec store, which reads shard files by range
+        self.url = str(path).rstrip("/") if is_url(path) else None
         self.path = Path(path)
         self.codec = get_codec(codec)
         self.shard_size = shard_size
@@ -138,7 +141,11 @@ class ZarrTeacherStore:
         """The values (`kind="levels"`) or scales (`kind="scales"`) array of one level."""
         if (kind, block) not in self._arrays:
             try:
-                self._arrays[kind, block] = zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+                self._arrays[kind, block] = (
+                    zarr.open_array(f"{self.url}/{kind}/{block}", mode="r")
+                    if self.url
+                    else zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+                )
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
                 raise SakError(
                     f"{self.path / kind / str(block)}: the Zarr array cannot be opened ({type(e).__name__}); "

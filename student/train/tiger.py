@@ -40,6 +40,7 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.extract import parse_weights
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.storage import is_url
 from sak.student.data.dense import (
     DATASETS,
     DEFAULT_INPUT_SIZE,
@@ -239,7 +240,7 @@ def _cached_source(cfg: TigerConfig, data: DenseDataset, crop: tuple[int, int]) 
     ]
     record = {
         "source": "cache",
-        "cache": str(Path(cfg.cache).expanduser().resolve()),
+        "cache": cfg.cache if is_url(cfg.cache) else str(Path(cfg.cache).expanduser().resolve()),
         "init": cache.init,
         "teachers": [
             {
