@@ -313,7 +313,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
             _probe_nodes(out)
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
-            cache = add_student_views(out, cache, view_rows(out))
+            cache = add_student_views(out, cache, view_rows(out), cfg.out if remote else None)
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
         schedule = Schedule.of(_shard_jobs(cache, stores))
@@ -374,11 +374,6 @@ def _setup(cfg: ExtractConfig):
     get_codec(cfg.codec)
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
-    if cfg.student_views == "raw" and is_url(cfg.out):
-        raise SakError(
-            f"--student-views raw is not yet supported for a cache at a URL ({cfg.out}); extract into a "
-            f"folder, or leave --student-views at decode"
-        )
     for spec in specs:  # a bad --levels or --grid fails before any work
         select_levels(spec, cfg.levels)
         resolve_grid(spec, cfg.size, cfg.grid)

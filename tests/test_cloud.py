@@ -203,3 +203,30 @@ def test_without_local_cache_only_the_needed_byte_ranges_are_read(fmt, request, 
     assert stream.reader.ranged.fetched_bytes <= sum(
         objects[rel] for rel in objects if "/c/" in rel or rel.endswith(".tar")
     )
+
+
+def test_student_views_raw_into_the_bucket(s3_server, ray_local, photo_dir, tmp_path, capsys):
+    import numpy as np
+
+    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+
+    url = s3_server("sak-cloud") + "/team/tiny-raw"
+    cfg = ExtractConfig(
+        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        student_views="raw",
+    )  # fmt: skip
+    run_extraction(cfg)
+    cache = json.loads(Bucket(url).read_bytes("cache.json"))
+    objects = Bucket(url).listing()
+    shards = cache["student_views"]["shards"]
+    assert len(shards) == cache["num_shards"] == 2 and all(s["file"] in objects for s in shards)
+    assert cache_main(["verify", url]) == 0 and f"{url}: OK" in capsys.readouterr().out
+    local = tmp_path / "copy"
+    pull(Bucket(url), local, bulk=True)
+    norm, rows = input_normalization("imagenet", "tiny"), np.array([5, 2, 7])
+    reference = BatchReader(open_cache(str(local)), 64, *norm)
+    for lc in (None, str(tmp_path / "lc")):  # by range in place, and read through a local cache
+        reader = BatchReader(open_cache(url, local_cache=lc), 64, *norm)
+        assert reader.raw_views() is not None  # the stored pixels are what it reads
+        _same_batches(reader.read(rows), reference.read(rows))
+    assert all((tmp_path / "lc" / s["file"]).is_file() for s in shards)
