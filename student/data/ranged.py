@@ -71,6 +71,25 @@ class RangedBucket:
         self.count(len(data))
         return data
 
+    def read_many(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        """Several (object, offset, nbytes) ranges at once: fsspec issues the GETs concurrently."""
+        if not ranges:
+            return []
+        b = self.bucket
+        keys = [b.key(rel) for rel, _, _ in ranges]
+        try:
+            out = b.fs.cat_ranges(
+                keys, [o for _, o, _ in ranges], [o + n for _, o, n in ranges], on_error="raise"
+            )
+        except FileNotFoundError:
+            raise SakError(
+                f"{self.url}: an object of the cache is missing; run `sak-cache verify {self.url}`"
+            ) from None
+        with self._lock:
+            self.fetched_bytes += sum(len(d) for d in out)
+            self.requests += len(out)
+        return out
+
     def count(self, nbytes: int) -> None:
         with self._lock:
             self.fetched_bytes += nbytes
@@ -110,15 +129,27 @@ class RangedImages:
 
     def __init__(self, source: RangedBucket) -> None:
         self.source = source
+        self._loaded: dict[tuple[int, int, int], bytes] = {}
+
+    def load(self, images: list[tuple[int, int, int]]) -> None:
+        """Fetch these (image tar, offset, nbytes) at once (concurrent GETs); `read` then takes them."""
+        todo = sorted(set(images) - set(self._loaded))
+        datas = self.source.read_many([(image_tar_name(s), o, n) for s, o, n in todo])
+        self._loaded.update(zip(todo, datas))
 
     def read(self, image_shard: int, offset: int, nbytes: int) -> bytes:
-        data = self.source.read(image_tar_name(image_shard), offset, nbytes)
+        data = self._loaded.pop((image_shard, offset, nbytes), None)
+        if data is None:
+            data = self.source.read(image_tar_name(image_shard), offset, nbytes)
         if len(data) != nbytes:
             raise SakError(f"image shard {image_tar_name(image_shard)} is truncated at offset {offset}")
         return data
 
     def close(self) -> None:
         pass
+
+
+NO_CHUNK = 2**64 - 1  # a Zarr sharding index entry of a chunk that was never written
 
 
 class _Object:
@@ -166,6 +197,33 @@ class RangedShardRows(ShardRows):
         buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
         return len(data)
 
+    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray | None = None) -> None:
+        """As ShardRows.read_into, the rows' chunks fetched at once (concurrent GETs) after the chunk
+        indexes of their shards."""
+        import numcodecs.blosc
+
+        dest = np.arange(len(rows)) if dest is None else dest
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)
+        where = []  # (object, offset, nbytes, destination row)
+        for row, d in zip(np.asarray(rows).tolist(), np.asarray(dest).tolist()):
+            shard, k = divmod(row, self.shard_rows)
+            f = self._open(shard, row)
+            offset, nbytes = (int(v) for v in self._shard_index(shard, f)[k])
+            if offset == NO_CHUNK:
+                raise SakError(
+                    f"{self.source.url}/{f.rel}: row {row} was never written (a hole in shard {shard}); "
+                    f"run `sak-cache verify` and re-run `sak-cache run` to finish the store"
+                )
+            where.append((f.rel, offset, nbytes, d))
+        datas = self.source.read_many([(rel, o, n) for rel, o, n, _ in where])
+        for (rel, _, nbytes, d), data in zip(where, datas):
+            if self.blosc:
+                numcodecs.blosc.decompress(data, flat[d])
+            elif nbytes != self.row_bytes or len(data) != nbytes:
+                raise SakError(f"{self.source.url}/{rel}: a chunk is truncated; run `sak-cache verify`")
+            else:
+                flat[d] = np.frombuffer(data, dtype=np.uint8)
+
 
 class RangedWdsStore(WdsTeacherStore):
     """A WebDataset teacher store in a bucket: each shard's tar headers walked by range once (the data is
@@ -189,16 +247,14 @@ class RangedWdsStore(WdsTeacherStore):
         import io
 
         members, rel = self._members(shard), f"{self.rel}/{shard_file(shard)}"
-        out = []
         for name in names:
             if name not in members:
                 raise SakError(
                     f"{self.source.url}/{rel} has no member {name}: the tar does not hold this store's "
                     f"samples; run `sak-cache verify`"
                 )
-            m = members[name]
-            out.append(np.load(io.BytesIO(self.source.read(rel, m.offset_data, m.size)), allow_pickle=False))
-        return out
+        datas = self.source.read_many([(rel, members[n].offset_data, members[n].size) for n in names])
+        return [np.load(io.BytesIO(data), allow_pickle=False) for data in datas]
 
 
 class RangedIntegrity(ShardIntegrity):
