@@ -88,8 +88,8 @@ def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
     }
 
 
-def _passes(index, batch_size: int) -> tuple[float, float, int]:
-    """Seconds of a first and a second pass over the training batches (reader.read), and samples."""
+def _passes(index, batch_size: int) -> tuple[float, float, int, object]:
+    """Seconds of a first and a second pass over the training batches (reader.read), samples, the reader."""
     from sak.student.data.loader import BatchReader, input_normalization
     from sak.student.data.order import make_stream_plan
 
@@ -103,7 +103,7 @@ def _passes(index, batch_size: int) -> tuple[float, float, int]:
         for rows in batches:
             reader.read(rows)
         times.append(time.perf_counter() - t0)
-    return times[0], times[1], sum(len(r) for r in batches)
+    return times[0], times[1], sum(len(r) for r in batches), reader
 
 
 def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
@@ -117,9 +117,9 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
     names = ("s3_first", "s3_second", "ranged_first", "ranged_second", "disk_first", "disk_second")
     best = {k: float("inf") for k in names}
     for i in range(rounds):
-        s3_first, s3_second, n = _passes(open_cache(url, local_cache=str(root / f"lc{i}")), batch_size)
-        ranged_first, ranged_second, _ = _passes(open_cache(url), batch_size)  # by byte range, in place
-        disk_first, disk_second, _ = _passes(open_cache(str(local)), batch_size)
+        s3_first, s3_second, n, _ = _passes(open_cache(url, local_cache=str(root / f"lc{i}")), batch_size)
+        ranged_first, ranged_second, _, ranged = _passes(open_cache(url), batch_size)  # by range, in place
+        disk_first, disk_second, _, _ = _passes(open_cache(str(local)), batch_size)
         for k, v in zip(best, (s3_first, s3_second, ranged_first, ranged_second, disk_first, disk_second)):
             best[k] = min(best[k], v)
     return {
@@ -136,6 +136,12 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
         "ranged_second_pass_samples_per_s": n / best["ranged_second"],
         "ratio_ranged_first_pass": best["disk_first"] / best["ranged_first"],
         "ratio_ranged_second_pass": best["disk_second"] / best["ranged_second"],
+        "ranged_requests_per_sample": ranged.ranged.requests / (2 * n),  # GETs, over both passes
+        "ranged_bytes_per_sample": ranged.ranged.fetched_bytes / (2 * n),
+        "shard_object_bytes_per_sample": sum(
+            size for rel, size in Bucket(url).listing().items() if rel.endswith(".tar") or "/c/" in rel
+        )
+        / n,
     }
 
 
@@ -199,6 +205,10 @@ def bucket_main(args) -> int:
                 f"{mode:<28} {which:<8} {r[f'{key}_{which}_pass_samples_per_s']:>16.1f} "
                 f"{r[f'disk_{which}_pass_samples_per_s']:>14.1f} {r[f'{ratio}_{which}_pass']:>11.2f}"
             )
+    print(
+        f"byte ranges: {r['ranged_requests_per_sample']:.1f} GETs and {r['ranged_bytes_per_sample'] / 1e3:.1f} kB "
+        f"per sample (the shard objects hold {r['shard_object_bytes_per_sample'] / 1e3:.1f} kB per sample)"
+    )
     if args.json:
         record = {"bucket_vs_disk": r, "config": vars(args), "code_version": code_version()}
         Path(args.json).write_text(json.dumps(record, indent=2))
