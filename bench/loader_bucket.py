@@ -138,10 +138,10 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
         "ratio_ranged_second_pass": best["disk_second"] / best["ranged_second"],
         "ranged_requests_per_sample": ranged.ranged.requests / (2 * n),  # GETs, over both passes
         "ranged_bytes_per_sample": ranged.ranged.fetched_bytes / (2 * n),
-        "shard_object_bytes_per_sample": sum(
+        "shard_object_bytes_per_view": sum(
             size for rel, size in Bucket(url).listing().items() if rel.endswith(".tar") or "/c/" in rel
         )
-        / n,
+        / ranged.index.num_views,
     }
 
 
@@ -207,7 +207,7 @@ def bucket_main(args) -> int:
             )
     print(
         f"byte ranges: {r['ranged_requests_per_sample']:.1f} GETs and {r['ranged_bytes_per_sample'] / 1e3:.1f} kB "
-        f"per sample (the shard objects hold {r['shard_object_bytes_per_sample'] / 1e3:.1f} kB per sample)"
+        f"per sample (the shard objects hold {r['shard_object_bytes_per_view'] / 1e3:.1f} kB per view)"
     )
     if args.json:
         record = {"bucket_vs_disk": r, "config": vars(args), "code_version": code_version()}

@@ -64,6 +64,7 @@ from sak.student.data.ranged import (
     RangedShardRows,
     RangedWdsStore,
     ReadAhead,
+    fetch_batch,
 )
 from sak.student.data.remote import ShardFetcher
 
@@ -529,6 +530,25 @@ class BatchReader:
         """(B, 3, S, S) uint8 -> float32 student input."""
         return normalize_u8(views_u8, self.mean, self.std)
 
+    def _fetch_ranges(self, rows: np.ndarray, sides: tuple[int, ...]) -> None:
+        """A bucket read by range: every Zarr chunk and image this batch needs, requested in one go (the
+        GETs run concurrently); the readers below then find their bytes ready."""
+        idx, arrays, image_ranges = self.index, [], []
+        raw = self.raw_views()
+        if raw is not None and sides == (self.image_size,):
+            arrays.append((raw, rows))
+        else:
+            images = np.unique(rows // idx.views_per_image)
+            cols = (idx.image_shard[images], idx.image_offset[images], idx.image_nbytes[images])
+            image_ranges = [tuple(int(v) for v in image) for image in zip(*cols)]
+        for store in idx.stores if self.with_targets else []:
+            kinds = ("levels", "scales") if _is_scaled(get_codec(store.codec)) else ("levels",)
+            for block in store.blocks if store.format == "zarr" else ():
+                arrays += [(r, rows) for kind in kinds if (r := self._rows_reader(store, block, kind))]
+        if self._images is None:
+            self._images = RangedImages(self.ranged)
+        fetch_batch(self.ranged, arrays, self._images, image_ranges)
+
     def read(self, rows: np.ndarray) -> dict:
         """A batch: rows (B,), images (B, 3, S, S) float32, targets (if with_targets), views (if sides)."""
         shards = np.unique(rows // self.index.shard_size).tolist()
@@ -537,6 +557,8 @@ class BatchReader:
         for shard in shards:
             self.integrity.check(shard)  # before any byte of it is used; hashed once per file per process
         sides = tuple(sorted({self.image_size, *self.view_sides}))
+        if self.ranged:
+            self._fetch_ranges(rows, sides)
         views = self.read_views(rows, sides)
         batch: dict = {
             "rows": torch.from_numpy(rows.astype(np.int64)),

@@ -129,16 +129,16 @@ class RangedImages:
 
     def __init__(self, source: RangedBucket) -> None:
         self.source = source
-        self._loaded: dict[tuple[int, int, int], bytes] = {}
+        self.loaded: dict[tuple[int, int, int], bytes] = {}  # (tar, offset, nbytes) -> bytes, until read
 
     def load(self, images: list[tuple[int, int, int]]) -> None:
         """Fetch these (image tar, offset, nbytes) at once (concurrent GETs); `read` then takes them."""
-        todo = sorted(set(images) - set(self._loaded))
+        todo = sorted(set(images) - set(self.loaded))
         datas = self.source.read_many([(image_tar_name(s), o, n) for s, o, n in todo])
-        self._loaded.update(zip(todo, datas))
+        self.loaded.update(zip(todo, datas))
 
     def read(self, image_shard: int, offset: int, nbytes: int) -> bytes:
-        data = self._loaded.pop((image_shard, offset, nbytes), None)
+        data = self.loaded.pop((image_shard, offset, nbytes), None)
         if data is None:
             data = self.source.read(image_tar_name(image_shard), offset, nbytes)
         if len(data) != nbytes:
@@ -174,7 +174,7 @@ class RangedShardRows(ShardRows):
         if local is None:
             return None
         rows = cls(local.path, local.shape, local.dtype, local.shard_rows, local.blosc)
-        rows.source, rows.rel = source, rel
+        rows.source, rows.rel, rows.ready = source, rel, {}
         return rows
 
     def _open(self, shard: int, row: int) -> _Object:
@@ -197,15 +197,10 @@ class RangedShardRows(ShardRows):
         buf[: len(data)] = np.frombuffer(data, dtype=np.uint8)
         return len(data)
 
-    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray | None = None) -> None:
-        """As ShardRows.read_into, the rows' chunks fetched at once (concurrent GETs) after the chunk
-        indexes of their shards."""
-        import numcodecs.blosc
-
-        dest = np.arange(len(rows)) if dest is None else dest
-        flat = out.reshape(out.shape[0], -1).view(np.uint8)
-        where = []  # (object, offset, nbytes, destination row)
-        for row, d in zip(np.asarray(rows).tolist(), np.asarray(dest).tolist()):
+    def ranges(self, rows: np.ndarray) -> list[tuple[str, int, int]]:
+        """(object, offset, nbytes) of each row's chunk (the shards' chunk indexes read first if new)."""
+        found = []
+        for row in np.asarray(rows).tolist():
             shard, k = divmod(row, self.shard_rows)
             f = self._open(shard, row)
             offset, nbytes = (int(v) for v in self._shard_index(shard, f)[k])
@@ -214,15 +209,45 @@ class RangedShardRows(ShardRows):
                     f"{self.source.url}/{f.rel}: row {row} was never written (a hole in shard {shard}); "
                     f"run `sak-cache verify` and re-run `sak-cache run` to finish the store"
                 )
-            where.append((f.rel, offset, nbytes, d))
-        datas = self.source.read_many([(rel, o, n) for rel, o, n, _ in where])
-        for (rel, _, nbytes, d), data in zip(where, datas):
+            found.append((f.rel, offset, nbytes))
+        return found
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray, dest: np.ndarray | None = None) -> None:
+        """As ShardRows.read_into; chunks fetched ahead (`ready`, see `fetch_batch`) are used, the rest
+        fetched at once (concurrent GETs)."""
+        import numcodecs.blosc
+
+        dest = np.arange(len(rows)) if dest is None else dest
+        flat = out.reshape(out.shape[0], -1).view(np.uint8)
+        where = self.ranges(rows)
+        missing = [r for r in where if r not in self.ready]
+        self.ready.update(zip(missing, self.source.read_many(missing)))
+        for (rel, _, nbytes), d in zip(where, np.asarray(dest).tolist()):
+            data = self.ready.pop((rel, _, nbytes), None)
+            if data is None:  # a row twice in the batch: its chunk again
+                data = self.source.read(rel, _, nbytes)
             if self.blosc:
                 numcodecs.blosc.decompress(data, flat[d])
             elif nbytes != self.row_bytes or len(data) != nbytes:
                 raise SakError(f"{self.source.url}/{rel}: a chunk is truncated; run `sak-cache verify`")
             else:
                 flat[d] = np.frombuffer(data, dtype=np.uint8)
+
+
+def fetch_batch(
+    source: RangedBucket,
+    arrays: list[tuple[RangedShardRows, np.ndarray]],
+    images: RangedImages,
+    image_ranges: list[tuple[int, int, int]],
+) -> None:
+    """Every range a batch needs (each array's rows' chunks, and the images), requested in one go so the
+    GETs run concurrently; each reader then finds its bytes ready."""
+    wanted = [(a, r) for a, rows in arrays for r in a.ranges(rows)]
+    todo_images = sorted(set(image_ranges) - set(images.loaded))
+    datas = source.read_many([r for _, r in wanted] + [(image_tar_name(s), o, n) for s, o, n in todo_images])
+    for (a, r), data in zip(wanted, datas):
+        a.ready[r] = data
+    images.loaded.update(zip(todo_images, datas[len(wanted) :]))
 
 
 class RangedWdsStore(WdsTeacherStore):
