@@ -508,10 +508,6 @@ class BatchReader:
         idx = self.index
         if self._images is None:
             self._images = RangedImages(self.ranged) if self.ranged else ImageReader(idx.root)
-        if self.ranged:  # every image of the batch in one go (concurrent GETs)
-            images = np.unique(rows // idx.views_per_image)
-            cols = (idx.image_shard[images], idx.image_offset[images], idx.image_nbytes[images])
-            self._images.load([tuple(int(v) for v in image) for image in zip(*cols)])
         out = {s: torch.empty((len(rows), 3, s, s), dtype=torch.uint8) for s in sides}
         decoded: dict[int, torch.Tensor] = {}
         for i, row in enumerate(rows.tolist()):

@@ -3,7 +3,8 @@
 Only the bytes a batch needs cross the network: an image's bytes at its recorded offset in its image tar,
 a Zarr shard file's chunk index (its last 16 x rows + 4 bytes, read once per shard and process) and then
 one range per sample and level, a WebDataset shard's tar headers (once per shard and process) and then each
-member's data by its offset. Nothing is written locally. `ReadAhead` reads the worker's next batch (its
+member's data by its offset. A batch's Zarr chunks and images are requested in one go (`fetch_batch`: fsspec
+runs the GETs concurrently). Nothing is written locally. `ReadAhead` reads the worker's next batch (its
 next shard, when the batch crosses into one) in a background thread while the current batch is used.
 
 Integrity: a range read cannot be checked against a whole object's digest without reading the whole
@@ -129,13 +130,7 @@ class RangedImages:
 
     def __init__(self, source: RangedBucket) -> None:
         self.source = source
-        self.loaded: dict[tuple[int, int, int], bytes] = {}  # (tar, offset, nbytes) -> bytes, until read
-
-    def load(self, images: list[tuple[int, int, int]]) -> None:
-        """Fetch these (image tar, offset, nbytes) at once (concurrent GETs); `read` then takes them."""
-        todo = sorted(set(images) - set(self.loaded))
-        datas = self.source.read_many([(image_tar_name(s), o, n) for s, o, n in todo])
-        self.loaded.update(zip(todo, datas))
+        self.loaded: dict[tuple[int, int, int], bytes] = {}  # (tar, offset, nbytes) -> bytes (fetch_batch)
 
     def read(self, image_shard: int, offset: int, nbytes: int) -> bytes:
         data = self.loaded.pop((image_shard, offset, nbytes), None)
