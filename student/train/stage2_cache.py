@@ -105,7 +105,11 @@ class Stage2CacheConfig:
         },
     )
     out: str = field(
-        default="", metadata={"help": "Cache folder (created; an unfinished one resumes).", "required": True}
+        default="",
+        metadata={
+            "help": "Cache folder or s3:// / gs:// URL (created; an unfinished one resumes).",
+            "required": True,
+        },
     )
     epochs: int = field(default=1, metadata={"help": "Epochs of plans to cache (0..E-1)."})
     teachers: tuple[str, ...] = field(

@@ -79,7 +79,10 @@ class TigerConfig:
     data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
     out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
     cache: str | None = field(
-        default=None, metadata={"help": "A stage-2 target cache (`sak-cache stage2`): no teacher in memory."}
+        default=None,
+        metadata={
+            "help": "A stage-2 target cache (`sak-cache stage2`; folder or URL): no teacher in memory."
+        },
     )
     online: bool = field(
         default=False, metadata={"help": "Run the --teachers live on the same views instead."}
