@@ -146,16 +146,16 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
 
 
 def serve_s3(root: Path):
-    """A moto S3 server on 127.0.0.1 (stopped by the caller) and a bucket, named in the environment before
-    Ray starts (its workers inherit the environment)."""
-    import logging
+    """A moto S3 server on 127.0.0.1 in its own process (so that its request handling is not timed as the
+    loader's), stopped by the caller, and a bucket; named in the environment before Ray starts (its workers
+    inherit the environment)."""
     import os
     import socket
+    import subprocess
+    import sys
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -163,8 +163,16 @@ def serve_s3(root: Path):
         AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
         AWS_DEFAULT_REGION="us-east-1", SAK_STAGE_DIR=str(root / "stage"),
     )  # fmt: skip
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
     boto3.client("s3").create_bucket(Bucket="sak-bench")
     return server
 
@@ -192,8 +200,9 @@ def bucket_main(args) -> int:
             r = measure_bucket(url, args.batch_size, root, args.passes)
         finally:
             if server is not None:
-                server.stop()
-    where = "local S3 server (moto, 127.0.0.1)" if args.serve_s3 else url
+                server.terminate()
+                server.wait(timeout=60)
+    where = "local S3 server (moto, 127.0.0.1, its own process)" if args.serve_s3 else url
     print(f"\nLoader from {where} vs the same cache on local disk, one core, {r['samples']} samples/pass")
     print(f"{'mode':<28} {'pass':<8} {'bucket samples/s':>16} {'disk samples/s':>14} {'bucket/disk':>11}")
     for mode, key, ratio in (
