@@ -9,10 +9,11 @@ bench/loader.py itself).
 
 Bucket vs local disk (--cache s3://... or --serve-s3): the loader reads every training batch once from the
 bucket through a fresh --local-cache folder (first pass: fetch whole shard objects, hash, decode) and
-again (second pass: from the local folder), and the same on a local copy of the cache (first pass: hash
-and decode, files in the page cache; second pass: decode). One core, no loader workers, no prefetch
-thread: the ratio bucket/local of samples/s per core is the cost of fetching. Bucket and disk are measured
-alternately --passes times and the best of each kept.
+again (second pass: from the local folder); without --local-cache (each pass: byte ranges of the bucket's
+objects, nothing kept locally); and the same on a local copy of the cache (first pass: hash and decode,
+files in the page cache; second pass: decode). One core, no loader workers, no prefetch thread: the ratio
+bucket/local of samples/s per core is the cost of fetching. Bucket and disk are measured alternately
+--passes times and the best of each kept.
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
     }
 
 
-def _passes(index, batch_size: int) -> tuple[float, float, int]:
-    """Seconds of a first and a second pass over the training batches (reader.read), and samples."""
+def _passes(index, batch_size: int) -> tuple[float, float, int, object]:
+    """Seconds of a first and a second pass over the training batches (reader.read), samples, the reader."""
     from sak.student.data.loader import BatchReader, input_normalization
     from sak.student.data.order import make_stream_plan
 
@@ -102,7 +103,7 @@ def _passes(index, batch_size: int) -> tuple[float, float, int]:
         for rows in batches:
             reader.read(rows)
         times.append(time.perf_counter() - t0)
-    return times[0], times[1], sum(len(r) for r in batches)
+    return times[0], times[1], sum(len(r) for r in batches), reader
 
 
 def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
@@ -113,11 +114,13 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
 
     local = root / "copy"
     pull(Bucket(url), local, bulk=True)
-    best = {k: float("inf") for k in ("s3_first", "s3_second", "disk_first", "disk_second")}
+    names = ("s3_first", "s3_second", "ranged_first", "ranged_second", "disk_first", "disk_second")
+    best = {k: float("inf") for k in names}
     for i in range(rounds):
-        s3_first, s3_second, n = _passes(open_cache(url, local_cache=str(root / f"lc{i}")), batch_size)
-        disk_first, disk_second, _ = _passes(open_cache(str(local)), batch_size)
-        for k, v in zip(best, (s3_first, s3_second, disk_first, disk_second)):
+        s3_first, s3_second, n, _ = _passes(open_cache(url, local_cache=str(root / f"lc{i}")), batch_size)
+        ranged_first, ranged_second, _, ranged = _passes(open_cache(url), batch_size)  # by range, in place
+        disk_first, disk_second, _, _ = _passes(open_cache(str(local)), batch_size)
+        for k, v in zip(best, (s3_first, s3_second, ranged_first, ranged_second, disk_first, disk_second)):
             best[k] = min(best[k], v)
     return {
         "cache": url,
@@ -129,20 +132,30 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
         "disk_second_pass_samples_per_s": n / best["disk_second"],
         "ratio_first_pass": best["disk_first"] / best["s3_first"],
         "ratio_second_pass": best["disk_second"] / best["s3_second"],
+        "ranged_first_pass_samples_per_s": n / best["ranged_first"],
+        "ranged_second_pass_samples_per_s": n / best["ranged_second"],
+        "ratio_ranged_first_pass": best["disk_first"] / best["ranged_first"],
+        "ratio_ranged_second_pass": best["disk_second"] / best["ranged_second"],
+        "ranged_requests_per_sample": ranged.ranged.requests / (2 * n),  # GETs, over both passes
+        "ranged_bytes_per_sample": ranged.ranged.fetched_bytes / (2 * n),
+        "shard_object_bytes_per_view": sum(
+            size for rel, size in Bucket(url).listing().items() if rel.endswith(".tar") or "/c/" in rel
+        )
+        / ranged.index.num_views,
     }
 
 
 def serve_s3(root: Path):
-    """A moto S3 server on 127.0.0.1 (stopped by the caller) and a bucket, named in the environment before
-    Ray starts (its workers inherit the environment)."""
-    import logging
+    """A moto S3 server on 127.0.0.1 in its own process (so that its request handling is not timed as the
+    loader's), stopped by the caller, and a bucket; named in the environment before Ray starts (its workers
+    inherit the environment)."""
     import os
     import socket
+    import subprocess
+    import sys
 
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -150,8 +163,16 @@ def serve_s3(root: Path):
         AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
         AWS_DEFAULT_REGION="us-east-1", SAK_STAGE_DIR=str(root / "stage"),
     )  # fmt: skip
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.2)
     boto3.client("s3").create_bucket(Bucket="sak-bench")
     return server
 
@@ -179,15 +200,24 @@ def bucket_main(args) -> int:
             r = measure_bucket(url, args.batch_size, root, args.passes)
         finally:
             if server is not None:
-                server.stop()
-    where = "local S3 server (moto, 127.0.0.1)" if args.serve_s3 else url
+                server.terminate()
+                server.wait(timeout=60)
+    where = "local S3 server (moto, 127.0.0.1, its own process)" if args.serve_s3 else url
     print(f"\nLoader from {where} vs the same cache on local disk, one core, {r['samples']} samples/pass")
-    print(f"{'pass':<8} {'bucket samples/s':>16} {'disk samples/s':>14} {'bucket/disk':>11}")
-    for which in ("first", "second"):
-        print(
-            f"{which:<8} {r[f'bucket_{which}_pass_samples_per_s']:>16.1f} "
-            f"{r[f'disk_{which}_pass_samples_per_s']:>14.1f} {r[f'ratio_{which}_pass']:>11.2f}"
-        )
+    print(f"{'mode':<28} {'pass':<8} {'bucket samples/s':>16} {'disk samples/s':>14} {'bucket/disk':>11}")
+    for mode, key, ratio in (
+        ("--local-cache (whole objects)", "bucket", "ratio"),
+        ("byte ranges", "ranged", "ratio_ranged"),
+    ):
+        for which in ("first", "second"):
+            print(
+                f"{mode:<28} {which:<8} {r[f'{key}_{which}_pass_samples_per_s']:>16.1f} "
+                f"{r[f'disk_{which}_pass_samples_per_s']:>14.1f} {r[f'{ratio}_{which}_pass']:>11.2f}"
+            )
+    print(
+        f"byte ranges: {r['ranged_requests_per_sample']:.1f} GETs and {r['ranged_bytes_per_sample'] / 1e3:.1f} kB "
+        f"per sample (the shard objects hold {r['shard_object_bytes_per_view'] / 1e3:.1f} kB per view)"
+    )
     if args.json:
         record = {"bucket_vs_disk": r, "config": vars(args), "code_version": code_version()}
         Path(args.json).write_text(json.dumps(record, indent=2))

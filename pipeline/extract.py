@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import threading
 import time
 from collections.abc import Iterable
@@ -66,7 +65,16 @@ from sak.pipeline.manifest import (
 from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file, xxh3_file
 from sak.pipeline.runtime import Progress, log, ray_session
-from sak.pipeline.storage import Bucket, BucketLock, is_url, node_mirror, pull, push, push_metadata, stage_dir
+from sak.pipeline.storage import (
+    Bucket,
+    BucketLock,
+    fresh_mirror,
+    is_url,
+    node_mirror,
+    pull,
+    push,
+    push_metadata,
+)
 from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.student_views import add_student_views
 from sak.pipeline.student_views import check_mode as check_views_mode
@@ -310,7 +318,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
             _probe_nodes(out)
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
-            cache = add_student_views(out, cache, view_rows(out))
+            cache = add_student_views(out, cache, view_rows(out), cfg.out if remote else None)
         stores = [_store_plan(cfg, cache, out, s, choices[s.name]) for s in specs]
         cache = _register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
         schedule = Schedule.of(_shard_jobs(cache, stores))
@@ -366,7 +374,7 @@ def _setup(cfg: ExtractConfig):
             f"--codec {cfg.codec} is not yet supported for a cache at a URL ({cfg.out}); extract into a "
             f"folder (and upload it), or use a codec without a basis (fp16, fp8, int8_tc)"
         )
-    out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else _fresh_mirror(cfg.out)
+    out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
             f"source {cfg.source} does not exist; pass --source with an image folder, .tar shards "
@@ -376,11 +384,6 @@ def _setup(cfg: ExtractConfig):
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
-    if cfg.student_views == "raw" and is_url(cfg.out):
-        raise SakError(
-            f"--student-views raw is not yet supported for a cache at a URL ({cfg.out}); extract into a "
-            f"folder, or leave --student-views at decode"
-        )
     for spec in specs:  # a bad --levels or --grid fails before any work
         select_levels(spec, cfg.levels)
         resolve_grid(spec, cfg.size, cfg.grid)
@@ -437,20 +440,6 @@ def _probe_nodes(out: Path) -> None:
     finally:
         for p in out.glob(".probe-*"):
             p.unlink(missing_ok=True)
-
-
-def _fresh_mirror(url: str) -> Path:
-    """The driver's mirror of a URL cache, emptied (filled from the bucket once the lock is held)."""
-    try:
-        Bucket(url).listing()
-    except (OSError, PermissionError) as e:
-        raise SakError(
-            f"cannot list {url} ({type(e).__name__}: {e}); check the bucket name and the standard credentials "
-            f"environment (AWS_*/AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
-        ) from e
-    out = stage_dir(url)
-    shutil.rmtree(out, ignore_errors=True)
-    return out
 
 
 def _check_out_dir(out: Path) -> None:

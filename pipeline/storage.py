@@ -173,6 +173,23 @@ def metadata_mirror(url: str) -> Path:
     return local
 
 
+def fresh_mirror(url: str) -> Path:
+    """The driver's mirror of a URL cache, emptied (a writer fills it from the bucket once it holds the
+    lock); a bucket that cannot be listed is refused in one line."""
+    import shutil
+
+    try:
+        Bucket(url).listing()
+    except (OSError, PermissionError) as e:
+        raise SakError(
+            f"cannot list {url} ({type(e).__name__}: {e}); check the bucket name and the standard credentials "
+            f"environment (AWS_*/AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
+        ) from e
+    out = stage_dir(url)
+    shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
 def push(bucket: Bucket, local: Path, rels: list[str]) -> dict[str, str]:
     """Upload these files of the local mirror, each whole and checked; returns rel -> sha256."""
     return {rel: bucket.put_whole(local / rel, rel) for rel in rels}

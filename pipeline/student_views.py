@@ -29,6 +29,7 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.provenance import sha256_file, xxh3_file
+from sak.pipeline.storage import Bucket, node_mirror
 
 STUDENT_VIEWS_DIR = "student_views"
 STUDENT_VIEWS_MODES = ("decode", "raw")
@@ -68,17 +69,23 @@ def _array(cache_dir: Path, num_views: int, shard_size: int, size: int):
 
 
 def write_views_shard(
-    cache_dir: str, rows: list[ViewRow], shard: int, start: int, size: int
+    cache_dir: str, rows: list[ViewRow], shard: int, start: int, size: int, cache_url: str | None = None
 ) -> StudentViewsShard:
-    """Cut one shard's views at the student size and write its shard file (a Ray task)."""
-    root = Path(cache_dir)
+    """Cut one shard's views at the student size and write its shard file (a Ray task). A cache at a URL:
+    written in this node's mirror, then uploaded as one object and checked before the record is returned
+    (the driver records only returned shards)."""
+    meta = f"{STUDENT_VIEWS_DIR}/zarr.json"
+    root = node_mirror(cache_url, [meta]) if cache_url else Path(cache_dir)
     arr = _open(root)
-    views = cut_shard_views(cache_dir, rows, [size])[size]  # (n, 3, S, S)
+    views = cut_shard_views(cache_url or cache_dir, rows, [size])[size]  # (n, 3, S, S)
     arr[start : start + len(rows)] = np.ascontiguousarray(views.transpose(0, 2, 3, 1))
     rel = f"{STUDENT_VIEWS_DIR}/{arr.metadata.encode_chunk_key((shard, 0, 0, 0))}"
-    return StudentViewsShard(
+    record = StudentViewsShard(
         index=shard, file=rel, sha256=sha256_file(root / rel), xxh3=xxh3_file(root / rel)
     )
+    if cache_url:
+        Bucket(cache_url).put_whole(root / rel, rel)
+    return record
 
 
 def _open(root: Path):
@@ -87,23 +94,33 @@ def _open(root: Path):
     return zarr.open_array(str(root / STUDENT_VIEWS_DIR), mode="r+")
 
 
-def add_student_views(cache_dir: Path, cache: CacheManifest, rows: list[ViewRow]) -> CacheManifest:
-    """Write the shards of raw student views the cache does not record yet; returns the updated cache."""
+def add_student_views(
+    cache_dir: Path, cache: CacheManifest, rows: list[ViewRow], cache_url: str | None = None
+) -> CacheManifest:
+    """Write the shards of raw student views the cache does not record yet; returns the updated cache.
+    A cache at `cache_url` (cache_dir is the driver's mirror of its metadata): each shard file is uploaded
+    whole and checked by the task that wrote it, and recorded only then."""
     import ray
 
     size, n, k = cache.view_plan.size, cache.num_views, cache.shard_size
     _array(cache_dir, n, k, size)
+    meta = cache_dir / STUDENT_VIEWS_DIR / "zarr.json"
     old = cache.student_views
-    done = {s.index: s for s in (old.shards if old else []) if (cache_dir / s.file).is_file()}
+    if cache_url:  # the array's metadata first: the tasks open it from the bucket
+        bucket = Bucket(cache_url)
+        bucket.put_whole(meta, f"{STUDENT_VIEWS_DIR}/zarr.json")
+        present = bucket.listing(STUDENT_VIEWS_DIR)
+        done = {s.index: s for s in (old.shards if old else []) if s.file in present}
+    else:
+        done = {s.index: s for s in (old.shards if old else []) if (cache_dir / s.file).is_file()}
     task = ray.remote(num_cpus=1)(write_views_shard)
     refs = [
-        task.remote(str(cache_dir), rows[s * k : min((s + 1) * k, n)], s, s * k, size)
+        task.remote(str(cache_dir), rows[s * k : min((s + 1) * k, n)], s, s * k, size, cache_url)
         for s in range(cache.num_shards)
         if s not in done
     ]
     for shard in ray.get(refs):
         done[shard.index] = shard
-    meta = cache_dir / STUDENT_VIEWS_DIR / "zarr.json"
     record = StudentViewsRecord(
         array=STUDENT_VIEWS_DIR,
         size=size,

@@ -358,7 +358,7 @@ def describe_cache(
     A bucket cache: cache_dir mirrors its metadata, `shown` is its URL, `sizes` its objects' bytes."""
     root = Path(cache_dir)
     if _is_stage2(root):
-        return describe_stage2(root)
+        return describe_stage2(root, shown, sizes)
     cache = read_cache(root)
     root = shown or root
     ds, plan = cache.dataset, cache.view_plan
@@ -456,7 +456,7 @@ def list_caches(root: str | Path, found: list[FoundCache] | None = None, full: b
     lines = []
     for fc in local_caches(root) if found is None else found:
         if _is_stage2(fc.local):
-            lines.append(_stage2_line(fc.local))
+            lines.append(_stage2_line(fc.local, fc.shown, fc.nbytes))
             continue
         try:
             cache = read_cache(fc.local)
@@ -526,11 +526,12 @@ def check_stage2(root: Path) -> Report:
     return report
 
 
-def describe_stage2(root: Path) -> str:
+def describe_stage2(root: Path, shown: str | None = None, sizes: dict[str, int] | None = None) -> str:
+    """A bucket's stage-2 cache: root mirrors its metadata, `shown` is its URL, `sizes` its objects' bytes."""
     cache = read_stage2_cache(root / CACHE_FILE)
     i = cache.identity
     lines = [
-        f"stage-2 cache {root}  (written by {cache.code_version}{'' if cache.complete else ', INCOMPLETE'})",
+        f"stage-2 cache {shown or root}  (written by {cache.code_version}{'' if cache.complete else ', INCOMPLETE'})",
         f"data     {i.dataset} {i.split}: {i.num_images} images x {cache.epochs} epochs = {cache.rows} rows, "
         f"crop {i.crop[0]}x{i.crop[1]}, seed {i.seed}, scale {i.scale_range}, photometric {i.photometric}",
         f"teachers {'stage-1 run ' + cache.init if cache.init else 'by name'}; codec {cache.codec}, "
@@ -540,24 +541,24 @@ def describe_stage2(root: Path) -> str:
     for t in cache.teachers or []:
         grids = ", ".join("x".join(str(v) for v in g) for g in t.grids)
         lines.append(f"  {t.teacher:<12} {t.stage1_fingerprint:<18} blocks {t.blocks}  {grids}  "
-                     f"{human_bytes(_dir_bytes(root / t.path))}")  # fmt: skip
+                     f"{human_bytes(_prefix_bytes(sizes, t.path) if sizes else _dir_bytes(root / t.path))}")  # fmt: skip
         if t.weights is not None and t.weights.random_init:
             warnings.append(f"WARNING: {t.teacher} is a RANDOM-INIT model ({t.weights.id}): for tests only")
     return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
-def _stage2_line(root: Path) -> str:
+def _stage2_line(root: Path, shown: str, nbytes: int) -> str:
     try:
         cache = read_stage2_cache(root / CACHE_FILE)
     except SakError as e:
-        return f"{root}  unreadable: {e}"
+        return f"{shown}  unreadable: {e}"
     names = [
         t.teacher + ("(random-init)" if t.weights is not None and t.weights.random_init else "")
         for t in cache.teachers or []
     ]
     return (
-        f"{root}  stage-2 {cache.identity.dataset}: {cache.rows} rows{'' if cache.complete else ' (incomplete)'}, "
-        f"{human_bytes(_dir_bytes(root))}, teachers: {', '.join(names) or '-'}"
+        f"{shown}  stage-2 {cache.identity.dataset}: {cache.rows} rows{'' if cache.complete else ' (incomplete)'}, "
+        f"{human_bytes(nbytes)}, teachers: {', '.join(names) or '-'}"
     )
 
 

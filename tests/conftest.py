@@ -33,6 +33,16 @@ S3_ENV = {
 }
 os.environ.update(S3_ENV)
 
+# The local GCS emulator (`gcs_server`), named the same way: gcsfs honours STORAGE_EMULATOR_HOST (and then
+# talks plain HTTP, anonymously). gcsfs's experimental zonal/HNS layer asks a gRPC API that no emulator
+# serves (60 s timeouts per bucket), so it is switched off before gcsfs is first imported.
+GCS_PORT = _free_port()
+GCS_ENV = {
+    "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{GCS_PORT}",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+}
+os.environ.update(GCS_ENV)
+
 
 @pytest.fixture(scope="session")
 def s3_server():
@@ -56,6 +66,23 @@ def s3_server():
 
     try:
         yield bucket
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """The gcp-storage-emulator on 127.0.0.1 for the session (in memory, stopped at the end), holding one
+    bucket; yields its URL."""
+    import logging
+
+    from gcp_storage_emulator.server import create_server
+
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.WARNING)
+    server = create_server("127.0.0.1", GCS_PORT, in_memory=True, default_bucket="sak-gs")
+    server.start()
+    try:
+        yield "gs://sak-gs"
     finally:
         server.stop()
 

@@ -152,3 +152,81 @@ def test_local_cache_is_read_through_and_bounded(bucket_cache, tmp_path):
     kept = sum(p.stat().st_size for p in _bulk_files(tmp_path / "small"))
     assert tight[1] > tight[0]  # evicted shards were fetched again in the second epoch
     assert kept <= 2 * shard_bytes  # at most the shards of the last batch
+
+
+@pytest.fixture(scope="module")
+def wds_bucket_cache(bucket_cache, s3_server, photo_dir):
+    """The same tiny cache with a WebDataset store, in the bucket."""
+    url = s3_server("sak-cloud") + "/team/tiny-wds"
+    cfg = ExtractConfig(
+        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        format="wds",
+    )  # fmt: skip
+    run_extraction(cfg)
+    return url
+
+
+def _same_batches(a: dict, b: dict) -> None:
+    import torch
+
+    assert torch.equal(a["rows"], b["rows"]) and torch.equal(a["images"], b["images"])
+    for teacher, levels in b["targets"].items():
+        assert all(torch.equal(x, y) for x, y in zip(a["targets"][teacher], levels))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "wds"])
+def test_without_local_cache_only_the_needed_byte_ranges_are_read(fmt, request, tmp_path):
+    import numpy as np
+
+    from sak.student.data.loader import BatchReader, CacheStream, input_normalization, open_cache
+    from sak.student.data.order import make_stream_plan
+    from sak.student.data.remote import shard_objects
+
+    url = request.getfixturevalue("bucket_cache" if fmt == "zarr" else "wds_bucket_cache")
+    local = tmp_path / "copy"
+    pull(Bucket(url), local, bulk=True)
+    norm = input_normalization("imagenet", "tiny")
+    index = open_cache(url)  # no --local-cache: read in place
+    assert index.ranged and index.stores[0].format == fmt
+    ranged, on_disk = BatchReader(index, 64, *norm), BatchReader(open_cache(str(local)), 64, *norm)
+    objects = Bucket(url).listing()
+    shard_bytes = sum(objects[rel] for rel in shard_objects(index, 0, True))
+    rows = np.array([1, 0])  # both views of image 0: half of shard 0
+    _same_batches(ranged.read(rows), on_disk.read(rows))
+    print(f"{fmt}: read {ranged.ranged.fetched_bytes} of shard 0's {shard_bytes} bytes")
+    assert 0 < ranged.ranged.fetched_bytes < 0.75 * shard_bytes
+    assert not _bulk_files(index.root)  # nothing but metadata was written locally
+    plan = make_stream_plan(index, 2, holdout_shards=0)  # a whole epoch, each next batch read ahead
+    stream, reference = CacheStream(plan, BatchReader(index, 64, *norm)), CacheStream(plan, on_disk)
+    for t in range(plan.epoch_length // 2):
+        _same_batches(stream.batch(t), reference.batch(t))
+    assert stream.reader.ranged.fetched_bytes <= sum(
+        objects[rel] for rel in objects if "/c/" in rel or rel.endswith(".tar")
+    )
+
+
+def test_student_views_raw_into_the_bucket(s3_server, ray_local, photo_dir, tmp_path, capsys):
+    import numpy as np
+
+    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+
+    url = s3_server("sak-cloud") + "/team/tiny-raw"
+    cfg = ExtractConfig(
+        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        student_views="raw",
+    )  # fmt: skip
+    run_extraction(cfg)
+    cache = json.loads(Bucket(url).read_bytes("cache.json"))
+    objects = Bucket(url).listing()
+    shards = cache["student_views"]["shards"]
+    assert len(shards) == cache["num_shards"] == 2 and all(s["file"] in objects for s in shards)
+    assert cache_main(["verify", url]) == 0 and f"{url}: OK" in capsys.readouterr().out
+    local = tmp_path / "copy"
+    pull(Bucket(url), local, bulk=True)
+    norm, rows = input_normalization("imagenet", "tiny"), np.array([5, 2, 7])
+    reference = BatchReader(open_cache(str(local)), 64, *norm)
+    for lc in (None, str(tmp_path / "lc")):  # by range in place, and read through a local cache
+        reader = BatchReader(open_cache(url, local_cache=lc), 64, *norm)
+        assert reader.raw_views() is not None  # the stored pixels are what it reads
+        _same_batches(reader.read(rows), reference.read(rows))
+    assert all((tmp_path / "lc" / s["file"]).is_file() for s in shards)

@@ -37,6 +37,7 @@ from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, PcaBasis, get_codec
 from sak.pipeline.errors import SakError
 from sak.pipeline.lowrank import decode_level, encode_level, level_basis
 from sak.pipeline.provenance import sha256_file
+from sak.pipeline.storage import is_url
 
 FORMAT = "zarr"
 
@@ -131,6 +132,8 @@ class ZarrTeacherStore:
     """Read/write access to one teacher store. Cheap to construct; arrays open lazily."""
 
     def __init__(self, path: str | Path, codec: str, shard_size: int) -> None:
+        # a URL (s3://, gs://): read in place through zarr's fsspec store, which reads shard files by range
+        self.url = str(path).rstrip("/") if is_url(path) else None
         self.path = Path(path)
         self.codec = get_codec(codec)
         self.shard_size = shard_size
@@ -142,7 +145,11 @@ class ZarrTeacherStore:
         """The values (`kind="levels"`) or scales (`kind="scales"`) array of one level."""
         if (kind, block) not in self._arrays:
             try:
-                self._arrays[kind, block] = zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+                self._arrays[kind, block] = (
+                    zarr.open_array(f"{self.url}/{kind}/{block}", mode="r")
+                    if self.url
+                    else zarr.open_array(str(self.path / kind / str(block)), mode="r+")
+                )
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
                 raise SakError(
                     f"{self.path / kind / str(block)}: the Zarr array cannot be opened ({type(e).__name__}); "
@@ -289,10 +296,19 @@ class ShardRows:
     def _shard_index(self, shard: int, f) -> np.ndarray:
         if shard not in self._index:
             n = self.shard_rows
-            size = os.fstat(f.fileno()).st_size
-            raw = os.pread(f.fileno(), 16 * n + 4, size - 16 * n - 4)
+            raw = self._pread(f, 16 * n + 4, self._size(f) - 16 * n - 4)
             self._index[shard] = np.frombuffer(raw[: 16 * n], dtype="<u8").reshape(n, 2)
         return self._index[shard]
+
+    # the byte access a subclass replaces (student/data/ranged.py reads a bucket's objects by range)
+    def _size(self, f) -> int:
+        return os.fstat(f.fileno()).st_size
+
+    def _pread(self, f, nbytes: int, offset: int) -> bytes:
+        return os.pread(f.fileno(), nbytes, offset)
+
+    def _pread_into(self, f, buf: np.ndarray, offset: int) -> int:
+        return os.preadv(f.fileno(), [buf], offset)
 
     def _open(self, shard: int, row: int):
         try:
@@ -324,8 +340,8 @@ class ShardRows:
                         f"run `sak-cache verify` and re-run `sak-cache run` to finish the store"
                     )
                 if self.blosc:
-                    numcodecs.blosc.decompress(os.pread(f.fileno(), nbytes, offset), flat[d])
-                elif nbytes != self.row_bytes or os.preadv(f.fileno(), [flat[d]], offset) != nbytes:
+                    numcodecs.blosc.decompress(self._pread(f, nbytes, offset), flat[d])
+                elif nbytes != self.row_bytes or self._pread_into(f, flat[d], offset) != nbytes:
                     raise SakError(f"{self.path}: shard {shard} row {k} is truncated; run `sak-cache verify`")
         finally:
             for f in files.values():

@@ -58,6 +58,7 @@ class CacheIndex:
     flips: np.ndarray  # (V,) bool
     remote: str | None = None  # a bucket cache: root is its local read-through directory
     local_cache_bytes: int = 0  # the bound on that directory's shard objects
+    ranged: bool = False  # a bucket cache read in place by byte range (no --local-cache): root holds metadata
 
     @property
     def views_per_image(self) -> int:

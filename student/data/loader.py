@@ -60,6 +60,15 @@ from sak.pipeline.views import ViewPlan, cut_view
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.integrity import ShardIntegrity
 from sak.student.data.order import StreamPlan
+from sak.student.data.ranged import (
+    RangedBucket,
+    RangedImages,
+    RangedIntegrity,
+    RangedShardRows,
+    RangedWdsStore,
+    ReadAhead,
+    fetch_batch,
+)
 from sak.student.data.remote import ShardFetcher
 
 log = logging.getLogger("sak")
@@ -148,13 +157,15 @@ def open_cache(
 ) -> CacheIndex:
     """Read and cross-check a cache for training. `require_complete=False` (online training) accepts
     stores still being extracted: only their manifests are used. A URL cache: its metadata is mirrored
-    into `local_cache` (default: a folder under ~/.cache/sak), its shards are fetched there as read."""
+    into `local_cache` and its shard objects fetched there whole as read; without `local_cache`, its metadata
+    is mirrored under ~/.cache/sak and the samples are read from the bucket by byte range (ranged.py)."""
     if is_url(cache_dir):
         url = str(cache_dir)
         local = Path(local_cache).expanduser() if local_cache else stage_dir(url, "reader")
         pull(Bucket(url), local, bulk=False)
         index = open_cache(local, teachers, require_complete)
-        return dataclasses.replace(index, remote=url, local_cache_bytes=int(local_cache_gb * 2**30))
+        bound = int(local_cache_gb * 2**30)
+        return dataclasses.replace(index, remote=url, local_cache_bytes=bound, ranged=local_cache is None)
     root = Path(cache_dir).expanduser().resolve()
     cache = read_cache(root)
     fps = select_stores(cache, teachers, str(cache_dir))
@@ -403,9 +414,20 @@ class BatchReader:
         self.view_sides = tuple(sorted(set(view_sides)))
         self._images: ImageReader | None = None
         self._arrays: dict[tuple[str, int], object] = {}
-        self.integrity = ShardIntegrity(index, with_targets)  # verdicts are plain data: kept across forks
+        # a bucket cache: read by range in place (`ranged`, with the next batch read ahead), or its shard
+        # objects fetched whole into --local-cache (`fetcher`)
+        self.ranged = RangedBucket(index.remote) if index.ranged else None
+        self.ahead = ReadAhead() if self.ranged else None
         self.fetcher = (
-            ShardFetcher(index, index.remote, index.local_cache_bytes, with_targets) if index.remote else None
+            ShardFetcher(index, index.remote, index.local_cache_bytes, with_targets)
+            if index.remote and not index.ranged
+            else None
+        )
+        # verdicts are plain data: kept across forks
+        self.integrity = (
+            RangedIntegrity(index, self.ranged, with_targets)
+            if self.ranged
+            else ShardIntegrity(index, with_targets)
         )
 
     def __getstate__(self) -> dict:
@@ -425,13 +447,23 @@ class BatchReader:
         if key not in self._arrays:
             import zarr
 
-            self._arrays[key] = zarr.open_array(str(store.path / kind / str(block)), mode="r")
+            path = store.path / kind / str(block)
+            where = f"{self.index.remote}/{self._rel(path)}" if self.ranged else str(path)
+            self._arrays[key] = zarr.open_array(where, mode="r")
         return self._arrays[key]
+
+    def _rel(self, path: Path) -> str:
+        return path.relative_to(self.index.root).as_posix()
+
+    def _shard_rows(self, path: Path) -> ShardRows | None:
+        """Fast row reads of a sharded array: from its local files, or by range from the bucket."""
+        rows = ShardRows.of(path)  # its zarr.json: local (a bucket cache's metadata is mirrored)
+        return RangedShardRows.over(rows, self.ranged, self._rel(path)) if self.ranged else rows
 
     def _rows_reader(self, store: StoreInfo, block: int, kind: str) -> ShardRows | None:
         key = (store.fingerprint, block, f"rows-{kind}")
         if key not in self._arrays:
-            self._arrays[key] = ShardRows.of(store.path / kind / str(block))
+            self._arrays[key] = self._shard_rows(store.path / kind / str(block))
         return self._arrays[key]
 
     def _read_level(self, store: StoreInfo, block: int, rows: np.ndarray, kind: str) -> np.ndarray:
@@ -450,7 +482,12 @@ class BatchReader:
 
             key = (store.fingerprint, -1, "wds")
             if key not in self._arrays:
-                self._arrays[key] = WdsTeacherStore(store.path, store.codec, self.index.shard_size)
+                args = (store.path, store.codec, self.index.shard_size)
+                self._arrays[key] = (
+                    RangedWdsStore(*args, self.ranged, self._rel(store.path))
+                    if self.ranged
+                    else WdsTeacherStore(*args)
+                )
             last = (store.fingerprint, block, uniq.tobytes())
             if self._arrays.get("wds-last", (None, None))[0] != last:  # values and scales: one read
                 enc = self._arrays[key].read_encoded_rows(block, uniq)  # groups rows by shard itself
@@ -487,7 +524,7 @@ class BatchReader:
             return None
         key = ("student_views", 0, "rows")
         if key not in self._arrays:
-            self._arrays[key] = ShardRows.of(self.index.root / sv.array)
+            self._arrays[key] = self._shard_rows(self.index.root / sv.array)
         return self._arrays[key]
 
     def read_views(self, rows: np.ndarray, sides: tuple[int, ...]) -> dict[int, torch.Tensor]:
@@ -502,7 +539,7 @@ class BatchReader:
             return {self.image_size: torch.from_numpy(out).permute(0, 3, 1, 2)}
         idx = self.index
         if self._images is None:
-            self._images = ImageReader(idx.root)
+            self._images = RangedImages(self.ranged) if self.ranged else ImageReader(idx.root)
         out = {s: torch.empty((len(rows), 3, s, s), dtype=torch.uint8) for s in sides}
         decoded: dict[int, torch.Tensor] = {}
         for i, row in enumerate(rows.tolist()):
@@ -521,6 +558,25 @@ class BatchReader:
         """(B, 3, S, S) uint8 -> float32 student input."""
         return normalize_u8(views_u8, self.mean, self.std)
 
+    def _fetch_ranges(self, rows: np.ndarray, sides: tuple[int, ...]) -> None:
+        """A bucket read by range: every Zarr chunk and image this batch needs, requested in one go (the
+        GETs run concurrently); the readers below then find their bytes ready."""
+        idx, arrays, image_ranges = self.index, [], []
+        raw = self.raw_views()
+        if raw is not None and sides == (self.image_size,):
+            arrays.append((raw, rows))
+        else:
+            images = np.unique(rows // idx.views_per_image)
+            cols = (idx.image_shard[images], idx.image_offset[images], idx.image_nbytes[images])
+            image_ranges = [tuple(int(v) for v in image) for image in zip(*cols)]
+        for store in idx.stores if self.with_targets else []:
+            kinds = ("levels", "scales") if _is_scaled(get_codec(store.codec)) else ("levels",)
+            for block in store.blocks if store.format == "zarr" else ():
+                arrays += [(r, rows) for kind in kinds if (r := self._rows_reader(store, block, kind))]
+        if self._images is None:
+            self._images = RangedImages(self.ranged)
+        fetch_batch(self.ranged, arrays, self._images, image_ranges)
+
     def read(self, rows: np.ndarray) -> dict:
         """A batch: rows (B,), images (B, 3, S, S) float32, targets (if with_targets), views (if sides)."""
         shards = np.unique(rows // self.index.shard_size).tolist()
@@ -529,6 +585,8 @@ class BatchReader:
         for shard in shards:
             self.integrity.check(shard)  # before any byte of it is used; hashed once per file per process
         sides = tuple(sorted({self.image_size, *self.view_sides}))
+        if self.ranged:
+            self._fetch_ranges(rows, sides)
         views = self.read_views(rows, sides)
         batch: dict = {
             "rows": torch.from_numpy(rows.astype(np.int64)),
@@ -555,7 +613,10 @@ class CacheStream(IterableDataset):
 
     def batch(self, t: int, step: int = 1) -> dict:
         rows, epochs = self.plan.batch(t)
-        out = self.reader.read(rows)
+        ahead = self.reader.ahead
+        out = ahead.take(rows, self.reader.read) if ahead is not None else self.reader.read(rows)
+        if ahead is not None:  # a bucket read by range: this worker's next batch is read meanwhile
+            ahead.submit(self.plan.batch(t + step)[0], self.reader.read)
         if self.reader.fetcher is not None:  # this worker's next batch: fetch its shards meanwhile
             upcoming, _ = self.plan.batch(t + step)
             self.reader.fetcher.prefetch(np.unique(upcoming // self.reader.index.shard_size).tolist())

@@ -20,7 +20,8 @@ from sak.student.data.index import CacheIndex
 
 def shard_objects(index: CacheIndex, shard: int, with_targets: bool) -> dict[str, str]:
     """Every object a teacher shard's samples are read from, relative to the cache root, with its recorded
-    sha256: its image tars and (with targets) each selected store's shard files."""
+    sha256: its image tars, its stored student views if any, and (with targets) each selected store's
+    shard files."""
     k, size = index.views_per_image, index.shard_size
     first, last = shard * size // k, min((shard + 1) * size, index.num_views) // k
     tars = {t.index: t for t in index.cache.images.shards}
@@ -29,6 +30,8 @@ def shard_objects(index: CacheIndex, shard: int, with_targets: bool) -> dict[str
         for t in sorted({int(s) for s in index.image_shard[first:last]})
         if t in tars
     }
+    sv = index.cache.student_views  # stored student pixels (--student-views raw): read instead of the image
+    found.update({r.file: r.sha256 for r in (sv.shards if sv else []) if r.index == shard})
     for store in index.stores if with_targets else []:
         entry = next((r for r in store.manifest.shards if r.index == shard), None)
         rel_store = store.path.relative_to(index.root).as_posix()

@@ -213,11 +213,12 @@ class Stage1Config:
         default=False, metadata={"help": "Recompute stem blocks in backward.", "group": "compute"}
     )
     tensorboard: bool = field(default=True, metadata={"help": "Also write RUN/tb.", "group": "reporting"})
-    # a cache at an s3:// or gs:// URL is streamed through a bounded local directory
+    # a cache at an s3:// or gs:// URL: read in place by byte range, or through a bounded local directory
     local_cache: str | None = field(
         default=None,
         metadata={"help": "Local read-through folder for a cache at an s3:// or gs:// URL: shards are "
-                  "downloaded there once, so a second epoch reads them locally [default: under ~/.cache/sak].",
+                  "downloaded there whole once, so a second epoch reads them locally [default: none: only the "
+                  "byte ranges each batch needs are read from the bucket, every epoch].",
                   "group": "data"},
     )  # fmt: skip
     local_cache_gb: float = field(

@@ -105,7 +105,9 @@ class Stage2Config(DenseTrainConfig):
     )
     cache: str | None = field(
         default=None,
-        metadata={"help": "A stage-2 target cache (`sak-cache stage2`) instead of live teachers."},
+        metadata={
+            "help": "A stage-2 target cache (`sak-cache stage2`; folder or URL) instead of live teachers."
+        },
     )
     router: str = field(
         default="mor",

@@ -51,6 +51,16 @@ from sak.pipeline.format import (
 from sak.pipeline.lock import CacheLock
 from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
 from sak.pipeline.provenance import code_version, sha256_file, stable_hash
+from sak.pipeline.storage import (
+    Bucket,
+    BucketLock,
+    fresh_mirror,
+    is_url,
+    metadata_mirror,
+    pull,
+    push,
+    push_metadata,
+)
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 from sak.student.data.dense import (
     DATASETS,
@@ -95,7 +105,11 @@ class Stage2CacheConfig:
         },
     )
     out: str = field(
-        default="", metadata={"help": "Cache folder (created; an unfinished one resumes).", "required": True}
+        default="",
+        metadata={
+            "help": "Cache folder or s3:// / gs:// URL (created; an unfinished one resumes).",
+            "required": True,
+        },
     )
     epochs: int = field(default=1, metadata={"help": "Epochs of plans to cache (0..E-1)."})
     teachers: tuple[str, ...] = field(
@@ -213,15 +227,18 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
             f"--codec {cfg.codec}: a stage-2 target cache does not take pca<k> (its targets change every epoch, "
             f"no first shard fits them all); use fp16, bf16, fp32 or a quantised codec"
         )
-    out = Path(cfg.out).expanduser()
+    remote = Bucket(cfg.out) if is_url(cfg.out) else None  # written as `run` writes a bucket (storage.py)
+    out = fresh_mirror(cfg.out) if remote else Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
     teachers = None if cfg.workers > 0 else cache_teachers(cfg, crop, device)  # Ray: in the actors
     infos = teachers.stores if teachers is not None else store_infos(cfg)
     identity = _identity(cfg, data, [s.fingerprint for s in infos])
     out.mkdir(parents=True, exist_ok=True)
-    with CacheLock(out):
-        return _build(cfg, out, data, teachers, infos, identity, codec)
+    with BucketLock(remote) if remote else CacheLock(out):
+        if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
+            pull(remote, out, bulk=False)
+        return _build(cfg, out, data, teachers, infos, identity, codec, remote)
 
 
 def store_infos(cfg: Stage2CacheConfig) -> list:
@@ -239,12 +256,17 @@ def store_infos(cfg: Stage2CacheConfig) -> list:
 
 
 class _ShardWriter:
-    """The driver's side: one writer per shard file, then the shard journaled (resume skips it)."""
+    """The driver's side: one writer per shard file, then the shard journaled (resume skips it). A bucket
+    cache: each shard file is uploaded whole and checked before the shard is journaled (and the journal
+    uploaded), as `run` does."""
 
-    def __init__(self, paths: dict, n_rows: int, shard_size: int, codec, codec_name: str) -> None:
+    def __init__(
+        self, paths: dict, n_rows: int, shard_size: int, codec, codec_name: str, remote: Bucket | None
+    ) -> None:
         self.paths, self.n_rows, self.shard_size, self.codec, self.codec_name = (
             paths, n_rows, shard_size, codec, codec_name,
         )  # fmt: skip
+        self.remote = remote
         self.stores: dict[str, ZarrTeacherStore] = {}
 
     def write(self, shard: int, start: int, stop: int, infos: list, maps: dict, seconds: float) -> None:
@@ -255,10 +277,16 @@ class _ShardWriter:
                 grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
                 create_store(path, self.n_rows, self.shard_size, grids, self.codec)  # idempotent
                 self.stores[info.teacher] = ZarrTeacherStore(path, self.codec_name, self.shard_size)
+                if self.remote:  # the Zarr metadata, so that the store opens from the bucket
+                    push_metadata(self.remote.sub(f"teachers/{info.teacher}"), path)
             files = self.stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
+            if self.remote:  # uploaded and checked before the journal says the shard is done
+                push(self.remote.sub(f"teachers/{info.teacher}"), path, list(files))
             append_journal(
                 path, ShardRecord(shard=shard, start=start, stop=stop, files=files, seconds=seconds)
             )
+            if self.remote:
+                self.remote.put_whole(path / JOURNAL, f"teachers/{info.teacher}/{JOURNAL}")
 
 
 class _ShardWorker:
@@ -319,23 +347,27 @@ def _build(
     infos: list,
     identity: Stage2Identity,
     codec,
+    remote: Bucket | None = None,
 ) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     crop = cfg.crop()
+    shown = remote.url if remote else out
     if (out / CACHE_JSON).exists():
         old = read_stage2_cache(out / CACHE_JSON)
         for k in Stage2Identity.__dataclass_fields__:
             if getattr(old.identity, k) != getattr(identity, k):
                 raise SakError(
-                    f"{out} was built with {k} {getattr(old.identity, k)!r}, not {getattr(identity, k)!r}: "
+                    f"{shown} was built with {k} {getattr(old.identity, k)!r}, not {getattr(identity, k)!r}: "
                     f"choose another --out"
                 )
         if old.epochs != cfg.epochs or old.codec != cfg.codec or old.shard_size != cfg.shard_size:
-            raise SakError(f"{out} was built with other --epochs/--codec/--shard-size: choose another --out")
+            raise SakError(
+                f"{shown} was built with other --epochs/--codec/--shard-size: choose another --out"
+            )
     elif any(p.name != ".sak-lock" for p in out.iterdir()):
-        raise SakError(f"--out {out} exists and is not a stage-2 cache; choose an empty folder")
+        raise SakError(f"--out {shown} exists and is not a stage-2 cache; choose an empty folder or prefix")
 
     samples = TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric)
     n_rows = cfg.epochs * len(data)
@@ -355,9 +387,11 @@ def _build(
         created=now_iso(),
     )
     write_stage2_cache(out / CACHE_JSON, record)
+    if remote:  # `inspect` shows a cache in progress
+        remote.put_whole(out / CACHE_JSON, CACHE_JSON)
 
     paths = {info.teacher: out / "teachers" / info.teacher for info in infos}
-    writer = _ShardWriter(paths, n_rows, cfg.shard_size, codec, cfg.codec)
+    writer = _ShardWriter(paths, n_rows, cfg.shard_size, codec, cfg.codec, remote)
     t0 = time.perf_counter()
     todo = [s for s in range(n_shards) if not all(_done(paths[i.teacher], s) for i in infos)]
     bounds = {s: (s * cfg.shard_size, min((s + 1) * cfg.shard_size, n_rows)) for s in range(n_shards)}
@@ -404,8 +438,12 @@ def _build(
         seconds=round(time.perf_counter() - t0, 3),
         finished=now_iso(),
     )
+    if remote:  # views and metadata first, cache.json (complete) last
+        push_metadata(remote, out)
     write_stage2_cache(out / CACHE_JSON, record)
-    log.info(f"stage-2 cache {out}: {n_rows} rows ({cfg.epochs} epochs x {len(data)} images)")
+    if remote:
+        remote.put_whole(out / CACHE_JSON, CACHE_JSON)
+    log.info(f"stage-2 cache {shown}: {n_rows} rows ({cfg.epochs} epochs x {len(data)} images)")
     return out
 
 
@@ -428,23 +466,25 @@ class Stage2CachedTargets:
     def __init__(self, path: str | Path, expected: dict, steps: int, batch_size: int) -> None:
         import pyarrow.parquet as pq
 
-        self.root = Path(path).expanduser()
+        url = str(path).rstrip("/") if is_url(path) else None  # read in place: zarr reads chunks by range
+        self.root = metadata_mirror(url) if url else Path(path).expanduser()
+        self.shown = url or self.root
         if not (self.root / CACHE_JSON).exists():
-            raise SakError(f"--cache {self.root} is not a stage-2 cache (no {CACHE_JSON})")
+            raise SakError(f"--cache {self.shown} is not a stage-2 cache (no {CACHE_JSON})")
         try:
             cache = read_stage2_cache(self.root / CACHE_JSON)
         except SakError as e:
-            raise SakError(f"--cache {self.root}: {e}") from None
+            raise SakError(f"--cache {self.shown}: {e}") from None
         if not cache.complete or cache.teachers is None:
-            raise SakError(f"--cache {self.root} is incomplete; re-run `sak-cache stage2` to finish it")
+            raise SakError(f"--cache {self.shown} is incomplete; re-run `sak-cache stage2` to finish it")
         for key, want in expected.items():
             have = getattr(cache.identity, key, None)
             if have != want:
-                raise SakError(f"--cache {self.root} was built with {key} {have!r}, this run has {want!r}")
+                raise SakError(f"--cache {self.shown} was built with {key} {have!r}, this run has {want!r}")
         needed = steps * batch_size
         if needed > cache.rows:
             raise SakError(
-                f"--cache {self.root} holds {cache.epochs} epochs ({cache.rows} samples), this run needs "
+                f"--cache {self.shown} holds {cache.epochs} epochs ({cache.rows} samples), this run needs "
                 f"{needed} ({math.ceil(needed / cache.identity.num_images)} epochs)"
             )
         self.cache = cache
@@ -452,14 +492,19 @@ class Stage2CachedTargets:
             SimpleNamespace(teacher=t.teacher, positions=tuple(t.positions)) for t in cache.teachers
         ]
         self._readers = {
-            t.teacher: (ZarrTeacherStore(self.root / t.path, cache.codec, cache.shard_size), t.blocks)
+            t.teacher: (
+                ZarrTeacherStore(
+                    f"{url}/{t.path}" if url else self.root / t.path, cache.codec, cache.shard_size
+                ),
+                t.blocks,
+            )
             for t in cache.teachers
         }
         try:
             self.sha = pq.read_table(self.root / VIEWS, columns=["image_sha256"]).column(0).to_pylist()
         except (OSError, ValueError) as e:
             raise SakError(
-                f"--cache {self.root}: {VIEWS} cannot be read ({type(e).__name__}); the file is damaged"
+                f"--cache {self.shown}: {VIEWS} cannot be read ({type(e).__name__}); the file is damaged"
             ) from e
 
     def __call__(
@@ -469,7 +514,7 @@ class Stage2CachedTargets:
         for r, im in zip(rows, images_u8):
             if image_sha256(im.cpu()) != self.sha[r]:
                 raise SakError(
-                    f"--cache {self.root}: the augmented image of row {r} differs from the cached one "
+                    f"--cache {self.shown}: the augmented image of row {r} differs from the cached one "
                     f"(augmentation code changed?); rebuild the cache"
                 )
         order = np.argsort(rows, kind="stable")

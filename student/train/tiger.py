@@ -39,6 +39,7 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.extract import parse_weights
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.storage import is_url
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,
@@ -104,7 +105,10 @@ class TigerConfig(DenseTrainConfig):
 
     out: str = field(metadata={"help": "Run folder: config.json, metrics.jsonl, checkpoint/."})
     cache: str | None = field(
-        default=None, metadata={"help": "A stage-2 target cache (`sak-cache stage2`): no teacher in memory."}
+        default=None,
+        metadata={
+            "help": "A stage-2 target cache (`sak-cache stage2`; folder or URL): no teacher in memory."
+        },
     )
     online: bool = field(
         default=False, metadata={"help": "Run the --teachers live on the same views instead."}
@@ -220,7 +224,7 @@ def _cached_source(cfg: TigerConfig, data: DenseDataset, crop: tuple[int, int]) 
     ]
     record = {
         "source": "cache",
-        "cache": str(Path(cfg.cache).expanduser().resolve()),
+        "cache": cfg.cache if is_url(cfg.cache) else str(Path(cfg.cache).expanduser().resolve()),
         "init": cache.init,
         "teachers": [
             {

@@ -1,0 +1,89 @@
+"""Stage-2 target caches in a bucket (the moto S3 server of `s3_server`): `sak-cache stage2 --out s3://...`
+writes every shard object whole and journals it after the upload; `verify`, `inspect` and `ls` read the
+bucket; `sak-train stage2 --cache URL` and `sak-train tiger --cache URL` read the targets in place and train
+exactly as from a local copy of the same cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sak.cli.cache import main as cache_main
+from sak.pipeline.storage import STAGE_ENV, Bucket, pull
+from sak.student.train.stage2 import Stage2Config, train_stage2
+from sak.student.train.tiger import TigerConfig, train_tiger
+from tests.test_datasets import make_folder
+
+NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation
+CROP = (48, 64)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def bucket_s2(s3_server, tiny_stage1_run, tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("s2bucket")
+    monkeypatch_module.setenv(STAGE_ENV, str(root / "stage"))
+    (root / "s1").symlink_to(tiny_stage1_run, target_is_directory=True)  # shared, read-only
+    folder = make_folder(root / "data", names=NAMES)
+    url = s3_server("sak-stage2") + "/team/s2"
+    args = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(root / "s1"),
+            "--out", url, "--epochs", "2", "--img-size", f"{CROP[0]}x{CROP[1]}", "--codec", "fp32",
+            "--shard-size", "3", "--batch-size", "2", "--device", "cpu"]  # fmt: skip
+    assert cache_main(args) == 0
+    local = root / "copy"
+    pull(Bucket(url), local, bulk=True)
+    return root, folder, url, local, args
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_stage2_cache_is_written_whole_into_the_bucket(bucket_s2, capsys):
+    root, _, url, local, args = bucket_s2
+    objects = Bucket(url).listing()
+    cache = json.loads(Bucket(url).read_bytes("cache.json"))
+    assert cache["kind"] == "sak-stage2-cache" and cache["complete"] and ".sak-lock" not in objects
+    for t in cache["teachers"]:  # every recorded shard file is an object, journaled once per shard
+        assert sorted(int(s) for s in t["shards"]) == list(range(cache["num_shards"]))
+        for files in t["shards"].values():
+            assert all(f"{t['path']}/{rel}" in objects for rel in files)
+        journal = Bucket(url).read_bytes(f"{t['path']}/shards.jsonl").decode().splitlines()
+        assert len(journal) == cache["num_shards"]
+    capsys.readouterr()
+    assert cache_main(["verify", url]) == 0 and f"{url}: OK" in capsys.readouterr().out
+    assert cache_main(["inspect", url]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"stage-2 cache {url}") and "sam_tiny" in text and " 0 B" not in text
+    assert cache_main(["ls", url.rsplit("/", 1)[0]]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{url}  stage-2 folder: 8 rows") and "dinov2_tiny" in line
+    before = Bucket(url).read_bytes("teachers/sam_tiny/shards.jsonl")
+    assert cache_main(args) == 0  # complete: a re-run redoes nothing
+    assert Bucket(url).read_bytes("teachers/sam_tiny/shards.jsonl") == before
+    assert cache_main([*args[:-2], "--seed", "1"]) == 2  # another plan into the same prefix: refused
+
+
+def test_stage2_and_tiger_train_from_the_bucket_as_from_a_local_copy(bucket_s2):
+    root, folder, url, local, _ = bucket_s2
+    kw = {"steps": 3, "batch_size": 2, "img_size": CROP, "lr": 1e-3, "device": "cpu"}
+    sources = (("local", str(local)), ("bucket", url))
+    runs = {
+        where: train_stage2(Stage2Config.debug("folder", str(folder), str(root / "s1"), str(root / f"r_{where}"), cache=cache, **kw))
+        for where, cache in sources
+    }  # fmt: skip
+    assert len(runs["bucket"].losses) == 3 and runs["bucket"].losses == runs["local"].losses
+    assert all(r["distill"] > 0 for r in runs["bucket"].records)
+    kw = {"steps": 2, "img_size": CROP, "device": "cpu", "checkpoint_every": 0}
+    tiger = {
+        where: train_tiger(TigerConfig.debug("folder", str(folder), str(root / f"t_{where}"), cache=cache, **kw))
+        for where, cache in sources
+    }  # fmt: skip
+    losses = {where: [r["task_loss"] for r in t.records] for where, t in tiger.items()}
+    assert len(losses["bucket"]) == 2 and losses["bucket"] == losses["local"]
+    assert json.loads((root / "t_bucket/config.json").read_text())["teachers"]["cache"] == url
