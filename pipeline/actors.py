@@ -11,13 +11,16 @@
                                          task raises (a bad file, ENOSPC) are not retried
     ActorPool(actors).run(jobs, submit)  jobs to the least-loaded actor, 2 in flight each; yields
                                          (job, result) as they land so the driver writes and journals each
-                                         one before the next; after a failure nothing new is submitted,
-                                         the shards in flight still land, then the failure is raised
+                                         one before the next; a job whose actor was lost (its node gone)
+                                         goes to another live actor; after any other failure nothing new
+                                         is submitted, the shards in flight still land, then it is raised
+    LiveActors(n), lost_actor(error)     that bookkeeping, shared with extract.py's own feeding loop
     shard_failure_error(...)             the one-line error: what failed, that finished shards are kept
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +28,39 @@ from typing import Any
 
 from sak.pipeline.errors import SakError
 
+log = logging.getLogger("sak")
+
 IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: an actor never waits for the driver
+SHARD_RETRIES = 2  # a shard whose actor was lost is given to another live actor at most this many times
+
+
+def lost_actor(error: BaseException) -> bool:
+    """Whether a task failed because its actor died or became unreachable (its node lost, an OOM kill),
+    rather than because of what the task raised: the shard can then be computed again by another actor."""
+    import ray
+
+    return isinstance(error, ray.exceptions.RayActorError)
+
+
+class LiveActors:
+    """Which actors are still usable, and how often each shard was given to another after a loss."""
+
+    def __init__(self, n: int) -> None:
+        self.load = [0] * n
+        self.dead: set[int] = set()
+        self.retries: dict[Any, int] = {}
+
+    def idlest(self) -> int:
+        w = min((i for i in range(len(self.load)) if i not in self.dead), key=self.load.__getitem__)
+        self.load[w] += 1
+        return w
+
+    def lose(self, worker: int, job: Any) -> bool:
+        """Actor `worker` was lost while computing `job`: stop using it. True when the job may be given
+        to another actor (one is left and the job has retries left)."""
+        self.dead.add(worker)
+        self.retries[job] = self.retries.get(job, 0) + 1
+        return len(self.dead) < len(self.load) and self.retries[job] <= SHARD_RETRIES
 
 
 @dataclass(frozen=True)
@@ -84,26 +119,31 @@ class ActorPool:
 
     def __init__(self, actors: list) -> None:
         self.actors = actors
-        self.load = [0] * len(actors)
+        self.live = LiveActors(len(actors))
         self.failure: BaseException | None = None
 
     def run(self, jobs: Iterable, submit: Callable[[Any, Any], Any]) -> Iterator[tuple[Any, Any]]:
-        """submit(actor, job) -> an ObjectRef; yields (job, result) as results land, in landing order."""
+        """submit(actor, job) -> an ObjectRef; yields (job, result) as results land, in landing order.
+        A job (hashable) whose actor was lost goes to another live actor (SHARD_RETRIES times at most)."""
         import ray
 
         queue, pending = list(jobs), {}
         while (queue and self.failure is None) or pending:
-            while queue and self.failure is None and len(pending) < IN_FLIGHT_PER_ACTOR * len(self.actors):
-                w = min(range(len(self.actors)), key=self.load.__getitem__)
-                self.load[w] += 1
+            room = IN_FLIGHT_PER_ACTOR * (len(self.actors) - len(self.live.dead))
+            while queue and self.failure is None and len(pending) < room:
+                w = self.live.idlest()
                 job = queue.pop(0)
                 pending[submit(self.actors[w], job)] = (job, w)
             ready, _ = ray.wait(list(pending), num_returns=1)
             job, w = pending.pop(ready[0])
-            self.load[w] -= 1
+            self.live.load[w] -= 1
             try:
                 result = ray.get(ready[0])
             except Exception as e:  # keep what lands; raise once the shards in flight have settled
+                if self.failure is None and lost_actor(e) and self.live.lose(w, job):
+                    log.warning(f"an actor was lost ({type(e).__name__}); its shard goes to another actor")
+                    queue.insert(0, job)
+                    continue
                 self.failure = self.failure or e
                 continue
             yield job, result

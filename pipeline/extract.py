@@ -22,7 +22,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from sak.pipeline.actors import actor_placement, shard_failure_error, start_actors, stop_actors
+from sak.pipeline.actors import (
+    LiveActors,
+    actor_placement,
+    lost_actor,
+    shard_failure_error,
+    start_actors,
+    stop_actors,
+)
 from sak.pipeline.codecs import get_codec, refuse_overflow
 from sak.pipeline.errors import SakError
 from sak.pipeline.fidelity import is_lossy, measure_levels
@@ -676,7 +683,7 @@ class Schedule:
     max_in_flight: int = 1  # backpressure: shards between decode and write, 2 per worker + 1
     cutting: dict = field(default_factory=dict)  # ref -> ShardJob
     computing: dict = field(default_factory=dict)  # ref -> (ShardJob, worker index)
-    load: list[int] = field(default_factory=list)  # shards on each worker
+    live: LiveActors = field(default_factory=lambda: LiveActors(0))  # shards on each worker, lost ones
     failure: Exception | None = None
     views_done: int = 0
     first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
@@ -689,7 +696,7 @@ class Schedule:
         return cls(list(reversed(jobs)), sum(j.views for j in jobs))
 
     def start(self, n_workers: int) -> None:
-        self.load, self.max_in_flight = [0] * n_workers, 2 * n_workers + 1
+        self.live, self.max_in_flight = LiveActors(n_workers), 2 * n_workers + 1
 
     def can_submit(self) -> bool:
         in_flight = len(self.cutting) + len(self.computing)
@@ -701,9 +708,17 @@ class Schedule:
         return bool((self.queue and self.failure is None) or self.cutting or self.computing)
 
     def idlest_worker(self) -> int:
-        w = min(range(len(self.load)), key=self.load.__getitem__)
-        self.load[w] += 1
-        return w
+        return self.live.idlest()
+
+    def lost(self, job: ShardJob, worker: int, error: BaseException) -> bool:
+        """The worker computing `job` was lost (its node gone): queue the job for another live worker.
+        False when that is not possible (no worker left, or the shard was retried too often)."""
+        if self.failure is not None or not lost_actor(error) or not self.live.lose(worker, job.shard):
+            return False
+        log.warning(f"shard {job.shard}: its worker was lost ({type(error).__name__}); computing it again")
+        self.queue.append(job)
+        self.max_in_flight = 2 * (len(self.live.load) - len(self.live.dead)) + 1
+        return True
 
     def landed(self, job: ShardJob) -> None:
         self.hold_first = False
@@ -788,11 +803,12 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
                         schedule.computing[workers[w].process.remote(job, ref)] = (job, w)
                     continue
                 job, w = schedule.computing.pop(ref)
-                schedule.load[w] -= 1
+                schedule.live.load[w] -= 1
                 try:
                     records = ray.get(ref)
                 except Exception as e:  # keep what is done; report after in-flight shards settle
-                    schedule.failure = schedule.failure or e
+                    if not schedule.lost(job, w, e):
+                        schedule.failure = schedule.failure or e
                     continue
                 _journal(stores, records)
                 schedule.landed(job)

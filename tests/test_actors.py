@@ -57,3 +57,57 @@ def test_pool_yields_every_result_then_the_failure_after_in_flight_shards_land(r
         assert ok == {s: s * s + 100 for s in (0, 1, 2, 4)}
     finally:
         stop_actors(actors)
+
+
+def _doomed_worker() -> type:
+    """A worker whose process dies on every call when it is the actor named in the file `doomed` (as on a
+    node that went away: Ray restarts it, it dies again, then gives up); other actors compute."""
+
+    class Doomed:
+        def __init__(self, doomed: str) -> None:
+            self.doomed = doomed
+
+        def whoami(self) -> str:
+            import ray
+
+            return ray.get_runtime_context().get_actor_id()
+
+        def run(self, shard: int) -> int:
+            import os
+
+            import ray
+
+            if Path(self.doomed).read_text() == ray.get_runtime_context().get_actor_id():
+                os._exit(1)
+            return shard * shard
+
+    return Doomed
+
+
+def test_a_lost_actor_s_shards_go_to_the_live_one(ray_local, tmp_path):
+    import ray
+
+    doomed = tmp_path / "doomed"
+    doomed.write_text("")
+    actors = start_actors(_doomed_worker(), actor_placement(2, 6), str(doomed))
+    try:
+        doomed.write_text(ray.get(actors[0].whoami.remote()))
+        pool = ActorPool(actors)
+        got = dict(pool.run([0, 1, 2, 4, 5], lambda a, s: a.run.remote(s)))
+        assert got == {s: s * s for s in (0, 1, 2, 4, 5)}
+        assert pool.live.dead == {0} and pool.failure is None
+    finally:
+        stop_actors(actors)
+
+
+def test_live_actors_bookkeeping():
+    from sak.pipeline.actors import SHARD_RETRIES, LiveActors
+
+    live = LiveActors(2)
+    assert [live.idlest(), live.idlest(), live.idlest()] == [0, 1, 0]
+    assert live.lose(0, "shard 7")  # one actor left: the shard goes to it
+    assert [live.idlest() for _ in range(3)] == [1, 1, 1]
+    for _ in range(SHARD_RETRIES - 1):
+        assert live.lose(0, "shard 7")
+    assert not live.lose(0, "shard 7")  # retried too often
+    assert not live.lose(1, "shard 8")  # no actor left
