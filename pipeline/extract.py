@@ -369,11 +369,6 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
-    if get_codec(cfg.codec).low_rank and is_url(cfg.out):
-        raise SakError(
-            f"--codec {cfg.codec} is not yet supported for a cache at a URL ({cfg.out}); extract into a "
-            f"folder (and upload it), or use a codec without a basis (fp16, fp8, int8_tc)"
-        )
     out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
@@ -888,7 +883,8 @@ class TeacherWorker:
             store, (blocks, _) = self.stores[name], self.shapes[name]
             for block, level in zip(blocks, levels):
                 refuse_overflow(store.codec, level, name, block)
-            prepare_bases(store, job.shard, dict(zip(blocks, levels)))  # pca<k>: fitted on shard 0, first
+            remote = self._remote(name)  # a URL cache: the store in its bucket
+            prepare_bases(store, job.shard, dict(zip(blocks, levels)), remote)  # pca<k>: fit on shard 0 first
             fidelity = None
             if native[name]:  # measured before writing: the stored bytes are the same encoding
                 fidelity = measure_levels(
@@ -897,9 +893,8 @@ class TeacherWorker:
             files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
             stats = save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
             fast = {rel: xxh3_file(store.path / rel) for rel in files}  # page-cached: ~6 GB/s
-            if name in self.uploads:  # uploaded and checked before the driver journals the shard
-                url, rel = self.uploads[name]
-                push(Bucket(url).sub(rel), Path(store.path), [*files, stats])
+            if remote is not None:  # uploaded and checked before the driver journals the shard
+                push(remote, Path(store.path), [*files, stats])
             records[name] = ShardRecord(
                 shard=job.shard,
                 start=job.start,
@@ -910,6 +905,13 @@ class TeacherWorker:
                 fidelity=fidelity,
             )
         return records
+
+    def _remote(self, name: str) -> Bucket | None:
+        """A teacher's store in its bucket (None: a local cache)."""
+        if name not in self.uploads:
+            return None
+        url, rel = self.uploads[name]
+        return Bucket(url).sub(rel)
 
     def _forward(
         self, name: str, views: dict[int, object], keep_native: bool

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 from sak.pipeline.codecs import Codec, Encoded, PcaBasis
 from sak.pipeline.errors import SakError
 from sak.pipeline.format import LevelBasis
+from sak.pipeline.storage import Bucket, push
 
 BASIS_DIR = "basis"
 DECODE = "x = coefficients @ components + mean (coefficients decoded as the values' codec says)"
@@ -138,11 +140,17 @@ def read_bases(path: Path, fmt: str, blocks: list[int] | tuple[int, ...]) -> dic
 # ---------------------------------------------------------------------------------------- the worker
 
 
-def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor]) -> None:
+def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor], remote: Bucket | None = None) -> None:
     """Before a pca<k> store encodes a shard: its stored basis, or, for the first shard of a store that
-    has none, one fitted on this shard's float32 targets and written first."""
+    has none, one fitted on this shard's float32 targets and written first.
+
+    `remote`: the store in its bucket (a URL cache; store.path is then this node's mirror of it). A basis
+    the mirror lacks is fetched from the bucket first; a fitted one is uploaded, every file whole and
+    checked, before this returns, so before the driver can journal the shard that fitted it."""
     if not store.codec.low_rank or all(b in store.bases for b in levels):
         return
+    if remote is not None and not has_basis(store.path):
+        fetch_bases(remote, Path(store.path))
     found = read_bases(store.path, store.format, list(levels))
     if found is not None:
         store.bases.update(found)
@@ -154,7 +162,37 @@ def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor]) -> None:
         )
     fitted = {b: PcaBasis.fit(x, store.codec.rank) for b, x in levels.items()}
     write_bases(store.path, store.format, fitted)
+    if remote is not None:
+        upload_bases(remote, Path(store.path))
     store.bases.update(fitted)
+
+
+def upload_bases(remote: Bucket, path: Path) -> dict[str, str]:
+    """Upload a store's basis files (each as one object, checked against the local bytes; returns rel ->
+    sha256). Sorted paths put each Zarr array's chunk before its zarr.json and the group's zarr.json last,
+    so an upload cut short leaves a basis that fails to open, never one that reads as zeros."""
+    rels = sorted(p.relative_to(path).as_posix() for p in (path / BASIS_DIR).rglob("*") if p.is_file())
+    return push(remote, path, rels)
+
+
+def fetch_bases(remote: Bucket, path: Path) -> bool:
+    """A store's basis from its bucket into the local store folder, all or nothing (fetched under a
+    temporary name, then renamed to basis/); False when the bucket holds none."""
+    listing = remote.listing(BASIS_DIR)
+    if not listing:
+        return False
+    final, tmp = path / BASIS_DIR, path / f".basis.fetch{os.getpid()}-{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for rel in sorted(listing):
+            remote.get(rel, tmp / Path(rel).relative_to(BASIS_DIR))
+        os.rename(tmp, final)
+    except OSError:
+        if not has_basis(path):  # another thread of this worker fetched it first: that one is used
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
 
 
 def level_basis(store, block: int) -> PcaBasis | None:
