@@ -43,7 +43,7 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
-from sak.pipeline.lowrank import has_basis, prepare_bases
+from sak.pipeline.lowrank import discard_bases, has_basis, prepare_bases, read_bases
 from sak.pipeline.manifest import (
     IMAGE_INDEX_FILE,
     JOURNAL,
@@ -723,6 +723,9 @@ def _needs_basis(stores: list[StorePlan]) -> bool:
     that records shards but lost its basis is refused."""
     needs = False
     for sp in stores:
+        if sp.cache_url and not sp.done and has_basis(sp.path) and not _readable_basis(sp):
+            log.warning(f"store {sp.fingerprint}: discarding a partly uploaded pca basis (no shard uses it)")
+            discard_bases(Bucket(sp.cache_url).sub(sp.rel), sp.path)
         if not get_codec(sp.manifest.codec).low_rank or has_basis(sp.path):
             continue
         if sp.done:
@@ -732,6 +735,15 @@ def _needs_basis(stores: list[StorePlan]) -> bool:
             )
         needs = True
     return needs
+
+
+def _readable_basis(sp: StorePlan) -> bool:
+    """Whether the store's basis, as mirrored from the bucket, opens whole (an upload cut short does not)."""
+    try:
+        read_bases(sp.path, sp.manifest.format, list(sp.blocks))
+    except SakError:
+        return False
+    return True
 
 
 def _shard_jobs(cache: CacheManifest, stores: list[StorePlan]) -> list[ShardJob]:

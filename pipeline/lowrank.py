@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import threading
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -142,15 +142,13 @@ def read_bases(path: Path, fmt: str, blocks: list[int] | tuple[int, ...]) -> dic
 
 def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor], remote: Bucket | None = None) -> None:
     """Before a pca<k> store encodes a shard: its stored basis, or, for the first shard of a store that
-    has none, one fitted on this shard's float32 targets and written first.
-
-    `remote`: the store in its bucket (a URL cache; store.path is then this node's mirror of it). A basis
-    the mirror lacks is fetched from the bucket first; a fitted one is uploaded, every file whole and
-    checked, before this returns, so before the driver can journal the shard that fitted it."""
+    has none, one fitted on this shard's float32 targets and written first. `remote`: the store in its
+    bucket (a URL cache), see `_prepare_from_bucket`."""
     if not store.codec.low_rank or all(b in store.bases for b in levels):
         return
-    if remote is not None and not has_basis(store.path):
-        fetch_bases(remote, Path(store.path))
+    if remote is not None:
+        _prepare_from_bucket(store, shard, levels, remote)
+        return
     found = read_bases(store.path, store.format, list(levels))
     if found is not None:
         store.bases.update(found)
@@ -162,37 +160,56 @@ def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor], remote: Bu
         )
     fitted = {b: PcaBasis.fit(x, store.codec.rank) for b, x in levels.items()}
     write_bases(store.path, store.format, fitted)
-    if remote is not None:
-        upload_bases(remote, Path(store.path))
     store.bases.update(fitted)
+
+
+def _prepare_from_bucket(store, shard: int, levels: dict[int, torch.Tensor], remote: Bucket) -> None:
+    """The basis of a store in a bucket, which is its only truth (a node's mirror may hold a stale one of
+    an earlier run): the bucket's basis objects are fetched into a private temporary folder and read from
+    there; when the bucket has none, shard 0 fits one, writes it there and uploads every file whole and
+    checked before returning, so before the driver can journal the shard that fitted it."""
+    with tempfile.TemporaryDirectory(prefix="sak-basis-") as tmp:
+        if fetch_bases(remote, Path(tmp)):
+            try:
+                store.bases.update(read_bases(Path(tmp), store.format, list(levels)) or {})
+            except SakError as e:
+                raise SakError(str(e).replace(tmp, remote.url)) from e
+            return
+        if shard != 0:
+            raise SakError(
+                f"{remote.url}: the pca basis is missing from the bucket, but it is fitted on shard 0 before any "
+                f"other shard is encoded; delete the store's objects and re-run `sak-cache run`"
+            )
+        fitted = {b: PcaBasis.fit(x, store.codec.rank) for b, x in levels.items()}
+        write_bases(Path(tmp), store.format, fitted)
+        upload_bases(remote, Path(tmp))
+        store.bases.update(fitted)
 
 
 def upload_bases(remote: Bucket, path: Path) -> dict[str, str]:
     """Upload a store's basis files (each as one object, checked against the local bytes; returns rel ->
-    sha256). Sorted paths put each Zarr array's chunk before its zarr.json and the group's zarr.json last,
-    so an upload cut short leaves a basis that fails to open, never one that reads as zeros."""
+    sha256). Sorted paths put each Zarr array's chunk before its zarr.json and every level before the
+    group's zarr.json, so an upload cut short leaves a basis that fails to open, never one that reads as
+    zeros (Zarr fills a missing chunk)."""
     rels = sorted(p.relative_to(path).as_posix() for p in (path / BASIS_DIR).rglob("*") if p.is_file())
     return push(remote, path, rels)
 
 
 def fetch_bases(remote: Bucket, path: Path) -> bool:
-    """A store's basis from its bucket into the local store folder, all or nothing (fetched under a
-    temporary name, then renamed to basis/); False when the bucket holds none."""
+    """A store's basis objects from its bucket into path/basis/ (a folder of this process's own); False
+    when the bucket holds none."""
     listing = remote.listing(BASIS_DIR)
-    if not listing:
-        return False
-    final, tmp = path / BASIS_DIR, path / f".basis.fetch{os.getpid()}-{threading.get_ident()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        for rel in sorted(listing):
-            remote.get(rel, tmp / Path(rel).relative_to(BASIS_DIR))
-        os.rename(tmp, final)
-    except OSError:
-        if not has_basis(path):  # another thread of this worker fetched it first: that one is used
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return True
+    for rel in sorted(listing):
+        remote.get(rel, path / rel)
+    return bool(listing)
+
+
+def discard_bases(remote: Bucket, path: Path) -> None:
+    """Delete a store's basis objects from its bucket and its local mirror (only for a store with no
+    journaled shard, whose basis nothing depends on yet)."""
+    for rel in remote.listing(BASIS_DIR):
+        remote.delete(rel)
+    shutil.rmtree(path / BASIS_DIR, ignore_errors=True)
 
 
 def level_basis(store, block: int) -> PcaBasis | None:

@@ -146,6 +146,20 @@ def test_a_resumed_run_reuses_the_basis_in_the_bucket(pca_bucket, s3_server, pho
     assert cache_main(["verify", url]) == 0 and f"{url}: OK" in capsys.readouterr().out
 
 
+def test_a_basis_upload_cut_short_before_any_shard_is_refitted(pca_bucket, s3_server, photo_dir, tmp_path):
+    url = s3_server("sak-cloud-pca") + "/team/pca8-cut"
+    _copy_to(pca_bucket, url, tmp_path)
+    rel, _ = _store(url)
+    bucket, before = Bucket(url), _basis_objects(url)
+    bucket.delete(f"{rel}/shards.jsonl")  # no shard journaled, and the last level's metadata never landed
+    last = max(k for k in before if k.endswith("/components/zarr.json"))
+    bucket.delete(last)
+    run_extraction(_config(url, photo_dir))
+    after = _basis_objects(url)
+    assert sorted(after) == sorted(before) and after[last][0] == before[last][0]
+    assert cache_main(["verify", url]) == 0
+
+
 def test_a_bucket_store_that_lost_its_basis_is_refused(pca_bucket, s3_server, photo_dir, tmp_path):
     url = s3_server("sak-cloud-pca") + "/team/pca8-nobasis"
     _copy_to(pca_bucket, url, tmp_path, skip="/basis/")
