@@ -20,7 +20,9 @@ the `<samplekey>.<block>.npy` coefficients):
     x = coeffs @ g["basis/11/components"][:] + g["basis/11/mean"][:]  # (H, W, C)
 
 The whole basis is written under a temporary name and renamed into place, so a crash leaves either no
-basis (the next run fits it) or a whole one (the next run reuses it).
+basis (the next run fits it) or a whole one (the next run reuses it). In a bucket (a URL cache) the fitting
+worker uploads the basis files (each whole and checked) before shard 0 can be journaled, in an order that
+makes a cut-short upload fail to open; the driver discards such a basis while no shard is journaled.
 """
 
 from __future__ import annotations
