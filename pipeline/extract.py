@@ -369,6 +369,7 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
+    get_codec(cfg.codec)  # a bad --codec fails before any work
     out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(

@@ -137,6 +137,7 @@ def test_a_resumed_run_reuses_the_basis_in_the_bucket(pca_bucket, s3_server, pho
     for f in shard1:
         bucket.delete(f"{rel}/{f}")
     before = _basis_objects(url)
+    assert before and all(modified is not None for _, modified in before.values())
     run_extraction(_config(url, photo_dir))
     assert _basis_objects(url) == before  # not refitted, not re-uploaded
     _, resumed = _store(url)
