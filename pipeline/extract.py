@@ -50,7 +50,7 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
-from sak.pipeline.lowrank import has_basis, prepare_bases
+from sak.pipeline.lowrank import discard_bases, has_basis, prepare_bases, read_bases
 from sak.pipeline.manifest import (
     IMAGE_INDEX_FILE,
     JOURNAL,
@@ -376,11 +376,7 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
 def _setup(cfg: ExtractConfig):
     """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
     specs = parse_teachers(list(cfg.teachers))
-    if get_codec(cfg.codec).low_rank and is_url(cfg.out):
-        raise SakError(
-            f"--codec {cfg.codec} is not yet supported for a cache at a URL ({cfg.out}); extract into a "
-            f"folder (and upload it), or use a codec without a basis (fp16, fp8, int8_tc)"
-        )
+    get_codec(cfg.codec)  # a bad --codec fails before any work
     out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
@@ -743,6 +739,9 @@ def _needs_basis(stores: list[StorePlan]) -> bool:
     that records shards but lost its basis is refused."""
     needs = False
     for sp in stores:
+        if sp.cache_url and not sp.done and has_basis(sp.path) and not _readable_basis(sp):
+            log.warning(f"store {sp.fingerprint}: discarding a partly uploaded pca basis (no shard uses it)")
+            discard_bases(Bucket(sp.cache_url).sub(sp.rel), sp.path)
         if not get_codec(sp.manifest.codec).low_rank or has_basis(sp.path):
             continue
         if sp.done:
@@ -752,6 +751,15 @@ def _needs_basis(stores: list[StorePlan]) -> bool:
             )
         needs = True
     return needs
+
+
+def _readable_basis(sp: StorePlan) -> bool:
+    """Whether the store's basis, as mirrored from the bucket, opens whole (an upload cut short does not)."""
+    try:
+        read_bases(sp.path, sp.manifest.format, list(sp.blocks))
+    except SakError:
+        return False
+    return True
 
 
 def _shard_jobs(cache: CacheManifest, stores: list[StorePlan]) -> list[ShardJob]:
@@ -904,7 +912,8 @@ class TeacherWorker:
             store, (blocks, _) = self.stores[name], self.shapes[name]
             for block, level in zip(blocks, levels):
                 refuse_overflow(store.codec, level, name, block)
-            prepare_bases(store, job.shard, dict(zip(blocks, levels)))  # pca<k>: fitted on shard 0, first
+            remote = self._remote(name)  # a URL cache: the store in its bucket
+            prepare_bases(store, job.shard, dict(zip(blocks, levels)), remote)  # pca<k>: fit on shard 0 first
             fidelity = None
             if native[name]:  # measured before writing: the stored bytes are the same encoding
                 fidelity = measure_levels(
@@ -913,9 +922,8 @@ class TeacherWorker:
             files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
             stats = save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
             fast = {rel: xxh3_file(store.path / rel) for rel in files}  # page-cached: ~6 GB/s
-            if name in self.uploads:  # uploaded and checked before the driver journals the shard
-                url, rel = self.uploads[name]
-                push(Bucket(url).sub(rel), Path(store.path), [*files, stats])
+            if remote is not None:  # uploaded and checked before the driver journals the shard
+                push(remote, Path(store.path), [*files, stats])
             records[name] = ShardRecord(
                 shard=job.shard,
                 start=job.start,
@@ -926,6 +934,13 @@ class TeacherWorker:
                 fidelity=fidelity,
             )
         return records
+
+    def _remote(self, name: str) -> Bucket | None:
+        """A teacher's store in its bucket (None: a local cache)."""
+        if name not in self.uploads:
+            return None
+        url, rel = self.uploads[name]
+        return Bucket(url).sub(rel)
 
     def _forward(
         self, name: str, views: dict[int, object], keep_native: bool

@@ -20,7 +20,9 @@ the `<samplekey>.<block>.npy` coefficients):
     x = coeffs @ g["basis/11/components"][:] + g["basis/11/mean"][:]  # (H, W, C)
 
 The whole basis is written under a temporary name and renamed into place, so a crash leaves either no
-basis (the next run fits it) or a whole one (the next run reuses it).
+basis (the next run fits it) or a whole one (the next run reuses it). In a bucket (a URL cache) the fitting
+worker uploads the basis files (each whole and checked) before shard 0 can be journaled, in an order that
+makes a cut-short upload fail to open; the driver discards such a basis while no shard is journaled.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,7 @@ import torch
 from sak.pipeline.codecs import Codec, Encoded, PcaBasis
 from sak.pipeline.errors import SakError
 from sak.pipeline.format import LevelBasis
+from sak.pipeline.storage import Bucket, push
 
 BASIS_DIR = "basis"
 DECODE = "x = coefficients @ components + mean (coefficients decoded as the values' codec says)"
@@ -138,10 +142,14 @@ def read_bases(path: Path, fmt: str, blocks: list[int] | tuple[int, ...]) -> dic
 # ---------------------------------------------------------------------------------------- the worker
 
 
-def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor]) -> None:
+def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor], remote: Bucket | None = None) -> None:
     """Before a pca<k> store encodes a shard: its stored basis, or, for the first shard of a store that
-    has none, one fitted on this shard's float32 targets and written first."""
+    has none, one fitted on this shard's float32 targets and written first. `remote`: the store in its
+    bucket (a URL cache), see `_prepare_from_bucket`."""
     if not store.codec.low_rank or all(b in store.bases for b in levels):
+        return
+    if remote is not None:
+        _prepare_from_bucket(store, shard, levels, remote)
         return
     found = read_bases(store.path, store.format, list(levels))
     if found is not None:
@@ -155,6 +163,55 @@ def prepare_bases(store, shard: int, levels: dict[int, torch.Tensor]) -> None:
     fitted = {b: PcaBasis.fit(x, store.codec.rank) for b, x in levels.items()}
     write_bases(store.path, store.format, fitted)
     store.bases.update(fitted)
+
+
+def _prepare_from_bucket(store, shard: int, levels: dict[int, torch.Tensor], remote: Bucket) -> None:
+    """The basis of a store in a bucket, which is its only truth (a node's mirror may hold a stale one of
+    an earlier run): the bucket's basis objects are fetched into a private temporary folder and read from
+    there; when the bucket has none, shard 0 fits one, writes it there and uploads every file whole and
+    checked before returning, so before the driver can journal the shard that fitted it."""
+    with tempfile.TemporaryDirectory(prefix="sak-basis-") as tmp:
+        if fetch_bases(remote, Path(tmp)):
+            try:
+                store.bases.update(read_bases(Path(tmp), store.format, list(levels)) or {})
+            except SakError as e:
+                raise SakError(str(e).replace(tmp, remote.url)) from e
+            return
+        if shard != 0:
+            raise SakError(
+                f"{remote.url}: the pca basis is missing from the bucket, but it is fitted on shard 0 before any "
+                f"other shard is encoded; delete the store's objects and re-run `sak-cache run`"
+            )
+        fitted = {b: PcaBasis.fit(x, store.codec.rank) for b, x in levels.items()}
+        write_bases(Path(tmp), store.format, fitted)
+        upload_bases(remote, Path(tmp))
+        store.bases.update(fitted)
+
+
+def upload_bases(remote: Bucket, path: Path) -> dict[str, str]:
+    """Upload a store's basis files (each as one object, checked against the local bytes; returns rel ->
+    sha256). Sorted paths put each Zarr array's chunk before its zarr.json and every level before the
+    group's zarr.json, so an upload cut short leaves a basis that fails to open, never one that reads as
+    zeros (Zarr fills a missing chunk)."""
+    rels = sorted(p.relative_to(path).as_posix() for p in (path / BASIS_DIR).rglob("*") if p.is_file())
+    return push(remote, path, rels)
+
+
+def fetch_bases(remote: Bucket, path: Path) -> bool:
+    """A store's basis objects from its bucket into path/basis/ (a folder of this process's own); False
+    when the bucket holds none."""
+    listing = remote.listing(BASIS_DIR)
+    for rel in sorted(listing):
+        remote.get(rel, path / rel)
+    return bool(listing)
+
+
+def discard_bases(remote: Bucket, path: Path) -> None:
+    """Delete a store's basis objects from its bucket and its local mirror (only for a store with no
+    journaled shard, whose basis nothing depends on yet)."""
+    for rel in remote.listing(BASIS_DIR):
+        remote.delete(rel)
+    shutil.rmtree(path / BASIS_DIR, ignore_errors=True)
 
 
 def level_basis(store, block: int) -> PcaBasis | None:

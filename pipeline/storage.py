@@ -33,7 +33,11 @@ def is_url(location: str | os.PathLike) -> bool:
 
 
 def is_bulk(rel: str) -> bool:
-    """Image tars, WebDataset shards and Zarr chunks (fetched on demand); the rest is small metadata."""
+    """Image tars, WebDataset shards and Zarr chunks (fetched on demand); the rest is small metadata. A pca
+    store's basis (basis/: k x C float32 a level, needed whole before any sample decodes) counts as metadata,
+    its Zarr chunks included, so every mirror (driver, node, reader) holds it as soon as the bucket does."""
+    if "/basis/" in f"/{rel}":
+        return False
     return rel.endswith(".tar") or "/c/" in f"/{rel}"
 
 

@@ -101,8 +101,6 @@ def test_pca_names_records_and_refusals():
     assert small.shape == [10, 3, 3, 48] and small.channels == 48 and small.basis.components_shape == [48, 48]
     (big,) = level_records("wds", get_codec("pca16"), 10, {4: (3, 3, 48)})
     assert big.shape == [10, 3, 3, 16] and big.channels == 48 and big.basis.mean == "basis/4.mean.npy"
-    with pytest.raises(SakError, match="not yet supported for a cache at a URL"):
-        run_extraction(ExtractConfig(source=None, out="s3://b/c", teachers=("dinov2_tiny",), codec="pca8"))
 
 
 def test_the_cli_refuses_pca_with_another_coefficient_type_in_one_line(tmp_path, capsys):
