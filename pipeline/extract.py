@@ -12,27 +12,19 @@ Memory stays bounded: at most `max_in_flight` shards exist between decode and wr
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow.parquet as pq
-import torch
-
 from sak.pipeline.actors import (
-    LiveActors,
     actor_placement,
-    lost_actor,
     shard_failure_error,
     start_actors,
     stop_actors,
 )
-from sak.pipeline.codecs import get_codec, refuse_overflow
+from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
-from sak.pipeline.fidelity import is_lossy, measure_levels
 from sak.pipeline.format import (
     CacheManifest,
     CodecSpec,
@@ -50,12 +42,10 @@ from sak.pipeline.format import (
 )
 from sak.pipeline.ingest import ingest
 from sak.pipeline.lock import CacheLock
-from sak.pipeline.lowrank import discard_bases, has_basis, prepare_bases, read_bases
+from sak.pipeline.lowrank import discard_bases, has_basis, read_bases
 from sak.pipeline.manifest import (
-    IMAGE_INDEX_FILE,
     JOURNAL,
     STORE_MANIFEST,
-    VIEWS_FILE,
     ShardRecord,
     append_journal,
     merge_stats,
@@ -63,26 +53,24 @@ from sak.pipeline.manifest import (
     read_cache,
     read_journal,
     read_store_manifest,
-    save_stats,
-    shard_stats,
     store_files_table,
     store_fingerprint,
     write_cache,
 )
-from sak.pipeline.preprocess import ViewRow, cut_shard_views
-from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file, xxh3_file
+from sak.pipeline.preprocess import cut_shard_views, view_rows
+from sak.pipeline.probe import check_out_dir, probe_nodes
+from sak.pipeline.provenance import SCHEMA_VERSION, code_version, sha256_file
 from sak.pipeline.runtime import Progress, log, ray_session
+from sak.pipeline.schedule import Schedule
 from sak.pipeline.storage import (
     Bucket,
     BucketLock,
     fresh_mirror,
     is_url,
-    node_mirror,
     pull,
-    push,
     push_metadata,
 )
-from sak.pipeline.store import check_format, create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.store import check_format, create_teacher_store, level_records
 from sak.pipeline.student_views import add_student_views
 from sak.pipeline.student_views import check_mode as check_views_mode
 from sak.pipeline.targets import (
@@ -94,19 +82,18 @@ from sak.pipeline.targets import (
     levels_field,
     resolve_grid,
     select_levels,
-    shape_targets,
     student_views_field,
 )
 from sak.pipeline.teachers import (
     TOKEN_SELECTION,
     TeacherSpec,
     WeightsChoice,
-    load_teacher,
     normalization_for,
     parse_teachers,
     resolve_weights,
 )
 from sak.pipeline.views import ViewPlan
+from sak.pipeline.worker import ShardJob, StoreJob, TeacherWorker
 
 DEFAULT_SHARD_VIEWS = 64
 
@@ -242,39 +229,6 @@ class ExtractConfig:
         return self.shard_size
 
 
-# ------------------------------------------------------------------------- messages across the Ray boundary
-
-
-@dataclass(frozen=True)
-class StoreJob:
-    """One store as a TeacherWorker needs it: which teacher, its weights, where and how to write."""
-
-    teacher: str
-    weights: WeightsChoice
-    path: str
-    codec: str
-    shard_size: int
-    format: str
-    blocks: tuple[int, ...]  # kept levels
-    grid: tuple[int, int]  # stored (H, W)
-    cache_url: str | None = None  # a URL cache: the worker writes in its node's mirror, then uploads
-    fidelity_shard: int = 0  # the shard whose stored targets are compared with fp32 (pca<k>: a held-out one)
-
-
-@dataclass(frozen=True)
-class ShardJob:
-    """One shard to compute: rows [start, stop) for the listed teachers (those that have not done it)."""
-
-    shard: int
-    start: int
-    stop: int
-    teachers: tuple[str, ...]
-
-    @property
-    def views(self) -> int:
-        return self.stop - self.start
-
-
 @dataclass
 class StorePlan:
     spec: TeacherSpec
@@ -322,7 +276,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
         if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
             pull(remote, out, bulk=False)
         elif cfg.address:
-            _probe_nodes(out)
+            probe_nodes(out)
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
             cache = add_student_views(out, cache, view_rows(out), cfg.out if remote else None)
@@ -393,66 +347,8 @@ def _setup(cfg: ExtractConfig):
     plan = ViewPlan(seed=cfg.seed, views_per_image=cfg.views_per_image, size=cfg.size)
     shard_size = cfg.resolved_shard_size()
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
-    _check_out_dir(out)
+    check_out_dir(out)
     return specs, out, plan, shard_size, choices
-
-
-def node_probe(folder: str, driver_probe: str, node: str) -> str | None:
-    """On one node: can it see the driver's probe file, and write one the driver can read back?"""
-    if not os.path.isfile(os.path.join(folder, driver_probe)):
-        return "cannot see the driver's files"
-    try:
-        with open(os.path.join(folder, f".probe-{node}"), "w") as f:
-            f.write(node)
-    except OSError as e:
-        return f"cannot write there ({e.strerror})"
-    return None
-
-
-def _probe_nodes(out: Path) -> None:
-    """A local --out on a Ray cluster must be one folder shared by every node: each alive node reads the
-    driver's probe file and writes one back before any work; otherwise refuse, naming the node."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if len(nodes) < 2:
-        return
-    driver_probe = f".probe-driver-{os.getpid()}"
-    (out / driver_probe).write_text("driver")
-    task = ray.remote(num_cpus=0)(node_probe)
-    try:
-        refs = {
-            n["NodeID"][:12]: (
-                n["NodeManagerAddress"],
-                task.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                ).remote(str(out), driver_probe, n["NodeID"][:12]),
-            )
-            for n in nodes
-        }
-        for node, (address, ref) in refs.items():
-            problem = ray.get(ref)
-            if problem is None and not (out / f".probe-{node}").is_file():
-                problem = "wrote a probe file the driver cannot see"
-            if problem:
-                raise SakError(
-                    f"node {node} ({address}) {problem} under {out}: --out must be on storage every node "
-                    f"shares; use shared storage (NFS, a mounted volume) or a bucket (--out s3://bucket/prefix)"
-                )
-    finally:
-        for p in out.glob(".probe-*"):
-            p.unlink(missing_ok=True)
-
-
-def _check_out_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise SakError(f"cannot write to output folder {out}: {e.strerror}; pass a writable --out") from e
 
 
 def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: int) -> CacheManifest:
@@ -667,73 +563,6 @@ def _store_sizes(remote: Bucket, rel: str) -> dict[str, int]:
     return {k[len(rel) + 1 :]: n for k, n in remote.listing(rel).items()}
 
 
-# ---------------------------------------------------------------------------------------------- schedule
-
-
-@dataclass
-class Schedule:
-    """The driver's scheduling state: shards waiting, being cut (CPU tasks), being computed (actors)."""
-
-    queue: list[ShardJob]  # next job last
-    total_views: int
-    max_in_flight: int = 1  # backpressure: shards between decode and write, 2 per worker + 1
-    cutting: dict = field(default_factory=dict)  # ref -> ShardJob
-    computing: dict = field(default_factory=dict)  # ref -> (ShardJob, worker index)
-    live: LiveActors = field(default_factory=lambda: LiveActors(0))  # shards on each worker, lost ones
-    failure: Exception | None = None
-    views_done: int = 0
-    first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
-    views_at_first: int = 0
-    steady_views_per_s: float | None = None
-    hold_first: bool = False  # submit nothing more until the first job has landed (a pca<k> basis fit)
-
-    @classmethod
-    def of(cls, jobs: list[ShardJob]) -> Schedule:
-        return cls(list(reversed(jobs)), sum(j.views for j in jobs))
-
-    def start(self, n_workers: int) -> None:
-        self.live, self.max_in_flight = LiveActors(n_workers), 2 * n_workers + 1
-
-    def can_submit(self) -> bool:
-        in_flight = len(self.cutting) + len(self.computing)
-        if self.hold_first and in_flight:
-            return False
-        return bool(self.queue) and self.failure is None and in_flight < self.max_in_flight
-
-    def busy(self) -> bool:
-        return bool((self.queue and self.failure is None) or self.cutting or self.computing)
-
-    def idlest_worker(self) -> int:
-        return self.live.idlest()
-
-    def lost(self, job: ShardJob, worker: int, error: BaseException) -> bool:
-        """The worker computing `job` was lost (its node gone): queue the job for another live worker.
-        False when that is not possible (no worker left, or the shard was retried too often)."""
-        if self.failure is not None or not lost_actor(error) or not self.live.lose(worker, job.shard):
-            return False
-        log.warning(f"shard {job.shard}: its worker was lost ({type(error).__name__}); computing it again")
-        self.queue.append(job)
-        self.max_in_flight = 2 * (len(self.live.load) - len(self.live.dead)) + 1
-        return True
-
-    def landed(self, job: ShardJob) -> None:
-        self.hold_first = False
-        self.views_done += job.views
-        if self.first_done is None:
-            self.first_done, self.views_at_first = time.monotonic(), self.views_done
-        elif self.views_done > self.views_at_first:
-            rate = (self.views_done - self.views_at_first) / max(time.monotonic() - self.first_done, 1e-9)
-            self.steady_views_per_s = round(rate, 3)
-
-    def throughput(self, seconds: float) -> Throughput:
-        return Throughput(
-            views_this_run=self.views_done,
-            seconds_this_run=round(seconds, 3),  # includes start-up: actors, teacher loading
-            views_per_s=round(self.views_done / seconds, 3) if seconds > 0 else None,
-            steady_views_per_s=self.steady_views_per_s,  # from the first finished shard to the last
-        )
-
-
 def _needs_basis(stores: list[StorePlan]) -> bool:
     """Whether a pca<k> store still needs its basis (fitted by the worker that computes shard 0); a store
     that records shards but lost its basis is refused."""
@@ -837,132 +666,3 @@ def _journal(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
         if sp.cache_url:  # the workers uploaded and checked the shard's objects before returning
             Bucket(sp.cache_url).put_whole(sp.path / JOURNAL, f"{sp.rel}/{JOURNAL}")
         sp.done[record.shard] = record
-
-
-def view_rows(out: Path) -> list[ViewRow]:
-    """views.parquet joined with the image index: everything a CPU task needs to cut a view."""
-    views = read_table(out / VIEWS_FILE).to_pylist()
-    index = {r["key"]: r for r in read_table(out / IMAGE_INDEX_FILE).to_pylist()}
-    rows = []
-    for v in views:
-        img = index.get(v["key"])
-        if img is None:
-            raise SakError(f"{out}: views.parquet names image {v['key']!r} that images/index.parquet lacks")
-        box = (v["x0"], v["y0"], v["x1"], v["y1"])
-        rows.append(ViewRow(v["key"], img["image_shard"], img["offset"], img["nbytes"], box, bool(v["flip"])))
-    return rows
-
-
-def read_table(path: Path):
-    """A Parquet table of the cache; a damaged or missing one is a one-line SakError naming it."""
-    try:
-        return pq.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise SakError(
-            f"{path} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
-        ) from e
-
-
-# ------------------------------------------------------------------------------------------------ worker
-
-
-class TeacherWorker:
-    """Holds every selected teacher, loaded once; computes and writes whole shards (a Ray actor).
-
-    Two calls may run at once (max_concurrency=2): the forward passes take a lock, so one shard's
-    compression and file writes overlap the next shard's teacher compute.
-    """
-
-    def __init__(
-        self, stores: list[StoreJob], plan_size: int, normalization: str, batch_size: int, threads: int
-    ) -> None:
-        from sak.pipeline.teachers import get_teacher
-
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cpu":
-            torch.set_num_threads(threads)
-        self.batch_size = batch_size
-        self.teachers, self.stores, self.sizes, self.shapes = {}, {}, {}, {}
-        self.fidelity_shard: dict[str, int] = {}
-        self.uploads: dict[str, tuple[str, str]] = {}  # teacher -> (cache URL, store path in the bucket)
-        for s in stores:
-            spec = get_teacher(s.teacher)
-            self.teachers[spec.name] = load_teacher(spec, s.weights, plan_size, normalization, self.device)
-            path = s.path
-            if s.cache_url:  # write in this node's mirror, upload each shard's objects whole
-                rel = f"teachers/{Path(s.path).name}"
-                path = str(node_mirror(s.cache_url, [], metadata=True) / rel)
-                self.uploads[spec.name] = (s.cache_url, rel)
-            self.stores[spec.name] = open_teacher_store(s.format, path, s.codec, s.shard_size)
-            self.shapes[spec.name] = (s.blocks, s.grid)  # kept blocks, stored (H, W)
-            self.fidelity_shard[spec.name] = s.fidelity_shard
-            self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
-        self.lock = threading.Lock()
-
-    def process(self, job: ShardJob, views: dict[int, object]) -> dict[str, ShardRecord]:
-        t0 = time.monotonic()
-        feats: dict[str, list[torch.Tensor]] = {}
-        native: dict[str, list[torch.Tensor]] = {}  # first shard of a lossy store: fp32 before resampling
-        with self.lock:
-            for name in job.teachers:
-                keep = job.shard == self.fidelity_shard[name]
-                feats[name], native[name] = self._forward(name, views, keep_native=keep)
-        records = {}
-        for name, levels in feats.items():
-            store, (blocks, _) = self.stores[name], self.shapes[name]
-            for block, level in zip(blocks, levels):
-                refuse_overflow(store.codec, level, name, block)
-            remote = self._remote(name)  # a URL cache: the store in its bucket
-            prepare_bases(store, job.shard, dict(zip(blocks, levels)), remote)  # pca<k>: fit on shard 0 first
-            fidelity = None
-            if native[name]:  # measured before writing: the stored bytes are the same encoding
-                fidelity = measure_levels(
-                    store.codec, dict(zip(blocks, native[name])), dict(zip(blocks, levels)), store.bases
-                )
-            files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
-            stats = save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels]))
-            fast = {rel: xxh3_file(store.path / rel) for rel in files}  # page-cached: ~6 GB/s
-            if remote is not None:  # uploaded and checked before the driver journals the shard
-                push(remote, Path(store.path), [*files, stats])
-            records[name] = ShardRecord(
-                shard=job.shard,
-                start=job.start,
-                stop=job.stop,
-                files=files,
-                seconds=time.monotonic() - t0,
-                xxh3=fast,
-                fidelity=fidelity,
-            )
-        return records
-
-    def _remote(self, name: str) -> Bucket | None:
-        """A teacher's store in its bucket (None: a local cache)."""
-        if name not in self.uploads:
-            return None
-        url, rel = self.uploads[name]
-        return Bucket(url).sub(rel)
-
-    def _forward(
-        self, name: str, views: dict[int, object], keep_native: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One teacher on one shard's views: its kept levels on the store grid, (n, h, w, C) float32 on the
-        CPU, and, when `keep_native` and the store is lossy, the same levels on the native grid."""
-        teacher, store = self.teachers[name], self.stores[name]
-        blocks, grid = self.shapes[name]
-        batch_views = torch.from_numpy(views[self.sizes[name]].copy())  # (n, 3, s, s) uint8
-        parts, native = [], []
-        for i in range(0, batch_views.shape[0], self.batch_size):
-            x = batch_views[i : i + self.batch_size].to(self.device, non_blocking=True)
-            # run up to the deepest kept block, resample on the device, then copy the (smaller) targets:
-            # host-device sync
-            maps = teacher.forward_levels(x, blocks)
-            shaped = shape_targets(teacher.spec, maps, blocks, grid)
-            parts.append([shaped[b].cpu() for b in blocks])
-            native_hw = tuple(maps[0].shape[1:3])
-            if keep_native and is_lossy(store.codec, native_hw, grid):
-                kept = shape_targets(teacher.spec, maps, blocks, native_hw)  # the kept blocks, not resampled
-                native.append([kept[b].float().cpu() for b in blocks])
-        levels = [torch.cat([p[level] for p in parts]) for level in range(len(blocks))]
-        return levels, [
-            torch.cat([p[level] for p in native]) for level in range(len(blocks))
-        ] if native else []

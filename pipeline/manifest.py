@@ -181,3 +181,15 @@ def merge_stats(store_dir: Path, shards: list[int], blocks: list[int], widths: l
             )
         )
     return out
+
+
+def read_table(path: Path):
+    """A Parquet table of the cache; a damaged or missing one is a one-line SakError naming it."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise SakError(
+            f"{path} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
+        ) from e

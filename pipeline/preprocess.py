@@ -14,6 +14,7 @@ import torch
 from sak.pipeline.errors import SakError
 from sak.pipeline.images import decode_rgb
 from sak.pipeline.ingest import image_tar_name
+from sak.pipeline.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, read_table
 from sak.pipeline.storage import is_url, node_mirror
 from sak.pipeline.views import cut_view
 
@@ -83,3 +84,17 @@ def cut_shard_views(cache_dir: str, rows: list[ViewRow], sizes: list[int]) -> di
     finally:
         reader.close()
     return out
+
+
+def view_rows(out: Path) -> list[ViewRow]:
+    """views.parquet joined with the image index: everything a CPU task needs to cut a view."""
+    views = read_table(out / VIEWS_FILE).to_pylist()
+    index = {r["key"]: r for r in read_table(out / IMAGE_INDEX_FILE).to_pylist()}
+    rows = []
+    for v in views:
+        img = index.get(v["key"])
+        if img is None:
+            raise SakError(f"{out}: views.parquet names image {v['key']!r} that images/index.parquet lacks")
+        box = (v["x0"], v["y0"], v["x1"], v["y1"])
+        rows.append(ViewRow(v["key"], img["image_shard"], img["offset"], img["nbytes"], box, bool(v["flip"])))
+    return rows

@@ -18,9 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from sak.pipeline.errors import SakError
-from sak.pipeline.extract import view_rows
 from sak.pipeline.manifest import read_cache, read_store_manifest
-from sak.pipeline.preprocess import cut_shard_views
+from sak.pipeline.preprocess import cut_shard_views, view_rows
 from sak.pipeline.store import open_teacher_store
 
 PANEL = 160  # pixels per panel side

@@ -34,7 +34,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -51,6 +50,7 @@ from sak.pipeline.format import (
     to_json,
 )
 from sak.pipeline.lowrank import decode_level, read_bases
+from sak.pipeline.manifest import read_table
 from sak.pipeline.preprocess import ImageReader, decode_image
 from sak.pipeline.provenance import sha256_file
 from sak.pipeline.storage import Bucket, is_url, pull, stage_dir
@@ -190,8 +190,8 @@ def open_cache(
     if shard_size % k:
         raise SakError(f"{cache_dir}: shard size {shard_size} is not a multiple of {k} views per image")
 
-    views = _read_table(views_path)
-    index = _read_table(root / IMAGE_INDEX_FILE)
+    views = read_table(views_path)
+    index = read_table(root / IMAGE_INDEX_FILE)
     if views.num_rows != num_views or index.num_rows * k != num_views:
         raise SakError(
             f"{cache_dir}: {views.num_rows} views and {index.num_rows} images do not make {num_views} views "
@@ -267,15 +267,6 @@ def _store_bases(path: Path, m: StoreManifest, fp: str) -> dict | None:
                 f"{list(bases[lv.block].components.shape)}, the manifest says {[lv.shape[-1], lv.channels]}"
             )
     return bases
-
-
-def _read_table(path: Path):
-    try:
-        return pq.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise SakError(
-            f"{path} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
-        ) from e
 
 
 def _check_recorded_digests(root: Path, cache: CacheManifest, manifests: dict[str, StoreManifest]) -> None:
