@@ -104,7 +104,7 @@ class TeacherWorker:
             store, (blocks, _) = self.stores[name], self.shapes[name]
             for block, level in zip(blocks, levels):
                 refuse_overflow(store.codec, level, name, block)
-            remote = self._remote(name)  # a URL cache: the store in its bucket
+            remote = self._store_bucket(name)  # a URL cache: the store in its bucket
             prepare_bases(store, job.shard, dict(zip(blocks, levels)), remote)  # pca<k>: fit on shard 0 first
             fidelity = None
             if native[name]:  # measured before writing: the stored bytes are the same encoding
@@ -127,7 +127,7 @@ class TeacherWorker:
             )
         return records
 
-    def _remote(self, name: str) -> Bucket | None:
+    def _store_bucket(self, name: str) -> Bucket | None:
         """A teacher's store in its bucket (None: a local cache)."""
         if name not in self.uploads:
             return None

@@ -205,6 +205,27 @@ def test_without_local_cache_only_the_needed_byte_ranges_are_read(fmt, request, 
     )
 
 
+def test_a_range_read_refuses_an_object_cut_short(bucket_cache, s3_server, tmp_path):
+    """Without --local-cache no whole object is hashed, but every object must have its recorded size."""
+    import numpy as np
+
+    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+
+    copy = s3_server("sak-cloud") + "/team/cut-short"
+    local = tmp_path / "c"
+    pull(Bucket(bucket_cache), local, bulk=True)
+    objects = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    shard = next(rel for rel in objects if "/levels/" in rel and "/c/0/" in rel)  # shard 0
+    (local / shard).write_bytes((local / shard).read_bytes()[:-16])
+    for rel in objects:
+        Bucket(copy).put_whole(local / rel, rel)
+    reader = BatchReader(open_cache(copy), 64, *input_normalization("imagenet", "tiny"))
+    assert reader.ranged is not None
+    with pytest.raises(SakError, match=r"recorded \(replaced or cut short\)") as info:
+        reader.read(np.array([0, 1]))
+    assert shard.split("/", 2)[-1] in str(info.value) and "\n" not in str(info.value)
+
+
 def test_student_views_raw_into_the_bucket(s3_server, ray_local, photo_dir, tmp_path, capsys):
     import numpy as np
 

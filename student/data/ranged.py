@@ -8,8 +8,9 @@ runs the GETs concurrently). Nothing is written locally. `ReadAhead` reads the w
 next shard, when the batch crosses into one) in a background thread while the current batch is used.
 
 Integrity: a range read cannot be checked against a whole object's digest without reading the whole
-object, so here every object a shard needs must exist in the bucket with a nonzero size; the digests are
-checked by `--local-cache` (whole objects, hashed before first use) and by `sak-cache verify URL`.
+object, so here every object a shard needs must exist in the bucket with the size its manifest records
+(an object replaced or cut short is refused before use); the digests are checked by `--local-cache`
+(whole objects, hashed before first use) and by `sak-cache verify URL`.
 """
 
 from __future__ import annotations
@@ -278,17 +279,31 @@ class RangedWdsStore(WdsTeacherStore):
 
 
 class RangedIntegrity(ShardIntegrity):
-    """`ShardIntegrity` for range reads: every object a shard needs exists in the bucket (see the module
-    docstring for why digests are checked elsewhere)."""
+    """`ShardIntegrity` for range reads: every object a shard needs exists in the bucket, with the size the
+    manifests record where they record one (see the module docstring for why digests are checked
+    elsewhere): an object replaced or cut short is refused before it is read."""
 
     def __init__(self, index: CacheIndex, source: RangedBucket, with_targets: bool = True) -> None:
         super().__init__(index, with_targets)
         self.source = source
+        self.recorded = {t.file: t.bytes for t in index.cache.images.shards}  # rel to the cache -> bytes
+        for store in index.stores:
+            prefix = store.path.relative_to(index.root).as_posix()
+            for rel, d in (store.manifest.files or {}).items():
+                self.recorded[f"{prefix}/{rel}"] = d.bytes
 
     def _file(self, path: Path, digest: str | None, fast: str | None = None) -> str | None:
         if path not in self._verdicts:
             rel = path.relative_to(self.index.root).as_posix()
-            self._verdicts[path] = None if self.source.size(rel) else "is missing from the bucket"
+            size, recorded = self.source.size(rel), self.recorded.get(rel)
+            if not size:
+                self._verdicts[path] = "is missing from the bucket"
+            elif recorded is not None and size != recorded:
+                self._verdicts[path] = (
+                    f"has {size} bytes in the bucket, {recorded} recorded (replaced or cut short)"
+                )
+            else:
+                self._verdicts[path] = None
         return self._verdicts[path]
 
 
