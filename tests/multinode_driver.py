@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--source", required=True)
     ap.add_argument("--teachers", default="dinov2_tiny")
     ap.add_argument("--shard-size", type=int, default=2)
+    ap.add_argument("--codec", default="fp16")
     ap.add_argument("--kill-node-after", type=int, default=0, help="remove node B after N journaled shards")
     ap.add_argument("--result", required=True)
     args = ap.parse_args()
@@ -77,6 +78,7 @@ def main() -> None:
             teachers=tuple(args.teachers.split(",")),
             size=64,
             shard_size=args.shard_size,
+            codec=args.codec,
             batch_size=2,
             workers=2,
             address=cluster.address,
@@ -95,7 +97,7 @@ def main() -> None:
     result["writers"] = sorted(
         d.name.rsplit("-node-", 1)[1]
         for d in stage.glob("*-node-*")
-        if any(p.is_file() and "/c/" in p.as_posix() for p in (d / "teachers").rglob("*"))
+        if any(p.is_file() and "/levels/" in p.as_posix() for p in (d / "teachers").rglob("*"))
     )
     Path(args.result).write_text(json.dumps(result))
 

@@ -79,6 +79,30 @@ def test_two_nodes_into_the_bucket_then_verify_and_train(s3_server, photos, tmp_
         print(f"\ntwo nodes: shards written by {seen['writers']}; {_views_once(url)}; losses {a.losses}")
 
 
+def test_two_nodes_write_one_pca_store(s3_server, photos, tmp_path, capsys):
+    """pca<k> on two nodes: one worker fits the basis on shard 0 and uploads it before any other shard is
+    given out; the other node's worker fetches it from the bucket and encodes its shards over it."""
+    from sak.student.train.stage1 import train_stage1
+    from sak.student.train.stage1_config import Stage1Config
+
+    url = s3_server("sak-multinode") + "/pca"
+    seen = _drive(url, photos, tmp_path, "pca", codec="pca8")
+    assert seen["finished"] and sorted(seen["writers"]) == sorted([seen["head"], seen["node_b"]])
+    assert cache_main(["verify", url]) == 0
+    objects = Bucket(url).listing()
+    assert any("/basis/" in rel for rel in objects)
+    local = tmp_path / "copy"
+    pull(Bucket(url), local, bulk=True)
+    kw = dict(steps=3, batch_size=4, eval_every=0, holdout_shards=1)
+    a = train_stage1(Stage1Config.debug(url, str(tmp_path / "r_s3"), **kw))
+    b = train_stage1(Stage1Config.debug(str(local), str(tmp_path / "r_local"), **kw))
+    assert len(a.losses) == 3 and a.losses == b.losses
+    with capsys.disabled():
+        print(
+            f"\npca8 on two nodes: shards written by {seen['writers']}; {_views_once(url)}; losses {a.losses}"
+        )
+
+
 def test_worker_node_killed_mid_run(s3_server, photos, tmp_path, capsys):
     url = s3_server("sak-multinode") + "/nodefail"
     seen = _drive(url, photos, tmp_path, "fail", kill_node_after=2)
