@@ -43,7 +43,12 @@ def lost_actor(error: BaseException) -> bool:
 
 
 class LiveActors:
-    """Which actors are still usable, and how often each shard was given to another after a loss."""
+    """Which actors are still in use, and how often each shard was given out again after a loss.
+
+    An actor lost while others live is retired (the caller kills it for good, so a restart Ray would
+    otherwise place on a surviving node cannot take the CPUs or GPU the rest of the run needs there) and
+    its shards go to the others; the last actor is kept: Ray restarts it in place (max_restarts) and
+    the shard is submitted to it again."""
 
     def __init__(self, n: int) -> None:
         self.load = [0] * n
@@ -56,11 +61,22 @@ class LiveActors:
         return w
 
     def lose(self, worker: int, job: Any) -> bool:
-        """Actor `worker` was lost while computing `job`: stop using it. True when the job may be given
-        to another actor (one is left and the job has retries left)."""
-        self.dead.add(worker)
+        """Actor `worker` was lost while computing `job`. True when the job may be submitted again (it
+        has retries left); `worker` is then in `dead` unless it is the last live actor."""
+        if worker not in self.dead and len(self.dead) + 1 < len(self.load):
+            self.dead.add(worker)
         self.retries[job] = self.retries.get(job, 0) + 1
-        return len(self.dead) < len(self.load) and self.retries[job] <= SHARD_RETRIES
+        return self.retries[job] <= SHARD_RETRIES
+
+
+def retire(actor: Any) -> None:
+    """Kill a lost actor for good (no restart): its resources go back to the cluster."""
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # already gone with its node
+        pass
 
 
 @dataclass(frozen=True)
@@ -77,8 +93,8 @@ class ActorPlacement:
             "num_gpus": 1 if self.gpus else 0,
             "num_cpus": 1 if self.gpus else self.threads,
             "max_concurrency": self.concurrency,
-            "max_restarts": 3,
-            "max_task_retries": 3,
+            "max_restarts": 3,  # a killed actor comes back in place (kill -9, OOM) ...
+            "max_task_retries": 0,  # ... but its failed task is the driver's to give out again (LiveActors)
             "scheduling_strategy": "SPREAD",
         }
 
@@ -141,7 +157,9 @@ class ActorPool:
                 result = ray.get(ready[0])
             except Exception as e:  # keep what lands; raise once the shards in flight have settled
                 if self.failure is None and lost_actor(e) and self.live.lose(w, job):
-                    log.warning(f"an actor was lost ({type(e).__name__}); its shard goes to another actor")
+                    log.warning(f"an actor was lost ({type(e).__name__}); its shard is computed again")
+                    if w in self.live.dead:
+                        retire(self.actors[w])
                     queue.insert(0, job)
                     continue
                 self.failure = self.failure or e

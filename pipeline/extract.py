@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sak.pipeline.actors import (
     actor_placement,
+    retire,
     shard_failure_error,
     start_actors,
     stop_actors,
@@ -646,6 +647,8 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
                 except Exception as e:  # keep what is done; report after in-flight shards settle
                     if not schedule.lost(job, w, e):
                         schedule.failure = schedule.failure or e
+                    elif w in schedule.live.dead:
+                        retire(workers[w])  # its restart must not take the resources the others need
                     continue
                 _journal(stores, records)
                 schedule.landed(job)

@@ -48,8 +48,9 @@ class Schedule:
         return self.live.idlest()
 
     def lost(self, job: ShardJob, worker: int, error: BaseException) -> bool:
-        """The worker computing `job` was lost (its node gone): queue the job for another live worker.
-        False when that is not possible (no worker left, or the shard was retried too often)."""
+        """The worker computing `job` was lost (its node gone, its process killed): queue the job again,
+        for another live worker when there is one (the caller retires `worker` if it is now dead).
+        False when the shard was retried too often."""
         if self.failure is not None or not lost_actor(error) or not self.live.lose(worker, job.shard):
             return False
         log.warning(f"shard {job.shard}: its worker was lost ({type(error).__name__}); computing it again")

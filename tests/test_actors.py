@@ -105,9 +105,9 @@ def test_live_actors_bookkeeping():
 
     live = LiveActors(2)
     assert [live.idlest(), live.idlest(), live.idlest()] == [0, 1, 0]
-    assert live.lose(0, "shard 7")  # one actor left: the shard goes to it
+    assert live.lose(0, "shard 7") and live.dead == {0}  # another actor lives: 0 is retired
     assert [live.idlest() for _ in range(3)] == [1, 1, 1]
+    assert live.lose(1, "shard 8") and live.dead == {0}  # the last actor is kept (Ray restarts it)
     for _ in range(SHARD_RETRIES - 1):
-        assert live.lose(0, "shard 7")
-    assert not live.lose(0, "shard 7")  # retried too often
-    assert not live.lose(1, "shard 8")  # no actor left
+        assert live.lose(1, "shard 7")
+    assert not live.lose(1, "shard 7")  # retried too often
