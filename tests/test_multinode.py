@@ -40,7 +40,9 @@ def _drive(url: str, photos: Path, tmp: Path, name: str, **kw) -> dict:
     env = {**os.environ, "SAK_STAGE_DIR": str(tmp / f"stage-{name}"), "RAY_USAGE_STATS_ENABLED": "0"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(result.read_text())
+    seen = json.loads(result.read_text())
+    seen["warnings"] = [line for line in proc.stderr.splitlines() if "was lost" in line]
+    return seen
 
 
 def _views_once(url: str) -> dict:
@@ -67,7 +69,9 @@ def test_two_nodes_into_the_bucket_then_verify_and_train(s3_server, photos, tmp_
 
     url = s3_server("sak-multinode") + "/two"
     seen = _drive(url, photos, tmp_path, "two")
-    assert seen["finished"] and sorted(seen["writers"]) == sorted([seen["head"], seen["node_b"]])
+    assert seen["finished"] and sorted(seen["writers"]) == sorted([seen["head"], seen["node_b"]]), seen[
+        "warnings"
+    ]
     assert cache_main(["verify", url]) == 0
     local = tmp_path / "copy"
     pull(Bucket(url), local, bulk=True)
