@@ -37,6 +37,12 @@ def main() -> None:
     ap.add_argument("--teachers", default="dinov2_tiny")
     ap.add_argument("--shard-size", type=int, default=2)
     ap.add_argument("--codec", default="fp16")
+    ap.add_argument(
+        "--head-cpus",
+        type=int,
+        default=2,
+        help="1: room for one teacher actor only, so the other lands on node B",
+    )
     ap.add_argument("--kill-node-after", type=int, default=0, help="remove node B after N journaled shards")
     ap.add_argument("--result", required=True)
     args = ap.parse_args()
@@ -48,7 +54,9 @@ def main() -> None:
     from sak.pipeline.extract import ExtractConfig, run_extraction
 
     mb = 1024 * 1024
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 120 * mb})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": args.head_cpus, "object_store_memory": 120 * mb}
+    )
     node_b = cluster.add_node(num_cpus=2, object_store_memory=120 * mb, resources={"node_b": 1})
     cluster.wait_for_nodes()
     # Cluster names itself in /tmp/ray/ray_current_cluster, where any plain ray.init() on this machine would

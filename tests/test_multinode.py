@@ -68,7 +68,7 @@ def test_two_nodes_into_the_bucket_then_verify_and_train(s3_server, photos, tmp_
     from sak.student.train.stage1_config import Stage1Config
 
     url = s3_server("sak-multinode") + "/two"
-    seen = _drive(url, photos, tmp_path, "two")
+    seen = _drive(url, photos, tmp_path, "two", head_cpus=1)  # SPREAD is best effort: force one actor each
     assert seen["finished"] and sorted(seen["writers"]) == sorted([seen["head"], seen["node_b"]]), seen[
         "warnings"
     ]
@@ -90,8 +90,8 @@ def test_two_nodes_write_one_pca_store(s3_server, photos, tmp_path, capsys):
     from sak.student.train.stage1_config import Stage1Config
 
     url = s3_server("sak-multinode") + "/pca"
-    seen = _drive(url, photos, tmp_path, "pca", codec="pca8")
-    assert seen["finished"] and sorted(seen["writers"]) == sorted([seen["head"], seen["node_b"]])
+    seen = _drive(url, photos, tmp_path, "pca", codec="pca8", head_cpus=1)
+    assert seen["finished"] and sorted(seen["writers"]) == sorted([seen["head"], seen["node_b"]]), seen
     assert cache_main(["verify", url]) == 0
     objects = Bucket(url).listing()
     assert any("/basis/" in rel for rel in objects)
