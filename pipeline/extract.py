@@ -92,21 +92,12 @@ from sak.pipeline.teachers import (
     normalization_for,
     parse_teachers,
     resolve_weights,
+    weights_field,
 )
 from sak.pipeline.views import ViewPlan
 from sak.pipeline.worker import ShardJob, StoreJob, TeacherWorker
 
 DEFAULT_SHARD_VIEWS = 64
-
-
-def parse_weights(text: str) -> tuple[str, str]:
-    """`--weights NAME=PATH` -> (name, path)."""
-    name, sep, path = text.partition("=")
-    if not sep or not name.strip() or not path.strip():
-        raise SakError(
-            f"--weights {text!r} must look like NAME=PATH, e.g. dinov2_l=/ckpt/dinov2_l.safetensors"
-        )
-    return name.strip(), path.strip()
 
 
 @dataclass(frozen=True)
@@ -164,15 +155,9 @@ class ExtractConfig:
             "group": "compute",
         },
     )
-    weights: tuple[tuple[str, str], ...] = field(
-        default=(),
-        metadata={
-            "help": "Local .safetensors/.pth weights for a teacher (repeatable); default: timm hub weights.",
-            "multiple": True,
-            "parse": parse_weights,
-            "metavar": "NAME=PATH",
-            "group": "teachers",
-        },
+    weights: tuple[tuple[str, str], ...] = weights_field(
+        "Local .safetensors/.pth weights for a teacher (repeatable); default: timm hub weights.",
+        group="teachers",
     )
     random_init: bool = field(
         default=False,

@@ -360,3 +360,21 @@ def load_teacher(
     mean, std = normalization_for(spec, normalization)
     model = build_model(spec, choice, plan_size).to(device)
     return LoadedTeacher(spec, model, mean, std, plan_size)
+
+
+def parse_weights(text: str) -> tuple[str, str]:
+    """`--weights NAME=PATH` -> (name, path)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise SakError(
+            f"--weights {text!r} must look like NAME=PATH, e.g. dinov2_l=/ckpt/dinov2_l.safetensors"
+        )
+    return name.strip(), path.strip()
+
+
+def weights_field(help: str, **metadata):
+    """The `--weights NAME=PATH` option (repeatable) of every command that loads named teachers."""
+    return field(
+        default=(),
+        metadata={"help": help, "multiple": True, "parse": parse_weights, "metavar": "NAME=PATH", **metadata},
+    )

@@ -39,7 +39,6 @@ import torch
 
 from sak.pipeline.codecs import get_codec
 from sak.pipeline.errors import SakError
-from sak.pipeline.extract import parse_weights
 from sak.pipeline.format import (
     Stage2Cache,
     Stage2Identity,
@@ -62,6 +61,7 @@ from sak.pipeline.storage import (
     push_metadata,
 )
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
+from sak.pipeline.teachers import weights_field
 from sak.student.data.dense import (
     DATASETS,
     DEFAULT_INPUT_SIZE,
@@ -116,14 +116,8 @@ class Stage2CacheConfig:
         default=(),
         metadata={"help": "Teachers by name (dinov2_l,clip_l,sam_l) instead of a stage-1 --init run."},
     )
-    weights: tuple[tuple[str, str], ...] = field(
-        default=(),
-        metadata={
-            "help": "Local .safetensors/.pth weights of a named teacher (repeatable); default: timm hub weights.",
-            "multiple": True,
-            "parse": parse_weights,
-            "metavar": "NAME=PATH",
-        },
+    weights: tuple[tuple[str, str], ...] = weights_field(
+        "Local .safetensors/.pth weights of a named teacher (repeatable); default: timm hub weights."
     )
     random_init: bool = field(
         default=False, metadata={"help": "Named teachers with random weights (tests; flagged in cache.json)."}

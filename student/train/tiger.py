@@ -36,10 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sak.pipeline.errors import SakError
-from sak.pipeline.extract import parse_weights
 from sak.pipeline.manifest import now_iso
 from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
 from sak.pipeline.storage import is_url
+from sak.pipeline.teachers import weights_field
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,
@@ -116,14 +116,8 @@ class TigerConfig(DenseTrainConfig):
     teachers: tuple[str, ...] = field(
         default=(), metadata={"help": "With --online: teachers by name, e.g. dinov2_l,clip_l,sam_l."}
     )
-    weights: tuple[tuple[str, str], ...] = field(
-        default=(),
-        metadata={
-            "help": "With --online: local weights of a named teacher (repeatable).",
-            "multiple": True,
-            "parse": parse_weights,
-            "metavar": "NAME=PATH",
-        },
+    weights: tuple[tuple[str, str], ...] = weights_field(
+        "With --online: local weights of a named teacher (repeatable)."
     )
     random_init: bool = field(
         default=False, metadata={"help": "With --online: random-init named teachers (tests; flagged)."}
