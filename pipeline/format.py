@@ -29,18 +29,22 @@ against that schema (jsonschema) and names the file and the field path of the fi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import SCHEMA_VERSION, read_json, write_json_atomic
+from sak.pipeline.typed_json import (
+    OMIT,
+    SchemaFamily,
+    doc,
+    omit_with,
+    to_json,
+    type_hints,
+)
 from sak.pipeline.views import ViewPlan
 
 CACHE_FILE = "cache.json"
@@ -50,20 +54,6 @@ STORE_MANIFEST = "manifest.json"
 JOURNAL = "shards.jsonl"
 SCHEMA_FILE = f"cache-v{SCHEMA_VERSION}.schema.json"
 SCHEMA_ID = f"https://sak-cache.invalid/schema/{SCHEMA_FILE}"
-
-OMIT = {"omit": True}  # field metadata: left out of the JSON when None (and optional in the schema)
-
-
-def omit_with(other: str) -> dict:
-    """Field metadata: present exactly when field `other` is (a null value is kept then)."""
-    return {"omit_with": other}
-
-
-def doc(text: str, **meta) -> dict:
-    return {"doc": text, **meta}
-
-
-# ---------------------------------------------------------------------------------------- file names
 
 LOCK_FILE = ".sak-lock"  # lock.py; the one file of a cache no digest covers
 _CACHE_FILES = {  # kind -> pattern of a path relative to the cache
@@ -541,191 +531,42 @@ class Stage2Cache:
 DOCUMENTS = (CacheManifest, StoreManifest, ShardRecord, Stage2Cache)  # the schema's top-level records
 
 
-# ---------------------------------------------------------------------------------- JSON conversion
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _omitted(obj: Any, f: dataclasses.Field) -> bool:
-    if f.metadata.get("omit"):
-        return getattr(obj, f.name) is None
-    if "omit_with" in f.metadata:
-        return getattr(obj, f.metadata["omit_with"]) is None
-    return False
-
-
-def to_json(value: Any) -> Any:
-    """A record (or list/dict of them) as JSON values, fields in declaration order, omissions applied."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {
-            f.name: to_json(getattr(value, f.name))
-            for f in dataclasses.fields(value)
-            if not _omitted(value, f)
-        }
-    if isinstance(value, list | tuple):
-        return [to_json(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): to_json(v) for k, v in value.items()}
-    return value
-
-
-def from_json(tp: Any, data: Any) -> Any:
-    """JSON values (already validated against the schema) -> an instance of type `tp`."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        hints = _hints(tp)
-        return tp(
-            **{
-                f.name: from_json(hints[f.name], data[f.name])
-                for f in dataclasses.fields(tp)
-                if f.name in data
-            }
-        )
-    if origin in (typing.Union, types.UnionType):
-        if data is None:
-            return None
-        return from_json(next(a for a in args if a is not type(None)), data)
-    if origin is list:
-        return [from_json(args[0], v) for v in data]
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(from_json(args[0], v) for v in data)
-        return tuple(from_json(a, v) for a, v in zip(args, data))
-    if origin is dict:
-        return {k: from_json(args[1], v) for k, v in data.items()}
-    if tp is float:
-        return float(data)
-    return data
-
-
 # ------------------------------------------------------------------------------------ JSON Schema
 
-
-def _schema_of(tp: Any, defs: dict) -> dict:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        if tp.__name__ not in defs:
-            defs[tp.__name__] = {}  # placeholder against recursion
-            hints, props, required = _hints(tp), {}, []
-            for f in dataclasses.fields(tp):
-                props[f.name] = _schema_of(hints[f.name], defs)
-                if "doc" in f.metadata:
-                    props[f.name] = {"description": f.metadata["doc"], **props[f.name]}
-                if not (f.metadata.get("omit") or "omit_with" in f.metadata):
-                    required.append(f.name)
-            text = (tp.__doc__ or "").strip().splitlines()
-            defs[tp.__name__] = {
-                **({"description": text[0]} if text and not text[0].startswith(tp.__name__ + "(") else {}),
-                "type": "object",
-                "properties": props,
-                "required": required,
-                "additionalProperties": False,
-            }
-        return {"$ref": f"#/$defs/{tp.__name__}"}
-    if origin in (typing.Union, types.UnionType):
-        return {"anyOf": [_schema_of(a, defs) for a in args]}
-    if origin is Literal:
-        return {"const": args[0]} if len(args) == 1 else {"enum": list(args)}
-    if origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
-        return {"type": "array", "items": _schema_of(args[0], defs)}
-    if origin is tuple:
-        items = [_schema_of(a, defs) for a in args]
-        return {"type": "array", "prefixItems": items, "minItems": len(items), "maxItems": len(items)}
-    if origin is dict:
-        value = args[1]
-        return (
-            {"type": "object"}
-            if value is Any
-            else {"type": "object", "additionalProperties": _schema_of(value, defs)}
-        )
-    simple = {int: "integer", float: "number", str: "string", bool: "boolean", type(None): "null"}
-    if tp in simple:
-        return {"type": simple[tp]}
-    if tp is Any:
-        return {}
-    raise TypeError(f"no JSON Schema for type {tp!r}")
+CACHE_SCHEMA = SchemaFamily(
+    package="sak.pipeline",
+    file=SCHEMA_FILE,
+    schema_id=SCHEMA_ID,
+    title=f"SAK cache format v{SCHEMA_VERSION}",
+    description=(
+        "cache.json, teachers/<fingerprint>/manifest.json and the stage-2 cache.json (by their 'kind'); "
+        "each line of shards.jsonl is a #/$defs/ShardRecord. Generated from sak.pipeline.format."
+    ),
+    documents=DOCUMENTS,
+    roots=(CacheManifest, StoreManifest, Stage2Cache),
+    damaged_hint=f"the file is damaged or not a v{SCHEMA_VERSION} cache file (run `sak-cache verify`)",
+)
 
 
 def generate_schema() -> dict:
     """The JSON Schema of every document of the format, generated from the records' type hints. The root
     accepts any of the documents that carry a `kind` (cache.json, manifest.json, stage-2 cache.json);
     a journal line validates against `#/$defs/ShardRecord`."""
-    defs: dict = {}
-    for cls in DOCUMENTS:
-        _schema_of(cls, defs)
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": SCHEMA_ID,
-        "title": f"SAK cache format v{SCHEMA_VERSION}",
-        "description": (
-            "cache.json, teachers/<fingerprint>/manifest.json and the stage-2 cache.json (by their 'kind'); "
-            "each line of shards.jsonl is a #/$defs/ShardRecord. Generated from sak.pipeline.format."
-        ),
-        "oneOf": [{"$ref": f"#/$defs/{cls.__name__}"} for cls in (CacheManifest, StoreManifest, Stage2Cache)],
-        "$defs": dict(sorted(defs.items())),
-    }
+    return CACHE_SCHEMA.generate()
 
 
-def schema_text(schema: dict) -> str:
-    return json.dumps(schema, indent=2) + "\n"
-
-
-@functools.cache
 def shipped_schema() -> dict:
     """The schema file shipped in the package (what every read validates against)."""
-    text = resources.files("sak.pipeline").joinpath("schema", SCHEMA_FILE).read_text()
-    return json.loads(text)
-
-
-@functools.cache
-def _validator(name: str):
-    from jsonschema import Draft202012Validator
-
-    schema = shipped_schema()
-    return Draft202012Validator({"$ref": f"#/$defs/{name}", "$defs": schema["$defs"]})
-
-
-_PY_TYPES = {"integer": "int", "string": "str", "number": "float", "boolean": "bool", "object": "dict",
-             "array": "list", "null": "None"}  # fmt: skip
-
-
-def _json_type(value: Any) -> str:
-    return {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}.get(
-        type(value), "None" if value is None else type(value).__name__
-    )
+    return CACHE_SCHEMA.shipped()
 
 
 def validate(data: Any, cls: type, path: str | Path) -> None:
     """Raise one SakError naming the file and the field path of the first schema violation."""
-    from jsonschema.exceptions import best_match
-
-    error = best_match(_validator(cls.__name__).iter_errors(data))
-    if error is None:
-        return
-    where = ".".join(str(p) for p in error.absolute_path) or "(document)"
-    if error.validator == "type":
-        expected = (
-            error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        )
-        what = f"should be {' or '.join(_PY_TYPES.get(t, t) for t in expected)}, found {_json_type(error.instance)}"
-    elif error.validator == "required":
-        what = f"is missing a required field ({error.message.split(' is a required')[0]})"
-    elif error.validator == "additionalProperties":
-        what = f"has a field the format does not define ({error.message.split('(')[-1].rstrip(')')})"
-    else:
-        what = error.message if len(error.message) < 160 else error.message[:157] + "..."
-    raise SakError(
-        f"{path}: field '{where}' {what}; the file is damaged or not a v{SCHEMA_VERSION} cache file "
-        f"(run `sak-cache verify`)"
-    )
+    CACHE_SCHEMA.validate(data, cls, path)
 
 
 def load(cls: type, data: Any, path: str | Path) -> Any:
-    validate(data, cls, path)
-    return from_json(cls, data)
+    return CACHE_SCHEMA.load(cls, data, path)
 
 
 # ------------------------------------------------------------------------------------- documents
@@ -746,7 +587,7 @@ def _read_document(path: Path, cls: type, kind: str) -> Any:
         raise SakError(
             f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}; not a SAK cache file"
         )
-    if "schema_version" in _hints(cls) and data.get("schema_version") != SCHEMA_VERSION:
+    if "schema_version" in type_hints(cls) and data.get("schema_version") != SCHEMA_VERSION:
         raise SakError(
             f"{path}: field 'schema_version' is {data.get('schema_version')!r}, this code reads version "
             f"{SCHEMA_VERSION}; use a sak-cache release that matches the cache"

@@ -29,7 +29,6 @@ from sak.pipeline.format import (
     ShardEntry,
     ShardRecord,
     StoreIdentity,
-    from_json,
     read_cache,
     read_store_manifest,
     store_file_kind,
@@ -39,6 +38,7 @@ from sak.pipeline.format import (
     write_store_manifest,
 )
 from sak.pipeline.provenance import sha256_file, stable_hash
+from sak.pipeline.typed_json import from_json
 
 __all__ = [  # the format's names, for the modules that read manifests through this one
     "CACHE_FILE",

@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sak.pipeline.format import SCHEMA_FILE, generate_schema, schema_text
+from sak.pipeline.format import SCHEMA_FILE, generate_schema
+from sak.pipeline.typed_json import schema_text
 
 SHIPPED = Path(__file__).resolve().parent / "schema" / SCHEMA_FILE
 

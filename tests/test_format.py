@@ -21,13 +21,13 @@ from sak.pipeline.format import (
     generate_schema,
     read_cache,
     read_store_manifest,
-    schema_text,
     shipped_schema,
     to_json,
 )
 from sak.pipeline.manifest import store_fingerprint
 from sak.pipeline.schema_gen import SHIPPED
 from sak.pipeline.schema_gen import main as schema_main
+from sak.pipeline.typed_json import schema_text
 from sak.pipeline.verify import check_cache
 from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
