@@ -68,41 +68,23 @@ class Step:
 
 def steps(python: str = sys.executable) -> list[Step]:
     """The steps in run order (by value: the goals' steps first); budgets sum to under TOTAL_BUDGET_S."""
-    kernels = (python, "bench/kernels.py", "--modes", "autocast,native", "--with-z")
-    kernels += ("--warmup-ms", "20", "--rep-ms", "60", "--json", "{json}")
-    train = (python, "bench/train.py", "--student", "vit_b", "--device", "cuda", "--size", "384")
-    train += ("--extract-teachers", L_TEACHERS, "--images", "48", "--batch-size", "32", "--steps", "12")
-    train += ("--num-workers", "8", "--kernels", "both", "--skip-without-cuda", "--json", "{json}")
-    tests = (
-        python,
-        "-m",
-        "pytest",
-        "-q",
-        "-ra",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "pytest_rows",
-        "-o",
-        "addopts=",
-    )
-    extract = (python, "bench/extract.py", "--teachers", L_TEACHERS, "--random-init", "--size", "384")
-    extract += ("--images", "64", "--batch-size", "32", "--shard-size", "32", "--skip-without-cuda")
-    extract += ("--json", "{json}")
+    kernels = "bench/kernels.py --modes autocast,native --with-z --warmup-ms 20 --rep-ms 60"
+    train = f"bench/train.py --student vit_b --device cuda --size 384 --extract-teachers {L_TEACHERS}"
+    train += " --images 48 --batch-size 32 --steps 12 --num-workers 8 --kernels both --skip-without-cuda"
+    tests = f"-m pytest -q -ra -p no:cacheprovider -p pytest_rows -o addopts= {' '.join(GPU_TESTS)}"
+    extract = f"bench/extract.py --teachers {L_TEACHERS} --random-init --size 384 --images 64"
+    extract += " --batch-size 32 --shard-size 32 --skip-without-cuda"
+    what = {
+        "kernels": "adapter and loss: Triton vs eager vs torch.compile, the training case first",
+        "train": "stage-1 step: cache vs student alone vs live teachers (ViT-B, L teachers, 384)",
+        "gpu-tests": "kernel tests on the GPU: float64 at real shapes, autocast, repeats, contention",
+        "extract": "extraction: Ray pipeline vs bare teacher forward, views/s and MFU",
+    }
     return [
-        Step(
-            "kernels", kernels, 170, "adapter and loss: Triton vs eager vs torch.compile, training case first"
-        ),
-        Step(
-            "train",
-            train,
-            170,
-            "stage-1 step: cache vs student alone vs live teachers (ViT-B, L teachers, 384)",
-        ),
-        Step(
-            "gpu-tests", (*tests, *GPU_TESTS), 75, "kernel tests on the GPU: float64 at real shapes, repeats"
-        ),
-        Step("extract", extract, 85, "extraction: Ray pipeline vs bare teacher forward, views/s and MFU"),
+        Step("kernels", (python, *kernels.split(), "--json", "{json}"), 170, what["kernels"]),
+        Step("train", (python, *train.split(), "--json", "{json}"), 180, what["train"]),
+        Step("gpu-tests", (python, *tests.split()), 70, what["gpu-tests"]),
+        Step("extract", (python, *extract.split(), "--json", "{json}"), 80, what["extract"]),
     ]
 
 
@@ -125,22 +107,28 @@ def now() -> str:
 class Check:
     """One gpu-check run: the results file, the steps' environment, and the signals that stop it."""
 
-    def __init__(self, out: Path, work: Path, carry_dir: Path, plan: list[Step]) -> None:
-        self.out, self.work, self.carry, self.plan = out, work, carry_dir, plan
-        self.start = time.monotonic()
-        self.stopped: int | None = None  # the signal that stopped the run
-        self.pkg = link_package(work / "pkg")
-        sys.path.insert(0, str(self.pkg))
+    def __init__(self, out: Path, work: Path, carry_dir: Path, plan: list[Step], pkg: Path) -> None:
+        """pkg: the folder holding the linked `sak/` (link_package), importable in this process already."""
         from sak.pipeline.provenance import write_json_atomic
 
+        self.out, self.work, self.carry, self.plan, self.pkg = out, work, carry_dir, plan, pkg
+        for folder in (out, work):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.start = time.monotonic()
+        self.stopped: int | None = None  # the signal that stopped the run
         self._write_json = write_json_atomic
         self.result: dict = {"kind": "sak-gpu-check", "schema_version": 1, "started": now()}
         self.env = self._step_env()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
 
-    def _on_signal(self, signum, frame) -> None:
-        self.stopped = signum
+    def catch_signals(self) -> None:
+        """SIGTERM/SIGINT/SIGHUP stop the step in flight (its group: TERM, then KILL) and end the run with
+        what it has; the results file is written on the way out."""
+
+        def on_signal(signum, frame) -> None:
+            self.stopped = signum
+
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
 
     def _step_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -306,6 +294,18 @@ def step_status(end: str, rc: int | None, budget: int, figures: dict | None, sto
     return status if status.startswith("skipped") else "ok"
 
 
+def keep(files_at: Path) -> Path:
+    """Copy a device run's gpu-check.json (and its table) into bench/results/<device>-<date>.json/.md."""
+    result = json.loads((files_at / "gpu-check.json").read_text())
+    device = result.get("probe", {}).get("python", {}).get("torch", {}).get("device") or "no-cuda"
+    stem = "-".join(part for part in (device, result.get("started", "")) if part)
+    stem = "".join(c if c.isalnum() else "-" for c in stem).strip("-")
+    target = BENCH / "results" / f"{stem}.json"
+    target.write_text(json.dumps(result, indent=2) + "\n")
+    target.with_suffix(".md").write_text(markdown(result))
+    return target
+
+
 def print_plan(plan: list[Step]) -> None:
     total = sum(s.budget_s for s in plan)
     print(f"gpu-check plan: {len(plan)} steps, {total} s of budgets (whole run capped at {TOTAL_BUDGET_S} s)")
@@ -327,7 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         "--expect-skipped", action="store_true", help="exit 1 unless every step was skipped for want of CUDA"
     )
     parser.add_argument("--plan", action="store_true", help="print the steps and budgets, run nothing")
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="copy DIR/gpu-check.json into bench/results/"
+    )
     args = parser.parse_args(argv)
+    if args.keep:
+        print(f"kept {keep(args.keep)} and its .md: commit both")
+        return 0
     plan = steps()
     if args.only:
         unknown = set(args.only.split(",")) - {s.name for s in plan}
@@ -340,8 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         parser.error("--out DIR (or OUT=DIR) is required")
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="sak-gpu-check-"))
-    check = Check(args.out.resolve(), work.resolve(), args.carry.resolve(), plan)
+    work = (args.work or Path(tempfile.mkdtemp(prefix="sak-gpu-check-"))).resolve()
+    pkg = link_package(work / "pkg")
+    sys.path.insert(0, str(pkg))  # the linked package, for this process too (the device has no install)
+    check = Check(args.out.resolve(), work, args.carry.resolve(), plan, pkg)
+    check.catch_signals()
     print_plan(plan)
     check.set_up(install=not args.no_install)
     check.run_all()

@@ -13,8 +13,8 @@ Two input modes (`--modes`):
   native    every input already in --dtype (contiguous), the kernels' own entry points
 Cases run in value order (the goals' fwd+bwd rows under autocast first), one row at a time; with --json the
 file is rewritten after every row, so a run stopped at its budget keeps what it measured.
-On CUDA the Triton provider is strict: a Triton failure is recorded as a failed case (exit 1), never timed
-as a torch fallback. torch.compile gets a fresh `torch.compile(fn, dynamic=False)` per case after
+The Triton provider is strict: a Triton failure is recorded as a failed case (exit 1), never timed as a
+torch fallback. torch.compile gets a fresh `torch.compile(fn, dynamic=False)` per case after
 `torch._dynamo.reset()`: one static graph per case (its compile time and graph count are in the row; a
 recompile during timing fails the case).
 Bandwidth and FLOP rates count the work every provider must do (adapter: read the inputs and grad_output
@@ -234,6 +234,7 @@ def _with_backend(fn: Callable, backend: str) -> Callable:
         old = os.environ.get("SAK_KERNELS")
         os.environ["SAK_KERNELS"] = backend
         try:
+            assert dispatch.kernel_backend(args[0]) == backend, f"the {backend} path is not selected"
             return fn(*args, **kwargs)
         finally:
             if old is None:
@@ -290,8 +291,6 @@ def measure(case: Case, cfg: BenchConfig, device: torch.device, dtype: torch.dty
     """One row. Raises when the case cannot be measured (a Triton failure in strict mode, a recompile)."""
     make = adapter_inputs if case.op == "adapter" else loss_inputs
     inputs = make(cfg, case.name, case.mode, device, dtype)
-    if case.provider == "triton" and device.type == "cuda":
-        assert dispatch.kernel_backend(*inputs.args[:1]) == "triton", "the Triton path is not selected"
     call = pass_fn(provider_fn(case, cfg), inputs, case.pass_name)
     graphs0, t0 = _graphs(), time.perf_counter()
     call()  # first call: Triton jit + autotune, or the compile
@@ -395,7 +394,7 @@ def run(cfg: BenchConfig, report: StepReport) -> int:
     preflight(cases, cfg)
     if device.type == "cpu" and not cfg.small:
         return report.skip("no CUDA", "the real shapes need a GPU; --small runs tiny ones on the CPU")
-    dispatch.strict = device.type == "cuda"  # a Triton failure is a failed case, not a torch row
+    dispatch.strict = True  # a Triton failure is a failed case, never a torch row timed as Triton
     report.update(environment=environment(device))
     peaks = measure_peaks(device, cfg)
     report.update(peaks=peaks)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -130,6 +131,19 @@ def student_only_row(cfg, steps: int, warmup: int, report: StepReport, key: str)
         rows[key] = summarize(times, [None] * len(times), cfg.batch_size, warmup)
         report.flush()
     return rows[key]
+
+
+def loader_workers_for_shm(index, batch_size: int, workers: int, shm: str = "/dev/shm") -> tuple[int, dict]:
+    """Loader workers whose batches in flight fit /dev/shm (the DataLoader hands batches over through it),
+    and the figures that decided. A batch: its float32 images and its targets as stored (2-byte codecs)."""
+    per_view = 4 * 3 * index.plan.size**2 + sum(2 * s.dim * h * w for s in index.stores for h, w in s.grids)
+    in_flight = PREFETCH_FACTOR * batch_size * per_view  # one worker's prefetched batches
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return workers, {"shm_free_gib": None}
+    fit = max(1, min(workers, int(0.8 * free // in_flight)))
+    return fit, {"shm_free_gib": round(free / 2**30, 2), "batch_gib": round(batch_size * per_view / 2**30, 3)}
 
 
 def row_plan(kernels: str, online: bool) -> list[tuple[str, bool]]:
@@ -237,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             return report.skip("no CUDA")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         report.update(device=device_name(device))
+        workers, shm = loader_workers_for_shm(index, args.batch_size, args.num_workers)
+        report.update(loader=shm | {"workers_asked": args.num_workers, "workers": workers})
+        if workers < args.num_workers:
+            print(
+                f"/dev/shm holds {shm['shm_free_gib']} GiB: {workers} loader workers, not {args.num_workers}"
+            )
+            args.num_workers = workers
         run_rows(args, cache, root, report)
 
     print(
