@@ -27,10 +27,15 @@ from pathlib import Path
 import torch
 from step_io import StepReport
 
+from sak.pipeline.estimate import GPU_PEAK_BF16_TFLOPS, teacher_macs
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.manifest import read_cache, read_store_manifest
+from sak.pipeline.provenance import code_version
+from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
+
 
 def make_images(folder: Path, n: int) -> None:
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
-
     write_photo_folder(folder, n)
 
 
@@ -38,7 +43,6 @@ def bare_loop(
     teachers: list[str], size: int, batch: int, views: int, random_init: bool, device: str, threads: int
 ) -> float:
     """Views/s of only the teachers' forward on pre-decoded uint8 views (the ceiling for the pipeline)."""
-    from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
 
     old_threads = torch.get_num_threads()
     if device == "cpu":
@@ -71,8 +75,6 @@ def bare_loop(
 
 def flops_per_view(teachers: list[str], size: int) -> float:
     """Matmul FLOPs of one view through every teacher, each up to its deepest stored level."""
-    from sak.pipeline.estimate import teacher_macs
-    from sak.pipeline.teachers import get_teacher
 
     total = 0.0
     for name in teachers:
@@ -84,7 +86,6 @@ def flops_per_view(teachers: list[str], size: int) -> float:
 
 def peaks(device: str) -> dict[str, float | None]:
     """bf16 peaks in TFLOP/s: the datasheet's for this GPU (None when unknown) and a measured matmul."""
-    from sak.pipeline.estimate import GPU_PEAK_BF16_TFLOPS
 
     if device != "cuda":
         return {"datasheet_tflops": None, "measured_tflops": None}
@@ -107,17 +108,10 @@ def mfu(views_per_s: float, flops: float, peak_tflops: float | None) -> float | 
     return views_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None
 
 
-def pipeline_row(args, teachers: list[str], tmp: Path) -> tuple[dict, int]:
-    """(row, views) of one real extraction; the rate is its steady state (start-up excluded)."""
-    from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.manifest import read_cache, read_store_manifest
-
-    source = Path(args.source) if args.source else tmp / "images"
-    if not args.source:
-        make_images(source, args.images)
-    cfg = ExtractConfig(
+def extract_config(args, teachers: list[str], source: Path, out: Path) -> ExtractConfig:
+    return ExtractConfig(
         source=str(source),
-        out=str(tmp / "cache"),
+        out=str(out),
         teachers=tuple(teachers),
         views_per_image=args.views_per_image,
         size=args.size,
@@ -127,6 +121,15 @@ def pipeline_row(args, teachers: list[str], tmp: Path) -> tuple[dict, int]:
         random_init=args.random_init,
         progress=False,
     )
+
+
+def pipeline_row(args, teachers: list[str], tmp: Path) -> tuple[dict, int]:
+    """(row, views) of one real extraction; the rate is its steady state (start-up excluded)."""
+
+    source = Path(args.source) if args.source else tmp / "images"
+    if not args.source:
+        make_images(source, args.images)
+    cfg = extract_config(args, teachers, source, tmp / "cache")
     t0 = time.perf_counter()
     out = run_extraction(cfg)
     wall = time.perf_counter() - t0
@@ -163,12 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here (as each figure lands)")
     args = ap.parse_args(argv)
 
-    from sak.pipeline.provenance import code_version
-
     teachers = [t.strip() for t in args.teachers.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     flops = flops_per_view(teachers, args.size)
     report = StepReport(args.json, config=vars(args), code_version=code_version(), flops_per_view=flops)
+    extract_config(args, teachers, Path("images"), Path("cache"))  # the run's config can be made
     if args.skip_without_cuda and device != "cuda":
         return report.skip("no CUDA")
     cpus = os.cpu_count() or 1

@@ -37,6 +37,18 @@ from pathlib import Path
 import torch
 from step_io import StepReport
 
+from sak.cli.common import setup_logging
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.provenance import code_version
+from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+from sak.pipeline.teachers import bf16_autocast
+from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+from sak.student.data.order import make_stream_plan
+from sak.student.train.losses import distillation_loss
+from sak.student.train.online import stored_levels
+from sak.student.train.stage1 import build_student_for, cpu_compute_threads, train_stage1
+from sak.student.train.stage1_config import Stage1Config
+
 TINY_TEACHERS = "dinov2_tiny,clip_tiny,sam_tiny"
 PREFETCH_FACTOR = 2  # CacheLoader's default: batches in flight per loader worker
 
@@ -44,8 +56,6 @@ PREFETCH_FACTOR = 2  # CacheLoader's default: batches in flight per loader worke
 def make_cache(
     root: Path, images: int, size: int, shard_images: int, teachers: str = TINY_TEACHERS, batch_size: int = 32
 ) -> str:
-    from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
     photos = write_photo_folder(root / "photos", images)
     cfg = ExtractConfig(
@@ -75,7 +85,6 @@ def summarize(step_times: list[float], waits: list[float | None], batch_size: in
 
 def trainer_row(cfg, warmup: int, report: StepReport, key: str) -> dict:
     """The real trainer; the row in `report` is rewritten after every step."""
-    from sak.student.train.stage1 import train_stage1
 
     times, waits, t_call, setup = [], [], time.perf_counter(), {}
     rows = report.fields.setdefault("rows_by_mode", {})
@@ -94,12 +103,6 @@ def trainer_row(cfg, warmup: int, report: StepReport, key: str) -> dict:
 
 def student_only_row(cfg, steps: int, warmup: int, report: StepReport, key: str) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
-    from sak.pipeline.teachers import bf16_autocast
-    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
-    from sak.student.data.order import make_stream_plan
-    from sak.student.train.losses import distillation_loss
-    from sak.student.train.online import stored_levels
-    from sak.student.train.stage1 import build_student_for, cpu_compute_threads
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = open_cache(cfg.cache, cfg.teachers)
@@ -157,9 +160,9 @@ def row_plan(kernels: str, online: bool) -> list[tuple[str, bool]]:
     return plan
 
 
-def run_rows(args, cache: str, root: Path, report: StepReport) -> None:
-    from sak.student.train.stage1_config import Stage1Config
-
+def stage1_base(args, cache: str) -> dict:
+    """The rows' configs, made and validated: {'warmup': steps dropped, 'rows': [(mode, kernels, config)]}.
+    Warm-up by default: the loader's prefetch window + 2."""
     warmup = args.warmup if args.warmup is not None else args.num_workers * PREFETCH_FACTOR + 2
     base = Stage1Config(
         cache=cache,
@@ -174,18 +177,27 @@ def run_rows(args, cache: str, root: Path, report: StepReport) -> None:
         tensorboard=False,
         device=args.device,
     ).to_dict()
-    plan = row_plan(args.kernels, not args.skip_online)
-    report.update(warmup=warmup, row_plan=[f"{m}{' +kernels' if k else ''}" for m, k in plan])
-    for mode, use_kernels in plan:
-        tag = " +kernels" if use_kernels else ""
-        key = f"{mode}{tag}"
-        cfg = {**base, "use_kernels": use_kernels, "out": str(root / key.replace(" ", "_"))}
+    rows = []
+    for mode, use_kernels in row_plan(args.kernels, not args.skip_online):
+        key = f"{mode}{' +kernels' if use_kernels else ''}"
+        cfg = Stage1Config.from_dict(
+            {**base, "use_kernels": use_kernels, "online": mode == "online", "out": key.replace(" ", "_")}
+        )
+        cfg.validate()
+        rows.append((key, mode, use_kernels, cfg))
+    return {"warmup": warmup, "rows": rows}
+
+
+def run_rows(args, plan: dict, root: Path, report: StepReport) -> None:
+    warmup = plan["warmup"]
+    report.update(warmup=warmup, row_plan=[key for key, *_ in plan["rows"]])
+    for key, mode, use_kernels, cfg in plan["rows"]:
+        cfg = Stage1Config.from_dict({**cfg.to_dict(), "out": str(root / cfg.out)})
         print(f"row {key} ...", flush=True)
         if mode == "student only":
-            row = student_only_row(Stage1Config.from_dict(cfg), args.steps, warmup, report, key)
+            row = student_only_row(cfg, args.steps, warmup, report, key)
         else:
-            cfg["online"] = mode == "online"
-            row = trainer_row(Stage1Config.from_dict(cfg), warmup, report, key)
+            row = trainer_row(cfg, warmup, report, key)
         report.add({"mode": mode, "kernels": use_kernels, **row})
 
 
@@ -227,9 +239,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results here (after every step)")
     args = p.parse_args(argv)
 
-    from sak.cli.common import setup_logging
-    from sak.pipeline.provenance import code_version
-
     setup_logging()
     report = StepReport(args.json, config=vars(args), code_version=code_version())
     no_cuda = args.skip_without_cuda and not torch.cuda.is_available()
@@ -243,22 +252,21 @@ def main(argv: list[str] | None = None) -> int:
                 root, args.images, args.size, 4, args.extract_teachers, args.extract_batch_size
             )
         report.update(cache_s=time.perf_counter() - t0)
-        from sak.student.data.loader import open_cache
 
         index = open_cache(cache, ())
         report.update(cache_views=index.num_views, cache_stores=[s.teacher for s in index.stores])
-        if no_cuda:
-            return report.skip("no CUDA")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        report.update(device=device_name(device))
         workers, shm = loader_workers_for_shm(index, args.batch_size, args.num_workers)
         report.update(loader=shm | {"workers_asked": args.num_workers, "workers": workers})
         if workers < args.num_workers:
             print(
-                f"/dev/shm holds {shm['shm_free_gib']} GiB: {workers} loader workers, not {args.num_workers}"
+                f"/dev/shm has {shm['shm_free_gib']} GiB free: {workers} loader workers, not {args.num_workers}"
             )
             args.num_workers = workers
-        run_rows(args, cache, root, report)
+        base = stage1_base(args, cache)  # every row's config is made and validated before the CUDA check
+        if no_cuda:
+            return report.skip("no CUDA")
+        report.update(device=device_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        run_rows(args, base, root, report)
 
     print(
         f"\nstage-1 step time: student {args.student}, batch {args.batch_size}, {report.fields['device']}, "

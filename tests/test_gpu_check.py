@@ -283,3 +283,24 @@ def test_keep_names_the_copy_after_the_device_and_the_start(tmp_path, monkeypatc
     assert kept == tmp_path / "results" / "NVIDIA-H200-2026-12-02T14-40-32Z.json"
     assert json.loads(kept.read_text()) == result
     assert kept.with_suffix(".md").read_text().startswith("# GPU check: NVIDIA H200, 2026-12-02T14:40:32Z")
+
+
+@pytest.mark.slow
+def test_rehearsal_every_step_reaches_its_cuda_check(tmp_path):
+    """`make gpu-rehearsal`: the device entry point in the simulated device environment (built once into
+    .gpu-sim/ from PyPI when missing: minutes and ~5 GB) gets every step through its set-up."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["make", "gpu-rehearsal", f"OUT={out}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = json.loads((out / "gpu-check.json").read_text())
+    assert [s["name"] for s in got["steps"]] == ["kernels", "train", "gpu-tests", "extract"]
+    assert all(s["status"] == "skipped: no CUDA" for s in got["steps"]), [s["status"] for s in got["steps"]]
+    assert got["install"]["status"] == "ok" and len(got["install"]["wheels"]) == 11
+    python = got["probe"]["python"]
+    assert python["python"].startswith("3.12") and python["torch"]["version"].startswith("2.11.0")
+    assert python["triton"] == "3.6.0" and python["torch"]["cuda_available"] is False
+    assert python["packages"]["ray"] == "2.60.0" and python["packages"]["zarr"] == "3.1.6"  # the carried ones
+    assert got["carry_bytes"]["total"] < got["carry_bytes"]["limit"] == 64 << 20
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
