@@ -304,3 +304,12 @@ def test_rehearsal_every_step_reaches_its_cuda_check(tmp_path):
     assert got["carry_bytes"]["total"] < got["carry_bytes"]["limit"] == 64 << 20
     files = [p for p in out.rglob("*") if p.is_file()]
     assert len(files) <= 8 and all(len(p.relative_to(out).parts) <= 3 for p in files)
+
+
+def test_carry_bytes_without_git_count_the_stamped_files(tmp_path):
+    (tmp_path / "a.py").write_text("x" * 100)
+    (tmp_path / "carry").mkdir()
+    (tmp_path / "carry" / "stamp.json").write_text(json.dumps({"files": ["a.py", "gone.py"]}))
+    sizes = carry.carry_bytes(tmp_path, tmp_path / "carry")  # not a checkout: git fails, the stamp counts
+    assert sizes["tree"] == 100 and sizes["carry"] == (tmp_path / "carry" / "stamp.json").stat().st_size
+    assert sizes["total"] == sizes["tree"] + sizes["carry"] and sizes["limit"] == 64 << 20

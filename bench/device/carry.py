@@ -115,10 +115,10 @@ def code_version(root: Path = ROOT, carry: Path = CARRY) -> str:
 def carry_bytes(root: Path = ROOT, carry: Path = CARRY) -> dict[str, int]:
     """{'tree': bytes, 'carry': bytes, 'total': bytes, 'limit': bytes} of what travels.
 
-    Here the tree is what git would send; on the device (no .git) it is the stamped file list."""
-    if (root / ".git").exists():
+    Here the tree is what git would send; on the device (no .git, or no git) it is the stamped file list."""
+    try:
         files = tree_files(root)
-    else:
+    except (OSError, subprocess.CalledProcessError):
         files = (read_stamp(carry) or {}).get("files", [])
     tree = sum((root / f).stat().st_size for f in files if (root / f).is_file())
     carried = folder_bytes(carry)
