@@ -94,20 +94,28 @@ def loss_shapes(small: bool) -> dict[str, tuple[int, ...]]:
 
 
 def plan_cases(cfg: BenchConfig) -> list[Case]:
-    """Every case in value order: the goal rows (fwd+bwd under autocast: adapter vs compile, loss vs the
-    copy bandwidth) first, then the rest; compile rows of the loss after its Triton/eager rows."""
-    cases = []
-    for mode in sorted(cfg.modes, key=MODES.index):
+    """Every case in value order: the goal rows first (fwd+bwd under autocast: the adapter against
+    torch.compile, the loss against the copy bandwidth), each compile row after the Triton and eager rows
+    it is compared with; the native-dtype compile rows last (the slowest to get, the least needed)."""
+    shapes = {"adapter": adapter_shapes(cfg.small), "distill_loss": loss_shapes(cfg.small)}
+    fast = tuple(p for p in cfg.providers if p != "compile")
+    slow = tuple(p for p in cfg.providers if p == "compile")
+    cases: list[Case] = []
+
+    def add(mode: str, pass_name: str, op: str, providers: tuple[str, ...]) -> None:
+        cases.extend(Case(op, name, mode, p, pass_name) for name in shapes[op] for p in providers)
+
+    modes = sorted(cfg.modes, key=MODES.index)
+    for mode in modes:
         for pass_name in PASSES:
-            for name in adapter_shapes(cfg.small):
-                cases += [Case("adapter", name, mode, p, pass_name) for p in cfg.providers]
-            for late in (False, True):  # torch.compile of the loss after its Triton and eager rows
-                for name in loss_shapes(cfg.small):
-                    cases += [
-                        Case("distill_loss", name, mode, p, pass_name)
-                        for p in cfg.providers
-                        if (p == "compile") == late
-                    ]
+            add(mode, pass_name, "adapter", cfg.providers if mode == "autocast" else fast)
+            add(mode, pass_name, "distill_loss", fast)
+            if mode == "autocast":
+                add(mode, pass_name, "distill_loss", slow)
+    for mode in (m for m in modes if m != "autocast"):
+        for pass_name in PASSES:
+            add(mode, pass_name, "adapter", slow)
+            add(mode, pass_name, "distill_loss", slow)
     return cases
 
 

@@ -146,7 +146,15 @@ def test_a_run_killed_mid_way_leaves_a_valid_results_file(tmp_path):
     got = json.loads(results.read_text())  # atomic writes: never half a file
     kernels, extract = got["steps"]
     assert kernels["status"] == "skipped: no CUDA" and kernels["figures"]["status"] == "skipped: no CUDA"
-    assert len(kernels["figures"]["config"]["cases"]) == 48  # the set-up ran: every case planned
+    cases = kernels["figures"]["config"]["cases"]  # the set-up ran: every case planned, in value order
+    assert len(cases) == 48 and cases[:6] == [
+        f"adapter {n} autocast {p} fwd+bwd"
+        for n in ("vit_b", "vit_l")
+        for p in ("triton", "eager", "compile")
+    ]
+    assert all(" native compile " in c for c in cases[-8:]) and not any(
+        " native compile " in c for c in cases[:-8]
+    )
     assert extract["status"] in ("running", "not run yet")
     assert got["code_version"] and got["carry_bytes"]["total"] > 0 and got["probe"]["machine"]["cpus"]
     assert [g["verdict"] for g in got["goals"]] == ["not measured"] * 4
