@@ -55,6 +55,20 @@ check-lock:  ## does .venv hold exactly the lock? (make venv runs this too)
 clean:
 	rm -rf $(DEMO) .pytest_cache
 
-.PHONY: gpu-check
-gpu-check: $(VENV)/.installed  ## on a lent H100/H200: GPU tests + kernel/train/extract benchmarks -> bench/results/ (< 8 min); elsewhere prints the plan
-	$(PY) bench/gpu_check.py
+# The lent GPU machine (docs/gpu.md): `make gpu-wheels` prepares what travels with the device call
+# (.gpu-carry/: the wheels the device image lacks, ray trimmed, and the code-version stamp; sizes printed),
+# `make gpu-rehearsal OUT=DIR` runs the device entry point (bench/device/run.sh) here in a simulated device
+# environment (Python 3.12 with the image's packages only, no .venv, no network, no CUDA; built once into
+# .gpu-sim/). On the device: `bash bench/device/run.sh`, results in $OUT/gpu-check.json and .md.
+.PHONY: gpu-check gpu-wheels gpu-rehearsal
+GPU_PYTHON ?= $(PYTHON)
+
+gpu-wheels:  ## cp312 wheels of what the device image lacks + the code stamp -> .gpu-carry/ (< 64 MiB with the tree)
+	$(GPU_PYTHON) bench/device/wheels.py
+
+gpu-rehearsal: gpu-wheels  ## the device entry point here, simulated device env: every step reaches its CUDA check
+	@test -n "$(OUT)" || { echo "make gpu-rehearsal OUT=DIR"; exit 2; }
+	OUT="$(OUT)" bash bench/device/rehearsal.sh
+
+gpu-check: $(VENV)/.installed  ## on a CUDA machine with .venv: the same steps as the device run -> OUT (default bench/results/local)
+	$(PY) bench/gpu_check.py --no-install --out $(or $(OUT),bench/results/local)

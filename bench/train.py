@@ -4,16 +4,20 @@
     python bench/train.py --student vit_b --device cuda --batch-size 64 --size 384
     python bench/train.py --cache /caches/in1k --student vit_b --device cuda --num-workers 8
 
-Rows of the table (one student, one per-step batch, one device):
+Rows (one student, one per-step batch, one device), in this order (the goals' three first):
   cache         the real trainer (train_stage1) streaming images + targets from the cache, loader workers
-  online        the same trainer with targets from the live teachers rebuilt from the store manifests
   student only  forward + backward + AdamW step of the student on one batch already on the device
-Step times are medians over the timed steps (the first --warmup steps are dropped); the data-wait fraction
-is the mean share of a step spent waiting for the loader. The cache row approaching the student-only row
-means the loader keeps up. Without --cache a cache of procedural images with the tiny random-init teachers
-(dinov2_tiny, clip_tiny, sam_tiny, or --extract-teachers, random init) is extracted first, on an embedded
-Ray. `--kernels on|off|both` runs every row with the fused kernels, without, or both ways. `--json OUT` also
-writes the figures with the resolved config and code version.
+  online        the same trainer with targets from the live teachers rebuilt from the store manifests; one
+                row only (kernels off), so the teachers are built once
+  then, with --kernels on|both, cache and student only again with the fused kernels
+Step times are medians over the timed steps. The first --warmup steps are dropped: by default the loader's
+prefetch window (workers x prefetch factor) plus 2, so that the timed steps wait on the loader's steady
+rate, not on batches it made ahead while the model warmed up. The data-wait fraction is the mean share of a
+step spent waiting for the loader; the cache row approaching the student-only row means the loader keeps up.
+Without --cache a cache of procedural images with the tiny random-init teachers (dinov2_tiny, clip_tiny,
+sam_tiny, or --extract-teachers, random init) is extracted first, on an embedded Ray. `--json OUT` writes
+the figures after every timed step (a run stopped early keeps them). `--skip-without-cuda`: without CUDA,
+extract a tiny cache and open it as the trainer does (the set-up), then record `skipped: no CUDA`.
 
     python bench/train.py --student vit_b --device cuda --size 384 --extract-teachers dinov2_l,clip_l,sam_l \
         --kernels both                                          # what `make gpu-check` runs
@@ -22,8 +26,8 @@ writes the figures with the resolved config and code version.
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -31,15 +35,27 @@ import time
 from pathlib import Path
 
 import torch
+from step_io import StepReport
+
+from sak.cli.common import setup_logging
+from sak.pipeline.extract import ExtractConfig, run_extraction
+from sak.pipeline.provenance import code_version
+from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+from sak.pipeline.teachers import bf16_autocast
+from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+from sak.student.data.order import make_stream_plan
+from sak.student.train.losses import distillation_loss
+from sak.student.train.online import stored_levels
+from sak.student.train.stage1 import build_student_for, cpu_compute_threads, train_stage1
+from sak.student.train.stage1_config import Stage1Config
 
 TINY_TEACHERS = "dinov2_tiny,clip_tiny,sam_tiny"
+PREFETCH_FACTOR = 2  # CacheLoader's default: batches in flight per loader worker
 
 
 def make_cache(
     root: Path, images: int, size: int, shard_images: int, teachers: str = TINY_TEACHERS, batch_size: int = 32
 ) -> str:
-    from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
     photos = write_photo_folder(root / "photos", images)
     cfg = ExtractConfig(
@@ -56,28 +72,37 @@ def make_cache(
     return str(run_extraction(cfg))
 
 
-def trainer_row(cfg, warmup: int) -> dict:
-    from sak.student.train.stage1 import train_stage1
-
-    train_stage1(cfg)
-    records = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-    timed = [r for r in records if r["kind"] == "train"][warmup:]
-    step = statistics.median(r["step_time_s"] for r in timed)
-    return {
-        "step_ms": 1e3 * step,
-        "samples_per_s": cfg.batch_size / step,
-        "data_wait": statistics.fmean(r["data_wait_fraction"] for r in timed),
-    }
+def summarize(step_times: list[float], waits: list[float | None], batch_size: int, warmup: int) -> dict:
+    """A row from per-step seconds (all steps, warm-up included) and data-wait fractions."""
+    timed, timed_waits = step_times[warmup:], [w for w in waits[warmup:] if w is not None]
+    row = {"steps_run": len(step_times), "steps_timed": len(timed), "warmup": warmup}
+    if timed:
+        step = statistics.median(timed)
+        row.update(step_ms=1e3 * step, samples_per_s=batch_size / step)
+        row["data_wait"] = statistics.fmean(timed_waits) if timed_waits else None
+    return row
 
 
-def student_only_row(cfg, steps: int, warmup: int) -> dict:
+def trainer_row(cfg, warmup: int, report: StepReport, key: str) -> dict:
+    """The real trainer; the row in `report` is rewritten after every step."""
+
+    times, waits, t_call, setup = [], [], time.perf_counter(), {}
+    rows = report.fields.setdefault("rows_by_mode", {})
+
+    def on_step(step: int, batch: dict, record: dict) -> None:
+        if not times:  # cache opened, model built, teachers loaded (online), loader workers started
+            setup["setup_s"] = round(time.perf_counter() - t_call - record["step_time_s"], 2)
+        times.append(record["step_time_s"])
+        waits.append(record["data_wait_fraction"])
+        rows[key] = {**summarize(times, waits, cfg.batch_size, warmup), **setup}
+        report.flush()
+
+    train_stage1(cfg, on_step=on_step)
+    return rows[key]
+
+
+def student_only_row(cfg, steps: int, warmup: int, report: StepReport, key: str) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
-    from sak.pipeline.teachers import bf16_autocast
-    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
-    from sak.student.data.order import make_stream_plan
-    from sak.student.train.losses import distillation_loss
-    from sak.student.train.online import stored_levels
-    from sak.student.train.stage1 import build_student_for
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = open_cache(cfg.cache, cfg.teachers)
@@ -91,14 +116,12 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
     use_kernels = bool(cfg.use_kernels)
     model.use_kernels = use_kernels
     if device.type == "cpu" and cfg.num_workers:
-        from sak.student.train.stage1 import cpu_compute_threads
-
         torch.set_num_threads(
             cpu_compute_threads(cfg.num_workers)
         )  # the trainer's thread count, for a fair row
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    times = []
-    for i in range(warmup + steps):
+    times, rows = [], report.fields.setdefault("rows_by_mode", {})
+    for _ in range(warmup + steps):
         t0 = time.perf_counter()
         with bf16_autocast(device):
             maps = stored_levels(model(images).distill_maps, index.stores)
@@ -107,10 +130,81 @@ def student_only_row(cfg, steps: int, warmup: int) -> dict:
         loss.backward()
         optimizer.step()
         loss.item()  # note: host-device sync, as the trainer's per-step logging does
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
-    return {"step_ms": 1e3 * step, "samples_per_s": cfg.batch_size / step, "data_wait": None}
+        times.append(time.perf_counter() - t0)
+        rows[key] = summarize(times, [None] * len(times), cfg.batch_size, warmup)
+        report.flush()
+    return rows[key]
+
+
+def loader_workers_for_shm(index, batch_size: int, workers: int, shm: str = "/dev/shm") -> tuple[int, dict]:
+    """Loader workers whose batches in flight fit /dev/shm (the DataLoader hands batches over through it),
+    and the figures that decided. A batch: its float32 images and its targets as stored (2-byte codecs)."""
+    per_view = 4 * 3 * index.plan.size**2 + sum(2 * s.dim * h * w for s in index.stores for h, w in s.grids)
+    in_flight = PREFETCH_FACTOR * batch_size * per_view  # one worker's prefetched batches
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return workers, {"shm_free_gib": None}
+    fit = max(1, min(workers, int(0.8 * free // in_flight)))
+    return fit, {"shm_free_gib": round(free / 2**30, 2), "batch_gib": round(batch_size * per_view / 2**30, 3)}
+
+
+def row_plan(kernels: str, online: bool) -> list[tuple[str, bool]]:
+    """(mode, use_kernels) in run order: the goals' rows (kernels off) first, one online row."""
+    settings = {"off": [False], "on": [True], "both": [False, True]}[kernels]
+    plan = []
+    for use_kernels in settings:
+        plan += [("cache", use_kernels), ("student only", use_kernels)]
+        if online and not any(mode == "online" for mode, _ in plan):
+            plan.append(("online", use_kernels))
+    return plan
+
+
+def stage1_base(args, cache: str) -> dict:
+    """The rows' configs, made and validated: {'warmup': steps dropped, 'rows': [(mode, kernels, config)]}.
+    Warm-up by default: the loader's prefetch window + 2."""
+    warmup = args.warmup if args.warmup is not None else args.num_workers * PREFETCH_FACTOR + 2
+    base = Stage1Config(
+        cache=cache,
+        out="",
+        student=args.student,
+        teachers=tuple(t for t in args.teachers.split(",") if t),
+        steps=warmup + args.steps,
+        batch_size=args.batch_size,
+        warmup_steps=1,
+        num_workers=args.num_workers,
+        log_every=10**9,
+        tensorboard=False,
+        device=args.device,
+    ).to_dict()
+    rows = []
+    for mode, use_kernels in row_plan(args.kernels, not args.skip_online):
+        key = f"{mode}{' +kernels' if use_kernels else ''}"
+        cfg = Stage1Config.from_dict(
+            {**base, "use_kernels": use_kernels, "online": mode == "online", "out": key.replace(" ", "_")}
+        )
+        cfg.validate()
+        rows.append((key, mode, use_kernels, cfg))
+    return {"warmup": warmup, "rows": rows}
+
+
+def run_rows(args, plan: dict, root: Path, report: StepReport) -> None:
+    warmup = plan["warmup"]
+    report.update(warmup=warmup, row_plan=[key for key, *_ in plan["rows"]])
+    for key, mode, use_kernels, cfg in plan["rows"]:
+        cfg = Stage1Config.from_dict({**cfg.to_dict(), "out": str(root / cfg.out)})
+        print(f"row {key} ...", flush=True)
+        if mode == "student only":
+            row = student_only_row(cfg, args.steps, warmup, report, key)
+        else:
+            row = trainer_row(cfg, warmup, report, key)
+        report.add({"mode": mode, "kernels": use_kernels, **row})
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} compute thread(s)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="view size of the cache this script extracts")
     p.add_argument("--images", type=int, default=96, help="images of the cache this script extracts")
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=3, help="untimed first steps per row")
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed first steps per row [default: prefetch window + 2]"
+    )
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", default=None, help="cpu or cuda [default: cuda when available]")
     p.add_argument("--skip-online", action="store_true")
@@ -139,68 +235,50 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kernels", choices=["off", "on", "both"], default="off", help="fused kernels in every row"
     )
-    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--skip-without-cuda", action="store_true", help="see the docstring")
+    p.add_argument("--json", help="also write the results here (after every step)")
     args = p.parse_args(argv)
 
-    from sak.cli.common import setup_logging
-    from sak.pipeline.provenance import code_version
-    from sak.student.train.stage1_config import Stage1Config
-
     setup_logging()
+    report = StepReport(args.json, config=vars(args), code_version=code_version())
+    no_cuda = args.skip_without_cuda and not torch.cuda.is_available()
     with tempfile.TemporaryDirectory(prefix="sak-bench-train-") as tmp:
         root = Path(tmp)
-        cache = args.cache or make_cache(
-            root, args.images, args.size, 4, args.extract_teachers, args.extract_batch_size
-        )
-        base = Stage1Config(
-            cache=cache,
-            out="",
-            student=args.student,
-            teachers=tuple(t for t in args.teachers.split(",") if t),
-            steps=args.warmup + args.steps,
-            batch_size=args.batch_size,
-            warmup_steps=1,
-            num_workers=args.num_workers,
-            log_every=10**9,
-            tensorboard=False,
-            device=args.device,
-        )
-        rows = {}
-        for kernels in {"off": [False], "on": [True], "both": [False, True]}[args.kernels]:
-            tag = " +kernels" if kernels else ""
-            with_kernels = {**base.to_dict(), "use_kernels": kernels}
-            rows[f"cache ({args.num_workers} workers){tag}"] = trainer_row(
-                Stage1Config.from_dict({**with_kernels, "out": str(root / f"cache_run{tag.strip()}")}),
-                args.warmup,
+        t0 = time.perf_counter()
+        if no_cuda:  # the set-up at a size the CPU does in seconds: Ray, the store writers, the index
+            cache = make_cache(root, 4, 64, 2)
+        else:
+            cache = args.cache or make_cache(
+                root, args.images, args.size, 4, args.extract_teachers, args.extract_batch_size
             )
-            if not args.skip_online:
-                online = {**with_kernels, "out": str(root / f"online_run{tag.strip()}"), "online": True}
-                rows[f"online teachers{tag}"] = trainer_row(Stage1Config.from_dict(online), args.warmup)
-            rows[f"student only (in memory){tag}"] = student_only_row(
-                Stage1Config.from_dict(with_kernels), args.steps, args.warmup
-            )
+        report.update(cache_s=time.perf_counter() - t0)
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    name = (
-        torch.cuda.get_device_name()
-        if device.startswith("cuda")
-        else f"CPU ({os.cpu_count()} cores), {torch.get_num_threads()} compute thread(s)"
-    )
+        index = open_cache(cache, ())
+        report.update(cache_views=index.num_views, cache_stores=[s.teacher for s in index.stores])
+        workers, shm = loader_workers_for_shm(index, args.batch_size, args.num_workers)
+        report.update(loader=shm | {"workers_asked": args.num_workers, "workers": workers})
+        if workers < args.num_workers:
+            print(
+                f"/dev/shm has {shm['shm_free_gib']} GiB free: {workers} loader workers, not {args.num_workers}"
+            )
+            args.num_workers = workers
+        base = stage1_base(args, cache)  # every row's config is made and validated before the CUDA check
+        if no_cuda:
+            return report.skip("no CUDA")
+        report.update(device=device_name(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        run_rows(args, base, root, report)
+
     print(
-        f"\nstage-1 step time: student {args.student}, batch {args.batch_size}, {name}, code {code_version()}"
+        f"\nstage-1 step time: student {args.student}, batch {args.batch_size}, {report.fields['device']}, "
+        f"code {code_version()}"
     )
     print(f"cache {cache}")
     print(f"{'mode':<28} {'step ms':>9} {'samples/s':>10} {'data wait':>10}")
-    for mode, r in rows.items():
+    for r in (r for r in report.rows if "step_ms" in r):
+        mode = f"{r['mode']}{' +kernels' if r['kernels'] else ''}"
         wait = "-" if r["data_wait"] is None else f"{r['data_wait']:.0%}"
         print(f"{mode:<28} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} {wait:>10}")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {"config": vars(args), "device": name, "code_version": code_version(), "rows": rows}, indent=2
-            )
-        )
-    return 0
+    return report.done()
 
 
 if __name__ == "__main__":

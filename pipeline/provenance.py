@@ -17,7 +17,13 @@ SCHEMA_VERSION = 1
 
 @lru_cache(maxsize=1)
 def code_version() -> str:
-    """Package version plus the git commit of the source tree when it is a checkout ("0.1.0+g1a2b3c4")."""
+    """Package version plus the git commit of the source tree when it is a checkout ("0.1.0+g1a2b3c4").
+
+    SAK_CODE_VERSION, when set, is returned as is: a copy of the tree without .git (the lent GPU machine)
+    gets the version stamped where the copy was made (bench/device/carry.py; Ray workers inherit it)."""
+    stamped = os.environ.get("SAK_CODE_VERSION", "").strip()
+    if stamped:
+        return stamped
     try:
         version = metadata.version("sak-cache")
     except metadata.PackageNotFoundError:

@@ -58,6 +58,15 @@ class ShardJob:
         return self.stop - self.start
 
 
+def assigned_device() -> str:
+    """'cuda' when Ray gave this actor a GPU, else 'cpu': the placement decides (a CPU actor on a GPU node,
+    `--device cpu`, stays off the GPU), not whether this process could see one. Ray points
+    CUDA_VISIBLE_DEVICES at the assigned GPU, so it is cuda:0 here."""
+    import ray
+
+    return "cuda" if ray.get_runtime_context().get_accelerator_ids().get("GPU") else "cpu"
+
+
 class TeacherWorker:
     """Holds every selected teacher, loaded once; computes and writes whole shards (a Ray actor).
 
@@ -70,7 +79,7 @@ class TeacherWorker:
     ) -> None:
         from sak.pipeline.teachers import get_teacher
 
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = assigned_device()
         if self.device == "cpu":
             torch.set_num_threads(threads)
         self.batch_size = batch_size

@@ -27,11 +27,12 @@ def interpreted_triton(monkeypatch):
 
 
 def make_inputs(C, dtype, with_z, scale_shape=(), device="cpu", tokens=TOKENS, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    # drawn on `device` itself: at the GPU tier's real shapes a host tensor would cost seconds to make and copy
+    g = torch.Generator(device=device).manual_seed(seed)
     R = C // 4
 
     def rand(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype).requires_grad_()
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype=dtype).requires_grad_()
 
     x = rand(*tokens, C)
     z = rand(*tokens, C, std=0.5) if with_z else None
@@ -46,7 +47,8 @@ def check_against_float64(inputs, dtype, seed=1):
     x, z, w_down, b_down, w_up, b_up, scale = inputs
     out = fused_adapter(x, w_down, b_down, w_up, b_up, scale, z=z)
     assert out.dtype == dtype and out.shape == x.shape
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    gen = torch.Generator(device=out.device).manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=gen, device=out.device).to(out)
     out.backward(grad_out)
 
     leaves = [t for t in inputs if t is not None]

@@ -31,10 +31,10 @@ def interpreted_triton(monkeypatch):
 
 def make_pair(shape, dtype, device="cpu", seed=0):
     """Student and a correlated target (cosines well inside (-1, 1))."""
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(shape, generator=g)
-    target = 0.6 * student + torch.randn(shape, generator=g)
-    return student.to(device, dtype).requires_grad_(), target.to(device, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)  # drawn on the device: no host tensors at real sizes
+    student = torch.randn(shape, generator=g, device=device)
+    target = 0.6 * student + torch.randn(shape, generator=g, device=device)
+    return student.to(dtype).requires_grad_(), target.to(dtype)
 
 
 def check_against_float64(student, target, dtype, grad_scale=1.0, **kwargs):
