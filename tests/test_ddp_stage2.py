@@ -3,7 +3,7 @@ step, the losses one process logs on the same batches; rank 0 alone writes check
 two-process run resumes with the uninterrupted run's remaining losses.
 
 The crops are taken at scale 2 (no padding), so both halves of a batch hold the same number of labelled
-pixels and the mean of the ranks' per-pixel losses is the global batch's (see README, DDP)."""
+pixels and the mean of the ranks' per-pixel losses is the global batch's (see docs/stage2.md, DDP)."""
 
 from __future__ import annotations
 

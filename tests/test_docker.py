@@ -1,5 +1,5 @@
 """The cluster files: docker/rayjob.yaml parses as a KubeRay RayJob whose every container runs the image
-the README builds, and whose entrypoint is the command the README shows."""
+docs/cluster.md builds, and whose entrypoint is the command that page shows."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _readme_cluster_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    return text.split("## Running on a cluster", 1)[1].split("\n## ", 1)[0]
+    return (ROOT / "docs" / "cluster.md").read_text()
 
 
 def test_rayjob_names_the_image_and_command_the_readme_shows():
@@ -32,6 +31,10 @@ def test_rayjob_names_the_image_and_command_the_readme_shows():
     assert all(c["resources"]["limits"]["nvidia.com/gpu"] for c in gpu)
     lock_ray = re.search(r"^ray==(\S+)", (ROOT / "requirements.lock").read_text(), re.M).group(1)
     assert cluster["rayVersion"] == lock_ray
+    for c in [c for g in groups for c in g["template"]["spec"]["containers"]]:  # weights on every node
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert env["HF_HUB_OFFLINE"] == "1" and env["HF_HOME"].startswith("/models/")
+        assert any(m["mountPath"] == "/models" for m in c["volumeMounts"]), c["name"]
     assert "AWS_SECRET" not in (ROOT / "docker" / "rayjob.yaml").read_text().replace(
         "AWS_SECRET_ACCESS_KEY", ""
     )

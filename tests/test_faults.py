@@ -1,6 +1,6 @@
 """Nothing lost, nothing trusted: crashes, concurrent runs, a full disk, corruption, hostile inputs.
 
-Each test uses real processes and real files. The fault table in the README lists them.
+Each test uses real processes and real files. The fault table in docs/faults.md lists them.
 """
 
 from __future__ import annotations
