@@ -447,12 +447,62 @@ class PrismStudent(nn.Module):
         features = self.forward_features(images, self.task_pairs(images.shape[0], tasks))
         return PrismTaskOutput(self.task_maps(features), features)
 
-    def num_parameters(self, include_projectors: bool = False) -> int:
-        """Parameters of the deployed student (stem with experts, routers, embeddings); projectors optional."""
+    def num_parameters(self, include_aligners: bool = False) -> int:
+        """Parameters of the deployed student (stem with experts, routers, embeddings); the projectors
+        (PRISM's distillation-only aligners) optional."""
         n = sum(p.numel() for p in self.parameters())
-        if not include_projectors:
+        if not include_aligners:
             n -= sum(p.numel() for p in self.projectors.parameters())
         return n
+
+    # -- what the trainers' student contract asks (docs/prism.md) --------------------------------
+
+    use_kernels = False  # no fused kernels for this student; the trainers may set it, it is ignored
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(h, w) of the patch grid at the current input size."""
+        return tuple(self.stem.patch_embed.grid_size)
+
+    def resize_input(self, img_size: int | Sequence[int]) -> None:
+        """Take H x W inputs: resample the position embedding (bicubic, CLS kept), as the authors' stage-2
+        loader does for a stage-1 checkpoint; the recorded config follows."""
+        from timm.layers import resample_abs_pos_embed
+
+        size = _pair(img_size)
+        stem = self.stem
+        old = list(stem.patch_embed.grid_size)
+        stem.patch_embed.set_input_size(img_size=size)
+        new = list(stem.patch_embed.grid_size)
+        if new != old:
+            with torch.no_grad():
+                resampled = resample_abs_pos_embed(
+                    stem.pos_embed.data, new_size=new, old_size=old, num_prefix_tokens=self.num_prefix_tokens
+                )
+            stem.pos_embed = nn.Parameter(resampled, requires_grad=stem.pos_embed.requires_grad)
+        self.config = replace(self.config, img_size=size)
+
+    @classmethod
+    def from_student_config(cls, config: Any, arch: Any = None) -> PrismStudent:
+        """Build from the trainers' generic student record (fields name, teachers, img_size, pretrained;
+        `arch` unused: the routed part comes from this file's registry under the same name)."""
+        return cls(
+            PrismConfig(config.name, tuple(config.teachers), (), _pair(config.img_size), config.pretrained)
+        )
+
+
+def stage2_student(stage1: PrismStudent, tasks: Sequence[str], img_size: int | Sequence[int]) -> PrismStudent:
+    """`stage2 --init RUN`: the same student with task conditions, at the stage-2 input size. Every weight
+    of `stage1` carries over (the position embedding resampled); the task embeddings start fresh
+    (trunc-normal 0.02), as the authors' stage-2 loader skips them."""
+    model = PrismStudent(stage2_config(stage1.config, tasks, stage1.config.img_size))
+    missing, unexpected = model.load_state_dict(stage1.state_dict(), strict=False)
+    if unexpected or set(missing) != {"task_embeddings.weight"}:
+        raise SakError(
+            f"stage-1 weights do not fit the stage-2 student: missing {missing}, unexpected {unexpected}"
+        )
+    model.resize_input(img_size)
+    return model
 
 
 def build_prism(
@@ -489,4 +539,5 @@ __all__ = [
     "list_prism_students",
     "pairs_every_condition",
     "stage2_config",
+    "stage2_student",
 ]
