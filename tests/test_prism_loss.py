@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sak.student.model.prism import PrismFeatures, PrismOutput, build_prism
+from sak.student.model.prism import PrismFeatures, PrismOutput, TeacherTarget, build_prism
 from sak.student.model.prism_loss import (
     PrismLossConfig,
     balance_loss,
@@ -20,7 +20,6 @@ from sak.student.model.prism_loss import (
 )
 from sak.student.model.prism_moe import BlockRouting
 from sak.student.model.prism_pairs import RoutePairs
-from sak.student.model.student import TeacherTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,11 +9,17 @@ import pytest
 import torch
 
 from sak.pipeline.errors import SakError
-from sak.student.model.prism import PrismConfig, PrismMoE, build_prism, list_prism_students, stage2_config
+from sak.student.model.prism import (
+    PrismConfig,
+    PrismMoE,
+    TeacherTarget,
+    build_prism,
+    list_prism_students,
+    stage2_config,
+)
 from sak.student.model.prism_loss import prism_stage1_loss, stage1_loss_config
 from sak.student.model.prism_moe import DualStreamBlock
 from sak.student.model.prism_pairs import RoutePairs, assign_teachers, pairs_every_condition
-from sak.student.model.student import TeacherTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: OpenMP barriers on busy cores cost seconds
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sak.pipeline.errors import SakError
-from sak.student.model.prism import PrismStudent, build_prism, stage2_student
+from sak.student.model.prism import PrismStudent, TeacherTarget, build_prism, stage2_student
 from sak.student.model.prism_loss import stage1_loss_config
 from sak.student.model.prism_multitask import (
     STAGE2_RECIPES,
@@ -16,7 +16,6 @@ from sak.student.model.prism_multitask import (
     authors_task_embedding_init,
     prism_stage2_distillation,
 )
-from sak.student.model.student import TeacherTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

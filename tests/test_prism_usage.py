@@ -10,11 +10,10 @@ import torch
 from PIL import Image
 
 from sak.pipeline.errors import SakError
-from sak.student.model.prism import PrismFeatures, build_prism
+from sak.student.model.prism import PrismFeatures, TeacherTarget, build_prism
 from sak.student.model.prism_moe import BlockRouting
 from sak.student.model.prism_pairs import RoutePairs
 from sak.student.model.prism_usage import count_expert_use, plot_expert_use
-from sak.student.model.student import TeacherTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 
 from sak.pipeline.errors import SakError
 from sak.student.model.multitask import DecodeHead
-from sak.student.model.prism import build_prism
+from sak.student.model.prism import TeacherTarget, build_prism
 from sak.student.model.prism_weights import (
     AUTHORS_TASK_ORDER,
     convert_authors_stage1,
@@ -17,7 +17,6 @@ from sak.student.model.prism_weights import (
     load_authors_stage2,
     read_authors_checkpoint,
 )
-from sak.student.model.student import TeacherTarget
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

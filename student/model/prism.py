@@ -34,7 +34,7 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.registry import Registry
 from sak.student.model.prism_moe import BlockRouting, DualStreamBlock
 from sak.student.model.prism_pairs import RoutePairs, assign_teachers, pairs_every_condition
-from sak.student.model.student import INIT_STD, TeacherTarget
+from sak.student.model.student import INIT_STD, TeacherTarget  # TeacherTarget: re-exported below
 
 # ----------------------------------------------------------------------------------------------
 # configuration
@@ -534,6 +534,7 @@ __all__ = [
     "PrismStudent",
     "PrismTaskOutput",
     "RoutePairs",
+    "TeacherTarget",
     "assign_teachers",
     "build_prism",
     "list_prism_students",

@@ -149,12 +149,18 @@ class RoutedExperts(nn.Module):
 
         tokens = h.reshape(P * T, C)
         routed = torch.zeros_like(tokens)
-        for e, expert in enumerate(self.experts):
-            weight = combine[:, e]  # (P*T,)
-            rows = torch.nonzero(weight > self.min_route_weight).squeeze(1)  # note: host-device sync
-            if rows.numel() == 0:
+        # (token, expert) pairs to run, grouped by expert with tokens ascending: two host syncs per block
+        token_ids, expert_ids = torch.nonzero(combine > self.min_route_weight, as_tuple=True)  # note: sync
+        by_expert = torch.argsort(expert_ids, stable=True)
+        token_ids, expert_ids = token_ids[by_expert], expert_ids[by_expert]
+        counts = torch.bincount(expert_ids, minlength=self.num_experts).tolist()  # note: sync
+        start = 0
+        for e, (expert, n) in enumerate(zip(self.experts, counts)):
+            if n == 0:
                 continue
-            w = weight.index_select(0, rows).unsqueeze(1)  # (M, 1)
+            rows = token_ids[start : start + n]  # (M,)
+            start += n
+            w = combine[:, e].index_select(0, rows).unsqueeze(1)  # (M, 1)
             out = expert(tokens.index_select(0, rows) * w) * w  # input and output both weighted
             routed = routed.index_add(0, rows, out)
         out = self.shared_expert(h) + routed.reshape(P, T, C)
