@@ -25,7 +25,7 @@ import torch
 
 
 def make_images(folder: Path, n: int) -> None:
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+    from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
     write_photo_folder(folder, n)
 
@@ -34,7 +34,7 @@ def bare_loop(
     teachers: list[str], size: int, batch: int, views: int, random_init: bool, device: str, threads: int
 ) -> float:
     """Views/s of only the teachers' forward on pre-decoded uint8 views (the ceiling for the pipeline)."""
-    from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
+    from sak.pipeline.teachers.specs import WeightsChoice, get_teacher, load_teacher
 
     if device == "cpu":
         torch.set_num_threads(threads)
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
-    from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.manifest import read_cache, read_store_manifest
-    from sak.pipeline.provenance import code_version
+    from sak.pipeline.base.provenance import code_version
+    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.format.manifest import read_cache, read_store_manifest
 
     teachers = [t.strip() for t in args.teachers.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             print("no CUDA device: nothing to measure here; on a GPU machine this would run:")
         print_plan(plan)
         return 0
-    from sak.pipeline.provenance import code_version
+    from sak.pipeline.base.provenance import code_version
 
     device = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")

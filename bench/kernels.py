@@ -36,7 +36,7 @@ if not torch.cuda.is_available():  # before triton is imported: the CPU run goes
 from sak.kernels import dispatch  # noqa: E402
 from sak.kernels.adapter import adapter_flops, adapter_reference, fused_adapter  # noqa: E402
 from sak.kernels.distill_loss import distill_loss, distill_loss_reference  # noqa: E402
-from sak.pipeline.provenance import code_version, write_json_atomic  # noqa: E402
+from sak.pipeline.base.provenance import code_version, write_json_atomic  # noqa: E402
 
 PROVIDERS = ("triton", "eager", "compile")
 MODES = ("autocast", "native")

@@ -38,8 +38,8 @@ TINY_TEACHERS = "dinov2_tiny,clip_tiny,sam_tiny"
 def make_cache(
     root: Path, images: int, size: int, shard_images: int, teachers: str = TINY_TEACHERS, batch_size: int = 32
 ) -> str:
-    from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
     photos = write_photo_folder(root / "photos", images)
     cfg = ExtractConfig(
@@ -72,7 +72,7 @@ def trainer_row(cfg, warmup: int) -> dict:
 
 def student_only_row(cfg, steps: int, warmup: int) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
-    from sak.pipeline.teachers import bf16_autocast
+    from sak.pipeline.teachers.specs import bf16_autocast
     from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
     from sak.student.data.order import make_stream_plan
     from sak.student.train.losses import distillation_loss
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from sak.cli.common import setup_logging
-    from sak.pipeline.provenance import code_version
+    from sak.pipeline.base.provenance import code_version
     from sak.student.train.stage1_config import Stage1Config
 
     setup_logging()

@@ -11,16 +11,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.estimate import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.inspection.estimate import (
     EstimateConfig,
     estimate,
     measured_store_bytes,
     stored_bytes_per_view,
     teacher_macs,
 )
-from sak.pipeline.targets import select_levels
-from sak.pipeline.teachers import WeightsChoice, build_model, get_teacher, load_teacher
+from sak.pipeline.store.targets import select_levels
+from sak.pipeline.teachers.specs import WeightsChoice, build_model, get_teacher, load_teacher
 
 SIZE = 64
 

@@ -10,8 +10,8 @@ import torch
 import webdataset as wds
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.store import open_teacher_store
-from sak.pipeline.verify import describe_cache, verify_cache
+from sak.pipeline.inspection.verify import describe_cache, verify_cache
+from sak.pipeline.store.backends import open_teacher_store
 
 
 def test_formats_levels_grid_and_codec_end_to_end(ray_local, photo_dir, tmp_path):

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sak.pipeline.codecs import get_codec, outlier_features, refuse_overflow
-from sak.pipeline.errors import SakError
-from sak.pipeline.fidelity import compare, fidelity_warnings, measure_levels
-from sak.pipeline.manifest import read_cache, read_store_manifest
-from sak.pipeline.targets import resample
-from sak.pipeline.verify import describe_cache, store_fidelity_warnings
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.format.manifest import read_cache, read_store_manifest
+from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings
+from sak.pipeline.store.codecs import get_codec, outlier_features, refuse_overflow
+from sak.pipeline.store.fidelity import compare, fidelity_warnings, measure_levels
+from sak.pipeline.store.targets import resample
 
 
 def test_compare_is_exact_for_identical_maps_and_sees_a_coarse_grid():

@@ -14,9 +14,11 @@ import pytest
 
 from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig
-from sak.pipeline.format import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.typed_json import schema_text
+from sak.pipeline.extraction.driver import ExtractConfig
+from sak.pipeline.format.manifest import store_fingerprint
+from sak.pipeline.format.records import (
     ExtractRecord,
     generate_schema,
     read_cache,
@@ -24,11 +26,9 @@ from sak.pipeline.format import (
     shipped_schema,
     to_json,
 )
-from sak.pipeline.manifest import store_fingerprint
-from sak.pipeline.schema_gen import SHIPPED
-from sak.pipeline.schema_gen import main as schema_main
-from sak.pipeline.typed_json import schema_text
-from sak.pipeline.verify import check_cache
+from sak.pipeline.format.schema_gen import SHIPPED
+from sak.pipeline.format.schema_gen import main as schema_main
+from sak.pipeline.inspection.verify import check_cache
 from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
 V1 = Path(__file__).parent / "fixtures" / "v1_cache"
@@ -154,7 +154,7 @@ def test_verify_reports_an_edited_cache_json_and_files_the_format_does_not_name(
 
 
 def test_a_cache_json_edited_by_hand_fails_its_content_digest(tmp_path, ray_local, photo_dir):
-    from sak.pipeline.extract import run_extraction
+    from sak.pipeline.extraction.driver import run_extraction
 
     out = tmp_path / "c"
     run_extraction(ExtractConfig(source=str(photo_dir), out=str(out), teachers=("clip_tiny",), size=32,

@@ -174,7 +174,7 @@ def test_no_private_names_across_modules(graph):
 
 
 def test_benchmarks_do_not_import_the_tests():
-    """bench/ scripts take shared helpers (e.g. sak.pipeline.synthetic) from the package, never from tests/."""
+    """bench/ scripts take shared helpers (e.g. sak.pipeline.sources.synthetic) from the package, never from tests/."""
     offences = []
     for path in sorted((PYPROJECT.parent / "bench").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

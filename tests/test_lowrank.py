@@ -15,15 +15,15 @@ import torch
 import zarr
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.codecs import get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.format import read_cache, read_store_manifest
-from sak.pipeline.lowrank import prepare_bases
-from sak.pipeline.manifest import read_journal
-from sak.pipeline.store import create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+from sak.pipeline.format.manifest import read_journal
+from sak.pipeline.format.records import read_cache, read_store_manifest
+from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings, verify_cache
+from sak.pipeline.store.backends import create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.lowrank import prepare_bases
 from sak.pipeline.store.wds import WdsTeacherStore
-from sak.pipeline.verify import describe_cache, store_fidelity_warnings, verify_cache
 from sak.student.data.loader import BatchReader, decode_targets, open_cache
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config

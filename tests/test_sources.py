@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sak.pipeline import sources
-from sak.pipeline.errors import BadImage, SakError
-from sak.pipeline.sources import ImageInfo, check_image, decode_rgb, list_source, read_bytes
+from sak.pipeline.base.errors import BadImage, SakError
+from sak.pipeline.sources import listing as sources
+from sak.pipeline.sources.images import ImageInfo, check_image, decode_rgb
+from sak.pipeline.sources.listing import list_source, read_bytes
 
 # ----------------------------------------------------------------------------- helpers
 

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.data.dense import DenseDataset, TrainSamples
 from sak.student.train.stage2 import Stage2Config, train_stage2
 from sak.student.train.stage2_cache import image_sha256

@@ -7,8 +7,17 @@ import json
 
 import pytest
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.storage import LOCK_OBJECT, Bucket, BucketLock, is_bulk, is_url, pull, push, stage_dir
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.bucket import (
+    LOCK_OBJECT,
+    Bucket,
+    BucketLock,
+    is_bulk,
+    is_url,
+    pull,
+    push,
+    stage_dir,
+)
 
 
 def test_locations_and_bulk_objects():
@@ -60,7 +69,7 @@ def test_lock_of_a_dead_holder_is_taken_over(s3_server):
 
 
 def testnode_probe_sees_the_drivers_file_and_writes_its_own(tmp_path):
-    from sak.pipeline.probe import node_probe  # what each node runs before a local --out is used
+    from sak.pipeline.extraction.probe import node_probe  # what each node runs before a local --out is used
 
     assert node_probe(str(tmp_path), ".probe-driver-1", "nodeA") == "cannot see the driver's files"
     (tmp_path / ".probe-driver-1").write_text("driver")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sak.pipeline.codecs import get_codec, outlier_features
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.pipeline.store import wds as wds_store
+from sak.pipeline.store.codecs import get_codec, outlier_features
 from sak.pipeline.store.wds import WdsTeacherStore, create_wds_store, sample_key
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.targets import identity_fields, resample, resolve_grid, select_levels, shape_targets
-from sak.pipeline.teachers import get_teacher
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.store.targets import identity_fields, resample, resolve_grid, select_levels, shape_targets
+from sak.pipeline.teachers.specs import get_teacher
 
 
 def test_levels_are_tap_positions_valid_for_every_depth():

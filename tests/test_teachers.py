@@ -7,8 +7,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.teachers import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.teachers.specs import (
     WeightsChoice,
     get_teacher,
     load_teacher,

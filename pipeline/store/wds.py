@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sak.pipeline.codecs import Codec, Encoded, PcaBasis, get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.lowrank import basis_paths, decode_level, encode_level, level_basis
-from sak.pipeline.provenance import read_json, sha256_file, write_json_atomic
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import read_json, sha256_file, write_json_atomic
+from sak.pipeline.store.codecs import Codec, Encoded, PcaBasis, get_codec
+from sak.pipeline.store.lowrank import basis_paths, decode_level, encode_level, level_basis
 
 FORMAT = "wds"
 LAYOUT_FILE = "layout.json"

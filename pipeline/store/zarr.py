@@ -33,11 +33,11 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, PcaBasis, get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.lowrank import decode_level, encode_level, level_basis
-from sak.pipeline.provenance import sha256_file
-from sak.pipeline.storage import is_url
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.buckets.bucket import is_url
+from sak.pipeline.store.codecs import SCALE_DTYPE, Codec, Encoded, PcaBasis, get_codec
+from sak.pipeline.store.lowrank import decode_level, encode_level, level_basis
 
 FORMAT = "zarr"
 

@@ -64,8 +64,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.views import ViewSampler, cut_view, view_seed
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.views import ViewSampler, cut_view, view_seed
 from sak.student.model.multitask import NYUD_TASKS, PASCAL_CONTEXT_TASKS
 
 IGNORE_INDEX = 255

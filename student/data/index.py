@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sak.pipeline.codecs import PcaBasis
-from sak.pipeline.format import CacheManifest, StoreManifest
-from sak.pipeline.views import ViewPlan
+from sak.pipeline.format.records import CacheManifest, StoreManifest
+from sak.pipeline.sources.views import ViewPlan
+from sak.pipeline.store.codecs import PcaBasis
 
 
 @dataclass(frozen=True)

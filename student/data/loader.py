@@ -37,9 +37,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sak.pipeline.codecs import get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.format import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.buckets.bucket import Bucket, is_url, pull, stage_dir
+from sak.pipeline.extraction.preprocess import ImageReader, decode_image
+from sak.pipeline.format.manifest import read_table
+from sak.pipeline.format.records import (
     IMAGE_INDEX_FILE,
     VIEWS_FILE,
     CacheManifest,
@@ -49,14 +52,11 @@ from sak.pipeline.format import (
     store_file_kind,
     to_json,
 )
-from sak.pipeline.lowrank import decode_level, read_bases
-from sak.pipeline.manifest import read_table
-from sak.pipeline.preprocess import ImageReader, decode_image
-from sak.pipeline.provenance import sha256_file
-from sak.pipeline.storage import Bucket, is_url, pull, stage_dir
+from sak.pipeline.sources.views import ViewPlan, cut_view
+from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.lowrank import decode_level, read_bases
 from sak.pipeline.store.zarr import ShardRows, read_sorted_rows
-from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
-from sak.pipeline.views import ViewPlan, cut_view
+from sak.pipeline.teachers.specs import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.integrity import ShardIntegrity
 from sak.student.data.order import StreamPlan

@@ -17,8 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.views import ViewSampler
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.views import ViewSampler
 from sak.student.data.index import CacheIndex
 
 log = logging.getLogger("sak")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.ingest import image_tar_name
-from sak.pipeline.storage import Bucket
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.extraction.ingest import image_tar_name
 from sak.pipeline.store.wds import WdsTeacherStore, shard_file
 from sak.pipeline.store.zarr import ShardRows
 from sak.student.data.index import CacheIndex

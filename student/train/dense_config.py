@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.data.dense import DATASETS, DEFAULT_INPUT_SIZE, DenseDataset
 from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS
 

@@ -31,10 +31,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
-from sak.pipeline.teachers import normalize_u8
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.format.manifest import now_iso
+from sak.pipeline.teachers.specs import normalize_u8
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,

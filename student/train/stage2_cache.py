@@ -37,20 +37,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from sak.pipeline.codecs import get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.format import (
-    Stage2Cache,
-    Stage2Identity,
-    Stage2Teacher,
-    WeightsRecord,
-    read_stage2_cache,
-    write_stage2_cache,
-)
-from sak.pipeline.lock import CacheLock
-from sak.pipeline.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
-from sak.pipeline.provenance import code_version, sha256_file, stable_hash
-from sak.pipeline.storage import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.lock import CacheLock
+from sak.pipeline.base.provenance import code_version, sha256_file, stable_hash
+from sak.pipeline.buckets.bucket import (
     Bucket,
     BucketLock,
     fresh_mirror,
@@ -60,8 +50,18 @@ from sak.pipeline.storage import (
     push,
     push_metadata,
 )
+from sak.pipeline.format.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
+from sak.pipeline.format.records import (
+    Stage2Cache,
+    Stage2Identity,
+    Stage2Teacher,
+    WeightsRecord,
+    read_stage2_cache,
+    write_stage2_cache,
+)
+from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
-from sak.pipeline.teachers import weights_field
+from sak.pipeline.teachers.specs import weights_field
 from sak.student.data.dense import (
     DATASETS,
     DEFAULT_INPUT_SIZE,
@@ -241,7 +241,7 @@ def store_infos(cfg: Stage2CacheConfig) -> list:
         raise SakError("give one of --init RUN (a stage-1 run's teachers) and --teachers NAMES")
     if cfg.teachers:
         return [s for s, _, _ in named_teachers(cfg.teachers, dict(cfg.weights), cfg.random_init, cfg.seed)]
-    from sak.pipeline.provenance import read_json
+    from sak.pipeline.base.provenance import read_json
     from sak.student.data.loader import open_cache
 
     stage1 = read_json(Path(cfg.init).expanduser() / "config.json")
@@ -313,8 +313,14 @@ def _ray_shards(cfg: Stage2CacheConfig, todo: list[int], bounds: dict, out: Path
     """Shards computed by `cfg.workers` Ray actors (teachers loaded once each), placed, restarted and fed
     as `sak-cache run`'s (pipeline/actors.py); yields results as they land (the driver writes and
     journals each); a failure ends the build after the shards in flight, finished shards kept."""
-    from sak.pipeline.actors import ActorPool, actor_placement, shard_failure_error, start_actors, stop_actors
-    from sak.pipeline.runtime import ray_session
+    from sak.pipeline.extraction.actors import (
+        ActorPool,
+        actor_placement,
+        shard_failure_error,
+        start_actors,
+        stop_actors,
+    )
+    from sak.pipeline.extraction.runtime import ray_session
 
     with ray_session(cfg.address, None, 512):
         placement = actor_placement(

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.provenance import read_json
-from sak.pipeline.teachers import LoadedTeacher
-from sak.pipeline.views import cut_view
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import read_json
+from sak.pipeline.sources.views import cut_view
+from sak.pipeline.teachers.specs import LoadedTeacher
 from sak.student.data.loader import open_cache
 from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student
@@ -57,8 +57,8 @@ def named_teachers(
     normalization: str = "teacher",
 ) -> list[tuple[NamedStore, object, object]]:
     """(store, spec, WeightsChoice) per teacher name; the fingerprint hashes everything that makes targets."""
-    from sak.pipeline.provenance import stable_hash
-    from sak.pipeline.teachers import normalization_for, parse_teachers, resolve_weights
+    from sak.pipeline.base.provenance import stable_hash
+    from sak.pipeline.teachers.specs import normalization_for, parse_teachers, resolve_weights
 
     specs = parse_teachers(list(names))
     choices = resolve_weights(specs, dict(weights), random_init, seed)
@@ -119,7 +119,7 @@ class Stage2Teachers:
         device: torch.device,
     ) -> Stage2Teachers:
         """Teachers given by name and weights (no stage-1 run), every tapped level of each."""
-        from sak.pipeline.teachers import load_teacher
+        from sak.pipeline.teachers.specs import load_teacher
 
         self = cls.__new__(cls)
         self.stores, self.teachers, self.device = [], {}, device
