@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from sak.pipeline.base.provenance import code_version
     from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
-    from sak.pipeline.format.manifest import read_cache, read_store_manifest
+    from sak.pipeline.format.documents import read_cache, read_store_manifest
 
     teachers = [t.strip() for t in args.teachers.split(",")]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -158,7 +158,7 @@ STAGE2_OPTIONS = OptionSet(_stage2_cache_config)
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
-    from sak.pipeline.format.records import read_stage2_cache
+    from sak.pipeline.format.documents import read_stage2_cache
     from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
 
     out = build_stage2_cache(STAGE2_OPTIONS.build(Stage2CacheConfig, opts))

@@ -17,7 +17,7 @@ from sak.cli.options import OptionSet
 from sak.cli.train import cli as train_cli
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.extraction.driver import ExtractConfig, with_recorded_defaults
-from sak.pipeline.format.records import read_cache
+from sak.pipeline.format.documents import read_cache
 
 
 def _pair(text: str) -> tuple[str, str]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.format.manifest import read_cache, read_store_manifest
+from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings
 from sak.pipeline.store.codecs import get_codec, outlier_features, refuse_overflow
 from sak.pipeline.store.fidelity import compare, fidelity_warnings, measure_levels

@@ -17,8 +17,8 @@ import zarr
 from sak.cli.cache import main as cache_main
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
-from sak.pipeline.format.manifest import read_journal
-from sak.pipeline.format.records import read_cache, read_store_manifest
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.format.journal import read_journal
 from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings, verify_cache
 from sak.pipeline.store.backends import create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.store.codecs import get_codec

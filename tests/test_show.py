@@ -11,7 +11,7 @@ from PIL import Image
 
 from sak.cli.cache import cli
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.format.manifest import read_cache, read_store_manifest
+from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.inspection.show import LABEL, PANEL, pca_rgb, read_levels, render
 
 

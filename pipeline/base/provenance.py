@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
@@ -105,3 +106,8 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from e
     except OSError as e:
         raise SakError(f"{path} cannot be read ({e.strerror})") from e
+
+
+def now_iso() -> str:
+    """The current UTC time as every record writes it: 2026-01-31T12:00:00Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

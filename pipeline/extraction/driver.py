@@ -19,7 +19,7 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import CacheLock
-from sak.pipeline.base.provenance import SCHEMA_VERSION, code_version, sha256_file
+from sak.pipeline.base.provenance import SCHEMA_VERSION, code_version, now_iso, sha256_file
 from sak.pipeline.buckets.bucket import Bucket, BucketLock, fresh_mirror, is_url, pull, push_metadata
 from sak.pipeline.extraction.actors import (
     actor_placement,
@@ -36,35 +36,25 @@ from sak.pipeline.extraction.schedule import Schedule
 from sak.pipeline.extraction.student_views import add_student_views
 from sak.pipeline.extraction.student_views import check_mode as check_views_mode
 from sak.pipeline.extraction.worker import ShardJob, StoreJob, TeacherWorker
-from sak.pipeline.format.manifest import (
-    JOURNAL,
-    STORE_MANIFEST,
-    ShardRecord,
-    append_journal,
-    merge_stats,
-    now_iso,
-    read_cache,
-    read_journal,
-    read_store_manifest,
-    store_files_table,
-    store_fingerprint,
-    write_cache,
-)
+from sak.pipeline.format.documents import read_cache, read_store_manifest, write_cache, write_store_manifest
+from sak.pipeline.format.journal import append_journal, read_journal
+from sak.pipeline.format.layout import JOURNAL, STORE_MANIFEST
+from sak.pipeline.format.manifest import merge_stats, store_files_table, store_fingerprint
 from sak.pipeline.format.records import (
     CacheManifest,
     CodecSpec,
     ExtractRecord,
     Preprocessing,
     ShardEntry,
+    ShardRecord,
     StoreEntry,
     StoreIdentity,
     StoreManifest,
     TeacherRecord,
     Throughput,
     WeightsRecord,
-    load,
-    write_store_manifest,
 )
+from sak.pipeline.format.schema import load
 from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.backends import check_format, create_teacher_store, level_records
 from sak.pipeline.store.codecs import get_codec

@@ -24,6 +24,7 @@ from sak.pipeline.base.errors import BadImage, SakError
 from sak.pipeline.base.provenance import (
     SCHEMA_VERSION,
     code_version,
+    now_iso,
     sha256_bytes,
     sha256_file,
     stable_hash,
@@ -31,10 +32,9 @@ from sak.pipeline.base.provenance import (
 )
 from sak.pipeline.buckets.bucket import Bucket, is_url, node_role, stage_dir
 from sak.pipeline.extraction.runtime import Progress, log
-from sak.pipeline.format.manifest import now_iso
+from sak.pipeline.format.documents import write_cache
+from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, image_tar_name
 from sak.pipeline.format.records import (
-    IMAGE_INDEX_FILE,
-    VIEWS_FILE,
     CacheManifest,
     DatasetRecord,
     FileDigest,
@@ -42,40 +42,11 @@ from sak.pipeline.format.records import (
     ImagesRecord,
     ImageTar,
     SkippedInput,
-    write_cache,
 )
+from sak.pipeline.format.tables import IMAGE_INDEX_SCHEMA, VIEWS_SCHEMA
 from sak.pipeline.sources.images import check_image
 from sak.pipeline.sources.listing import SourceItem, list_source, read_bytes
 from sak.pipeline.sources.views import ViewPlan
-
-IMAGE_INDEX_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("ext", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("image_shard", pa.int32()),
-        ("offset", pa.int64()),
-        ("nbytes", pa.int64()),
-        ("sha256", pa.string()),
-    ]
-)
-VIEWS_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("view", pa.int32()),
-        ("x0", pa.int32()),
-        ("y0", pa.int32()),
-        ("x1", pa.int32()),
-        ("y1", pa.int32()),
-        ("flip", pa.bool_()),
-        ("image_shard", pa.int32()),
-    ]
-)
-
-
-def image_tar_name(shard: int) -> str:
-    return f"images/images-{shard:06d}.tar"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""CPU side of extraction (and of the training loader): read stored image bytes, decode once, cut views.
+"""CPU side of extraction: read stored image bytes, decode once, cut each view at every teacher input size.
 
 One decode of an image feeds all of its views and every teacher's input size.
 """
@@ -9,47 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import is_url, node_mirror
-from sak.pipeline.extraction.ingest import image_tar_name
-from sak.pipeline.format.manifest import IMAGE_INDEX_FILE, VIEWS_FILE, read_table
-from sak.pipeline.sources.images import decode_rgb
+from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, image_tar_name
+from sak.pipeline.format.tables import ImageReader, read_table
+from sak.pipeline.sources.images import decode_image
 from sak.pipeline.sources.views import cut_view
-
-
-class ImageReader:
-    """Random access to the source bytes stored in a cache's `images/` tars (offsets from the index)."""
-
-    def __init__(self, cache_dir: str | Path) -> None:
-        self.cache_dir = Path(cache_dir)
-        self._files: dict[int, object] = {}
-
-    def read(self, image_shard: int, offset: int, nbytes: int) -> bytes:
-        f = self._files.get(image_shard)
-        if f is None:
-            path = self.cache_dir / image_tar_name(image_shard)
-            try:
-                f = self._files[image_shard] = open(path, "rb")
-            except FileNotFoundError as e:
-                raise SakError(f"image shard {path} is missing; run `sak-cache verify` on the cache") from e
-        f.seek(offset)
-        data = f.read(nbytes)
-        if len(data) != nbytes:
-            raise SakError(f"image shard {image_tar_name(image_shard)} is truncated at offset {offset}")
-        return data
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """Stored bytes -> (3, H, W) uint8 RGB (no EXIF rotation: boxes are in stored-pixel coordinates)."""
-    img = decode_rgb(data)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,8 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file, xxh3_file
 from sak.pipeline.buckets.bucket import Bucket, node_mirror
 from sak.pipeline.extraction.preprocess import ViewRow, cut_shard_views
-from sak.pipeline.format.records import (
-    CacheManifest,
-    FileDigest,
-    StudentViewsRecord,
-    StudentViewsShard,
-    write_cache,
-)
+from sak.pipeline.format.documents import write_cache
+from sak.pipeline.format.records import CacheManifest, FileDigest, StudentViewsRecord, StudentViewsShard
 
 STUDENT_VIEWS_DIR = "student_views"
 STUDENT_VIEWS_MODES = ("decode", "raw")

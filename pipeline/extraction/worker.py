@@ -19,7 +19,8 @@ import torch
 
 from sak.pipeline.base.provenance import xxh3_file
 from sak.pipeline.buckets.bucket import Bucket, node_mirror, push
-from sak.pipeline.format.manifest import ShardRecord, save_stats, shard_stats
+from sak.pipeline.format.manifest import save_stats, shard_stats
+from sak.pipeline.format.records import ShardRecord
 from sak.pipeline.store.backends import open_teacher_store
 from sak.pipeline.store.codecs import refuse_overflow
 from sak.pipeline.store.fidelity import is_lossy, measure_levels

@@ -1,64 +1,20 @@
-"""Manifests (typed in format.py): `cache.json` and one `manifest.json` per teacher store; the shard
-journal and the feature statistics.
-
-A shard counts as done only after its files are written, flushed and their sha256 recorded. Records go to
-an append-only journal (`shards.jsonl`, one fsynced JSON line per shard) while extraction runs, so a crash
-costs at most the shards in flight; `manifest.json` is rewritten atomically from the journal when a run
-ends (and whenever a run resumes).
+"""What a teacher store's manifest.json is made from, besides the journal: the store's fingerprint, the
+digest table of its files, and its per-level feature statistics (mean and std per channel, merged from
+each shard's channel sums, so the normalisation of targets is a versioned part of the cache).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file, stable_hash
-from sak.pipeline.base.typed_json import from_json
-from sak.pipeline.format.records import (
-    CACHE_FILE,
-    IMAGE_INDEX_FILE,
-    JOURNAL,
-    STORE_MANIFEST,
-    VIEWS_FILE,
-    CacheManifest,
-    FileDigest,
-    LevelStats,
-    ShardEntry,
-    ShardRecord,
-    StoreIdentity,
-    read_cache,
-    read_store_manifest,
-    store_file_kind,
-    to_json,
-    validate,
-    write_cache,
-    write_store_manifest,
-)
-
-__all__ = [  # the format's names, for the modules that read manifests through this one
-    "CACHE_FILE",
-    "IMAGE_INDEX_FILE",
-    "JOURNAL",
-    "STORE_MANIFEST",
-    "VIEWS_FILE",
-    "CacheManifest",
-    "ShardEntry",
-    "ShardRecord",
-    "read_cache",
-    "read_store_manifest",
-    "write_cache",
-    "write_store_manifest",
-]
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
+from sak.pipeline.base.typed_json import to_json
+from sak.pipeline.format.layout import STATS_DIR, STORE_MANIFEST, stats_file, store_file_kind
+from sak.pipeline.format.records import FileDigest, LevelStats, StoreIdentity
 
 # ------------------------------------------------------------------------------------------ fingerprint
 
@@ -101,35 +57,6 @@ def store_files_table(
 # -------------------------------------------------------------------------------------------- journal
 
 
-def append_journal(store_dir: str | Path, record: ShardRecord) -> None:
-    """One JSON line per completed shard; flushed and fsynced before the shard counts as done."""
-    with open(Path(store_dir) / JOURNAL, "a") as f:
-        f.write(json.dumps(to_json(record), sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def read_journal(store_dir: str | Path) -> dict[int, ShardRecord]:
-    """Completed shards by index (the last record of a shard wins). A torn last line is ignored."""
-    path = Path(store_dir) / JOURNAL
-    done: dict[int, ShardRecord] = {}
-    if not path.exists():
-        return done
-    try:
-        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
-    except OSError as e:
-        raise SakError(f"{path} cannot be read ({e.strerror}); run `sak-cache verify`") from e
-    for line in lines:
-        try:
-            data = json.loads(line)
-            validate(data, ShardRecord, path)
-        except (json.JSONDecodeError, SakError):
-            continue  # a crash mid-append leaves at most one torn line; its shard is redone
-        rec = from_json(ShardRecord, data)
-        done[rec.shard] = rec
-    return done
-
-
 # ------------------------------------------------------------------------------------ feature statistics
 
 
@@ -146,8 +73,8 @@ def shard_stats(levels: list[np.ndarray]) -> np.ndarray:
 
 
 def save_stats(store_dir: Path, shard: int, stats: np.ndarray) -> str:
-    rel = f"stats/{shard:06d}.npy"
-    (store_dir / "stats").mkdir(exist_ok=True)
+    rel = stats_file(shard)
+    (store_dir / STATS_DIR).mkdir(exist_ok=True)
     with open(store_dir / rel, "wb") as f:
         np.save(f, stats, allow_pickle=False)
         f.flush()
@@ -159,7 +86,7 @@ def merge_stats(store_dir: Path, shards: list[int], blocks: list[int], widths: l
     """Channel mean and std per level over all shards (from the per-shard sums)."""
     total = None
     for s in shards:
-        path = store_dir / f"stats/{s:06d}.npy"
+        path = store_dir / stats_file(s)
         try:
             part = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
@@ -181,15 +108,3 @@ def merge_stats(store_dir: Path, shards: list[int], blocks: list[int], widths: l
             )
         )
     return out
-
-
-def read_table(path: Path):
-    """A Parquet table of the cache; a damaged or missing one is a one-line SakError naming it."""
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise SakError(
-            f"{path} cannot be read ({type(e).__name__}); the file is damaged: run `sak-cache verify`"
-        ) from e

@@ -1,91 +1,18 @@
-"""The on-disk format of a cache, as typed records: the one definition every writer and reader goes through.
+"""The cache format v1 as typed records: the one definition every writer and reader goes through.
 
-A cache (format v1):
-
-    cache.json                        CacheManifest: dataset, view plan, image tars, tables, stores, `files`
-    .sak-lock                         the writer's lock (lock.py); the one file no digest covers, by design:
-                                      it changes while a run holds it and says only who holds it
-    images/images-NNNNNN.tar          image bytes; sha256 in cache.json images.shards[]
-    images/index.parquet              per image: tar, offset, size, sha256; digest in cache.json files
-    views.parquet                     per view: key, box, flip; digest in cache.json views and files
-    teachers/<fingerprint>/           one teacher store, each file digested in its manifest's `files`:
-      manifest.json                     StoreManifest (digest in cache.json stores[fp].manifest_sha256)
-      shards.jsonl                      ShardRecord journal, one line per finished shard
-      stats/NNNNNN.npy                  per-shard channel sums (feature statistics)
-      zarr.json, levels/zarr.json, levels/<b>/zarr.json, levels/<b>/c/<s>/0/0/0, scales/...   (Zarr)
-      layout.json, shards/shard-NNNNNN.tar                                                     (WebDataset)
-
-cache.json also records `content_sha256`, the sha256 of its own canonical JSON (keys sorted, separators
-"," and ":", this field left out), so a changed cache.json shows too. Caches written before `files` and
-`content_sha256` existed are still v1 (every other byte is the same): they read, and `verify` checks what
-they record and lists the files they name but do not digest.
-
-Each record is a dataclass; `to_json` / `from_json` convert it by its fields and type hints, and the JSON
-Schema shipped in the package (schema/cache-v1.schema.json, `make schema`) is generated from the same
-hints, so other teams validate caches with any JSON Schema tool. Every read validates the whole document
-against that schema (jsonschema) and names the file and the field path of the first problem.
+Each record is a frozen dataclass; `to_json` / `from_json` (base/typed_json.py) convert it by its fields
+and type hints, and the JSON Schema shipped in the package (schema/cache-v1.schema.json, `make schema`) is
+generated from the same hints (schema.py), so other teams validate caches with any JSON Schema tool.
+Where each document lives: layout.py; how documents are read and written: documents.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import SCHEMA_VERSION, read_json, write_json_atomic
-from sak.pipeline.base.typed_json import OMIT, SchemaFamily, doc, omit_with, to_json, type_hints
+from sak.pipeline.base.typed_json import OMIT, doc, omit_with
 from sak.pipeline.sources.views import ViewPlan
-
-CACHE_FILE = "cache.json"
-VIEWS_FILE = "views.parquet"
-IMAGE_INDEX_FILE = "images/index.parquet"
-STORE_MANIFEST = "manifest.json"
-JOURNAL = "shards.jsonl"
-SCHEMA_FILE = f"cache-v{SCHEMA_VERSION}.schema.json"
-SCHEMA_ID = f"https://sak-cache.invalid/schema/{SCHEMA_FILE}"
-
-LOCK_FILE = ".sak-lock"  # lock.py; the one file of a cache no digest covers
-_CACHE_FILES = {  # kind -> pattern of a path relative to the cache
-    "cache manifest": r"cache\.json",
-    "lock file": r"\.sak-lock",
-    "views table": r"views\.parquet",
-    "image index": r"images/index\.parquet",
-    "image tar": r"images/images-\d{6}\.tar",
-    "student views metadata": r"student_views/zarr\.json",
-    "student views shard": r"student_views/c/\d+/0/0/0",
-}
-_STORE_FILES = {  # kind -> pattern of a path relative to a store
-    "store manifest": r"manifest\.json",
-    "shard journal": r"shards\.jsonl",
-    "statistics": r"stats/\d{6}\.npy",
-    "zarr metadata": r"(?:(?:levels|scales)/(?:\d+/)?)?zarr\.json",
-    "zarr shard": r"(?:levels|scales)/\d+/c/\d+/0/0/0",
-    "wds layout": r"layout\.json",
-    "wds shard": r"shards/shard-\d{6}\.tar",
-    "pca basis": r"basis/(?:(?:\d+/(?:(?:mean|components)/)?)?zarr\.json|\d+/mean/c/0|\d+/components/c/0/0"
-    r"|\d+\.(?:mean|components)\.npy)",
-}
-
-
-def _kind(rel: str, table: dict[str, str]) -> str | None:
-    return next((kind for kind, pattern in table.items() if re.fullmatch(pattern, rel)), None)
-
-
-def cache_file_kind(rel: str) -> str | None:
-    """What a top-level file of a cache is (None: not a file the format names)."""
-    return _kind(rel, _CACHE_FILES)
-
-
-def store_file_kind(rel: str) -> str | None:
-    """What a file of a teacher store is, by its path relative to the store (None: not the format's)."""
-    return _kind(rel, _STORE_FILES)
-
-
-# ------------------------------------------------------------------------------------------- records
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -522,103 +449,3 @@ class Stage2Cache:
 
 
 DOCUMENTS = (CacheManifest, StoreManifest, ShardRecord, Stage2Cache)  # the schema's top-level records
-
-
-# ------------------------------------------------------------------------------------ JSON Schema
-
-CACHE_SCHEMA = SchemaFamily(
-    package="sak.pipeline",
-    file=SCHEMA_FILE,
-    schema_id=SCHEMA_ID,
-    title=f"SAK cache format v{SCHEMA_VERSION}",
-    description=(
-        "cache.json, teachers/<fingerprint>/manifest.json and the stage-2 cache.json (by their 'kind'); "
-        "each line of shards.jsonl is a #/$defs/ShardRecord. Generated from sak.pipeline.format."
-    ),
-    documents=DOCUMENTS,
-    roots=(CacheManifest, StoreManifest, Stage2Cache),
-    damaged_hint=f"the file is damaged or not a v{SCHEMA_VERSION} cache file (run `sak-cache verify`)",
-)
-
-
-def generate_schema() -> dict:
-    """The JSON Schema of every document of the format, generated from the records' type hints. The root
-    accepts any of the documents that carry a `kind` (cache.json, manifest.json, stage-2 cache.json);
-    a journal line validates against `#/$defs/ShardRecord`."""
-    return CACHE_SCHEMA.generate()
-
-
-def shipped_schema() -> dict:
-    """The schema file shipped in the package (what every read validates against)."""
-    return CACHE_SCHEMA.shipped()
-
-
-def validate(data: Any, cls: type, path: str | Path) -> None:
-    """Raise one SakError naming the file and the field path of the first schema violation."""
-    CACHE_SCHEMA.validate(data, cls, path)
-
-
-def load(cls: type, data: Any, path: str | Path) -> Any:
-    return CACHE_SCHEMA.load(cls, data, path)
-
-
-# ------------------------------------------------------------------------------------- documents
-
-
-def canonical_sha256(data: dict) -> str:
-    import hashlib
-
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _read_document(path: Path, cls: type, kind: str) -> Any:
-    data = read_json(path)
-    if not isinstance(data, dict):
-        raise SakError(f"{path}: expected a JSON object, found {type(data).__name__}; the file is damaged")
-    if data.get("kind") != kind:
-        raise SakError(
-            f"{path}: field 'kind' is {data.get('kind')!r}, expected {kind!r}; not a SAK cache file"
-        )
-    if "schema_version" in type_hints(cls) and data.get("schema_version") != SCHEMA_VERSION:
-        raise SakError(
-            f"{path}: field 'schema_version' is {data.get('schema_version')!r}, this code reads version "
-            f"{SCHEMA_VERSION}; use a sak-cache release that matches the cache"
-        )
-    return load(cls, data, path)
-
-
-def read_cache(cache_dir: str | Path) -> CacheManifest:
-    path = Path(cache_dir) / CACHE_FILE
-    if not path.exists():
-        raise SakError(f"{cache_dir} is not a SAK cache (no {CACHE_FILE}); create one with `sak-cache run`")
-    return _read_document(path, CacheManifest, "sak-cache")
-
-
-def cache_content_digest(cache: CacheManifest) -> str:
-    """`content_sha256` of a cache.json: the canonical JSON of the document without that field."""
-    return canonical_sha256(to_json(dataclasses.replace(cache, content_sha256=None)))
-
-
-def write_cache(cache_dir: str | Path, cache: CacheManifest) -> CacheManifest:
-    """Write cache.json with its content digest; returns what was written."""
-    cache = dataclasses.replace(cache, content_sha256=None)
-    cache = dataclasses.replace(cache, content_sha256=cache_content_digest(cache))
-    write_json_atomic(Path(cache_dir) / CACHE_FILE, to_json(cache))
-    return cache
-
-
-def read_store_manifest(store_dir: str | Path) -> StoreManifest:
-    return _read_document(Path(store_dir) / STORE_MANIFEST, StoreManifest, "sak-teacher-store")
-
-
-def write_store_manifest(store_dir: str | Path, manifest: StoreManifest) -> None:
-    write_json_atomic(Path(store_dir) / STORE_MANIFEST, to_json(manifest))
-
-
-def read_stage2_cache(path: str | Path) -> Stage2Cache:
-    return _read_document(Path(path), Stage2Cache, "sak-stage2-cache")
-
-
-def write_stage2_cache(path: str | Path, cache: Stage2Cache) -> None:
-    write_json_atomic(Path(path), to_json(cache))

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.extraction.preprocess import cut_shard_views, view_rows
-from sak.pipeline.format.manifest import read_cache, read_store_manifest
+from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.store.backends import open_teacher_store
 
 PANEL = 160  # pixels per panel side

@@ -20,20 +20,21 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file, stable_hash, xxh3_file
 from sak.pipeline.base.units import UNITS_NOTE, human_bytes
 from sak.pipeline.buckets.bucket import Bucket, is_url, pull, stage_dir
-from sak.pipeline.format.records import (
-    CACHE_FILE,
-    IMAGE_INDEX_FILE,
-    STORE_MANIFEST,
-    CacheManifest,
-    StoreEntry,
-    StoreManifest,
+from sak.pipeline.format.documents import (
     cache_content_digest,
-    cache_file_kind,
+    is_stage2_cache,
     read_cache,
     read_stage2_cache,
     read_store_manifest,
+)
+from sak.pipeline.format.layout import (
+    CACHE_FILE,
+    IMAGE_INDEX_FILE,
+    STORE_MANIFEST,
+    cache_file_kind,
     store_file_kind,
 )
+from sak.pipeline.format.records import CacheManifest, StoreEntry, StoreManifest
 from sak.pipeline.store.fidelity import fidelity_warnings, format_fidelity
 
 
@@ -48,18 +49,9 @@ def verify_cache(cache_dir: str | Path, progress=None) -> list[str]:
     return check_cache(cache_dir, progress).problems
 
 
-def _is_stage2(root: Path) -> bool:
-    import json
-
-    try:
-        return json.loads((root / CACHE_FILE).read_text()).get("kind") == "sak-stage2-cache"
-    except (OSError, ValueError, AttributeError):
-        return False  # read_cache names the problem
-
-
 def check_cache(cache_dir: str | Path, progress=None) -> Report:
     root = Path(cache_dir)
-    if _is_stage2(root):
+    if is_stage2_cache(root):
         return check_stage2(root)
     cache = read_cache(root)
     report = Report()
@@ -357,7 +349,7 @@ def describe_cache(
     """The `inspect` text: dataset, plan, images and one row per teacher store, random-init flagged.
     A bucket cache: cache_dir mirrors its metadata, `shown` is its URL, `sizes` its objects' bytes."""
     root = Path(cache_dir)
-    if _is_stage2(root):
+    if is_stage2_cache(root):
         return describe_stage2(root, shown, sizes)
     cache = read_cache(root)
     root = shown or root
@@ -455,7 +447,7 @@ def list_caches(root: str | Path, found: list[FoundCache] | None = None, full: b
     whether it verifies (its records; every byte with full=True)."""
     lines = []
     for fc in local_caches(root) if found is None else found:
-        if _is_stage2(fc.local):
+        if is_stage2_cache(fc.local):
             lines.append(_stage2_line(fc.local, fc.shown, fc.nbytes))
             continue
         try:
@@ -484,7 +476,8 @@ def list_caches(root: str | Path, found: list[FoundCache] | None = None, full: b
 def check_stage2(root: Path) -> Report:
     """A stage-2 target cache: views table digest and rows, every teacher's shard files against the
     sha256 its cache.json records, every shard present, journal agreement; unnamed files reported."""
-    from sak.pipeline.format.manifest import JOURNAL, read_journal
+    from sak.pipeline.format.journal import read_journal
+    from sak.pipeline.format.layout import JOURNAL
 
     cache = read_stage2_cache(root / CACHE_FILE)
     report = Report()

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from sak.pipeline.base.errors import BadImage
@@ -135,3 +136,9 @@ def one_line(exc: BaseException) -> str:
     """An exception as one short line for an error message (whitespace collapsed, at most 200 chars)."""
     text = " ".join(str(exc).split())
     return (text[:200] or type(exc).__name__).rstrip()
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """Stored bytes -> (3, H, W) uint8 RGB (no EXIF rotation: boxes are in stored-pixel coordinates)."""
+    img = decode_rgb(data)
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

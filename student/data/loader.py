@@ -39,19 +39,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.base.typed_json import to_json
 from sak.pipeline.buckets.bucket import Bucket, is_url, pull, stage_dir
-from sak.pipeline.extraction.preprocess import ImageReader, decode_image
-from sak.pipeline.format.manifest import read_table
-from sak.pipeline.format.records import (
-    IMAGE_INDEX_FILE,
-    VIEWS_FILE,
-    CacheManifest,
-    StoreManifest,
-    read_cache,
-    read_store_manifest,
-    store_file_kind,
-    to_json,
-)
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, store_file_kind
+from sak.pipeline.format.records import CacheManifest, StoreManifest
+from sak.pipeline.format.tables import ImageReader, read_table
+from sak.pipeline.sources.images import decode_image
 from sak.pipeline.sources.views import ViewPlan, cut_view
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.lowrank import decode_level, read_bases

@@ -25,7 +25,7 @@ import numpy as np
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import Bucket
-from sak.pipeline.extraction.ingest import image_tar_name
+from sak.pipeline.format.layout import image_tar_name
 from sak.pipeline.store.wds import WdsTeacherStore, shard_file
 from sak.pipeline.store.zarr import ShardRows
 from sak.student.data.index import CacheIndex

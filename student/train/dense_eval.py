@@ -20,8 +20,7 @@ import numpy as np
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import code_version, write_json_atomic
-from sak.pipeline.format.manifest import now_iso
+from sak.pipeline.base.provenance import code_version, now_iso, write_json_atomic
 from sak.student.data.dense import DATASET_METRIC_NAME, DenseDataset, EvalSamples, collate
 from sak.student.train.metrics import (
     EDGE_TOLERANCE,

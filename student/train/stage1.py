@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import code_version, read_json, write_json_atomic
-from sak.pipeline.format.manifest import now_iso
+from sak.pipeline.base.provenance import code_version, now_iso, read_json, write_json_atomic
 from sak.student.data.index import CacheIndex
 from sak.student.data.loader import (
     BatchReader,

@@ -32,8 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import code_version, read_json, sha256_file, write_json_atomic
-from sak.pipeline.format.manifest import now_iso
+from sak.pipeline.base.provenance import code_version, now_iso, read_json, sha256_file, write_json_atomic
 from sak.pipeline.teachers.specs import normalize_u8
 from sak.student.data.dense import (
     DenseDataset,

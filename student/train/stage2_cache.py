@@ -39,7 +39,7 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import CacheLock
-from sak.pipeline.base.provenance import code_version, sha256_file, stable_hash
+from sak.pipeline.base.provenance import code_version, now_iso, sha256_file, stable_hash
 from sak.pipeline.buckets.bucket import (
     Bucket,
     BucketLock,
@@ -50,15 +50,10 @@ from sak.pipeline.buckets.bucket import (
     push,
     push_metadata,
 )
-from sak.pipeline.format.manifest import JOURNAL, ShardRecord, append_journal, now_iso, read_journal
-from sak.pipeline.format.records import (
-    Stage2Cache,
-    Stage2Identity,
-    Stage2Teacher,
-    WeightsRecord,
-    read_stage2_cache,
-    write_stage2_cache,
-)
+from sak.pipeline.format.documents import read_stage2_cache, write_stage2_cache
+from sak.pipeline.format.journal import append_journal, read_journal
+from sak.pipeline.format.layout import JOURNAL
+from sak.pipeline.format.records import ShardRecord, Stage2Cache, Stage2Identity, Stage2Teacher, WeightsRecord
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 from sak.pipeline.teachers.specs import weights_field
