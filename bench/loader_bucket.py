@@ -109,7 +109,8 @@ def _passes(index, batch_size: int) -> tuple[float, float, int, object]:
 def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
     """Samples/s per core from the bucket (through a fresh local cache each round) and from a local copy,
     measured alternately `rounds` times; the best of each (the machine may be shared)."""
-    from sak.pipeline.buckets.bucket import Bucket, pull
+    from sak.pipeline.buckets.bucket import Bucket
+    from sak.pipeline.buckets.mirror import pull
     from sak.student.data.loader import open_cache
 
     local = root / "copy"

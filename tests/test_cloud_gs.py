@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.buckets.bucket import STAGE_ENV, Bucket, pull
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import STAGE_ENV, pull
 from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config

@@ -10,7 +10,8 @@ import json
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.buckets.bucket import STAGE_ENV, Bucket, pull
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import STAGE_ENV, pull
 from sak.student.train.stage2 import Stage2Config, train_stage2
 from sak.student.train.tiger import TigerConfig, train_tiger
 from tests.test_datasets import make_folder

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -18,9 +19,9 @@ import time
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.extraction.runtime import log
 
-LOCK_FILE = ".sak-lock"
+LOCK_FILE = ".sak-lock"  # a cache's lock file, and a bucket cache's lock object (buckets/lock.py)
+log = logging.getLogger("sak")
 
 
 class CacheLock:

@@ -20,7 +20,9 @@ from pathlib import Path
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import CacheLock
 from sak.pipeline.base.provenance import SCHEMA_VERSION, code_version, now_iso, sha256_file
-from sak.pipeline.buckets.bucket import Bucket, BucketLock, fresh_mirror, is_url, pull, push_metadata
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.lock import BucketLock
+from sak.pipeline.buckets.mirror import fresh_mirror, pull, push_metadata
 from sak.pipeline.extraction.actors import (
     actor_placement,
     retire,

@@ -30,7 +30,8 @@ from sak.pipeline.base.provenance import (
     stable_hash,
     xxh3_file,
 )
-from sak.pipeline.buckets.bucket import Bucket, is_url, node_role, stage_dir
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.mirror import node_role, stage_dir
 from sak.pipeline.extraction.runtime import Progress, log
 from sak.pipeline.format.documents import write_cache
 from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, image_tar_name

@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.buckets.bucket import is_url, node_mirror
+from sak.pipeline.buckets.bucket import is_url
+from sak.pipeline.buckets.mirror import node_mirror
 from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, image_tar_name
 from sak.pipeline.format.tables import ImageReader, read_table
 from sak.pipeline.sources.images import decode_image

@@ -21,7 +21,8 @@ import numpy as np
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file, xxh3_file
-from sak.pipeline.buckets.bucket import Bucket, node_mirror
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import node_mirror
 from sak.pipeline.extraction.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.format.documents import write_cache
 from sak.pipeline.format.records import CacheManifest, FileDigest, StudentViewsRecord, StudentViewsShard

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from sak.pipeline.base.provenance import xxh3_file
-from sak.pipeline.buckets.bucket import Bucket, node_mirror, push
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import node_mirror, push
 from sak.pipeline.format.manifest import save_stats, shard_stats
 from sak.pipeline.format.records import ShardRecord
 from sak.pipeline.store.backends import open_teacher_store

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file, stable_hash, xxh3_file
 from sak.pipeline.base.units import UNITS_NOTE, human_bytes
-from sak.pipeline.buckets.bucket import Bucket, is_url, pull, stage_dir
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.mirror import pull, stage_dir
 from sak.pipeline.format.documents import (
     cache_content_digest,
     is_stage2_cache,

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.buckets.bucket import Bucket, push
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import push
 from sak.pipeline.format.records import LevelBasis
 from sak.pipeline.store.codecs import Codec, Encoded, PcaBasis
 

@@ -40,7 +40,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file
 from sak.pipeline.base.typed_json import to_json
-from sak.pipeline.buckets.bucket import Bucket, is_url, pull, stage_dir
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.mirror import pull, stage_dir
 from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, store_file_kind
 from sak.pipeline.format.records import CacheManifest, StoreManifest

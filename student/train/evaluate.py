@@ -16,7 +16,8 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import read_json
-from sak.pipeline.buckets.bucket import is_url, metadata_mirror
+from sak.pipeline.buckets.bucket import is_url
+from sak.pipeline.buckets.mirror import metadata_mirror
 from sak.pipeline.format.documents import read_cache
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.loader import BatchReader, eval_batches, input_normalization, open_cache

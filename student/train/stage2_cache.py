@@ -40,16 +40,9 @@ import torch
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import CacheLock
 from sak.pipeline.base.provenance import code_version, now_iso, sha256_file, stable_hash
-from sak.pipeline.buckets.bucket import (
-    Bucket,
-    BucketLock,
-    fresh_mirror,
-    is_url,
-    metadata_mirror,
-    pull,
-    push,
-    push_metadata,
-)
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.lock import BucketLock
+from sak.pipeline.buckets.mirror import fresh_mirror, metadata_mirror, pull, push, push_metadata
 from sak.pipeline.format.documents import read_stage2_cache, write_stage2_cache
 from sak.pipeline.format.journal import append_journal, read_journal
 from sak.pipeline.format.layout import JOURNAL
