@@ -70,7 +70,9 @@ def _photos(n: int, side: int) -> torch.Tensor:
 
 def tiny_teacher_features(views: int = 8, size: int = 224) -> list[torch.Tensor]:
     """Every level of the three tiny teachers on `views` images: a list of (views, H, W, 64) float32."""
-    from sak.pipeline.teachers.specs import WeightsChoice, get_teacher, load_teacher
+    from sak.pipeline.teachers.forward import load_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     maps = []
     for name in ("dinov2_tiny", "clip_tiny", "sam_tiny"):
@@ -81,7 +83,9 @@ def tiny_teacher_features(views: int = 8, size: int = 224) -> list[torch.Tensor]
 
 def large_teacher_features(views: int) -> list[torch.Tensor]:
     """The paper's DINOv2-L and CLIP-L with random weights at 384 px: (views, 27, 27, 1024) per level."""
-    from sak.pipeline.teachers.specs import WeightsChoice, get_teacher, load_teacher
+    from sak.pipeline.teachers.forward import load_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     maps = []
     for name in ("dinov2_l", "clip_l"):

@@ -34,7 +34,9 @@ def bare_loop(
     teachers: list[str], size: int, batch: int, views: int, random_init: bool, device: str, threads: int
 ) -> float:
     """Views/s of only the teachers' forward on pre-decoded uint8 views (the ceiling for the pipeline)."""
-    from sak.pipeline.teachers.specs import WeightsChoice, get_teacher, load_teacher
+    from sak.pipeline.teachers.forward import load_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     if device == "cpu":
         torch.set_num_threads(threads)

@@ -72,7 +72,7 @@ def trainer_row(cfg, warmup: int) -> dict:
 
 def student_only_row(cfg, steps: int, warmup: int) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
-    from sak.pipeline.teachers.specs import bf16_autocast
+    from sak.pipeline.teachers.forward import bf16_autocast
     from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
     from sak.student.data.order import make_stream_plan
     from sak.student.train.losses import distillation_loss

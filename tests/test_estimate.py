@@ -20,7 +20,9 @@ from sak.pipeline.inspection.estimate import (
     teacher_macs,
 )
 from sak.pipeline.store.targets import select_levels
-from sak.pipeline.teachers.specs import WeightsChoice, build_model, get_teacher, load_teacher
+from sak.pipeline.teachers.forward import load_teacher
+from sak.pipeline.teachers.specs import get_teacher
+from sak.pipeline.teachers.weights import WeightsChoice, build_model
 
 SIZE = 64
 

@@ -72,15 +72,9 @@ from sak.pipeline.store.targets import (
     select_levels,
     student_views_field,
 )
-from sak.pipeline.teachers.specs import (
-    TOKEN_SELECTION,
-    TeacherSpec,
-    WeightsChoice,
-    normalization_for,
-    parse_teachers,
-    resolve_weights,
-    weights_field,
-)
+from sak.pipeline.teachers.forward import normalization_for
+from sak.pipeline.teachers.specs import TOKEN_SELECTION, TeacherSpec, parse_teachers
+from sak.pipeline.teachers.weights import WeightsChoice, resolve_weights, weights_field
 
 DEFAULT_SHARD_VIEWS = 64
 
@@ -408,7 +402,7 @@ def _store_plan(
     cfg: ExtractConfig, cache: CacheManifest, out: Path, spec: TeacherSpec, choice: WeightsChoice
 ) -> StorePlan:
     codec = get_codec(cfg.codec)
-    weights = load(WeightsRecord, choice.describe(spec), f"weights of {spec.name}")
+    weights = choice.record(spec)
     blocks = select_levels(spec, cfg.levels)
     grid = resolve_grid(spec, cfg.size, cfg.grid)
     identity = _store_identity(cfg, cache, spec, weights)

@@ -27,7 +27,8 @@ from sak.pipeline.store.codecs import refuse_overflow
 from sak.pipeline.store.fidelity import is_lossy, measure_levels
 from sak.pipeline.store.lowrank import prepare_bases
 from sak.pipeline.store.targets import shape_targets
-from sak.pipeline.teachers.specs import WeightsChoice, load_teacher
+from sak.pipeline.teachers.forward import load_teacher
+from sak.pipeline.teachers.weights import WeightsChoice
 
 
 @dataclass(frozen=True)

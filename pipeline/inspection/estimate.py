@@ -83,14 +83,6 @@ ZARR_CHUNK_OVERHEAD = 32  # bytes per stored chunk: Blosc header 16 + shard inde
 WDS_MEMBER_OVERHEAD = 512 + 128 + 256  # tar header + .npy header + mean padding to 512
 ASSUMED_IMAGE_KB = 110.0  # mean stored JPEG of ImageNet-1k train (~140 GB / 1.28M images)
 
-# SAM windowing of the timm architectures (their model functions hold these; tiny variants override)
-_SAM_DEFAULTS = {
-    "samvit_base_patch16": {"window_size": 14, "global_attn_indexes": (2, 5, 8, 11)},
-    "samvit_large_patch16": {"window_size": 14, "global_attn_indexes": (5, 11, 17, 23)},
-}
-_PREFIX_TOKENS = {"dinov2": 1, "clip": 1, "sam": 0}  # CLS; the registered DINOv2s have no registers
-MLP_RATIO = 4
-
 
 @dataclass(frozen=True)
 class EstimateConfig:
@@ -227,29 +219,24 @@ class Estimate:
 
 
 def teacher_macs(spec: TeacherSpec, size: int, blocks_run: int | None = None) -> tuple[float, float]:
-    """(linear MACs, attention MACs) of one view through the first `blocks_run` blocks (default all)."""
-    kw = dict(spec.model_kwargs)
-    depth = kw.get("depth", spec.depth)
-    c = kw.get("embed_dim", spec.dim)
-    p = spec.patch_size
+    """(linear MACs, attention MACs) of one view through the first `blocks_run` blocks (default all), from
+    the architecture its TeacherSpec describes (width, depth, patch, prefix tokens, MLP ratio, windows)."""
+    c, p = spec.dim, spec.patch_size
     side = spec.model_input_side(size)
     gh = gw = side // p
     n_patch = gh * gw
-    n = n_patch + _PREFIX_TOKENS[spec.family]
-    blocks_run = depth if blocks_run is None else blocks_run
+    n = n_patch + spec.prefix_tokens
+    blocks_run = spec.depth if blocks_run is None else blocks_run
     linear = n_patch * 3 * p * p * c  # patch embed (a p x p stride-p conv)
     attention = 0.0
-    mlp = 2 * MLP_RATIO * c * c
-    if spec.family != "sam":
-        linear += blocks_run * n * (4 * c * c + mlp)
-        attention += blocks_run * 2 * n * n * c
-        return float(linear), float(attention)
-    sam = {**_SAM_DEFAULTS[spec.timm_name], **kw}
-    win, global_blocks = sam["window_size"], set(sam["global_attn_indexes"])
+    mlp = 2 * spec.mlp_ratio * c * c
+    win = spec.attention_window
     for b in range(blocks_run):
-        if b in global_blocks:
+        if win is None or b in spec.global_blocks:
             linear += n * (4 * c * c + mlp)
-            attention += 2 * n * n * c + n * (gh + gw) * c  # QK^T, AV, decomposed rel-pos
+            attention += 2 * n * n * c  # QK^T, AV
+            if win is not None:
+                attention += n * (gh + gw) * c  # SAM's decomposed relative positions
         else:
             windows = math.ceil(gh / win) * math.ceil(gw / win)
             t = win * win

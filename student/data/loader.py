@@ -51,7 +51,8 @@ from sak.pipeline.sources.views import ViewPlan, cut_view
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.lowrank import decode_level, read_bases
 from sak.pipeline.store.zarr import ShardRows, read_sorted_rows
-from sak.pipeline.teachers.specs import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
+from sak.pipeline.teachers.forward import IMAGENET_MEAN, IMAGENET_STD, normalize_u8
+from sak.pipeline.teachers.specs import get_teacher
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.integrity import ShardIntegrity
 from sak.student.data.order import StreamPlan

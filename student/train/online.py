@@ -25,7 +25,8 @@ from sak.student.data.loader import decode_targets
 
 def store_teacher_weights(store: StoreInfo):
     """The WeightsChoice that made a store, from its manifest (checked against the recorded id)."""
-    from sak.pipeline.teachers.specs import WeightsChoice, get_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     spec = get_teacher(store.teacher)
     w, config = store.manifest.weights, store.manifest.config
@@ -40,7 +41,7 @@ def store_teacher_weights(store: StoreInfo):
         choice = WeightsChoice("file", w.path)
     else:
         choice = WeightsChoice("pretrained")
-    rebuilt = choice.describe(spec)["id"]
+    rebuilt = choice.record(spec).id
     if rebuilt != w.id:
         raise SakError(
             f"cannot rebuild teacher {store.teacher} of store {store.fingerprint}: its weights were "
@@ -53,7 +54,7 @@ class OnlineTeachers:
     """Live teachers, loaded once in eval mode, each rebuilt exactly as its store's manifest records."""
 
     def __init__(self, stores: list[StoreInfo], plan_size: int, device: torch.device) -> None:
-        from sak.pipeline.teachers.specs import load_teacher
+        from sak.pipeline.teachers.forward import load_teacher
 
         self.device = device
         self.teachers, self.stores = {}, {s.teacher: s for s in stores}

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import code_version, now_iso, read_json, sha256_file, write_json_atomic
-from sak.pipeline.teachers.specs import normalize_u8
+from sak.pipeline.teachers.forward import normalize_u8
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,

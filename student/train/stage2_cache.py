@@ -46,10 +46,10 @@ from sak.pipeline.buckets.mirror import fresh_mirror, metadata_mirror, pull, pus
 from sak.pipeline.format.documents import read_stage2_cache, write_stage2_cache
 from sak.pipeline.format.journal import append_journal, read_journal
 from sak.pipeline.format.layout import JOURNAL
-from sak.pipeline.format.records import ShardRecord, Stage2Cache, Stage2Identity, Stage2Teacher, WeightsRecord
+from sak.pipeline.format.records import ShardRecord, Stage2Cache, Stage2Identity, Stage2Teacher
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
-from sak.pipeline.teachers.specs import weights_field
+from sak.pipeline.teachers.weights import weights_field
 from sak.student.data.dense import (
     DATASETS,
     DEFAULT_INPUT_SIZE,
@@ -409,7 +409,7 @@ def _build(
             Stage2Teacher(
                 teacher=info.teacher,
                 stage1_fingerprint=info.fingerprint,
-                weights=WeightsRecord(**info.weights) if getattr(info, "weights", None) else None,
+                weights=getattr(info, "weights", None),
                 seed=getattr(info, "seed", None),
                 path=f"teachers/{info.teacher}",
                 blocks=list(info.blocks),

@@ -13,8 +13,9 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import read_json
+from sak.pipeline.format.records import WeightsRecord
 from sak.pipeline.sources.views import cut_view
-from sak.pipeline.teachers.specs import LoadedTeacher
+from sak.pipeline.teachers.forward import LoadedTeacher
 from sak.student.data.loader import open_cache
 from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student
@@ -45,7 +46,7 @@ class NamedStore:
     fingerprint: str
     blocks: tuple[int, ...]
     positions: tuple[int, ...]
-    weights: dict  # WeightsChoice.describe(): source, id, path, random_init
+    weights: WeightsRecord  # WeightsChoice.record(): source, id, path, random_init
     seed: int
 
 
@@ -58,13 +59,15 @@ def named_teachers(
 ) -> list[tuple[NamedStore, object, object]]:
     """(store, spec, WeightsChoice) per teacher name; the fingerprint hashes everything that makes targets."""
     from sak.pipeline.base.provenance import stable_hash
-    from sak.pipeline.teachers.specs import normalization_for, parse_teachers, resolve_weights
+    from sak.pipeline.teachers.forward import normalization_for
+    from sak.pipeline.teachers.specs import parse_teachers
+    from sak.pipeline.teachers.weights import resolve_weights
 
     specs = parse_teachers(list(names))
     choices = resolve_weights(specs, dict(weights), random_init, seed)
     out = []
     for spec in specs:
-        described = choices[spec.name].describe(spec)
+        described = choices[spec.name].record(spec)
         mean, std = normalization_for(spec, normalization)
         fp = stable_hash(
             {
@@ -72,7 +75,7 @@ def named_teachers(
                 "timm": spec.timm_name,
                 "tag": spec.pretrained_tag,
                 "kwargs": [list(kv) for kv in spec.model_kwargs],
-                "weights": described["id"],
+                "weights": described.id,
                 "mean": mean,
                 "std": std,
                 "plan_size": NAMED_PLAN_SIZE,
@@ -119,7 +122,7 @@ class Stage2Teachers:
         device: torch.device,
     ) -> Stage2Teachers:
         """Teachers given by name and weights (no stage-1 run), every tapped level of each."""
-        from sak.pipeline.teachers.specs import load_teacher
+        from sak.pipeline.teachers.forward import load_teacher
 
         self = cls.__new__(cls)
         self.stores, self.teachers, self.device = [], {}, device

@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import code_version, now_iso, read_json, sha256_file, write_json_atomic
 from sak.pipeline.buckets.bucket import is_url
-from sak.pipeline.teachers.specs import weights_field
+from sak.pipeline.teachers.weights import weights_field
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,
