@@ -145,7 +145,7 @@ def _split(codec, x: torch.Tensor) -> torch.Tensor:
     """pca: fit on the first half of the views, return the held-out half; other codecs: x unchanged."""
     if not isinstance(codec, _PcaCodec):
         return x
-    from sak.pipeline.store.codecs import PcaBasis
+    from sak.pipeline.store.lowrank import PcaBasis
 
     half = max(x.shape[0] // 2, 1)
     codec.basis = PcaBasis.fit(x[:half], codec.k)

@@ -221,7 +221,7 @@ def test_int8_tc_is_its_own_store_identity_and_a_store_of_another_codec_is_refus
 
 
 def test_pca_basis_round_trips_and_decodes_with_numpy_alone():
-    from sak.pipeline.store.codecs import PcaBasis
+    from sak.pipeline.store.lowrank import PcaBasis
 
     g = torch.Generator().manual_seed(0)
     # low-rank features (rank 12 in C 64) plus a little noise: what a real ViT level's spectrum looks like

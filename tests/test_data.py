@@ -16,7 +16,7 @@ import zarr
 from PIL import Image
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.sources.views import cut_view
+from sak.pipeline.sources.images import cut_view
 from sak.pipeline.teachers.forward import IMAGENET_MEAN, IMAGENET_STD
 from sak.student.data.loader import BatchReader, CacheLoader, decode_targets, input_normalization, open_cache
 from sak.student.data.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation

@@ -15,7 +15,7 @@ from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings
 from sak.pipeline.store.codecs import get_codec, outlier_features, refuse_overflow
 from sak.pipeline.store.fidelity import compare, fidelity_warnings, measure_levels
-from sak.pipeline.store.targets import resample
+from sak.pipeline.store.resample import resample
 
 
 def test_compare_is_exact_for_identical_maps_and_sees_a_coarse_grid():

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.store.targets import identity_fields, resample, resolve_grid, select_levels, shape_targets
+from sak.pipeline.store.resample import resample, shape_targets
+from sak.pipeline.store.targets import identity_fields, resolve_grid, select_levels
 from sak.pipeline.teachers.specs import get_teacher
 
 

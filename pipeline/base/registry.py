@@ -5,6 +5,8 @@
     def _dinov2_b() -> TeacherSpec: ...
     TEACHERS.get("dinov2_b")                  # -> TeacherSpec; unknown: SakError listing the known names
     TEACHERS.add("fp16", Codec(...))          # or an entry that is already built
+    CODECS.add_family("pca<k>", pca_codec)    # names built from a pattern: pca_codec("pca64") -> Codec,
+                                              # None for a name that is not of the family
 
 Registering a name twice is a programming error (ValueError at import), never a silent override.
 """
@@ -25,6 +27,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._factories: dict[str, Callable[[], T]] = {}
+        self._families: dict[str, Callable[[str], T | None]] = {}  # label -> builder (None: not its name)
 
     def register(self, name: str) -> Callable[[Callable[[], T]], Callable[[], T]]:
         """Decorator: `@REGISTRY.register("name")` on a zero-argument function returning the entry."""
@@ -39,6 +42,13 @@ class Registry(Generic[T]):
         """Register an already-built (immutable) entry under `name`; returns it."""
         self._put(name, lambda: entry)
         return entry
+
+    def add_family(self, label: str, builder: Callable[[str], T | None]) -> None:
+        """Names made from a pattern (`label`, e.g. "pca<k>", is how errors list them): builder(name) -> the
+        entry, None for a name that is not of this family (a SakError for one that is, but is malformed)."""
+        if label in self._families:
+            raise ValueError(f"{self.kind} family {label!r} registered twice")
+        self._families[label] = builder
 
     def _put(self, name: str, factory: Callable[[], T]) -> None:
         if name in self._factories:
@@ -55,6 +65,11 @@ class Registry(Generic[T]):
         return iter(self.names())
 
     def get(self, name: str) -> T:
-        if name not in self._factories:
-            raise SakError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
-        return self._factories[name]()
+        if name in self._factories:
+            return self._factories[name]()
+        for builder in self._families.values():
+            entry = builder(name)
+            if entry is not None:
+                return entry
+        known = ", ".join([*self.names(), *self._families])
+        raise SakError(f"unknown {self.kind} {name!r}; known {self.kind}s: {known}")

@@ -15,8 +15,7 @@ from sak.pipeline.buckets.bucket import is_url
 from sak.pipeline.buckets.mirror import node_mirror
 from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, image_tar_name
 from sak.pipeline.format.tables import ImageReader, read_table
-from sak.pipeline.sources.images import decode_image
-from sak.pipeline.sources.views import cut_view
+from sak.pipeline.sources.images import cut_view, decode_image
 
 
 @dataclass(frozen=True)

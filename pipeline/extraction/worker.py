@@ -26,7 +26,7 @@ from sak.pipeline.store.backends import open_teacher_store
 from sak.pipeline.store.codecs import refuse_overflow
 from sak.pipeline.store.fidelity import is_lossy, measure_levels
 from sak.pipeline.store.lowrank import prepare_bases
-from sak.pipeline.store.targets import shape_targets
+from sak.pipeline.store.resample import shape_targets
 from sak.pipeline.teachers.forward import load_teacher
 from sak.pipeline.teachers.weights import WeightsChoice
 

@@ -1,4 +1,5 @@
-"""Checking and decoding source image bytes: only BadImage(reason) ever escapes for bad bytes.
+"""Checking and decoding image bytes (only BadImage(reason) ever escapes for bad bytes), and cutting a
+view out of the decoded pixels (`cut_view`, the one resize of extraction, the loader and stage 2).
 
 Decoding never applies the EXIF orientation: crop boxes of the view plan are in stored-pixel
 coordinates, and the same bytes must give the same pixels on every machine.
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from sak.pipeline.base.errors import BadImage
@@ -142,3 +144,23 @@ def decode_image(data: bytes) -> torch.Tensor:
     """Stored bytes -> (3, H, W) uint8 RGB (no EXIF rotation: boxes are in stored-pixel coordinates)."""
     img = decode_rgb(data)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+def cut_view(
+    image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: tuple[int, int]
+) -> torch.Tensor:
+    """THE resize function, shared by extraction and training: crop, resize, flip, round to uint8.
+
+    image: (3, H, W) uint8 source pixels. box: (x0, y0, x1, y1) half-open. size: (h, w) output.
+    Resizing is bicubic with antialias (so downscaling does not alias), computed in float32 on the CPU,
+    clamped to [0, 255] and rounded to uint8, as a pipeline that stores pixels would. Returns (3, h, w)
+    uint8. Every consumer of a view (teachers at extraction, the student in training, online teachers)
+    calls this function, so they see identical pixels.
+    """
+    x0, y0, x1, y1 = box
+    crop = image[:, y0:y1, x0:x1].unsqueeze(0).float()  # (1, 3, h0, w0)
+    if crop.shape[-2:] != torch.Size(size):
+        crop = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)
+    if flip:
+        crop = crop.flip(-1)
+    return crop.clamp_(0, 255).round_().to(torch.uint8)[0]

@@ -1,4 +1,4 @@
-"""The view plan: K deterministic random-resized-crop + flip views per image, and the one resize function.
+"""The view plan: K deterministic random-resized-crop + flip views per image (their pixels: images.cut_view).
 
 Caching fixes what the teacher saw, so augmentation is planned up front. A view is
 `(key, view index, crop box in source pixels, flip)`. Its random choices come from a generator seeded by
@@ -15,9 +15,6 @@ import hashlib
 import math
 import struct
 from dataclasses import asdict, dataclass
-
-import torch
-import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
 
@@ -135,23 +132,3 @@ def _random_resized_crop_box(
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def cut_view(
-    image: torch.Tensor, box: tuple[int, int, int, int], flip: bool, size: tuple[int, int]
-) -> torch.Tensor:
-    """THE resize function, shared by extraction and training: crop, resize, flip, round to uint8.
-
-    image: (3, H, W) uint8 source pixels. box: (x0, y0, x1, y1) half-open. size: (h, w) output.
-    Resizing is bicubic with antialias (so downscaling does not alias), computed in float32 on the CPU,
-    clamped to [0, 255] and rounded to uint8, as a pipeline that stores pixels would. Returns (3, h, w)
-    uint8. Every consumer of a view (teachers at extraction, the student in training, online teachers)
-    calls this function, so they see identical pixels.
-    """
-    x0, y0, x1, y1 = box
-    crop = image[:, y0:y1, x0:x1].unsqueeze(0).float()  # (1, 3, h0, w0)
-    if crop.shape[-2:] != torch.Size(size):
-        crop = F.interpolate(crop, size=size, mode="bicubic", antialias=True, align_corners=False)
-    if flip:
-        crop = crop.flip(-1)
-    return crop.clamp_(0, 255).round_().to(torch.uint8)[0]

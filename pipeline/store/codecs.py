@@ -54,24 +54,28 @@ Zarr codec plug-in is used on purpose: a store must open with stock zarr/numpy, 
 
 For the loader (dequantise on the training device; workers move one byte per value):
 
-    codec = get_codec(manifest["codec"])
+    codec = store_codec(manifest)                                    # once per store (backends.py)
     values, scales = codec.to_torch(stored_values, stored_scales)   # worker: zero-copy tensors, collate-able
     target = codec.decode_torch(values, scales, device="cuda", dtype=torch.bfloat16)  # (B, H, W, C)
 
-`decode` is the same on the CPU in float32.
+`decode` is the same on the CPU in float32. torch is imported by the methods that make tensors, so a
+command's options (which name a codec) load no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
 
 SCALE_DTYPE = "float16"
 _QMAX = {"int8": 127.0, "float8_e4m3fn": 448.0}
@@ -96,6 +100,9 @@ class Codec:
     group: int | None = None  # channels per scale for "group"
     blosc_shuffle: str = "shuffle"  # Blosc filter the stores use for these values
     rank: int | None = None  # low-rank codecs (pca<k>): the values are k coefficients per token
+
+    def __str__(self) -> str:
+        return self.name  # as options, messages and records name it
 
     @property
     def low_rank(self) -> bool:
@@ -200,6 +207,8 @@ class Codec:
 
     def encode_parts(self, x: torch.Tensor) -> Encoded:
         """(..., H, W, C) float tensor (any device) -> Encoded numpy values (and scales) on the CPU."""
+        import torch
+
         x = x.detach()
         if not self.scaled:
             if self.true_dtype == "bfloat16":
@@ -231,6 +240,8 @@ class Codec:
     def _encode_token_channel(self, x: torch.Tensor) -> Encoded:
         """Channel scales (absmax over H, W), then token scales over the channel-scaled map; both rounded to
         float16 before they are used, so decoding needs only the stored arrays."""
+        import torch
+
         qmax = _QMAX[self.true_dtype]
         ch = x.abs().amax(dim=(-3, -2), keepdim=True).clamp(_SCALE_MIN, _SCALE_MAX).half()  # (..., 1, 1, C)
         y = x / ch.float()
@@ -250,6 +261,8 @@ class Codec:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Stored arrays -> tensors without widening (zero-copy where possible): float32/float16, bf16
         (from uint16 bits), int8, fp8 kept as uint8 bits (torch cannot concatenate float8 on the CPU)."""
+        import torch
+
         if isinstance(values, np.ndarray):
             values = np.ascontiguousarray(values)
             if self.true_dtype == "bfloat16":
@@ -269,10 +282,14 @@ class Codec:
         values: np.ndarray | torch.Tensor,
         scales: np.ndarray | torch.Tensor | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """Stored values (and scales) -> (..., H, W, C) `dtype` on `device`. One byte per value crosses to
-        the device for int8/fp8; the dequantising multiply runs there."""
+        """Stored values (and scales) -> (..., H, W, C) `dtype` (default float32) on `device`. One byte per
+        value crosses to the device for int8/fp8; the dequantising multiply runs there."""
+        import torch
+
+        dtype = torch.float32 if dtype is None else dtype
+
         v, s = self.to_torch(values, scales)
         v = v.to(device, non_blocking=True) if device is not None else v
         if self.true_dtype == "float8_e4m3fn":
@@ -298,7 +315,7 @@ class Codec:
 
     def decode(self, values: np.ndarray | torch.Tensor, scales: np.ndarray | None = None) -> torch.Tensor:
         """Stored values (and scales) -> float32 (..., H, W, C) tensor on the CPU."""
-        return self.decode_torch(values, scales, device=None, dtype=torch.float32)
+        return self.decode_torch(values, scales, device=None)
 
 
 def refuse_overflow(codec: Codec, x: torch.Tensor, teacher: str, block: int) -> None:
@@ -320,6 +337,8 @@ _FP8_TABLE: list[np.ndarray] = []
 
 def _fp8_table() -> np.ndarray:
     """float32 value of every e4m3fn bit pattern (NaN for 0x7F/0xFF)."""
+    import torch
+
     if not _FP8_TABLE:
         bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
         _FP8_TABLE.append(bits.view(torch.float8_e4m3fn).float().numpy())
@@ -328,35 +347,27 @@ def _fp8_table() -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- registry
 
-_CODECS: dict[str, Codec] = {}
+CODECS: Registry[Codec] = Registry("codec")
 
-
-def register_codec(codec: Codec) -> Codec:
-    if codec.name in _CODECS:
-        raise ValueError(f"codec {codec.name!r} registered twice")
-    _CODECS[codec.name] = codec
-    return codec
-
-
-register_codec(Codec("fp32", "float32", "float32"))
-register_codec(Codec("fp16", "float16", "float16"))
-register_codec(Codec("bf16", "uint16", "bfloat16"))
+CODECS.add("fp32", Codec("fp32", "float32", "float32"))
+CODECS.add("fp16", Codec("fp16", "float16", "float16"))
+CODECS.add("bf16", Codec("bf16", "uint16", "bfloat16"))
 for _g in (32, 128):
-    register_codec(Codec(f"int8_group{_g}", "int8", "int8", "group", _g, "noshuffle"))
-register_codec(Codec("int8_token", "int8", "int8", "token", None, "noshuffle"))
-register_codec(Codec("int8_channel", "int8", "int8", "channel", None, "noshuffle"))
+    CODECS.add(f"int8_group{_g}", Codec(f"int8_group{_g}", "int8", "int8", "group", _g, "noshuffle"))
+CODECS.add("int8_token", Codec("int8_token", "int8", "int8", "token", None, "noshuffle"))
+CODECS.add("int8_channel", Codec("int8_channel", "int8", "int8", "channel", None, "noshuffle"))
 # `int8` is the measured winner (bench/codecs.py): per group of 32 channels. Its own name keeps the
 # fingerprint honest; describe() records the granularity.
-register_codec(Codec("int8", "int8", "int8", "group", 32, "noshuffle"))
-register_codec(Codec("fp8", "uint8", "float8_e4m3fn", "group", 32, "noshuffle"))
-register_codec(Codec("fp8_token", "uint8", "float8_e4m3fn", "token", None, "noshuffle"))
+CODECS.add("int8", Codec("int8", "int8", "int8", "group", 32, "noshuffle"))
+CODECS.add("fp8", Codec("fp8", "uint8", "float8_e4m3fn", "group", 32, "noshuffle"))
+CODECS.add("fp8_token", Codec("fp8_token", "uint8", "float8_e4m3fn", "token", None, "noshuffle"))
 # int8 robust to massive channels and high-norm tokens: one scale per channel and one per token
-register_codec(Codec("int8_tc", "int8", "int8", "token_channel", None, "noshuffle"))
+CODECS.add("int8_tc", Codec("int8_tc", "int8", "int8", "token_channel", None, "noshuffle"))
 
 
 def codec_names() -> list[str]:
-    """The registered codecs (pca<k> and pca<k>-fp8 are parsed by name: `get_codec`)."""
-    return sorted(_CODECS)
+    """The registered codecs (pca<k> and pca<k>-fp8 are a family, built from the name: `get_codec`)."""
+    return CODECS.names()
 
 
 _PCA = re.compile(r"pca(\d+)(?:-(\w+))?")
@@ -378,18 +389,15 @@ def pca_codec(name: str) -> Codec | None:
             f"codec {name}: pca coefficients are stored as fp16 (pca{k}) or fp8 (pca{k}-fp8), not {coeffs}; "
             f"int8 and the other codecs do not combine with pca"
         )
-    inner = _CODECS[PCA_COEFFICIENTS[coeffs]]
-    return dataclasses.replace(inner, name=name, rank=k)
+    return dataclasses.replace(CODECS.get(PCA_COEFFICIENTS[coeffs]), name=name, rank=k)
+
+
+CODECS.add_family("pca<k>, pca<k>-fp8", pca_codec)
 
 
 def get_codec(name: str) -> Codec:
-    if name in _CODECS:
-        return _CODECS[name]
-    if name.startswith("pca"):
-        codec = pca_codec(name)
-        if codec is not None:
-            return codec
-    raise SakError(f"unknown codec {name!r}; known codecs: {', '.join(codec_names())}, pca<k>, pca<k>-fp8")
+    """The codec `name`: registered, or of the pca<k> family (unknown: a SakError listing the known ones)."""
+    return CODECS.get(name)
 
 
 # ------------------------------------------------------------------------------------ test features
@@ -409,6 +417,8 @@ def outlier_features(
     with per-channel offsets, a few channels x magnitude/2 .. x magnitude (massive activations: real
     CLIP-L/DINOv2-L channels reach hundreds of times the typical one) and ~1.5% of tokens with 10x the norm
     (high-norm "register" tokens). Plain Gaussian noise hides exactly what breaks quantisers."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, h, w, c, generator=g) + 0.5 * torch.randn(c, generator=g)  # (n, h, w, c)
     channels = torch.randperm(c, generator=g)[:outlier_channels]
@@ -416,76 +426,3 @@ def outlier_features(
     tokens = torch.rand(n, h, w, generator=g) < high_norm_tokens  # (n, h, w)
     x[tokens] *= 10
     return x
-
-
-# ------------------------------------------------------------------------------------- low rank (pca<k>)
-
-
-@dataclass(frozen=True)
-class PcaBasis:
-    """A low-rank basis of one (teacher, level): the channel mean (C,) and the top-k principal directions
-    (k, C), both float32, fitted on float32 features of that level (float32 covariance, float64
-    mean and eigendecomposition). A map is stored as
-    its coefficients (..., H, W, k) = (x - mean) @ components.T and decoded by one matmul:
-
-        x = coefficients.astype("float32") @ components + mean          # numpy alone
-    """
-
-    mean: np.ndarray  # (C,) float32
-    components: np.ndarray  # (k, C) float32, orthonormal rows, by decreasing variance
-    explained: float  # fraction of the fitting sample's variance the k directions keep (nan: not known)
-    _on: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) -> (mean, comps)
-
-    @classmethod
-    def fit(cls, x: torch.Tensor, k: int) -> PcaBasis:
-        """Fit on (..., C) features; k is capped at C (k >= C keeps everything: an exact rotation)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (T, C) float32
-        c = flat.shape[-1]
-        if k < 1:
-            raise SakError(f"pca<k> needs k >= 1, got {k}")
-        if not bool(torch.isfinite(flat).all()):
-            raise SakError("the features to fit a pca basis on are not all finite")
-        mean = flat.double().mean(0)  # exact enough in float64, then the centred products in float32
-        centred = flat - mean.float()
-        cov = (centred.T @ centred).double() / max(flat.shape[0] - 1, 1)  # (C, C)
-        evals, evecs = torch.linalg.eigh(cov)  # ascending, float64 (C x C: cheap)
-        k = min(k, c)
-        comps = evecs[:, -k:].flip(-1).T  # (k, C), largest first
-        total = float(evals.clamp_min(0).sum())
-        explained = float(evals[-k:].clamp_min(0).sum()) / total if total > 0 else 1.0
-        return cls(mean.float().numpy(), comps.float().contiguous().numpy(), explained)
-
-    @property
-    def k(self) -> int:
-        return self.components.shape[0]
-
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> float32 coefficients (..., k) on the CPU."""
-        m, p = torch.from_numpy(self.mean), torch.from_numpy(self.components)
-        return (x.detach().float().cpu() - m) @ p.T
-
-    def encode(self, x: torch.Tensor, dtype: torch.dtype = torch.float16) -> np.ndarray:
-        """(..., H, W, C) -> coefficients (..., H, W, k) in `dtype` (float16 as stored)."""
-        coeffs = self.project(x)
-        if dtype == torch.float16 and float(coeffs.abs().max()) > 65504:
-            raise SakError("pca coefficients exceed float16's 65504; the features are too large for fp16")
-        return coeffs.to(dtype).numpy()
-
-    def on(self, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, components) as tensors on `device`, moved there once."""
-        key = (str(device), dtype)
-        if key not in self._on:
-            self._on[key] = (
-                torch.from_numpy(self.mean).to(device, dtype),
-                torch.from_numpy(self.components).to(device, dtype),
-            )
-        return self._on[key]
-
-    def decode_torch(
-        self, coeffs: np.ndarray | torch.Tensor, device=None, dtype: torch.dtype = torch.float32
-    ) -> torch.Tensor:
-        """Coefficients (..., k) -> (..., C) on `device`: one matmul there (the basis is small)."""
-        c = torch.from_numpy(np.ascontiguousarray(coeffs)) if isinstance(coeffs, np.ndarray) else coeffs
-        c = c.to(device).to(dtype)
-        mean, comps = self.on(c.device, dtype)
-        return torch.addmm(mean, c.reshape(-1, self.k), comps).reshape(*c.shape[:-1], comps.shape[-1])

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.format.records import LevelFidelity, StoreManifest
-from sak.pipeline.store.codecs import Codec, PcaBasis
-from sak.pipeline.store.lowrank import decode_level, encode_level
-from sak.pipeline.store.targets import resample
+from sak.pipeline.store.codecs import Codec
+from sak.pipeline.store.lowrank import PcaBasis, decode_level, encode_level
+from sak.pipeline.store.resample import resample
 
 WARN_BELOW = 0.99  # 1st-percentile per-token cosine (raw or standardised) under which `run` warns
 EXACT_CODECS = ("fp32", "fp16")  # fp16 keeps ~3.3 significant digits: not a lossy choice here

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,10 +41,80 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import Bucket
 from sak.pipeline.buckets.mirror import push
 from sak.pipeline.format.records import LevelBasis
-from sak.pipeline.store.codecs import Codec, Encoded, PcaBasis
+from sak.pipeline.store.codecs import Codec, Encoded
 
 BASIS_DIR = "basis"
 DECODE = "x = coefficients @ components + mean (coefficients decoded as the values' codec says)"
+
+
+@dataclass(frozen=True)
+class PcaBasis:
+    """A low-rank basis of one (teacher, level): the channel mean (C,) and the top-k principal directions
+    (k, C), both float32, fitted on float32 features of that level (float32 covariance, float64
+    mean and eigendecomposition). A map is stored as
+    its coefficients (..., H, W, k) = (x - mean) @ components.T and decoded by one matmul:
+
+        x = coefficients.astype("float32") @ components + mean          # numpy alone
+    """
+
+    mean: np.ndarray  # (C,) float32
+    components: np.ndarray  # (k, C) float32, orthonormal rows, by decreasing variance
+    explained: float  # fraction of the fitting sample's variance the k directions keep (nan: not known)
+    _on: dict = field(default_factory=dict, compare=False, repr=False)  # (device, dtype) -> (mean, comps)
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, k: int) -> PcaBasis:
+        """Fit on (..., C) features; k is capped at C (k >= C keeps everything: an exact rotation)."""
+        flat = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (T, C) float32
+        c = flat.shape[-1]
+        if k < 1:
+            raise SakError(f"pca<k> needs k >= 1, got {k}")
+        if not bool(torch.isfinite(flat).all()):
+            raise SakError("the features to fit a pca basis on are not all finite")
+        mean = flat.double().mean(0)  # exact enough in float64, then the centred products in float32
+        centred = flat - mean.float()
+        cov = (centred.T @ centred).double() / max(flat.shape[0] - 1, 1)  # (C, C)
+        evals, evecs = torch.linalg.eigh(cov)  # ascending, float64 (C x C: cheap)
+        k = min(k, c)
+        comps = evecs[:, -k:].flip(-1).T  # (k, C), largest first
+        total = float(evals.clamp_min(0).sum())
+        explained = float(evals[-k:].clamp_min(0).sum()) / total if total > 0 else 1.0
+        return cls(mean.float().numpy(), comps.float().contiguous().numpy(), explained)
+
+    @property
+    def k(self) -> int:
+        return self.components.shape[0]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., C) -> float32 coefficients (..., k) on the CPU."""
+        m, p = torch.from_numpy(self.mean), torch.from_numpy(self.components)
+        return (x.detach().float().cpu() - m) @ p.T
+
+    def encode(self, x: torch.Tensor, dtype: torch.dtype = torch.float16) -> np.ndarray:
+        """(..., H, W, C) -> coefficients (..., H, W, k) in `dtype` (float16 as stored)."""
+        coeffs = self.project(x)
+        if dtype == torch.float16 and float(coeffs.abs().max()) > 65504:
+            raise SakError("pca coefficients exceed float16's 65504; the features are too large for fp16")
+        return coeffs.to(dtype).numpy()
+
+    def on(self, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, components) as tensors on `device`, moved there once."""
+        key = (str(device), dtype)
+        if key not in self._on:
+            self._on[key] = (
+                torch.from_numpy(self.mean).to(device, dtype),
+                torch.from_numpy(self.components).to(device, dtype),
+            )
+        return self._on[key]
+
+    def decode_torch(
+        self, coeffs: np.ndarray | torch.Tensor, device=None, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Coefficients (..., k) -> (..., C) on `device`: one matmul there (the basis is small)."""
+        c = torch.from_numpy(np.ascontiguousarray(coeffs)) if isinstance(coeffs, np.ndarray) else coeffs
+        c = c.to(device).to(dtype)
+        mean, comps = self.on(c.device, dtype)
+        return torch.addmm(mean, c.reshape(-1, self.k), comps).reshape(*c.shape[:-1], comps.shape[-1])
 
 
 def basis_paths(fmt: str, block: int) -> tuple[str, str]:

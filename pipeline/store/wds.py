@@ -37,8 +37,8 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import read_json, sha256_file, write_json_atomic
-from sak.pipeline.store.codecs import Codec, Encoded, PcaBasis, get_codec
-from sak.pipeline.store.lowrank import basis_paths, decode_level, encode_level, level_basis
+from sak.pipeline.store.codecs import Codec, Encoded, get_codec
+from sak.pipeline.store.lowrank import PcaBasis, basis_paths, decode_level, encode_level, level_basis
 
 FORMAT = "wds"
 LAYOUT_FILE = "layout.json"

@@ -36,8 +36,8 @@ from zarr.codecs import BloscCodec
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file
 from sak.pipeline.buckets.bucket import is_url
-from sak.pipeline.store.codecs import SCALE_DTYPE, Codec, Encoded, PcaBasis, get_codec
-from sak.pipeline.store.lowrank import decode_level, encode_level, level_basis
+from sak.pipeline.store.codecs import SCALE_DTYPE, Codec, Encoded, get_codec
+from sak.pipeline.store.lowrank import PcaBasis, decode_level, encode_level, level_basis
 
 FORMAT = "zarr"
 

@@ -65,7 +65,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.sources.views import ViewSampler, cut_view, view_seed
+from sak.pipeline.sources.images import cut_view
+from sak.pipeline.sources.views import ViewSampler, view_seed
 from sak.student.model.multitask import NYUD_TASKS, PASCAL_CONTEXT_TASKS
 
 IGNORE_INDEX = 255

@@ -13,7 +13,7 @@ import numpy as np
 
 from sak.pipeline.format.records import CacheManifest, StoreManifest
 from sak.pipeline.sources.views import ViewPlan
-from sak.pipeline.store.codecs import PcaBasis
+from sak.pipeline.store.lowrank import PcaBasis
 
 
 @dataclass(frozen=True)

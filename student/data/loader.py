@@ -46,8 +46,8 @@ from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, store_file_kind
 from sak.pipeline.format.records import CacheManifest, StoreManifest
 from sak.pipeline.format.tables import ImageReader, read_table
-from sak.pipeline.sources.images import decode_image
-from sak.pipeline.sources.views import ViewPlan, cut_view
+from sak.pipeline.sources.images import cut_view, decode_image
+from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.lowrank import decode_level, read_bases
 from sak.pipeline.store.zarr import ShardRows, read_sorted_rows

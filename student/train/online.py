@@ -67,7 +67,7 @@ class OnlineTeachers:
             if spec.model_input_side(plan_size) != store.side:
                 raise SakError(f"teacher {store.teacher}: input size differs from its store's manifest")
             if any(g != spec.grid(plan_size) for g in store.grids):
-                from sak.pipeline.store.targets import resample  # noqa: F401  (fail now, not at the first step)
+                from sak.pipeline.store.resample import resample  # noqa: F401  (fail now, not at the first step)
             self.teachers[store.teacher] = teacher
 
     @property
@@ -83,7 +83,7 @@ class OnlineTeachers:
             # the levels the store keeps, the teacher stopping after the deepest (as extraction ran it)
             maps = t.forward_levels(views.to(self.device, non_blocking=True), store.blocks)  # fp32
             if any(tuple(m.shape[1:3]) != g for m, g in zip(maps, store.grids)):
-                from sak.pipeline.store.targets import resample  # the extraction's own resampling
+                from sak.pipeline.store.resample import resample  # the extraction's own resampling
 
                 maps = [resample(m, g) for m, g in zip(maps, store.grids)]
             out[name] = [m.clone() for m in maps]  # inference-mode tensors cannot enter the autograd graph

@@ -14,7 +14,7 @@ import torch
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import read_json
 from sak.pipeline.format.records import WeightsRecord
-from sak.pipeline.sources.views import cut_view
+from sak.pipeline.sources.images import cut_view
 from sak.pipeline.teachers.forward import LoadedTeacher
 from sak.student.data.loader import open_cache
 from sak.student.model.student import SakStudent
