@@ -14,7 +14,7 @@ Datasets:
   random-init L   (--large) dinov2_l and clip_l with random weights at 384 px, every 4th-block level
                   (27x27x1024): the real shapes, but not the real statistics (see README)
 
-pca<k> rows: a PcaBasis (codecs.py) fitted on the first half of the views of each map and judged on the
+pca<k> rows: a PcaBasis (pipeline/store/lowrank.py) fitted on the first half of the views of each map and judged on the
 other half (held out, as a store fits on its first shard); coefficients in float16. Bytes per value count
 the coefficients only; the basis ((k + 1) x C float32 per level, ~1 MB at k 256, C 1024) is paid once per
 store, not per view.
@@ -270,7 +270,8 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
         print(f"effect on training: skipped, sak.student.train.stage1 is not importable ({e})")
         return []
 
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
     from sak.student.train.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
 
     images = workdir / "images"

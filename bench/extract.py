@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from sak.pipeline.base.provenance import code_version
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
     from sak.pipeline.format.documents import read_cache, read_store_manifest
 
     teachers = [t.strip() for t in args.teachers.split(",")]

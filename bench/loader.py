@@ -72,7 +72,8 @@ def measure_images(root: Path, images: int, size: int, batch_size: int, reps: in
     """ms per sample of the student input, {"decode": ..., "raw": ...}, on a real 384 px cache."""
     import ray
 
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
     from sak.pipeline.sources.synthetic import write_photo_folder
     from sak.student.data.loader import BatchReader, input_normalization, open_cache
 

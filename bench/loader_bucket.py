@@ -36,7 +36,8 @@ def make_photos(root: Path, images: int) -> Path:
 
 
 def make_cache(photos: Path, out: Path | str, size: int, codec: str, grid: str, shard_images: int) -> str:
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
 
     cfg = ExtractConfig(
         source=str(photos), out=str(out), teachers=TEACHERS, views_per_image=2, size=size,

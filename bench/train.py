@@ -38,7 +38,8 @@ TINY_TEACHERS = "dinov2_tiny,clip_tiny,sam_tiny"
 def make_cache(
     root: Path, images: int, size: int, shard_images: int, teachers: str = TINY_TEACHERS, batch_size: int = 32
 ) -> str:
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
     from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
     photos = write_photo_folder(root / "photos", images)

@@ -14,7 +14,7 @@ from sak.pipeline.buckets.bucket import is_url
 
 
 def _extract_config():
-    from sak.pipeline.extraction.driver import ExtractConfig
+    from sak.pipeline.extraction.config import ExtractConfig
 
     return ExtractConfig
 
@@ -63,8 +63,9 @@ def run(**opts) -> None:
 
     Adding a teacher to an existing cache needs only --out and --teachers: the view plan and shard
     size are the cache's own (a different value given is refused)."""
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction, with_recorded_defaults
-    from sak.pipeline.inspection.verify import describe_cache, describe_location, store_fidelity_warnings
+    from sak.pipeline.extraction.config import ExtractConfig, with_recorded_defaults
+    from sak.pipeline.extraction.driver import run_extraction
+    from sak.pipeline.inspection.describe import describe_cache, describe_location, store_fidelity_warnings
 
     cfg = with_recorded_defaults(RUN_OPTIONS.build(ExtractConfig, opts), RUN_OPTIONS.given(opts))
     out = run_extraction(cfg)
@@ -78,7 +79,7 @@ def run(**opts) -> None:
 @click.argument("cache")
 def inspect(cache: str) -> None:
     """Describe a cache (folder or s3:// / gs:// URL): teachers, fingerprints, views, shapes, bytes."""
-    from sak.pipeline.inspection.verify import describe_location
+    from sak.pipeline.inspection.describe import describe_location
 
     click.echo(describe_location(cache))
 
@@ -106,7 +107,7 @@ def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
 def ls_(root: str, full: bool) -> None:
     """One line per cache found under ROOT (a folder or an s3:// / gs:// prefix): teachers, views, bytes,
     created, and whether it verifies."""
-    from sak.pipeline.inspection.verify import bucket_caches, list_caches
+    from sak.pipeline.inspection.describe import bucket_caches, list_caches
 
     lines = list_caches(root, bucket_caches(root) if is_url(root) else None, full=full)
     click.echo("\n".join(lines) if lines else f"no cache under {root}")

@@ -51,7 +51,8 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from sak.pipeline.base.errors import SakError
-    from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
 
     mb = 1024 * 1024
     cluster = Cluster(

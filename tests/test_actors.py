@@ -1,4 +1,4 @@
-"""pipeline/actors.py, the actor pool of `sak-cache run` and `sak-cache stage2`, on the session's Ray."""
+"""pipeline/extraction/actors.py, the actor pool of `sak-cache run` and `sak-cache stage2`, on the session's Ray."""
 
 from __future__ import annotations
 

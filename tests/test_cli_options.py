@@ -16,7 +16,7 @@ from sak.cli.cache import main as cache_main
 from sak.cli.options import OptionSet
 from sak.cli.train import cli as train_cli
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.extraction.driver import ExtractConfig, with_recorded_defaults
+from sak.pipeline.extraction.config import ExtractConfig, with_recorded_defaults
 from sak.pipeline.format.documents import read_cache
 
 

@@ -12,7 +12,8 @@ from sak.cli.cache import main as cache_main
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import Bucket
 from sak.pipeline.buckets.mirror import STAGE_ENV, pull
-from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
 

@@ -19,8 +19,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
-from sak.pipeline.inspection.verify import describe_cache, list_caches, verify_cache
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.inspection.describe import describe_cache, list_caches
+from sak.pipeline.inspection.verify import verify_cache
 from sak.pipeline.teachers.specs import get_teacher
 
 SIZE = 64

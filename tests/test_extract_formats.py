@@ -10,7 +10,8 @@ import torch
 import webdataset as wds
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.inspection.verify import describe_cache, verify_cache
+from sak.pipeline.inspection.describe import describe_cache
+from sak.pipeline.inspection.verify import verify_cache
 from sak.pipeline.store.backends import open_teacher_store
 
 

@@ -1,4 +1,4 @@
-"""Fidelity measured at extraction (fidelity.py): a lossy store records, per level, how its stored targets
+"""Fidelity measured at extraction (store/fidelity.py): a lossy store records, per level, how its stored targets
 compare with the float32 values before encoding; `inspect` shows it, `run` warns under 0.99; an fp16 store
 refuses a value it cannot hold, at extraction, in one line naming teacher, level and the alternatives."""
 
@@ -12,7 +12,7 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.format.documents import read_cache, read_store_manifest
-from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings
+from sak.pipeline.inspection.describe import describe_cache, store_fidelity_warnings
 from sak.pipeline.store.codecs import get_codec, outlier_features, refuse_overflow
 from sak.pipeline.store.fidelity import compare, fidelity_warnings, measure_levels
 from sak.pipeline.store.resample import resample

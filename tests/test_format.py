@@ -16,7 +16,7 @@ from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.typed_json import schema_text, to_json
-from sak.pipeline.extraction.driver import ExtractConfig
+from sak.pipeline.extraction.config import ExtractConfig
 from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.format.manifest import store_fingerprint
 from sak.pipeline.format.records import ExtractRecord

@@ -1,4 +1,4 @@
-"""`--codec pca<k>` (lowrank.py): a per-level basis fitted on the first shard before anything is encoded,
+"""`--codec pca<k>` (store/lowrank.py): a per-level basis fitted on the first shard before anything is encoded,
 stored beside the arrays, digested, part of the store's identity; decoded by one matmul on the training
 device; readable with zarr/numpy alone; reused, never refitted, by a resumed run."""
 
@@ -16,10 +16,12 @@ import zarr
 
 from sak.cli.cache import main as cache_main
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
 from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.format.journal import read_journal
-from sak.pipeline.inspection.verify import describe_cache, store_fidelity_warnings, verify_cache
+from sak.pipeline.inspection.describe import describe_cache, store_fidelity_warnings
+from sak.pipeline.inspection.verify import verify_cache
 from sak.pipeline.store.backends import create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.lowrank import prepare_bases

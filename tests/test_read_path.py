@@ -14,7 +14,8 @@ import zarr
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import sha256_file, xxh3_file
-from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
 from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.inspection.verify import verify_cache
 from sak.pipeline.store.codecs import get_codec, outlier_features

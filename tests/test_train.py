@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from sak.cli.train import main as train_main
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.extraction.driver import ExtractConfig, run_extraction
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.store.codecs import get_codec
 from sak.student.data.loader import open_cache

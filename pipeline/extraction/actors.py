@@ -1,4 +1,4 @@
-"""Ray actor pools of the cache builders, in one place: `sak-cache run` (extract.py's TeacherWorker) and
+"""Ray actor pools of the cache builders, in one place: `sak-cache run` (driver.py) and
 `sak-cache stage2` (stage2_cache.py's shard worker) size, place, start, feed and stop their actors here.
 
     actor_placement(requested, n_jobs)   how many actors, on GPUs or CPUs, and torch threads each:
@@ -14,7 +14,7 @@
                                          one before the next; a job whose actor was lost (its node gone)
                                          goes to another live actor; after any other failure nothing new
                                          is submitted, the shards in flight still land, then it is raised
-    LiveActors(n), lost_actor(error)     that bookkeeping, shared with extract.py's own feeding loop
+    LiveActors(n), lost_actor(error)     that bookkeeping, shared with driver.py's own feeding loop
     shard_failure_error(...)             the one-line error: what failed, that finished shards are kept
 """
 

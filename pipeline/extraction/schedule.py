@@ -12,7 +12,7 @@ from sak.pipeline.format.records import Throughput
 
 
 @dataclass
-class Schedule:
+class ShardSchedule:
     """The driver's scheduling state: shards waiting, being cut (CPU tasks), being computed (actors)."""
 
     queue: list[ShardJob]  # next job last
@@ -29,7 +29,7 @@ class Schedule:
     hold_first: bool = False  # submit nothing more until the first job has landed (a pca<k> basis fit)
 
     @classmethod
-    def of(cls, jobs: list[ShardJob]) -> Schedule:
+    def of(cls, jobs: list[ShardJob]) -> ShardSchedule:
         return cls(list(reversed(jobs)), sum(j.views for j in jobs))
 
     def start(self, n_workers: int) -> None:

@@ -4,7 +4,7 @@
 token, as `fp8_token`) stores every token of a (teacher, level) map as k coefficients over that level's
 own basis: the channel mean (C,) and the top-k principal directions (k, C), float32. The basis is fitted
 by the worker that computes the store's first shard, on that shard's float32 targets, and written before
-any shard is encoded; the other shards wait for it (extract.py holds them back), and a resumed run reads
+any shard is encoded; the other shards wait for it (extraction/driver.py holds them back), and a resumed run reads
 the stored basis, never refits. k is clipped to the channel count (a level of C <= k channels keeps all of
 them: an exact rotation, only the coefficients' rounding is lost).
 

@@ -34,9 +34,9 @@ RESAMPLE = (
 def codec_field():
     help = (
         "Target codec: fp16, bf16, fp32, int8 (per 32 channels), int8_tc (per channel and token: robust to "
-        "massive activations), fp8 (see pipeline/codecs.py), or pca<k> / pca<k>-fp8 (e.g. pca64: k "
+        "massive activations), fp8 (see pipeline/store/codecs.py), or pca<k> / pca<k>-fp8 (e.g. pca64: k "
         "coefficients per token, fp16 or fp8 with a per-token scale, over a per-level basis fitted on the "
-        "first shard; k clipped to the channel count; see pipeline/lowrank.py)."
+        "first shard; k clipped to the channel count; see pipeline/store/lowrank.py)."
     )
     return field(default="fp16", metadata={"help": help, "group": "targets"})
 

@@ -4,7 +4,7 @@ Same shard boundaries and sample order as the Zarr store and views.parquet (row 
 one store (`teachers/<fingerprint>/`):
   layout.json                  format, codec (codec.describe()), views, shard size, per-level shapes
   shards/shard-NNNNNN.tar      rows [N * shard_size, (N + 1) * shard_size)
-  manifest.json, shards.jsonl, stats/   as for Zarr (manifest.py)
+  manifest.json, shards.jsonl, stats/   as for Zarr (format/manifest.py, format/journal.py)
 
 Members of one sample, consecutive, in block order (WebDataset groups consecutive members by key):
   <samplekey>.<block>.npy          values (H, W, C): float16 | float32 | uint16 (bf16 bits) | int8 | uint8 (fp8 bits)

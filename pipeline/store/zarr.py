@@ -13,7 +13,7 @@ Layout of one store (`teachers/<fingerprint>/`):
   levels/<block>/zarr.json     array metadata (attributes: block, codec, true_dtype, codec_spec)
   levels/<block>/c/<s>/0/0/0   shard file s of the values
   scales/<block>/...           quantised codecs only: float16 (views, H, W, G) or (views, 1, 1, C)
-  manifest.json                see manifest.py
+  manifest.json                see format/records.py (StoreManifest)
   shards.jsonl                 journal of completed shards (append-only; fsynced)
   stats/<s>.npy                per-shard channel sums for the feature statistics
 

@@ -209,7 +209,7 @@ def build_stage2_cache(cfg: Stage2CacheConfig) -> Path:
             f"--codec {cfg.codec}: a stage-2 target cache does not take pca<k> (its targets change every epoch, "
             f"no first shard fits them all); use fp16, bf16, fp32 or a quantised codec"
         )
-    remote = Bucket(cfg.out) if is_url(cfg.out) else None  # written as `run` writes a bucket (storage.py)
+    remote = Bucket(cfg.out) if is_url(cfg.out) else None  # written as `run` writes a bucket (buckets/)
     out = fresh_mirror(cfg.out) if remote else Path(cfg.out).expanduser()
     device = resolve_device(cfg.device)
     data = DenseDataset(cfg.dataset, cfg.data_root, SPLIT)
@@ -299,7 +299,7 @@ class _ShardWorker:
 
 def _ray_shards(cfg: Stage2CacheConfig, todo: list[int], bounds: dict, out: Path):
     """Shards computed by `cfg.workers` Ray actors (teachers loaded once each), placed, restarted and fed
-    as `sak-cache run`'s (pipeline/actors.py); yields results as they land (the driver writes and
+    as `sak-cache run`'s (pipeline/extraction/actors.py); yields results as they land (the driver writes and
     journals each); a failure ends the build after the shards in flight, finished shards kept."""
     from sak.pipeline.extraction.actors import (
         ActorPool,
