@@ -118,7 +118,7 @@ def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> d
     for i, (h, w, c) in enumerate(shapes):
         path = root / f"{codec_name}-{compressor}-{h}x{w}x{c}"
         create_store(path, SHARD, SHARD, {0: (h, w, c)}, codec, compressor)
-        store, maps = ZarrTeacherStore(path, codec_name, SHARD), {0: outlier_features(SHARD, h, w, c, seed=i)}
+        store, maps = ZarrTeacherStore(path, codec, SHARD), {0: outlier_features(SHARD, h, w, c, seed=i)}
         prepare_bases(store, 0, maps)  # pca<k>: the basis fitted on this shard first, as extraction does
         store.write_shard(0, 0, maps)
         kinds = ["levels", "scales"] if codec.scaled else ["levels"]

@@ -170,7 +170,7 @@ def test_zarr_store_keeps_values_and_scales(name, tmp_path, feats):
     grids = {2: (16, 16, 256), 5: (16, 16, 256)}
     create_store(tmp_path, 6, 4, grids, codec)
     create_store(tmp_path, 6, 4, grids, codec)  # idempotent
-    store = ZarrTeacherStore(tmp_path, name, 4)
+    store = ZarrTeacherStore(tmp_path, get_codec(name), 4)
     x = outlier_features(6, 16, 16, 256, seed=3)
     files = store.write_shard(0, 0, {2: x[:4], 5: x[:4] * 2})
     assert set(files) == {

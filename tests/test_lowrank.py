@@ -47,7 +47,8 @@ def _store(tmp_path, fmt: str, codec: str, levels: dict[int, torch.Tensor], keys
     path = tmp_path / f"{fmt}-{codec}"
     create_teacher_store(fmt, path, n, n, grids, get_codec(codec))
     # a WebDataset store outside a cache is given its sample keys
-    store = WdsTeacherStore(path, codec, n, keys) if fmt == "wds" else open_teacher_store(fmt, path, codec, n)
+    c = get_codec(codec)
+    store = WdsTeacherStore(path, c, n, keys) if fmt == "wds" else open_teacher_store(fmt, path, c, n)
     prepare_bases(store, 0, levels)  # fitted on shard 0, before it is encoded
     store.write_shard(0, 0, levels)
     return store

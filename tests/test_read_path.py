@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_compressor_round_trips_through_zarr_and_the_direct_reader(tmp_path, codec, compressor):
     c = get_codec(codec)
     create_store(tmp_path, 10, 4, {7: (3, 5, 64)}, c, compressor)
-    store = ZarrTeacherStore(tmp_path, codec, 4)
+    store = ZarrTeacherStore(tmp_path, c, 4)
     x = outlier_features(10, 3, 5, 64, seed=1)
     for shard, start in enumerate(range(0, 10, 4)):
         store.write_shard(shard, start, {7: x[start : start + 4]})

@@ -11,7 +11,11 @@ from pathlib import Path
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
+from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.targets import (
+    GridChoice,
+    as_codec,
+    as_grid,
     codec_field,
     compressor_field,
     format_field,
@@ -106,12 +110,12 @@ class ExtractConfig:
             "group": "teachers",
         },
     )
-    codec: str = codec_field()
+    codec: Codec = codec_field()  # resolved from its name once, here; travels whole from here on
     format: str = format_field()
     student_views: str = student_views_field()
     compressor: str = compressor_field()
     levels: str = levels_field()
-    grid: str = grid_field()  # canonical: "native" | "student" | "HxW" (parse_grid at the config boundary)
+    grid: GridChoice = grid_field()
     workers: int | None = field(
         default=None,
         metadata={"help": "Teacher actors [default: one per GPU, or half the CPUs].", "group": "compute"},
@@ -126,6 +130,11 @@ class ExtractConfig:
         default=178_956_970, metadata={"help": "Skip images with more pixels (decompression-bomb guard)."}
     )
     progress: bool = field(default=True, metadata={"help": "Progress bar and progress log lines."})
+
+    def __post_init__(self) -> None:
+        # a codec or grid named by a script or test (the CLI parses them itself) is resolved here, once
+        object.__setattr__(self, "codec", as_codec(self.codec))
+        object.__setattr__(self, "grid", as_grid(self.grid))
 
     def resolved_shard_size(self) -> int:
         k = self.views_per_image

@@ -12,6 +12,7 @@ Memory stays bounded: at most `max_in_flight` shards exist between decode and wr
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
@@ -44,18 +45,18 @@ from sak.pipeline.extraction.student_views import add_student_views
 from sak.pipeline.extraction.student_views import check_mode as check_views_mode
 from sak.pipeline.extraction.worker import ShardJob, TeacherWorker
 from sak.pipeline.format.documents import read_cache
+from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
 from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.backends import check_format
-from sak.pipeline.store.codecs import get_codec
-from sak.pipeline.store.targets import resolve_grid, select_levels
-from sak.pipeline.teachers.specs import parse_teachers
-from sak.pipeline.teachers.weights import resolve_weights
+from sak.pipeline.store.targets import TargetShape, target_shape
+from sak.pipeline.teachers.specs import TeacherSpec, parse_teachers
+from sak.pipeline.teachers.weights import WeightsChoice, resolve_weights
 
 
 def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
-    specs, out, plan, shard_size, choices = _setup(cfg)
+    teachers, out, plan, shard_size = _setup(cfg)
     remote = Bucket(cfg.out) if is_url(cfg.out) else None
     with (
         BucketLock(remote) if remote else CacheLock(out),
@@ -68,7 +69,7 @@ def run_extraction(cfg: ExtractConfig) -> Path:
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
             cache = add_student_views(out, cache, view_rows(out), cfg.out if remote else None)
-        stores = [plan_store(cfg, cache, out, s, choices[s.name]) for s in specs]
+        stores = [plan_store(cfg, cache, out, t.spec, t.weights, t.shape) for t in teachers]
         cache = register_stores(out, cache, stores, finished=False)  # `inspect` shows a run in progress
         schedule = ShardSchedule.of(_shard_jobs(cache, stores))
         schedule.hold_first = needs_basis(stores)  # pca<k>: shard 0 fits the basis before any other shard
@@ -87,10 +88,20 @@ def run_extraction(cfg: ExtractConfig) -> Path:
     return out
 
 
-def _setup(cfg: ExtractConfig):
-    """Check every option before any work: (teacher specs, out folder, view plan, shard size, weights)."""
+@dataclass(frozen=True)
+class TeacherPlan:
+    """One teacher of the run, resolved before any work: its spec, where its weights come from, and the
+    shape of its store (the config's --levels and --grid, resolved for this teacher once)."""
+
+    spec: TeacherSpec
+    weights: WeightsChoice
+    shape: TargetShape
+
+
+def _setup(cfg: ExtractConfig) -> tuple[list[TeacherPlan], Path, ViewPlan, int]:
+    """Check every option before any work (the codec and grid were resolved with the config): (each
+    teacher's plan, the out folder, the view plan, the shard size)."""
     specs = parse_teachers(list(cfg.teachers))
-    get_codec(cfg.codec)  # a bad --codec fails before any work
     out = Path(cfg.out).expanduser().resolve() if not is_url(cfg.out) else fresh_mirror(cfg.out)
     if cfg.source is not None and not Path(cfg.source.split("{")[0].split("*")[0]).exists():
         raise SakError(
@@ -101,18 +112,19 @@ def _setup(cfg: ExtractConfig):
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
-    for spec in specs:  # a bad --levels or --grid fails before any work
-        select_levels(spec, cfg.levels)
-        resolve_grid(spec, cfg.size, cfg.grid)
+    shapes = [
+        target_shape(s, cfg.size, cfg.levels, cfg.grid) for s in specs
+    ]  # a bad --levels/--grid fails now
     plan = ViewPlan(seed=cfg.seed, views_per_image=cfg.views_per_image, size=cfg.size)
     shard_size = cfg.resolved_shard_size()
     choices = resolve_weights(specs, dict(cfg.weights), cfg.random_init, cfg.seed)
+    teachers = [TeacherPlan(s, choices[s.name], shape) for s, shape in zip(specs, shapes)]
     check_out_dir(out)
-    return specs, out, plan, shard_size, choices
+    return teachers, out, plan, shard_size
 
 
 def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: int) -> CacheManifest:
-    if (out / "cache.json").exists():
+    if (out / CACHE_FILE).exists():
         cache = read_cache(out)
         for name, mine, theirs in (
             ("--views-per-image", plan.views_per_image, cache.view_plan.views_per_image),

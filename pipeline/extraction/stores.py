@@ -18,7 +18,7 @@ from sak.pipeline.extraction.schedule import ShardSchedule
 from sak.pipeline.extraction.worker import StoreJob
 from sak.pipeline.format.documents import read_store_manifest, write_cache, write_store_manifest
 from sak.pipeline.format.journal import append_journal, read_journal
-from sak.pipeline.format.layout import JOURNAL, STORE_MANIFEST
+from sak.pipeline.format.layout import JOURNAL, STORE_MANIFEST, store_dir
 from sak.pipeline.format.manifest import merge_stats, store_files_table, store_fingerprint
 from sak.pipeline.format.records import (
     CacheManifest,
@@ -36,9 +36,9 @@ from sak.pipeline.format.records import (
 )
 from sak.pipeline.format.schema import load
 from sak.pipeline.store.backends import create_teacher_store, level_records
-from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.lowrank import discard_bases, has_basis, read_bases
-from sak.pipeline.store.targets import identity_fields, resolve_grid, select_levels
+from sak.pipeline.store.targets import TargetShape
 from sak.pipeline.teachers.forward import normalization_for
 from sak.pipeline.teachers.specs import TOKEN_SELECTION, TeacherSpec
 from sak.pipeline.teachers.weights import WeightsChoice
@@ -51,40 +51,38 @@ class StorePlan:
     fingerprint: str
     path: Path
     manifest: StoreManifest  # as it will be written (shards, stats, files filled in at the end)
-    blocks: tuple[int, ...]  # kept levels
-    grid: tuple[int, int]  # stored (H, W)
+    codec: Codec
+    shape: TargetShape  # kept blocks on the stored grid
     done: dict[int, ShardRecord] = field(default_factory=dict)
     cache_url: str | None = None  # the bucket the store lives in (path is then the driver's mirror)
 
     @property
     def rel(self) -> str:
-        return f"teachers/{self.fingerprint}"
+        return store_dir(self.fingerprint)
 
     def job(self) -> StoreJob:
         m = self.manifest
         return StoreJob(
-            self.spec.name,
-            self.weights,
-            str(self.path),
-            m.codec,
-            m.shard_size,
-            m.format,
-            self.blocks,
-            self.grid,
-            self.cache_url,
+            teacher=self.spec.name,
+            weights=self.weights,
+            path=str(self.path),
+            codec=self.codec,
+            shard_size=m.shard_size,
+            format=m.format,
+            shape=self.shape,
+            cache_url=self.cache_url,
             # pca<k>: the basis is fitted on shard 0, so its fidelity is measured on shard 1 (held out)
-            1 if get_codec(m.codec).low_rank and m.num_views > m.shard_size else 0,
+            fidelity_shard=1 if self.codec.low_rank and m.num_views > m.shard_size else 0,
         )
 
 
 def _store_identity(
-    cfg: ExtractConfig, cache: CacheManifest, spec: TeacherSpec, weights: WeightsRecord
+    cfg: ExtractConfig, cache: CacheManifest, spec: TeacherSpec, weights: WeightsRecord, shape: TargetShape
 ) -> StoreIdentity:
     """What determines a store's bytes; the hash of its JSON is the fingerprint."""
-    codec = get_codec(cfg.codec)
+    codec = cfg.codec
     mean, std = normalization_for(spec, cfg.normalization)
     side = spec.model_input_side(cfg.size)
-    shape = identity_fields(spec, cfg.size, cfg.levels, cfg.grid)  # levels, grid (+ mode, resample)
     return StoreIdentity(
         schema_version=SCHEMA_VERSION,
         teacher=spec.name,
@@ -101,9 +99,9 @@ def _store_identity(
             std=list(std),
             pad="zeros right/bottom after normalisation" if spec.fixed_input else None,
         ),
-        levels=shape["levels"],
+        levels=list(shape.blocks),
         token_selection=TOKEN_SELECTION,
-        grid=shape["grid"],
+        grid=list(shape.grid),
         codec=codec.name,
         codec_spec=_codec_spec(codec) if codec.scaled or codec.low_rank else None,
         dtype=codec.true_dtype,
@@ -111,8 +109,8 @@ def _store_identity(
         compressor=_compressor(cfg),
         dataset_fingerprint=cache.dataset.fingerprint,
         view_plan=cache.view_plan,
-        grid_mode=shape.get("grid_mode"),
-        resample=shape.get("resample"),
+        grid_mode=shape.grid_mode,  # off the native grid only: existing fingerprints do not change
+        resample=shape.resample,
     )
 
 
@@ -128,17 +126,20 @@ def _codec_spec(codec) -> CodecSpec:
 
 
 def plan_store(
-    cfg: ExtractConfig, cache: CacheManifest, out: Path, spec: TeacherSpec, choice: WeightsChoice
+    cfg: ExtractConfig,
+    cache: CacheManifest,
+    out: Path,
+    spec: TeacherSpec,
+    choice: WeightsChoice,
+    shape: TargetShape,
 ) -> StorePlan:
-    codec = get_codec(cfg.codec)
+    codec = cfg.codec
     weights = choice.record(spec)
-    blocks = select_levels(spec, cfg.levels)
-    grid = resolve_grid(spec, cfg.size, cfg.grid)
-    identity = _store_identity(cfg, cache, spec, weights)
+    identity = _store_identity(cfg, cache, spec, weights, shape)
     fp = store_fingerprint(identity)
-    path = out / "teachers" / fp
+    path = out / store_dir(fp)
     created = read_store_manifest(path).created if (path / STORE_MANIFEST).exists() else now_iso()
-    grids = {b: (*grid, spec.dim) for b in blocks}
+    grids = shape.grids(spec.dim)
     if codec.low_rank and codec.rank >= spec.dim:
         log.warning(
             f"{spec.name} has {spec.dim} channels: --codec {codec.name} keeps all {spec.dim} (k clipped to the "
@@ -183,14 +184,15 @@ def plan_store(
     )
     create_teacher_store(cfg.format, path, cache.num_views, cache.shard_size, grids, codec, _compressor(cfg))
     url = cfg.out if is_url(cfg.out) else None
-    return StorePlan(
-        spec, choice, fp, path, manifest, blocks=blocks, grid=grid, done=read_journal(path), cache_url=url
-    )
+    return StorePlan(spec, choice, fp, path, manifest, codec, shape, done=read_journal(path), cache_url=url)
 
 
 def _config_record(cfg: ExtractConfig) -> ExtractRecord:
-    rec = dataclasses.asdict(cfg)
-    rec.update(teachers=list(cfg.teachers), weights=dict(cfg.weights))
+    """The config as the manifest records it: the codec and grid by the names the options take."""
+    rec = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    rec.update(
+        teachers=list(cfg.teachers), weights=dict(cfg.weights), codec=cfg.codec.name, grid=str(cfg.grid)
+    )
     return ExtractRecord(**rec)
 
 
@@ -204,7 +206,7 @@ def register_stores(
         old = entries.get(sp.fingerprint)
         entries[sp.fingerprint] = StoreEntry(
             teacher=sp.spec.name,
-            path=f"teachers/{sp.fingerprint}",
+            path=sp.rel,
             format=sp.manifest.format,
             codec=sp.manifest.codec,
             complete=sp.manifest.complete if finished else False,
@@ -222,7 +224,7 @@ def register_stores(
 def finalize_store(plan: StorePlan, cache: CacheManifest, seconds: float, schedule: ShardSchedule) -> None:
     """Write the store's manifest from its journal: shards, statistics, throughput, every file's digest."""
     shards = sorted(plan.done.values(), key=lambda r: r.shard)
-    widths = [plan.spec.dim] * len(plan.blocks)
+    widths = [plan.spec.dim] * len(plan.shape.blocks)
     remote = Bucket(plan.cache_url) if plan.cache_url else None
     if remote:  # the statistics were written by the workers, on their nodes
         pull(remote, plan.path.parents[1], bulk=False, under=plan.rel)
@@ -241,7 +243,7 @@ def finalize_store(plan: StorePlan, cache: CacheManifest, seconds: float, schedu
             for r in shards
         ],
         complete=len(shards) == cache.num_shards,
-        stats=merge_stats(plan.path, [r.shard for r in shards], list(plan.blocks), widths),
+        stats=merge_stats(plan.path, [r.shard for r in shards], list(plan.shape.blocks), widths),
         throughput=schedule.throughput(seconds),
         updated=now_iso(),
         files=store_files_table(plan.path, digests, _store_sizes(remote, plan.rel) if remote else None),
@@ -265,7 +267,7 @@ def needs_basis(stores: list[StorePlan]) -> bool:
         if sp.cache_url and not sp.done and has_basis(sp.path) and not _readable_basis(sp):
             log.warning(f"store {sp.fingerprint}: discarding a partly uploaded pca basis (no shard uses it)")
             discard_bases(Bucket(sp.cache_url).sub(sp.rel), sp.path)
-        if not get_codec(sp.manifest.codec).low_rank or has_basis(sp.path):
+        if not sp.codec.low_rank or has_basis(sp.path):
             continue
         if sp.done:
             raise SakError(
@@ -279,7 +281,7 @@ def needs_basis(stores: list[StorePlan]) -> bool:
 def _readable_basis(sp: StorePlan) -> bool:
     """Whether the store's basis, as mirrored from the bucket, opens whole (an upload cut short does not)."""
     try:
-        read_bases(sp.path, sp.manifest.format, list(sp.blocks))
+        read_bases(sp.path, sp.manifest.format, list(sp.shape.blocks))
     except SakError:
         return False
     return True

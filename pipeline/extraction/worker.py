@@ -23,10 +23,11 @@ from sak.pipeline.buckets.mirror import node_mirror, push
 from sak.pipeline.format.manifest import save_stats, shard_stats
 from sak.pipeline.format.records import ShardRecord
 from sak.pipeline.store.backends import open_teacher_store
-from sak.pipeline.store.codecs import refuse_overflow
+from sak.pipeline.store.codecs import Codec, refuse_overflow
 from sak.pipeline.store.fidelity import is_lossy, measure_levels
 from sak.pipeline.store.lowrank import prepare_bases
 from sak.pipeline.store.resample import shape_targets
+from sak.pipeline.store.targets import TargetShape
 from sak.pipeline.teachers.forward import load_teacher
 from sak.pipeline.teachers.weights import WeightsChoice
 
@@ -38,11 +39,10 @@ class StoreJob:
     teacher: str
     weights: WeightsChoice
     path: str
-    codec: str
+    codec: Codec
     shard_size: int
     format: str
-    blocks: tuple[int, ...]  # kept levels
-    grid: tuple[int, int]  # stored (H, W)
+    shape: TargetShape  # kept blocks on the stored grid
     cache_url: str | None = None  # a URL cache: the worker writes in its node's mirror, then uploads
     fidelity_shard: int = 0  # the shard whose stored targets are compared with fp32 (pca<k>: a held-out one)
 
@@ -89,7 +89,7 @@ class TeacherWorker:
                 path = str(node_mirror(s.cache_url, [], metadata=True) / rel)
                 self.uploads[spec.name] = (s.cache_url, rel)
             self.stores[spec.name] = open_teacher_store(s.format, path, s.codec, s.shard_size)
-            self.shapes[spec.name] = (s.blocks, s.grid)  # kept blocks, stored (H, W)
+            self.shapes[spec.name] = s.shape
             self.fidelity_shard[spec.name] = s.fidelity_shard
             self.sizes[spec.name] = spec.model_input_side(plan_size) if spec.fixed_input else plan_size
         self.lock = threading.Lock()
@@ -104,7 +104,7 @@ class TeacherWorker:
                 feats[name], native[name] = self._forward(name, views, keep_native=keep)
         records = {}
         for name, levels in feats.items():
-            store, (blocks, _) = self.stores[name], self.shapes[name]
+            store, blocks = self.stores[name], self.shapes[name].blocks
             for block, level in zip(blocks, levels):
                 refuse_overflow(store.codec, level, name, block)
             remote = self._store_bucket(name)  # a URL cache: the store in its bucket
@@ -143,7 +143,7 @@ class TeacherWorker:
         """One teacher on one shard's views: its kept levels on the store grid, (n, h, w, C) float32 on the
         CPU, and, when `keep_native` and the store is lossy, the same levels on the native grid."""
         teacher, store = self.teachers[name], self.stores[name]
-        blocks, grid = self.shapes[name]
+        blocks, grid = self.shapes[name].blocks, self.shapes[name].grid
         batch_views = torch.from_numpy(views[self.sizes[name]].copy())  # (n, 3, s, s) uint8
         parts, native = [], []
         for i in range(0, batch_views.shape[0], self.batch_size):

@@ -26,17 +26,18 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.units import UNITS_NOTE, human_bytes
-from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.targets import (
+    GridChoice,
+    as_codec,
+    as_grid,
     codec_field,
     compressor_field,
     format_field,
     grid_field,
     levels_field,
-    parse_grid,
-    resolve_grid,
-    select_levels,
     student_views_field,
+    target_shape,
 )
 from sak.pipeline.teachers.specs import TeacherSpec, parse_teachers
 
@@ -91,9 +92,9 @@ class EstimateConfig:
     teachers: tuple[str, ...] = field(metadata={"help": "Comma list of teachers, as for `run`."})
     size: int = field(default=384, metadata={"help": "View side in pixels (SAM sees 1024)."})
     views_per_image: int = field(default=2, metadata={"help": "Views per image, as for `run`."})
-    codec: str = codec_field()
+    codec: Codec = codec_field()
     levels: str = levels_field()
-    grid: str = grid_field()
+    grid: GridChoice = grid_field()
     format: str = format_field()
     source: str | None = field(
         default=None,
@@ -130,6 +131,11 @@ class EstimateConfig:
         default=10.0, metadata={"help": "Storage bandwidth the trainers share, GB/s.", "group": "machine"}
     )
     cores: int = field(default=12, metadata={"help": "Loader CPU cores per node.", "group": "machine"})
+
+    def __post_init__(self) -> None:
+        # a codec or grid named by a script or test (the CLI parses them itself) is resolved here, once
+        object.__setattr__(self, "codec", as_codec(self.codec))
+        object.__setattr__(self, "grid", as_grid(self.grid))
 
 
 @dataclass
@@ -249,10 +255,9 @@ def teacher_macs(spec: TeacherSpec, size: int, blocks_run: int | None = None) ->
 
 
 def stored_bytes_per_view(
-    h: int, w: int, c: int, levels: int, codec_name: str, compression: float, fmt: str
+    h: int, w: int, c: int, levels: int, codec: Codec, compression: float, fmt: str
 ) -> tuple[int, float]:
     """(raw, on-disk) bytes of one view of one teacher."""
-    codec = get_codec(codec_name)
     raw = levels * codec.bytes_per_sample(h, w, c)
     arrays = levels * (2 if codec.scaled else 1)  # chunks (Zarr) or members (WDS) per view
     if fmt == "wds":
@@ -287,8 +292,6 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         raise SakError(f"--utilization must be in (0, 1], got {cfg.utilization}")
     if cfg.views_per_image < 1:
         raise SakError(f"--views-per-image must be >= 1, got {cfg.views_per_image}")
-    get_codec(cfg.codec)
-    parse_grid(cfg.grid)
     if cfg.source:
         num_images, image_bytes = _count_source(cfg.source, cfg.limit)
     elif cfg.images:
@@ -302,12 +305,12 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         raise SakError(f"unknown --student-views {cfg.student_views!r}; use one of decode, raw")
     if cfg.read_gbps <= 0 or cfg.cores < 1:
         raise SakError(f"--read-gbps must be > 0 and --cores >= 1, got {cfg.read_gbps} and {cfg.cores}")
-    zstd = ASSUMED_COMPRESSION.get(cfg.codec, 1.0) if cfg.compressor == "zstd" else 1.0
+    zstd = ASSUMED_COMPRESSION.get(cfg.codec.name, 1.0) if cfg.compressor == "zstd" else 1.0
     compression = cfg.compression or zstd
     est = Estimate(cfg, num_images, num_images * cfg.views_per_image, image_bytes, compression)
     for spec in specs:
-        blocks = select_levels(spec, cfg.levels)
-        h, w = resolve_grid(spec, cfg.size, cfg.grid)
+        shape = target_shape(spec, cfg.size, cfg.levels, cfg.grid)
+        blocks, (h, w) = shape.blocks, shape.grid
         raw, disk = stored_bytes_per_view(h, w, spec.dim, len(blocks), cfg.codec, compression, cfg.format)
         blocks_run = max(blocks) + 1  # forward_levels stops after the deepest kept block
         linear, attention = teacher_macs(spec, cfg.size, blocks_run)
@@ -388,7 +391,7 @@ def estimate_to_dict(est: Estimate) -> dict:
     from dataclasses import asdict
 
     return {
-        "config": asdict(est.config),
+        "config": {**asdict(est.config), "codec": est.config.codec.name, "grid": str(est.config.grid)},
         "num_images": est.num_images,
         "num_views": est.num_views,
         "compression": est.compression,

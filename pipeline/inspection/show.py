@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.extraction.preprocess import cut_shard_views, view_rows
 from sak.pipeline.format.documents import read_cache, read_store_manifest
-from sak.pipeline.store.backends import open_teacher_store
+from sak.pipeline.store.backends import open_store
 
 PANEL = 160  # pixels per panel side
 LABEL = 14  # pixels of caption under each panel
@@ -67,7 +67,7 @@ def read_levels(cache_dir: Path, views: list[int]) -> list[LevelMaps]:
     out = []
     for entry in cache.stores.values():
         m = read_store_manifest(cache_dir / entry.path)
-        store = open_teacher_store(m.format, cache_dir / entry.path, m.codec, m.shard_size)
+        store = open_store(cache_dir / entry.path, m)
         done = {i for s in m.shards for i in range(s.start, s.stop)}
         missing = [v for v in views if v not in done]
         if missing:

@@ -263,9 +263,10 @@ def _verify_shards(
 def _verify_wds_layout(store_dir: Path, m: StoreManifest, where: str) -> list[str]:
     """WebDataset store: every done shard's tar holds this cache's sample keys in order with every
     member (headers only; the sha256 check covers the bytes)."""
+    from sak.pipeline.store.backends import store_codec
     from sak.pipeline.store.wds import WdsTeacherStore
 
-    store = WdsTeacherStore(store_dir, m.codec, m.shard_size)
+    store = WdsTeacherStore(store_dir, store_codec(m), m.shard_size)
     blocks = [lv.block for lv in m.levels]
     problems = []
     try:

@@ -4,6 +4,8 @@ create_teacher_store(fmt, path, num_views, shard_size, grids, codec)   once, by 
 open_teacher_store(fmt, path, codec, shard_size)  .write_shard(shard, start, {block: (n, H, W, C)})
                                                   -> {relpath: sha256}; .read(block, start, stop)
 level_records(fmt, codec, num_views, grids)       the manifest's "levels" entries
+open_store(path, manifest)                        a store as its manifest describes it, for reading
+                                                  (store_codec(manifest): its codec, resolved once)
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.format.records import LevelRecord
+from sak.pipeline.format.records import LevelRecord, StoreManifest
+from sak.pipeline.store.codecs import Codec, get_codec
 
 STORE_FORMATS = ("zarr", "wds")
 
@@ -23,7 +26,7 @@ def check_format(fmt: str) -> str:
 
 
 def create_teacher_store(
-    fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec, compressor: str = "none"
+    fmt: str, path: Path, num_views: int, shard_size: int, grids: dict, codec: Codec, compressor: str = "none"
 ) -> None:
     """Create a store (grids: block -> (H, W, C)) with its final shapes; idempotent, refuses another layout.
     compressor (Zarr only; WebDataset shards are plain tars): none | lz4 | zstd."""
@@ -44,7 +47,17 @@ def create_teacher_store(
         ) from e
 
 
-def open_teacher_store(fmt: str, path: str | Path, codec: str, shard_size: int):
+def store_codec(manifest: StoreManifest) -> Codec:
+    """The codec a store's manifest names, resolved once per store: readers keep it with the store."""
+    return get_codec(manifest.codec)
+
+
+def open_store(path: str | Path, manifest: StoreManifest):
+    """A store as its manifest describes it (format, codec, shard size), for reading."""
+    return open_teacher_store(manifest.format, path, store_codec(manifest), manifest.shard_size)
+
+
+def open_teacher_store(fmt: str, path: str | Path, codec: Codec, shard_size: int):
     """A ZarrTeacherStore or WdsTeacherStore (same write_shard/read/read_rows/read_shard contract)."""
     if check_format(fmt) == "wds":
         from sak.pipeline.store.wds import WdsTeacherStore
@@ -56,7 +69,7 @@ def open_teacher_store(fmt: str, path: str | Path, codec: str, shard_size: int):
 
 
 def level_records(
-    fmt: str, codec, num_views: int, grids: dict[int, tuple[int, int, int]]
+    fmt: str, codec: Codec, num_views: int, grids: dict[int, tuple[int, int, int]]
 ) -> list[LevelRecord]:
     """One manifest entry per level: where its values (and scales) are, shapes, dtypes, codec."""
     from sak.pipeline.store.lowrank import basis_record

@@ -37,7 +37,7 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import read_json, sha256_file, write_json_atomic
-from sak.pipeline.store.codecs import Codec, Encoded, get_codec
+from sak.pipeline.store.codecs import Codec, Encoded
 from sak.pipeline.store.lowrank import PcaBasis, basis_paths, decode_level, encode_level, level_basis
 
 FORMAT = "wds"
@@ -135,10 +135,10 @@ class WdsTeacherStore:
     """
 
     def __init__(
-        self, path: str | Path, codec: str, shard_size: int, sample_keys: list[str] | None = None
+        self, path: str | Path, codec: Codec, shard_size: int, sample_keys: list[str] | None = None
     ) -> None:
         self.path = Path(path)
-        self.codec = get_codec(codec)
+        self.codec = codec
         self.shard_size = shard_size
         self._keys = sample_keys
         self._index: dict[int, tuple[int, dict[str, tarfile.TarInfo]]] = {}  # shard -> (mtime, members)

@@ -13,6 +13,7 @@ import numpy as np
 
 from sak.pipeline.format.records import CacheManifest, StoreManifest
 from sak.pipeline.sources.views import ViewPlan
+from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.lowrank import PcaBasis
 
 
@@ -24,7 +25,7 @@ class StoreInfo:
     teacher: str  # registry name, e.g. "clip_tiny"; the student's adapter path has the same name
     dim: int
     path: Path
-    codec: str
+    codec: Codec  # resolved from the manifest once (store.backends.store_codec)
     format: str  # "zarr" | "wds"
     blocks: tuple[int, ...]  # tapped block of each stored level, in the store's level order
     positions: tuple[int, ...]  # which of the teacher's (and student's) 4 taps each stored level is

@@ -48,7 +48,7 @@ from sak.pipeline.format.records import CacheManifest, StoreManifest
 from sak.pipeline.format.tables import ImageReader, read_table
 from sak.pipeline.sources.images import cut_view, decode_image
 from sak.pipeline.sources.views import ViewPlan
-from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.backends import store_codec
 from sak.pipeline.store.lowrank import decode_level, read_bases
 from sak.pipeline.store.zarr import ShardRows, read_sorted_rows
 from sak.pipeline.teachers.forward import IMAGENET_MEAN, IMAGENET_STD, normalize_u8
@@ -220,7 +220,7 @@ def open_cache(
                 teacher=m.teacher.name,
                 dim=m.teacher.dim,
                 path=root / cache.stores[fp].path,
-                codec=m.codec,
+                codec=store_codec(m),  # resolved once per store: the batches use it as it is
                 format=m.format,
                 blocks=tuple(lv.block for lv in m.levels),
                 positions=tuple(taps.index(lv.block) for lv in m.levels),
@@ -248,7 +248,7 @@ def open_cache(
 
 def _store_bases(path: Path, m: StoreManifest, fp: str) -> dict | None:
     """A pca<k> store's basis of every level (checked against the manifest's digests before)."""
-    if not get_codec(m.codec).low_rank:
+    if not store_codec(m).low_rank:
         return None
     bases = read_bases(path, m.format, [lv.block for lv in m.levels])
     if bases is None:
@@ -337,14 +337,14 @@ def decode_targets(
     for store in stores:
         values = batch["targets"][store.teacher]
         if store.bases is not None:  # pca<k>: coefficients (B, H, W, k) @ components (k, C) + mean, there
-            codec = get_codec(store.codec)
+            codec = store.codec
             sc = scales.get(store.teacher, [None] * len(values))
             out[store.teacher] = [
                 decode_level(codec, store.bases[b], v, s, device=device)
                 for b, v, s in zip(store.blocks, values, sc)
             ]
         elif store.teacher in scales:
-            codec = get_codec(store.codec)
+            codec = store.codec
             out[store.teacher] = [
                 codec.decode_torch(v, sc, device=device, dtype=torch.float32)
                 for v, sc in zip(values, scales[store.teacher])
@@ -493,7 +493,7 @@ class BatchReader:
         values_out: dict[str, list[torch.Tensor]] = {}
         scales_out: dict[str, list[torch.Tensor]] = {}
         for store in self.index.stores:
-            codec = get_codec(store.codec)
+            codec = store.codec
             scaled = _is_scaled(codec)
             for block in store.blocks:
                 values = self._read_level(store, block, rows, "levels")
@@ -557,7 +557,7 @@ class BatchReader:
             cols = (idx.image_shard[images], idx.image_offset[images], idx.image_nbytes[images])
             image_ranges = [tuple(int(v) for v in image) for image in zip(*cols)]
         for store in idx.stores if self.with_targets else []:
-            kinds = ("levels", "scales") if _is_scaled(get_codec(store.codec)) else ("levels",)
+            kinds = ("levels", "scales") if _is_scaled(store.codec) else ("levels",)
             for block in store.blocks if store.format == "zarr" else ():
                 arrays += [(r, rows) for kind in kinds if (r := self._rows_reader(store, block, kind))]
         if self._images is None:

@@ -366,7 +366,7 @@ def _run_record(s: _Session, resume: bool) -> dict:
                 {
                     "fingerprint": st.fingerprint,
                     "teacher": st.teacher,
-                    "codec": st.codec,
+                    "codec": st.codec.name,
                     "manifest_sha256": index.cache.stores[st.fingerprint].manifest_sha256,
                 }
                 for st in index.stores

@@ -258,7 +258,7 @@ class _ShardWriter:
             if info.teacher not in self.stores:
                 grids = {b: tuple(m.shape[1:]) for b, m in zip(info.blocks, levels)}
                 create_store(path, self.n_rows, self.shard_size, grids, self.codec)  # idempotent
-                self.stores[info.teacher] = ZarrTeacherStore(path, self.codec_name, self.shard_size)
+                self.stores[info.teacher] = ZarrTeacherStore(path, self.codec, self.shard_size)
                 if self.remote:  # the Zarr metadata, so that the store opens from the bucket
                     push_metadata(self.remote.sub(f"teachers/{info.teacher}"), path)
             files = self.stores[info.teacher].write_shard(shard, start, dict(zip(info.blocks, levels)))
@@ -403,7 +403,7 @@ def _build(
     pq.write_table(table, out / VIEWS)
     done = []
     for info in infos:
-        store = ZarrTeacherStore(paths[info.teacher], cfg.codec, cfg.shard_size)
+        store = ZarrTeacherStore(paths[info.teacher], codec, cfg.shard_size)
         journal = read_journal(store.path)
         done.append(
             Stage2Teacher(
@@ -482,7 +482,7 @@ class Stage2CachedTargets:
         self._readers = {
             t.teacher: (
                 ZarrTeacherStore(
-                    f"{url}/{t.path}" if url else self.root / t.path, cache.codec, cache.shard_size
+                    f"{url}/{t.path}" if url else self.root / t.path, get_codec(cache.codec), cache.shard_size
                 ),
                 t.blocks,
             )
