@@ -25,10 +25,16 @@ def _estimate_config():
     return EstimateConfig
 
 
-def _stage2_cache_config():
-    from sak.student.train.stage2_cache import Stage2CacheConfig
+def _stage2_source_config():
+    from sak.student.train.stage2_source import Stage2SourceConfig
 
-    return Stage2CacheConfig
+    return Stage2SourceConfig
+
+
+def _stage2_build_config():
+    from sak.pipeline.extraction.config import Stage2BuildConfig
+
+    return Stage2BuildConfig
 
 
 @dataclass(frozen=True)
@@ -152,18 +158,22 @@ def estimate(**opts) -> None:
             json.dump(estimate_to_dict(est), f, indent=2)
 
 
-STAGE2_OPTIONS = OptionSet(_stage2_cache_config)
+STAGE2_OPTIONS = OptionSet(_stage2_source_config, _stage2_build_config)
 
 
 @cli.command(cls=GeneratedCommand, options=STAGE2_OPTIONS)
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
+    from sak.pipeline.extraction.config import Stage2BuildConfig
+    from sak.pipeline.extraction.stage2 import build_stage2_cache, describe_build
     from sak.pipeline.format.documents import read_stage2_cache
-    from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
+    from sak.pipeline.format.layout import CACHE_FILE
+    from sak.student.train.stage2_source import Stage2SourceConfig, stage2_source
 
-    out = build_stage2_cache(STAGE2_OPTIONS.build(Stage2CacheConfig, opts))
-    click.echo(describe(read_stage2_cache(out / CACHE_JSON)))
+    build = STAGE2_OPTIONS.build(Stage2BuildConfig, opts)  # a bad --codec or --epochs fails first
+    out = build_stage2_cache(build, stage2_source(STAGE2_OPTIONS.build(Stage2SourceConfig, opts)))
+    click.echo(describe_build(read_stage2_cache(out / CACHE_FILE)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

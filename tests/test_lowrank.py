@@ -208,12 +208,14 @@ def test_stage1_trains_from_a_pca_store_close_to_live_teachers(pca_cache, tmp_pa
     assert 0 < rel < 0.05
 
 
-def test_a_stage2_target_cache_refuses_pca_in_one_line(tmp_path):
-    from sak.student.train.stage2_cache import Stage2CacheConfig, build_stage2_cache
+def test_a_stage2_target_cache_refuses_pca_in_one_line(tmp_path, capsys):
+    """Refused where the build's config is made (before any data or teacher is read), in one line."""
+    from sak.cli.cache import main as cache_main
+    from sak.pipeline.extraction.config import Stage2BuildConfig
 
-    cfg = Stage2CacheConfig(
-        dataset="folder", data_root=str(tmp_path), out=str(tmp_path / "s2"), teachers=("dinov2_tiny",),
-        codec="pca8",
-    )  # fmt: skip
     with pytest.raises(SakError, match=r"^--codec pca8: a stage-2 target cache does not take pca<k>[^\n]*$"):
-        build_stage2_cache(cfg)
+        Stage2BuildConfig(out=str(tmp_path / "s2"), codec="pca8")
+    args = ["stage2", "--dataset", "folder", "--data-root", str(tmp_path), "--teachers", "dinov2_tiny"]
+    assert cache_main([*args, "--out", str(tmp_path / "s2"), "--codec", "pca8"]) == 2
+    assert "--codec pca8: a stage-2 target cache does not take pca<k>" in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists()

@@ -1,5 +1,5 @@
-"""Ray actor pools of the cache builders, in one place: `sak-cache run` (driver.py) and
-`sak-cache stage2` (stage2_cache.py's shard worker) size, place, start, feed and stop their actors here.
+"""Ray actor pools of the cache builders, in one place: `sak-cache run` (driver.py) and `sak-cache stage2`
+(stage2.py) size, place, start, feed and stop their TeacherWorker actors (worker.py) here.
 
     actor_placement(requested, n_jobs)   how many actors, on GPUs or CPUs, and torch threads each:
                                          one per GPU, else one per two CPUs (or `requested`), never more
@@ -10,8 +10,8 @@
                                          a shard's result is whole, so a retry is idempotent; errors the
                                          task raises (a bad file, ENOSPC) are not retried
     ActorPool(actors).run(jobs, submit)  jobs to the least-loaded actor, 2 in flight each; yields
-                                         (job, result) as they land so the driver writes and journals each
-                                         one before the next; a job whose actor was lost (its node gone)
+                                         (job, result) as they land so the driver journals each one
+                                         before the next; a job whose actor was lost (its node gone)
                                          goes to another live actor; after any other failure nothing new
                                          is submitted, the shards in flight still land, then it is raised
     LiveActors(n), lost_actor(error)     that bookkeeping, shared with driver.py's own feeding loop

@@ -1,5 +1,8 @@
-"""What `sak-cache run` takes: ExtractConfig, its options (cli/options.py generates them from the fields),
-recorded in every manifest the run writes; and the view-plan values an existing cache already fixes."""
+"""What the cache builders take, as config dataclasses whose fields are their options (cli/options.py
+generates them): ExtractConfig (`sak-cache run`, recorded in every manifest it writes; the view-plan
+values an existing cache already fixes are its defaults) and Stage2BuildConfig (the builder's part of
+`sak-cache stage2`; the views and teachers are the stage-2 source's). Importing this module loads no
+torch, so a command's --help stays quick."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
-from sak.pipeline.store.codecs import Codec
+from sak.pipeline.store.codecs import Codec, get_codec
 from sak.pipeline.store.targets import (
     GridChoice,
     as_codec,
@@ -174,3 +177,53 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
                 f"leave {option} out (or give {recorded[name]}) to add a store, or use another --out"
             )
     return dataclasses.replace(cfg, **{k: v for k, v in recorded.items() if k not in given})
+
+
+@dataclass(frozen=True)
+class Stage2BuildConfig:
+    """How `sak-cache stage2` builds its cache: where, how many epochs of views, the codec, the shards, and
+    where the teachers run. What the views and the teachers are comes with the stage-2 source.
+
+    epochs: the views of epochs 0..epochs-1 are cached (a run of S steps of B needs ceil(S * B / N)).
+    """
+
+    out: str = field(
+        default="",
+        metadata={
+            "help": "Cache folder or s3:// / gs:// URL (created; an unfinished one resumes).",
+            "required": True,
+        },
+    )
+    epochs: int = field(default=1, metadata={"help": "Epochs of plans to cache (0..E-1)."})
+    codec: Codec = field(
+        default=get_codec("fp16"),
+        metadata={"help": "Target codec (fp16, bf16, fp32, ...).", "parse": get_codec},
+    )
+    shard_size: int = field(default=64, metadata={"help": "Rows per shard file."})
+    batch_size: int = field(default=8, metadata={"help": "Images per teacher forward."})
+    device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    workers: int = field(
+        default=0,
+        metadata={"help": "Ray actors computing shards (0: in this process); each loads the teachers."},
+    )
+    address: str | None = field(default=None, metadata={"help": "Ray cluster address (default: embedded)."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "codec", as_codec(self.codec))  # a name from a script: resolved once, here
+        if self.epochs < 1 or self.shard_size < 1 or self.batch_size < 1:
+            raise SakError("--epochs, --shard-size and --batch-size must be >= 1")
+        if self.workers < 0:
+            raise SakError(f"--workers must be >= 0, got {self.workers}")
+        if self.codec.low_rank:
+            raise SakError(
+                f"--codec {self.codec}: a stage-2 target cache does not take pca<k> (its targets change every "
+                f"epoch, no first shard fits them all); use fp16, bf16, fp32 or a quantised codec"
+            )
+
+    def uses_gpus(self) -> bool:
+        """Whether the teachers run on GPUs: --device cuda, or no --device and this machine has CUDA."""
+        if self.device is not None:
+            return self.device.startswith("cuda")
+        import torch
+
+        return torch.cuda.is_available()

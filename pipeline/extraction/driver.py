@@ -43,7 +43,7 @@ from sak.pipeline.extraction.stores import (
 )
 from sak.pipeline.extraction.student_views import add_student_views
 from sak.pipeline.extraction.student_views import check_mode as check_views_mode
-from sak.pipeline.extraction.worker import ShardJob, TeacherWorker
+from sak.pipeline.extraction.worker import PlannedViews, RegisteredTeachers, ShardJob, TeacherWorker
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
@@ -172,8 +172,9 @@ def _start_workers(cfg: ExtractConfig, stores: list[StorePlan], n_jobs: int) -> 
     """TeacherWorker actors, one per GPU (or per two CPUs), each holding every selected teacher; placed,
     restarted and retried as extraction/actors.py says (shared with `sak-cache stage2`)."""
     placement = actor_placement(cfg.workers, n_jobs)
+    teachers = RegisteredTeachers({sp.spec.name: sp.weights for sp in stores}, cfg.size, cfg.normalization)
     jobs = [sp.job() for sp in stores]
-    args = (jobs, cfg.size, cfg.normalization, cfg.batch_size, placement.threads)
+    args = (teachers, PlannedViews(cfg.size), jobs, cfg.batch_size, placement.threads)
     return start_actors(TeacherWorker, placement, *args)
 
 
@@ -206,14 +207,14 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
                 job, w = schedule.computing.pop(ref)
                 schedule.live.load[w] -= 1
                 try:
-                    records = ray.get(ref)
+                    result = ray.get(ref)
                 except Exception as e:  # keep what is done; report after in-flight shards settle
                     if not schedule.lost(job, w, e):
                         schedule.failure = schedule.failure or e
                     elif w in schedule.live.dead:
                         retire(workers[w])  # its restart must not take the resources the others need
                     continue
-                journal_shards(stores, records)
+                journal_shards(stores, result.records)
                 schedule.landed(job)
                 bar.update(job.views)
     finally:

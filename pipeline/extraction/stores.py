@@ -5,6 +5,7 @@ the journal when the run ends."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,8 +65,8 @@ class StorePlan:
         m = self.manifest
         return StoreJob(
             teacher=self.spec.name,
-            weights=self.weights,
             path=str(self.path),
+            rel=self.rel,
             codec=self.codec,
             shard_size=m.shard_size,
             format=m.format,
@@ -287,12 +288,18 @@ def _readable_basis(sp: StorePlan) -> bool:
     return True
 
 
-def journal_shards(stores: list[StorePlan], records: dict[str, ShardRecord]) -> None:
-    """A shard counts as done once its record is in the store's journal (fsynced)."""
+def journal_shard(store: Path, record: ShardRecord, remote: Bucket | None = None) -> None:
+    """A shard counts as done once its record is in the store's journal (fsynced); a store in a bucket
+    (`remote`) gets the journal uploaded too (the worker uploaded and checked the shard's objects first).
+    Shared by both builders (`run`, `stage2`)."""
+    append_journal(store, record)
+    if remote is not None:
+        remote.put_whole(store / JOURNAL, JOURNAL)
+
+
+def journal_shards(stores: list[StorePlan], records: Mapping[str, ShardRecord]) -> None:
     by_name = {sp.spec.name: sp for sp in stores}
     for name, record in records.items():
         sp = by_name[name]
-        append_journal(sp.path, record)
-        if sp.cache_url:  # the workers uploaded and checked the shard's objects before returning
-            Bucket(sp.cache_url).put_whole(sp.path / JOURNAL, f"{sp.rel}/{JOURNAL}")
+        journal_shard(sp.path, record, Bucket(sp.cache_url).sub(sp.rel) if sp.cache_url else None)
         sp.done[record.shard] = record

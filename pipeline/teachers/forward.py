@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.images import cut_view
 from sak.pipeline.teachers.specs import TeacherSpec
 from sak.pipeline.teachers.weights import WeightsChoice, build_model
 
@@ -51,6 +52,19 @@ def normalization_for(spec: TeacherSpec, mode: str) -> tuple[tuple[float, ...], 
     cfg_name = spec.timm_name + (f".{spec.pretrained_tag}" if spec.pretrained_tag else "")
     cfg = timm.models.get_pretrained_cfg(cfg_name) or timm.models.get_pretrained_cfg(spec.timm_name)
     return tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+
+def fit_to_input(spec: TeacherSpec, images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 images of any size -> what the teacher takes: the images themselves, or, for a
+    teacher with a fixed input side (SAM), resized with the project's resize so the long side is that
+    side (`LoadedTeacher.prepare` then pads them square). Used where the views are not cut at the
+    teacher's side (stage 2: the augmented crops)."""
+    fixed = spec.fixed_input
+    if not fixed:
+        return images_u8
+    h, w = images_u8.shape[-2:]
+    size = (round(h * fixed / max(h, w)), round(w * fixed / max(h, w)))
+    return torch.stack([cut_view(im, (0, 0, w, h), False, size) for im in images_u8.cpu()])
 
 
 @dataclass

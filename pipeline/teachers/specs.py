@@ -52,6 +52,13 @@ class TeacherSpec:
         side = self.model_input_side(plan_size) // self.patch_size
         return (side, side)
 
+    def input_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The patch grid of an (height, width) image as the teacher takes it (forward.fit_to_input): a
+        fixed-input teacher (SAM) sees its fixed square, the others the image itself."""
+        if self.fixed_input:
+            return (self.fixed_input // self.patch_size,) * 2
+        return (height // self.patch_size, width // self.patch_size)
+
 
 TEACHERS: Registry[TeacherSpec] = Registry("teacher")
 

@@ -214,19 +214,20 @@ def open_cache(
             raise SakError(
                 f"store {fp} has format {m.format!r}; the loader reads {', '.join(READABLE_FORMATS)}"
             )
+        codec = store_codec(m)  # resolved once per store: the batches use it as it is
         stores.append(
             StoreInfo(
                 fingerprint=fp,
                 teacher=m.teacher.name,
                 dim=m.teacher.dim,
                 path=root / cache.stores[fp].path,
-                codec=store_codec(m),  # resolved once per store: the batches use it as it is
+                codec=codec,
                 format=m.format,
                 blocks=tuple(lv.block for lv in m.levels),
                 positions=tuple(taps.index(lv.block) for lv in m.levels),
                 grids=tuple((lv.shape[1], lv.shape[2]) for lv in m.levels),
                 manifest=m,
-                bases=_store_bases(root / cache.stores[fp].path, m, fp),
+                bases=_store_bases(root / cache.stores[fp].path, m, fp) if codec.low_rank else None,
             )
         )
     boxes = np.stack([views.column(c).to_numpy().astype(np.int64) for c in ("x0", "y0", "x1", "y1")], axis=1)
@@ -248,8 +249,6 @@ def open_cache(
 
 def _store_bases(path: Path, m: StoreManifest, fp: str) -> dict | None:
     """A pca<k> store's basis of every level (checked against the manifest's digests before)."""
-    if not store_codec(m).low_rank:
-        return None
     bases = read_bases(path, m.format, [lv.block for lv in m.levels])
     if bases is None:
         raise SakError(

@@ -90,7 +90,7 @@ class DenseTrainConfig:
 
     def cache_identity(self, data: DenseDataset, crop: tuple[int, int]) -> dict[str, Any]:
         """What a stage-2 target cache must have been built with to serve this run (its identity fields)."""
-        from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, names_hash
+        from sak.student.data.stage2_views import PLAN_VERSION, SPLIT, names_hash
 
         return {
             "dataset": self.dataset,

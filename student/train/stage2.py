@@ -14,7 +14,7 @@ evaluate(RUN, ...) -> RUN/eval.json (one number per metric, delta_m), routers.pn
 
 With --freeze-backbone only routers and heads train; the distillation loss then has no gradient to give
 and is not computed (no teachers are loaded). With --cache the targets come from a stage-2 target cache
-(stage2_cache.py: `sak-cache stage2`) built for the same dataset, images, seed, crop, augmentation and
+(`sak-cache stage2`, read by student/data/stage2_cache.py) built for the same dataset, images, seed, crop, augmentation and
 stage-1 teachers; a batch's rows (epoch * N + image) index it, and each image is checked against its sha256.
 """
 
@@ -398,7 +398,7 @@ def _distillation_targets(
     if cfg.gamma <= 0 or cfg.freeze_backbone:
         return None
     if cfg.cache is not None:
-        from sak.student.train.stage2_cache import Stage2CachedTargets
+        from sak.student.data.stage2_cache import Stage2CachedTargets
 
         expected = {
             **cfg.cache_identity(data, img_size),

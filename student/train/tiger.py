@@ -205,7 +205,7 @@ def _live_experts(teachers: Stage2Teachers, crop: tuple[int, int]) -> list[Exper
 
 
 def _cached_source(cfg: TigerConfig, data: DenseDataset, crop: tuple[int, int]) -> TeacherSource:
-    from sak.student.train.stage2_cache import Stage2CachedTargets
+    from sak.student.data.stage2_cache import Stage2CachedTargets
 
     expected = cfg.cache_identity(data, crop)
     targets = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)
