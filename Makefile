@@ -36,7 +36,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 schema: $(VENV)/.installed  ## regenerate pipeline/schema/cache-v1.schema.json from the format's records
-	$(PY) -m sak.pipeline.schema_gen
+	$(PY) -m sak.pipeline.format.schema
 
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py

@@ -14,7 +14,7 @@ Datasets:
   random-init L   (--large) dinov2_l and clip_l with random weights at 384 px, every 4th-block level
                   (27x27x1024): the real shapes, but not the real statistics (see README)
 
-pca<k> rows: a PcaBasis (codecs.py) fitted on the first half of the views of each map and judged on the
+pca<k> rows: a PcaBasis (pipeline/store/lowrank.py) fitted on the first half of the views of each map and judged on the
 other half (held out, as a store fits on its first shard); coefficients in float16. Bytes per value count
 the coefficients only; the basis ((k + 1) x C float32 per level, ~1 MB at k 256, C 1024) is paid once per
 store, not per view.
@@ -55,7 +55,7 @@ def _photos(n: int, side: int) -> torch.Tensor:
             imgs.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
     except Exception:  # noqa: BLE001 - scikit-image is a test extra; procedural images suffice
         pass
-    from sak.pipeline.synthetic import make_photo
+    from sak.pipeline.sources.synthetic import make_photo
 
     i = 0
     while len(imgs) < n:
@@ -70,7 +70,9 @@ def _photos(n: int, side: int) -> torch.Tensor:
 
 def tiny_teacher_features(views: int = 8, size: int = 224) -> list[torch.Tensor]:
     """Every level of the three tiny teachers on `views` images: a list of (views, H, W, 64) float32."""
-    from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
+    from sak.pipeline.teachers.forward import load_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     maps = []
     for name in ("dinov2_tiny", "clip_tiny", "sam_tiny"):
@@ -81,7 +83,9 @@ def tiny_teacher_features(views: int = 8, size: int = 224) -> list[torch.Tensor]
 
 def large_teacher_features(views: int) -> list[torch.Tensor]:
     """The paper's DINOv2-L and CLIP-L with random weights at 384 px: (views, 27, 27, 1024) per level."""
-    from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
+    from sak.pipeline.teachers.forward import load_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     maps = []
     for name in ("dinov2_l", "clip_l"):
@@ -129,7 +133,7 @@ class _PcaCodec:
         self.k, self.basis = k, None
 
     def encode_parts(self, x: torch.Tensor):
-        from sak.pipeline.codecs import Encoded
+        from sak.pipeline.store.codecs import Encoded
 
         return Encoded(self.basis.encode(x), None)
 
@@ -141,7 +145,7 @@ def _split(codec, x: torch.Tensor) -> torch.Tensor:
     """pca: fit on the first half of the views, return the held-out half; other codecs: x unchanged."""
     if not isinstance(codec, _PcaCodec):
         return x
-    from sak.pipeline.codecs import PcaBasis
+    from sak.pipeline.store.lowrank import PcaBasis
 
     half = max(x.shape[0] // 2, 1)
     codec.basis = PcaBasis.fit(x[:half], codec.k)
@@ -150,7 +154,7 @@ def _split(codec, x: torch.Tensor) -> torch.Tensor:
 
 def measure(codec_name: str, maps: list[torch.Tensor]) -> dict:
     """All figures of one codec on a list of (n, H, W, C) maps (pooled)."""
-    from sak.pipeline.codecs import get_codec
+    from sak.pipeline.store.codecs import get_codec
 
     codec = _PcaCodec(int(codec_name[3:])) if codec_name.startswith("pca") else get_codec(codec_name)
     values = raw = packed = 0
@@ -266,12 +270,13 @@ def training_effect(codecs: list[str], steps: int, workdir: Path) -> list[dict]:
         print(f"effect on training: skipped, sak.student.train.stage1 is not importable ({e})")
         return []
 
-    from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
     from sak.student.train.evaluate import repsim_of_checkpoint  # Rep Sim of a saved student on another cache
 
     images = workdir / "images"
     images.mkdir(parents=True, exist_ok=True)
-    from sak.pipeline.synthetic import make_photo
+    from sak.pipeline.sources.synthetic import make_photo
 
     for i in range(24):
         make_photo(i, 160 + 7 * i, 120 + 5 * i).save(images / f"img{i:03d}.png")
@@ -329,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
 
-    from sak.pipeline.codecs import codec_names, get_codec, outlier_features
-    from sak.pipeline.provenance import code_version
+    from sak.pipeline.base.provenance import code_version
+    from sak.pipeline.store.codecs import codec_names, get_codec, outlier_features
 
     torch.set_num_threads(args.threads)
     if args.codecs:

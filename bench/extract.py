@@ -7,7 +7,7 @@ The pipeline figure is the steady-state rate of a real extraction (from the firs
 last, so actor start-up and teacher loading are excluded). The bare loop runs only the same teachers'
 forward passes on pre-decoded uint8 views already in memory, with the same device, batch size and threads
 per teacher actor. Their ratio is the pipeline efficiency (goal on a GPU: >= 0.9). MFU: the teachers' matmul
-FLOPs per view (sak.pipeline.estimate's count, up to the deepest stored level) x views/s over the bf16
+FLOPs per view (sak.pipeline.inspection.estimate's count, up to the deepest stored level) x views/s over the bf16
 peak, the datasheet's (estimate.GPU_PEAK_BF16_TFLOPS) and one measured here by a large bf16 matmul.
 Prints a table and the stored bytes per view per teacher; `--json OUT` writes the figures as each lands.
 `--skip-without-cuda`: without CUDA, resolve the teachers and their FLOPs (the set-up), then record
@@ -27,12 +27,15 @@ from pathlib import Path
 import torch
 from step_io import StepReport
 
-from sak.pipeline.estimate import GPU_PEAK_BF16_TFLOPS, teacher_macs
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.manifest import read_cache, read_store_manifest
-from sak.pipeline.provenance import code_version
-from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
-from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
+from sak.pipeline.base.provenance import code_version
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.inspection.estimate import GPU_PEAK_BF16_TFLOPS, teacher_macs
+from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
+from sak.pipeline.teachers.forward import load_teacher
+from sak.pipeline.teachers.specs import get_teacher
+from sak.pipeline.teachers.weights import WeightsChoice
 
 
 def make_images(folder: Path, n: int) -> None:

@@ -109,7 +109,7 @@ class Check:
 
     def __init__(self, out: Path, work: Path, carry_dir: Path, plan: list[Step], pkg: Path) -> None:
         """pkg: the folder holding the linked `sak/` (link_package), importable in this process already."""
-        from sak.pipeline.provenance import write_json_atomic
+        from sak.pipeline.base.provenance import write_json_atomic
 
         self.out, self.work, self.carry, self.plan, self.pkg = out, work, carry_dir, plan, pkg
         for folder in (out, work):
@@ -143,7 +143,7 @@ class Check:
             if carry.read_stamp(self.carry) is not None:  # the device: no .git, the stamp says what this is
                 env["SAK_CODE_VERSION"] = carry.code_version(ROOT, self.carry)
             else:
-                from sak.pipeline.provenance import code_version
+                from sak.pipeline.base.provenance import code_version
 
                 env["SAK_CODE_VERSION"] = code_version()
         return env

@@ -47,7 +47,7 @@ from step_io import StepReport  # noqa: E402
 from sak.kernels import dispatch  # noqa: E402
 from sak.kernels.adapter import adapter_flops, adapter_reference, fused_adapter  # noqa: E402
 from sak.kernels.distill_loss import distill_loss, distill_loss_reference  # noqa: E402
-from sak.pipeline.provenance import code_version  # noqa: E402
+from sak.pipeline.base.provenance import code_version  # noqa: E402
 from sak.student.train.losses import distill_term  # noqa: E402
 
 PROVIDERS = ("triton", "eager", "compile")

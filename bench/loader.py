@@ -72,8 +72,9 @@ def measure_images(root: Path, images: int, size: int, batch_size: int, reps: in
     """ms per sample of the student input, {"decode": ..., "raw": ...}, on a real 384 px cache."""
     import ray
 
-    from sak.pipeline.extract import ExtractConfig, run_extraction
-    from sak.pipeline.synthetic import write_photo_folder
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
+    from sak.pipeline.sources.synthetic import write_photo_folder
     from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
     photos = write_photo_folder(root / "photos", images)
@@ -106,8 +107,8 @@ def measure_images(root: Path, images: int, size: int, batch_size: int, reps: in
 
 def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> dict[str, dict]:
     """Per level shape: read ms per sample (loader path) and stored bytes on disk per sample."""
-    from sak.pipeline.codecs import get_codec, outlier_features
-    from sak.pipeline.lowrank import prepare_bases
+    from sak.pipeline.store.codecs import get_codec, outlier_features
+    from sak.pipeline.store.lowrank import prepare_bases
     from sak.pipeline.store.zarr import ShardRows, ZarrTeacherStore, create_store
 
     codec = get_codec(codec_name)
@@ -117,7 +118,7 @@ def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> d
     for i, (h, w, c) in enumerate(shapes):
         path = root / f"{codec_name}-{compressor}-{h}x{w}x{c}"
         create_store(path, SHARD, SHARD, {0: (h, w, c)}, codec, compressor)
-        store, maps = ZarrTeacherStore(path, codec_name, SHARD), {0: outlier_features(SHARD, h, w, c, seed=i)}
+        store, maps = ZarrTeacherStore(path, codec, SHARD), {0: outlier_features(SHARD, h, w, c, seed=i)}
         prepare_bases(store, 0, maps)  # pca<k>: the basis fitted on this shard first, as extraction does
         store.write_shard(0, 0, maps)
         kinds = ["levels", "scales"] if codec.scaled else ["levels"]
@@ -150,7 +151,7 @@ def measure_levels(codec_name: str, compressor: str, root: Path, reps: int) -> d
 
 def measure_digests(root: Path, mb: int = 256) -> dict[str, float]:
     """MB/s per core of the integrity check over a page-cached file: sha256 (before) and xxh3-128 (now)."""
-    from sak.pipeline.provenance import sha256_file, xxh3_file
+    from sak.pipeline.base.provenance import sha256_file, xxh3_file
 
     path = root / "digest.bin"
     path.write_bytes(os.urandom(mb << 20))
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     import numcodecs.blosc
 
     from sak.cli.common import setup_logging
-    from sak.pipeline.provenance import code_version
+    from sak.pipeline.base.provenance import code_version
 
     setup_logging()
     torch.set_num_threads(1)

@@ -30,13 +30,14 @@ TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")
 
 
 def make_photos(root: Path, images: int) -> Path:
-    from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
+    from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
 
     return write_photo_folder(root, images)
 
 
 def make_cache(photos: Path, out: Path | str, size: int, codec: str, grid: str, shard_images: int) -> str:
-    from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
 
     cfg = ExtractConfig(
         source=str(photos), out=str(out), teachers=TEACHERS, views_per_image=2, size=size,
@@ -109,7 +110,8 @@ def _passes(index, batch_size: int) -> tuple[float, float, int, object]:
 def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
     """Samples/s per core from the bucket (through a fresh local cache each round) and from a local copy,
     measured alternately `rounds` times; the best of each (the machine may be shared)."""
-    from sak.pipeline.storage import Bucket, pull
+    from sak.pipeline.buckets.bucket import Bucket
+    from sak.pipeline.buckets.mirror import pull
     from sak.student.data.loader import open_cache
 
     local = root / "copy"
@@ -180,7 +182,7 @@ def serve_s3(root: Path):
 def bucket_main(args) -> int:
     """--cache s3://... or --serve-s3: the loader from a bucket vs from local disk, per core."""
     from sak.cli.common import setup_logging
-    from sak.pipeline.provenance import code_version
+    from sak.pipeline.base.provenance import code_version
 
     setup_logging()
     torch.set_num_threads(1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sak.pipeline.provenance import write_json_atomic
+from sak.pipeline.base.provenance import write_json_atomic
 
 SKIPPED = "skipped: "  # a status that starts so: the step got through its set-up, and had nothing to run
 

@@ -38,10 +38,11 @@ import torch
 from step_io import StepReport
 
 from sak.cli.common import setup_logging
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.provenance import code_version
-from sak.pipeline.synthetic import write_photo_folder  # procedural photos, shared with the tests
-from sak.pipeline.teachers import bf16_autocast
+from sak.pipeline.base.provenance import code_version
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
+from sak.pipeline.teachers.forward import bf16_autocast
 from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
 from sak.student.data.order import make_stream_plan
 from sak.student.train.losses import distillation_loss

@@ -10,25 +10,31 @@ import click
 
 from sak.cli.common import entry_point, run_cli, setup_logging
 from sak.cli.options import GeneratedCommand, OptionSet
-from sak.pipeline.storage import is_url
+from sak.pipeline.buckets.bucket import is_url
 
 
 def _extract_config():
-    from sak.pipeline.extract import ExtractConfig
+    from sak.pipeline.extraction.config import ExtractConfig
 
     return ExtractConfig
 
 
 def _estimate_config():
-    from sak.pipeline.estimate import EstimateConfig
+    from sak.pipeline.inspection.estimate import EstimateConfig
 
     return EstimateConfig
 
 
-def _stage2_cache_config():
-    from sak.student.train.stage2_cache import Stage2CacheConfig
+def _stage2_source_config():
+    from sak.student.train.stage2_source import Stage2SourceConfig
 
-    return Stage2CacheConfig
+    return Stage2SourceConfig
+
+
+def _stage2_build_config():
+    from sak.pipeline.extraction.config import Stage2BuildConfig
+
+    return Stage2BuildConfig
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,9 @@ def run(**opts) -> None:
 
     Adding a teacher to an existing cache needs only --out and --teachers: the view plan and shard
     size are the cache's own (a different value given is refused)."""
-    from sak.pipeline.extract import ExtractConfig, run_extraction, with_recorded_defaults
-    from sak.pipeline.verify import describe_cache, describe_location, store_fidelity_warnings
+    from sak.pipeline.extraction.config import ExtractConfig, with_recorded_defaults
+    from sak.pipeline.extraction.driver import run_extraction
+    from sak.pipeline.inspection.describe import describe_cache, describe_location, store_fidelity_warnings
 
     cfg = with_recorded_defaults(RUN_OPTIONS.build(ExtractConfig, opts), RUN_OPTIONS.given(opts))
     out = run_extraction(cfg)
@@ -78,7 +85,7 @@ def run(**opts) -> None:
 @click.argument("cache")
 def inspect(cache: str) -> None:
     """Describe a cache (folder or s3:// / gs:// URL): teachers, fingerprints, views, shapes, bytes."""
-    from sak.pipeline.verify import describe_location
+    from sak.pipeline.inspection.describe import describe_location
 
     click.echo(describe_location(cache))
 
@@ -89,7 +96,7 @@ def inspect(cache: str) -> None:
 @click.option("--out", default=None, help="PNG to write (default: CACHE/show-<views>.png).")
 def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
     """Draw the views beside a PCA-to-RGB map of every teacher's every stored level (one PCA per level)."""
-    from sak.pipeline.show import render
+    from sak.pipeline.inspection.show import render
 
     out = out or str(Path(cache) / f"show-{'-'.join(map(str, views))}.png")
     click.echo(render(cache, list(views), out))
@@ -106,7 +113,7 @@ def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
 def ls_(root: str, full: bool) -> None:
     """One line per cache found under ROOT (a folder or an s3:// / gs:// prefix): teachers, views, bytes,
     created, and whether it verifies."""
-    from sak.pipeline.verify import bucket_caches, list_caches
+    from sak.pipeline.inspection.describe import bucket_caches, list_caches
 
     lines = list_caches(root, bucket_caches(root) if is_url(root) else None, full=full)
     click.echo("\n".join(lines) if lines else f"no cache under {root}")
@@ -117,7 +124,7 @@ def ls_(root: str, full: bool) -> None:
 def verify(cache: str) -> int:
     """Recompute every checksum and count; exit 1 naming each failing file and shard. A URL cache is
     downloaded once into a temporary folder."""
-    from sak.pipeline.verify import check_bucket_cache, check_cache
+    from sak.pipeline.inspection.verify import check_bucket_cache, check_cache
 
     report = check_bucket_cache(cache) if is_url(cache) else check_cache(cache)
     problems = report.problems
@@ -140,8 +147,8 @@ def estimate(**opts) -> None:
     """Bytes, GPU-hours and read bandwidth of a cache, before extracting it."""
     import json
 
-    from sak.pipeline.estimate import EstimateConfig, estimate_to_dict, format_estimate
-    from sak.pipeline.estimate import estimate as run_estimate
+    from sak.pipeline.inspection.estimate import EstimateConfig, estimate_to_dict, format_estimate
+    from sak.pipeline.inspection.estimate import estimate as run_estimate
 
     est = run_estimate(ESTIMATE_OPTIONS.build(EstimateConfig, opts))
     click.echo(format_estimate(est))
@@ -151,18 +158,22 @@ def estimate(**opts) -> None:
             json.dump(estimate_to_dict(est), f, indent=2)
 
 
-STAGE2_OPTIONS = OptionSet(_stage2_cache_config)
+STAGE2_OPTIONS = OptionSet(_stage2_source_config, _stage2_build_config)
 
 
 @cli.command(cls=GeneratedCommand, options=STAGE2_OPTIONS)
 def stage2(**opts) -> None:
     """Teacher targets for stage 2: every (epoch, image) augmented view of the training split, replayed
     from the stage-2 plan (seed, crop), for `sak-train stage2 --cache`."""
-    from sak.pipeline.format import read_stage2_cache
-    from sak.student.train.stage2_cache import CACHE_JSON, Stage2CacheConfig, build_stage2_cache, describe
+    from sak.pipeline.extraction.config import Stage2BuildConfig
+    from sak.pipeline.extraction.stage2 import build_stage2_cache, describe_build
+    from sak.pipeline.format.documents import read_stage2_cache
+    from sak.pipeline.format.layout import CACHE_FILE
+    from sak.student.train.stage2_source import Stage2SourceConfig, stage2_source
 
-    out = build_stage2_cache(STAGE2_OPTIONS.build(Stage2CacheConfig, opts))
-    click.echo(describe(read_stage2_cache(out / CACHE_JSON)))
+    build = STAGE2_OPTIONS.build(Stage2BuildConfig, opts)  # a bad --codec or --epochs fails first
+    out = build_stage2_cache(build, stage2_source(STAGE2_OPTIONS.build(Stage2SourceConfig, opts)))
+    click.echo(describe_build(read_stage2_cache(out / CACHE_FILE)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -11,7 +11,7 @@ import click
 
 from sak.cli.common import entry_point, run_cli, setup_logging
 from sak.cli.options import OptionSet
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.data.dense import DATASETS
 from sak.student.data.loader import NORMALIZATIONS
 from sak.student.train.stage1_config import Stage1Config
@@ -109,7 +109,7 @@ def _config_from_options(opts: dict) -> Stage1Config:
             raise SakError(f"missing {' and '.join(missing)} (or --resume RUN to continue a run)")
         return Stage1Config.debug(**given) if command.debug else Stage1Config(**given)
 
-    from sak.pipeline.provenance import read_json
+    from sak.pipeline.base.provenance import read_json
 
     run = Path(command.resume)
     if "out" in given and Path(given["out"]).resolve() != run.resolve():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sak.pipeline.synthetic import make_photo
+from sak.pipeline.sources.synthetic import make_photo
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -146,7 +146,8 @@ class TinyCaches:
     def get(
         self, codec: str = "fp16", views_per_image: int = 2, teachers: tuple[str, ...] = TINY_TEACHERS
     ) -> Path:
-        from sak.pipeline.extract import ExtractConfig, run_extraction
+        from sak.pipeline.extraction.config import ExtractConfig
+        from sak.pipeline.extraction.driver import run_extraction
 
         key = (codec, views_per_image, teachers)
         if key not in self.built:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 def journaled(url: str) -> int:
     """Shard records in the bucket's journals, over all stores."""
-    from sak.pipeline.storage import Bucket
+    from sak.pipeline.buckets.bucket import Bucket
 
     bucket = Bucket(url)
     lines = 0
@@ -50,8 +50,9 @@ def main() -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from sak.pipeline.errors import SakError
-    from sak.pipeline.extract import ExtractConfig, run_extraction
+    from sak.pipeline.base.errors import SakError
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.extraction.driver import run_extraction
 
     mb = 1024 * 1024
     cluster = Cluster(

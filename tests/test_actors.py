@@ -1,4 +1,4 @@
-"""pipeline/actors.py, the actor pool of `sak-cache run` and `sak-cache stage2`, on the session's Ray."""
+"""pipeline/extraction/actors.py, the actor pool of `sak-cache run` and `sak-cache stage2`, on the session's Ray."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from sak.pipeline.actors import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.extraction.actors import (
     ActorPool,
     actor_placement,
     shard_failure_error,
     start_actors,
     stop_actors,
 )
-from sak.pipeline.errors import SakError
 
 
 def _squarer() -> type:
@@ -101,7 +101,7 @@ def test_a_lost_actor_s_shards_go_to_the_live_one(ray_local, tmp_path):
 
 
 def test_live_actors_bookkeeping():
-    from sak.pipeline.actors import SHARD_RETRIES, LiveActors
+    from sak.pipeline.extraction.actors import SHARD_RETRIES, LiveActors
 
     live = LiveActors(2)
     assert [live.idlest(), live.idlest(), live.idlest()] == [0, 1, 0]

@@ -15,7 +15,8 @@ import pytest
 
 from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
-from sak.pipeline.format import cache_file_kind, generate_schema, store_file_kind
+from sak.pipeline.format.layout import cache_file_kind, store_file_kind
+from sak.pipeline.format.schema import generate_schema
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 

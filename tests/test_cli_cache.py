@@ -45,6 +45,59 @@ def test_help_teaches(capsys):
         assert option in out
 
 
+HELP_IMPORTS = (
+    "import sys; from sak.cli.cache import main; code = main(sys.argv[1:]); "
+    "print(sorted(m for m in ('torch', 'timm', 'ray', 'zarr') if m in sys.modules)); sys.exit(code)"
+)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [],
+        ["run"],
+        ["estimate"],
+        ["inspect"],
+        ["show"],
+        ["ls"],
+        ["verify"],
+        pytest.param(
+            ["stage2"],
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="its dataset options come from student/data/dense.py, which imports torch (the "
+                "dataset names need a torch-free home, as `sak-train --help` does)",
+            ),
+        ),
+    ],
+)
+def test_help_loads_no_torch(command):
+    """--help of the command group and of each subcommand, in a fresh interpreter: the options come from
+    the config dataclasses, whose modules import neither torch, timm, Ray nor zarr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", HELP_IMPORTS, *command, "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-300:]
+
+
+def test_stage2_help_lists_the_options_of_its_source_and_its_build(capsys):
+    assert main(["stage2", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in (
+        "--dataset",
+        "--init",
+        "--teachers",
+        "--img-size",
+        "--seed",
+        "--out",
+        "--epochs",
+        "--codec",
+    ):
+        assert option in out
+    assert "--workers" in out and "--address" in out and "--scale-range" not in out
+
+
 def test_bad_weights_syntax_and_shard_size(tmp_path, capsys):
     out = str(tmp_path / "o")
     assert (

@@ -15,9 +15,9 @@ from sak.cli.cache import cli as cache_cli
 from sak.cli.cache import main as cache_main
 from sak.cli.options import OptionSet
 from sak.cli.train import cli as train_cli
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, with_recorded_defaults
-from sak.pipeline.format import read_cache
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.extraction.config import ExtractConfig, with_recorded_defaults
+from sak.pipeline.format.documents import read_cache
 
 
 def _pair(text: str) -> tuple[str, str]:

@@ -9,9 +9,11 @@ import json
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.storage import STAGE_ENV, Bucket, pull
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import STAGE_ENV, pull
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
 
@@ -108,7 +110,7 @@ def test_stage1_streams_from_the_bucket_as_from_a_local_copy(bucket_cache, tmp_p
 
 
 def test_a_second_writer_is_refused_by_the_lock_object(bucket_cache):
-    from sak.pipeline.storage import BucketLock
+    from sak.pipeline.buckets.lock import BucketLock
 
     with BucketLock(Bucket(bucket_cache)):
         cfg = ExtractConfig(source=None, out=bucket_cache, teachers=("sam_tiny",), size=64, progress=False)

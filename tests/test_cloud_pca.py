@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.lowrank import fetch_bases
-from sak.pipeline.storage import STAGE_ENV, Bucket, pull
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import STAGE_ENV, pull
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.store.lowrank import fetch_bases
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
 

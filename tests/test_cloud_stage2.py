@@ -10,7 +10,8 @@ import json
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.storage import STAGE_ENV, Bucket, pull
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import STAGE_ENV, pull
 from sak.student.train.stage2 import Stage2Config, train_stage2
 from sak.student.train.tiger import TigerConfig, train_tiger
 from tests.test_datasets import make_folder
@@ -67,6 +68,19 @@ def test_stage2_cache_is_written_whole_into_the_bucket(bucket_s2, capsys):
     assert cache_main(args) == 0  # complete: a re-run redoes nothing
     assert Bucket(url).read_bytes("teachers/sam_tiny/shards.jsonl") == before
     assert cache_main([*args[:-2], "--seed", "1"]) == 2  # another plan into the same prefix: refused
+
+
+def test_ray_actors_write_the_same_bucket_cache_from_their_node_mirrors(bucket_s2, ray_local, capsys):
+    """--workers 1: a Ray actor writes each shard in its node's mirror and uploads it whole before the
+    driver journals it; the cache equals the one built in the driver's process, object for object."""
+    _, _, url, _, args = bucket_s2
+    other = url.rsplit("/", 1)[0] + "/s2_actors"
+    assert cache_main([*[other if a == url else a for a in args], "--workers", "1"]) == 0
+    a, b = (json.loads(Bucket(u).read_bytes("cache.json")) for u in (url, other))
+    assert [t["shards"] for t in a["teachers"]] == [t["shards"] for t in b["teachers"]]
+    assert a["views_sha256"] == b["views_sha256"] and a["identity"] == b["identity"]
+    capsys.readouterr()
+    assert cache_main(["verify", other]) == 0 and f"{other}: OK" in capsys.readouterr().out
 
 
 def test_stage2_and_tiger_train_from_the_bucket_as_from_a_local_copy(bucket_s2):

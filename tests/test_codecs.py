@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import zarr
 from numcodecs import Blosc
 
-from sak.pipeline.codecs import codec_names, get_codec, outlier_features
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.store.codecs import codec_names, get_codec, outlier_features
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 
 LOSSY = [n for n in codec_names() if n not in ("fp32", "fp16", "bf16")]
@@ -170,7 +170,7 @@ def test_zarr_store_keeps_values_and_scales(name, tmp_path, feats):
     grids = {2: (16, 16, 256), 5: (16, 16, 256)}
     create_store(tmp_path, 6, 4, grids, codec)
     create_store(tmp_path, 6, 4, grids, codec)  # idempotent
-    store = ZarrTeacherStore(tmp_path, name, 4)
+    store = ZarrTeacherStore(tmp_path, get_codec(name), 4)
     x = outlier_features(6, 16, 16, 256, seed=3)
     files = store.write_shard(0, 0, {2: x[:4], 5: x[:4] * 2})
     assert set(files) == {
@@ -221,7 +221,7 @@ def test_int8_tc_is_its_own_store_identity_and_a_store_of_another_codec_is_refus
 
 
 def test_pca_basis_round_trips_and_decodes_with_numpy_alone():
-    from sak.pipeline.codecs import PcaBasis
+    from sak.pipeline.store.lowrank import PcaBasis
 
     g = torch.Generator().manual_seed(0)
     # low-rank features (rank 12 in C 64) plus a little noise: what a real ViT level's spectrum looks like

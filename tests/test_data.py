@@ -15,9 +15,10 @@ import torch
 import zarr
 from PIL import Image
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD
-from sak.pipeline.views import cut_view
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.images import cut_view
+from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.teachers.forward import IMAGENET_MEAN, IMAGENET_STD
 from sak.student.data.loader import BatchReader, CacheLoader, decode_targets, input_normalization, open_cache
 from sak.student.data.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation
 
@@ -326,7 +327,7 @@ def test_a_webdataset_store_reads_like_the_zarr_one(cache, tmp_path):
     info = next(s for s in index.stores if s.teacher == "clip_tiny")
     target = dst / "teachers" / f"{fp}-wds"
     target.mkdir()
-    writer = wds.WdsTeacherStore(target, "fp16", index.shard_size)
+    writer = wds.WdsTeacherStore(target, get_codec("fp16"), index.shard_size)
     files = {}
     for shard in range(index.num_shards):
         start, stop = shard * index.shard_size, min((shard + 1) * index.shard_size, index.num_views)

@@ -11,16 +11,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.estimate import (
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.inspection.estimate import (
     EstimateConfig,
     estimate,
     measured_store_bytes,
     stored_bytes_per_view,
     teacher_macs,
 )
-from sak.pipeline.targets import select_levels
-from sak.pipeline.teachers import WeightsChoice, build_model, get_teacher, load_teacher
+from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.targets import select_levels
+from sak.pipeline.teachers.forward import load_teacher
+from sak.pipeline.teachers.specs import get_teacher
+from sak.pipeline.teachers.weights import WeightsChoice, build_model
 
 SIZE = 64
 
@@ -89,7 +92,7 @@ def test_bytes_per_view_from_grids_levels_and_codec():
     raw = {t.name: t.raw_bytes_per_view for t in est.teachers}
     assert raw["sam_l"] == 4 * 64 * 64 * 1024 * 2 and raw["dinov2_l"] == 4 * 27 * 27 * 1024 * 2
     assert 44e6 < sum(raw.values()) < 46e6
-    raw8, _ = stored_bytes_per_view(24, 24, 1024, 2, "int8", 1.0, "zarr")
+    raw8, _ = stored_bytes_per_view(24, 24, 1024, 2, get_codec("int8"), 1.0, "zarr")
     assert raw8 == 2 * 24 * 24 * (1024 + 2 * 1024 // 32)  # values + one fp16 scale per 32 channels
     small = estimate(EstimateConfig(("sam_l",), images=10, grid="student", levels="-1", codec="int8"))
     assert small.teachers[0].grid == (24, 24) and small.teachers[0].blocks == (23,)

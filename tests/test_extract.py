@@ -19,9 +19,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.teachers import get_teacher
-from sak.pipeline.verify import describe_cache, list_caches, verify_cache
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.inspection.describe import describe_cache, list_caches
+from sak.pipeline.inspection.verify import verify_cache
+from sak.pipeline.teachers.specs import get_teacher
 
 SIZE = 64
 TEACHERS = ("dinov2_tiny", "clip_tiny", "sam_tiny")

@@ -10,8 +10,10 @@ import torch
 import webdataset as wds
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.store import open_teacher_store
-from sak.pipeline.verify import describe_cache, verify_cache
+from sak.pipeline.inspection.describe import describe_cache
+from sak.pipeline.inspection.verify import verify_cache
+from sak.pipeline.store.backends import open_teacher_store
+from sak.pipeline.store.codecs import get_codec
 
 
 def test_formats_levels_grid_and_codec_end_to_end(ray_local, photo_dir, tmp_path):
@@ -28,7 +30,9 @@ def test_formats_levels_grid_and_codec_end_to_end(ray_local, photo_dir, tmp_path
         assert m["identity"]["levels"] == [1, 3] and m["identity"]["grid"] == [2, 2]
         assert m["identity"]["grid_mode"] == "2x2" and m["identity"]["codec_spec"]["scales"]["group"] == 32
         assert [lv["block"] for lv in m["levels"]] == [1, 3] and m["levels"][0]["shape"] == [12, 2, 2, 64]
-        stores[e["teacher"], m["format"]] = open_teacher_store(m["format"], out / e["path"], "int8", 4)
+        stores[e["teacher"], m["format"]] = open_teacher_store(
+            m["format"], out / e["path"], get_codec("int8"), 4
+        )
     assert len(stores) == 4
     assert verify_cache(out) == []
     assert "wds" in describe_cache(out)

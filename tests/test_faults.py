@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.lock import CacheLock
-from sak.pipeline.manifest import read_cache
-from sak.pipeline.synthetic import make_photo
-from sak.pipeline.verify import verify_cache
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.lock import CacheLock
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.format.documents import read_cache
+from sak.pipeline.inspection.verify import verify_cache
+from sak.pipeline.sources.synthetic import make_photo
 
 SIZE = 64
 

@@ -1,4 +1,4 @@
-"""Fidelity measured at extraction (fidelity.py): a lossy store records, per level, how its stored targets
+"""Fidelity measured at extraction (store/fidelity.py): a lossy store records, per level, how its stored targets
 compare with the float32 values before encoding; `inspect` shows it, `run` warns under 0.99; an fp16 store
 refuses a value it cannot hold, at extraction, in one line naming teacher, level and the alternatives."""
 
@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from sak.pipeline.codecs import get_codec, outlier_features, refuse_overflow
-from sak.pipeline.errors import SakError
-from sak.pipeline.fidelity import compare, fidelity_warnings, measure_levels
-from sak.pipeline.manifest import read_cache, read_store_manifest
-from sak.pipeline.targets import resample
-from sak.pipeline.verify import describe_cache, store_fidelity_warnings
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.inspection.describe import describe_cache, store_fidelity_warnings
+from sak.pipeline.store.codecs import get_codec, outlier_features, refuse_overflow
+from sak.pipeline.store.fidelity import compare, fidelity_warnings, measure_levels
+from sak.pipeline.store.resample import resample
 
 
 def test_compare_is_exact_for_identical_maps_and_sees_a_coarse_grid():

@@ -14,21 +14,15 @@ import pytest
 
 from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig
-from sak.pipeline.format import (
-    ExtractRecord,
-    generate_schema,
-    read_cache,
-    read_store_manifest,
-    shipped_schema,
-    to_json,
-)
-from sak.pipeline.manifest import store_fingerprint
-from sak.pipeline.schema_gen import SHIPPED
-from sak.pipeline.schema_gen import main as schema_main
-from sak.pipeline.typed_json import schema_text
-from sak.pipeline.verify import check_cache
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.typed_json import schema_text, to_json
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.format.manifest import store_fingerprint
+from sak.pipeline.format.records import ExtractRecord
+from sak.pipeline.format.schema import CACHE_SCHEMA, generate_schema, shipped_schema
+from sak.pipeline.format.schema import main as schema_main
+from sak.pipeline.inspection.verify import check_cache
 from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
 V1 = Path(__file__).parent / "fixtures" / "v1_cache"
@@ -42,7 +36,7 @@ def v1(tmp_path) -> Path:
 
 
 def test_the_shipped_schema_is_the_generated_one():
-    assert SHIPPED.read_text() == schema_text(generate_schema())
+    assert CACHE_SCHEMA.shipped_path().read_text() == schema_text(generate_schema())
     assert shipped_schema() == generate_schema()
     assert schema_main(["--check"]) == 0
     jsonschema.Draft202012Validator.check_schema(shipped_schema())
@@ -56,7 +50,7 @@ def test_the_recorded_run_config_has_every_extract_option():
 
 def test_the_v1_fixture_is_small_and_validates_with_plain_jsonschema():
     assert sum(p.stat().st_size for p in V1.rglob("*") if p.is_file()) < 1_000_000
-    schema = json.loads(SHIPPED.read_text())
+    schema = json.loads(CACHE_SCHEMA.shipped_path().read_text())
     jsonschema.validate(json.loads((V1 / "cache.json").read_text()), schema)
     for path in V1.glob("teachers/*/manifest.json"):
         jsonschema.validate(json.loads(path.read_text()), schema)
@@ -154,7 +148,7 @@ def test_verify_reports_an_edited_cache_json_and_files_the_format_does_not_name(
 
 
 def test_a_cache_json_edited_by_hand_fails_its_content_digest(tmp_path, ray_local, photo_dir):
-    from sak.pipeline.extract import run_extraction
+    from sak.pipeline.extraction.driver import run_extraction
 
     out = tmp_path / "c"
     run_extraction(ExtractConfig(source=str(photo_dir), out=str(out), teachers=("clip_tiny",), size=32,

@@ -164,10 +164,10 @@ def test_a_run_killed_mid_way_leaves_a_valid_results_file(tmp_path):
 def test_the_package_is_linked_without_an_install(tmp_path):
     pkg = gpu_check.link_package(tmp_path / "pkg")
     # -S: no site-packages, so no editable install of sak either; only the links can provide it
-    code = "import sak.pipeline.provenance as p, sak.kernels, sak.cli; print(p.__file__)"
+    code = "import sak.pipeline.base.provenance as p, sak.kernels, sak.cli; print(p.__file__)"
     out = subprocess.run([sys.executable, "-S", "-c", code], env={"PYTHONPATH": str(pkg)}, capture_output=True,
                          text=True, check=True).stdout.strip()  # fmt: skip
-    assert Path(out).resolve() == ROOT / "pipeline" / "provenance.py"
+    assert Path(out).resolve() == ROOT / "pipeline" / "base" / "provenance.py"
 
 
 def test_code_version_from_the_stamp_without_git(tmp_path):
@@ -185,7 +185,7 @@ def test_code_version_from_the_stamp_without_git(tmp_path):
     (stash / "stamp.json").unlink()
     assert carry.code_version(root, stash) == "0.1.0+unstamped"
     # the package reports what the stamp said (lru_cache: a fresh interpreter)
-    code = "from sak.pipeline.provenance import code_version; print(code_version())"
+    code = "from sak.pipeline.base.provenance import code_version; print(code_version())"
     env = {**os.environ, "SAK_CODE_VERSION": "0.1.0+gabc1234"}
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert got.stdout.strip() == "0.1.0+gabc1234"

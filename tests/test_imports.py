@@ -174,7 +174,7 @@ def test_no_private_names_across_modules(graph):
 
 
 def test_benchmarks_do_not_import_the_tests():
-    """bench/ scripts take shared helpers (e.g. sak.pipeline.synthetic) from the package, never from tests/."""
+    """bench/ scripts take shared helpers (e.g. sak.pipeline.sources.synthetic) from the package, never from tests/."""
     offences = []
     for path in sorted((PYPROJECT.parent / "bench").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -207,3 +207,39 @@ def test_the_checks_see_a_cycle_and_a_private_import(tmp_path):
     assert private["pkg.b"] == [("pkg.c", "_secret")]
     edges["pkg.c"].discard("pkg.a")
     assert cycles(edges) == []
+
+
+def _imported_roots(path: Path) -> set[str]:
+    """Every module an `import` or `from ... import` of this file names (absolute imports), anywhere in it."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_no_module_under_student_imports_ray():
+    """Ray belongs to the pipeline's builders (pipeline/extraction/): the trainer package imports none of
+    it, lazily or not (the stage-2 cache builder runs on the pipeline's actor pool)."""
+    student = PYPROJECT.parent / "student"
+    offences = [
+        f"{path.relative_to(student.parent)}: {name}"
+        for path in sorted(student.rglob("*.py"))
+        for name in sorted(_imported_roots(path))
+        if name == "ray" or name.startswith("ray.")
+    ]
+    assert not offences, "student/ imports ray: " + "; ".join(offences)
+
+
+def test_the_pipeline_is_the_ground_floor(graph):
+    """sak.pipeline imports nothing of the trainer, the kernels or the CLI (they stand on it), and its
+    base/ imports nothing of the pipeline above it."""
+    edges, _ = graph
+    up = [f"{m} -> {t}" for m, ts in edges.items() if m.startswith("sak.pipeline") for t in sorted(ts)
+          if t.startswith(("sak.student", "sak.kernels", "sak.cli"))]  # fmt: skip
+    base = [f"{m} -> {t}" for m, ts in edges.items() if m.startswith("sak.pipeline.base") for t in sorted(ts)
+            if t.startswith("sak.pipeline") and not t.startswith("sak.pipeline.base")]  # fmt: skip
+    assert not up and not base, "imports against the floors: " + "; ".join(up + base)
+    assert any(t.startswith("sak.pipeline") for t in edges["sak.student.data.loader"])  # the check sees edges

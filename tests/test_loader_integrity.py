@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from sak.cli.train import main as train_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import read_cache, read_store_manifest
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
 

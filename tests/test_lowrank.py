@@ -1,4 +1,4 @@
-"""`--codec pca<k>` (lowrank.py): a per-level basis fitted on the first shard before anything is encoded,
+"""`--codec pca<k>` (store/lowrank.py): a per-level basis fitted on the first shard before anything is encoded,
 stored beside the arrays, digested, part of the store's identity; decoded by one matmul on the training
 device; readable with zarr/numpy alone; reused, never refitted, by a resumed run."""
 
@@ -15,15 +15,17 @@ import torch
 import zarr
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.codecs import get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.format import read_cache, read_store_manifest
-from sak.pipeline.lowrank import prepare_bases
-from sak.pipeline.manifest import read_journal
-from sak.pipeline.store import create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.format.journal import read_journal
+from sak.pipeline.inspection.describe import describe_cache, store_fidelity_warnings
+from sak.pipeline.inspection.verify import verify_cache
+from sak.pipeline.store.backends import create_teacher_store, level_records, open_teacher_store
+from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.lowrank import prepare_bases
 from sak.pipeline.store.wds import WdsTeacherStore
-from sak.pipeline.verify import describe_cache, store_fidelity_warnings, verify_cache
 from sak.student.data.loader import BatchReader, decode_targets, open_cache
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
@@ -45,7 +47,8 @@ def _store(tmp_path, fmt: str, codec: str, levels: dict[int, torch.Tensor], keys
     path = tmp_path / f"{fmt}-{codec}"
     create_teacher_store(fmt, path, n, n, grids, get_codec(codec))
     # a WebDataset store outside a cache is given its sample keys
-    store = WdsTeacherStore(path, codec, n, keys) if fmt == "wds" else open_teacher_store(fmt, path, codec, n)
+    c = get_codec(codec)
+    store = WdsTeacherStore(path, c, n, keys) if fmt == "wds" else open_teacher_store(fmt, path, c, n)
     prepare_bases(store, 0, levels)  # fitted on shard 0, before it is encoded
     store.write_shard(0, 0, levels)
     return store
@@ -205,12 +208,14 @@ def test_stage1_trains_from_a_pca_store_close_to_live_teachers(pca_cache, tmp_pa
     assert 0 < rel < 0.05
 
 
-def test_a_stage2_target_cache_refuses_pca_in_one_line(tmp_path):
-    from sak.student.train.stage2_cache import Stage2CacheConfig, build_stage2_cache
+def test_a_stage2_target_cache_refuses_pca_in_one_line(tmp_path, capsys):
+    """Refused where the build's config is made (before any data or teacher is read), in one line."""
+    from sak.cli.cache import main as cache_main
+    from sak.pipeline.extraction.config import Stage2BuildConfig
 
-    cfg = Stage2CacheConfig(
-        dataset="folder", data_root=str(tmp_path), out=str(tmp_path / "s2"), teachers=("dinov2_tiny",),
-        codec="pca8",
-    )  # fmt: skip
     with pytest.raises(SakError, match=r"^--codec pca8: a stage-2 target cache does not take pca<k>[^\n]*$"):
-        build_stage2_cache(cfg)
+        Stage2BuildConfig(out=str(tmp_path / "s2"), codec="pca8")
+    args = ["stage2", "--dataset", "folder", "--data-root", str(tmp_path), "--teachers", "dinov2_tiny"]
+    assert cache_main([*args, "--out", str(tmp_path / "s2"), "--codec", "pca8"]) == 2
+    assert "--codec pca8: a stage-2 target cache does not take pca<k>" in capsys.readouterr().err
+    assert not (tmp_path / "s2").exists()

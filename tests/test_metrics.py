@@ -11,7 +11,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.morphology import thin
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.train.metrics import (
     EDGE_TOLERANCE,
     SALIENCY_THRESHOLDS,

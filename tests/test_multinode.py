@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from sak.cli.cache import main as cache_main
-from sak.pipeline.storage import Bucket, pull
-from sak.pipeline.synthetic import make_photo
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.mirror import pull
+from sak.pipeline.sources.synthetic import make_photo
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 ROOT = Path(__file__).resolve().parents[1]

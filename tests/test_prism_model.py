@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.prism import (
     PrismConfig,
     PrismMoE,

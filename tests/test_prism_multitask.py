@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.prism import PrismStudent, TeacherTarget, build_prism, stage2_student
 from sak.student.model.prism_loss import stage1_loss_config
 from sak.student.model.prism_multitask import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.prism import PrismFeatures, TeacherTarget, build_prism
 from sak.student.model.prism_moe import BlockRouting
 from sak.student.model.prism_pairs import RoutePairs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import DecodeHead
 from sak.student.model.prism import TeacherTarget, build_prism
 from sak.student.model.prism_weights import (

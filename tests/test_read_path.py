@@ -12,13 +12,14 @@ import pytest
 import torch
 import zarr
 
-from sak.pipeline.codecs import get_codec, outlier_features
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.format import read_cache, read_store_manifest
-from sak.pipeline.provenance import sha256_file, xxh3_file
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import sha256_file, xxh3_file
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.inspection.verify import verify_cache
+from sak.pipeline.store.codecs import get_codec, outlier_features
 from sak.pipeline.store.zarr import ShardRows, ZarrTeacherStore, check_compressor, create_store
-from sak.pipeline.verify import verify_cache
 from sak.student.data.loader import BatchReader, input_normalization, open_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_every_compressor_round_trips_through_zarr_and_the_direct_reader(tmp_path, codec, compressor):
     c = get_codec(codec)
     create_store(tmp_path, 10, 4, {7: (3, 5, 64)}, c, compressor)
-    store = ZarrTeacherStore(tmp_path, codec, 4)
+    store = ZarrTeacherStore(tmp_path, c, 4)
     x = outlier_features(10, 3, 5, 64, seed=1)
     for shard, start in enumerate(range(0, 10, 4)):
         store.write_shard(shard, start, {7: x[start : start + 4]})

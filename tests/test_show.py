@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from sak.cli.cache import cli
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import read_cache, read_store_manifest
-from sak.pipeline.show import LABEL, PANEL, pca_rgb, read_levels, render
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.inspection.show import LABEL, PANEL, pca_rgb, read_levels, render
 
 
 def test_pca_rgb_spans_the_colour_range_and_is_shared_across_views():

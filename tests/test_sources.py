@@ -19,9 +19,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from sak.pipeline import sources
-from sak.pipeline.errors import BadImage, SakError
-from sak.pipeline.sources import ImageInfo, check_image, decode_rgb, list_source, read_bytes
+from sak.pipeline.base.errors import BadImage, SakError
+from sak.pipeline.sources import tars
+from sak.pipeline.sources.images import ImageInfo, check_image, decode_rgb
+from sak.pipeline.sources.items import normalise_key
+from sak.pipeline.sources.listing import list_source, read_bytes
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -76,8 +78,8 @@ def stored(items) -> dict[str, bytes]:
 
 
 def test_normalise_key():
-    assert sources.normalise_key("./a.b\\c//d.e") == "a_b/c/d_e"
-    assert sources.normalise_key("/abs/../x") == "abs/__/x"  # never absolute, never climbs
+    assert normalise_key("./a.b\\c//d.e") == "a_b/c/d_e"
+    assert normalise_key("/abs/../x") == "abs/__/x"  # never absolute, never climbs
 
 
 def test_folder_recursion_keys_and_extensions(tmp_path):
@@ -242,7 +244,7 @@ def test_tar_unsafe_members_are_refused_never_extracted(tmp_path, caplog):
         add_member(tar, "hard.jpg", b"", tarfile.LNKTYPE, "ok.jpg")
         add_member(tar, "dev.jpg", b"", tarfile.CHRTYPE)
         add_member(tar, "ok.jpg", good)
-    with caplog.at_level(logging.WARNING, logger=sources.__name__):
+    with caplog.at_level(logging.WARNING, logger=tars.__name__):
         items = list_source(shard)
     assert [it.key for it in items] == ["ok"]
     refused = "\n".join(r.getMessage() for r in caplog.records)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import (
     NYUD_TASKS,
     PASCAL_CONTEXT_TASKS,

@@ -4,7 +4,7 @@ two-class saliency head folded exactly into our one logit."""
 import pytest
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import (
     PASCAL_CONTEXT_TASKS,
     SakMultiTask,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from sak.cli.train import main as train_main
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import SakMultiTask
 from sak.student.train.counterfactual import (
     counterfactual_loss,

@@ -7,8 +7,11 @@ import json
 
 import pytest
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.storage import LOCK_OBJECT, Bucket, BucketLock, is_bulk, is_url, pull, push, stage_dir
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.lock import LOCK_FILE
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.lock import BucketLock
+from sak.pipeline.buckets.mirror import is_bulk, pull, push, stage_dir
 
 
 def test_locations_and_bulk_objects():
@@ -41,14 +44,14 @@ def test_whole_objects_round_trip(s3_server, tmp_path):
 def test_lock_object_one_writer(s3_server):
     b = Bucket(s3_server("storage-lock") + "/c")
     first = BucketLock(b).acquire()
-    holder = json.loads(b.read_bytes(LOCK_OBJECT))
+    holder = json.loads(b.read_bytes(LOCK_FILE))
     assert holder["owner"] == first.owner and holder["expires"] > holder["pid"] * 0
     with pytest.raises(SakError, match="being written by another sak-cache run"):
         BucketLock(b).acquire()
     first.release()
-    assert not b.exists(LOCK_OBJECT)
+    assert not b.exists(LOCK_FILE)
     with BucketLock(b):  # free again
-        assert b.exists(LOCK_OBJECT)
+        assert b.exists(LOCK_FILE)
 
 
 def test_lock_of_a_dead_holder_is_taken_over(s3_server):
@@ -56,11 +59,11 @@ def test_lock_of_a_dead_holder_is_taken_over(s3_server):
     stale = BucketLock(b, ttl_s=-1).acquire()  # already expired: its holder stopped refreshing it
     stale.held = False  # as after kill -9: nobody releases it
     with BucketLock(b) as lock:
-        assert json.loads(b.read_bytes(LOCK_OBJECT))["owner"] == lock.owner
+        assert json.loads(b.read_bytes(LOCK_FILE))["owner"] == lock.owner
 
 
 def testnode_probe_sees_the_drivers_file_and_writes_its_own(tmp_path):
-    from sak.pipeline.probe import node_probe  # what each node runs before a local --out is used
+    from sak.pipeline.extraction.probe import node_probe  # what each node runs before a local --out is used
 
     assert node_probe(str(tmp_path), ".probe-driver-1", "nodeA") == "cannot see the driver's files"
     (tmp_path / ".probe-driver-1").write_text("driver")

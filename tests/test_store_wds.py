@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from sak.pipeline.codecs import get_codec, outlier_features
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.pipeline.store import wds as wds_store
+from sak.pipeline.store.codecs import get_codec, outlier_features
 from sak.pipeline.store.wds import WdsTeacherStore, create_wds_store, sample_key
 from sak.pipeline.store.zarr import ZarrTeacherStore, create_store
 
@@ -37,7 +37,7 @@ def levels() -> dict[int, torch.Tensor]:
 
 def _write_wds(path, codec: str, levels) -> tuple[WdsTeacherStore, dict[str, str]]:
     create_wds_store(path, len(KEYS), SHARD, GRIDS, get_codec(codec))
-    store = WdsTeacherStore(path, codec, SHARD, KEYS)
+    store = WdsTeacherStore(path, get_codec(codec), SHARD, KEYS)
     files = {}
     for shard, start in ((0, 0), (1, 4)):
         files.update(
@@ -82,7 +82,7 @@ def test_zarr_and_wds_stores_give_identical_targets(codec, tmp_path, levels):
     wds_dir, zarr_dir = tmp_path / "w", tmp_path / "z"
     store, _ = _write_wds(wds_dir, codec, levels)
     create_store(zarr_dir, len(KEYS), SHARD, GRIDS, get_codec(codec))
-    zstore = ZarrTeacherStore(zarr_dir, codec, SHARD)
+    zstore = ZarrTeacherStore(zarr_dir, get_codec(codec), SHARD)
     zstore.write_shard(0, 0, {b: x[:4] for b, x in levels.items()})
     zstore.write_shard(1, 4, {b: x[4:] for b, x in levels.items()})
     for block in GRIDS:
@@ -112,7 +112,7 @@ def test_tarwriter_round_trip(tmp_path, levels):
         for s in samples:
             sink.write({k: v for k, v in s.items() if k == "__key__" or k.endswith(".npy")})
     copy.replace(src)
-    after = WdsTeacherStore(tmp_path, "int8", SHARD, KEYS).read_shard(0)
+    after = WdsTeacherStore(tmp_path, get_codec("int8"), SHARD, KEYS).read_shard(0)
     assert all(torch.equal(before[b], after[b]) for b in GRIDS)
 
 
@@ -147,13 +147,15 @@ def test_keys_and_layout_are_checked(tmp_path, levels):
     with pytest.raises(SakError, match="contains a dot"):
         sample_key("img.v2", 0)
     _write_wds(tmp_path, "fp16", levels)
-    other = WdsTeacherStore(tmp_path, "fp16", SHARD, KEYS[1:] + KEYS[:1])  # views.parquet of another cache
+    other = WdsTeacherStore(
+        tmp_path, get_codec("fp16"), SHARD, KEYS[1:] + KEYS[:1]
+    )  # views.parquet of another cache
     with pytest.raises(SakError, match="row 0 expects"):
         other.read_shard(0)
     with pytest.raises(SakError, match="another layout"):
         create_wds_store(tmp_path, len(KEYS), SHARD, GRIDS, get_codec("int8"))
     with pytest.raises(SakError, match="never written"):
-        WdsTeacherStore(tmp_path / "empty", "fp16", SHARD, KEYS).read(2, 0, 1)
+        WdsTeacherStore(tmp_path / "empty", get_codec("fp16"), SHARD, KEYS).read(2, 0, 1)
 
 
 def test_check_shard_reads_headers_only(tmp_path, levels):

@@ -10,7 +10,7 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.student import SakStudent, TeacherTarget, build_student
 from sak.student.model.weights import (
     convert_paper_state_dict,

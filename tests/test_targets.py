@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.targets import identity_fields, resample, resolve_grid, select_levels, shape_targets
-from sak.pipeline.teachers import get_teacher
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.store.resample import resample, shape_targets
+from sak.pipeline.store.targets import GridChoice, parse_grid, select_levels, target_shape
+from sak.pipeline.teachers.specs import get_teacher
 
 
 def test_levels_are_tap_positions_valid_for_every_depth():
@@ -26,15 +27,19 @@ def test_levels_are_tap_positions_valid_for_every_depth():
         select_levels(get_teacher("clip_l"), "11,b23")
 
 
-def test_grids_resolve():
+def test_grids_parse_once_and_resolve_per_teacher():
     dino, sam = get_teacher("dinov2_l"), get_teacher("sam_l")
-    assert resolve_grid(dino, 384, "native") == (27, 27)
-    assert resolve_grid(sam, 384, "native") == (64, 64)
-    assert resolve_grid(sam, 384, "student") == (24, 24)
-    assert resolve_grid(dino, 384, "16X20") == (16, 20)
+    assert parse_grid("native").resolve(dino, 384) == (27, 27) and parse_grid(None) == GridChoice("native")
+    assert parse_grid("native").resolve(sam, 384) == (64, 64)
+    assert parse_grid("student").resolve(sam, 384) == (24, 24)
+    explicit = parse_grid(" 16X20 ")
+    assert explicit == GridChoice("explicit", (16, 20)) and str(explicit) == "16x20"  # prints as written
+    assert explicit.resolve(dino, 384) == (16, 20)
     for bad in ("huge", "0x4", "24"):
         with pytest.raises(SakError, match="--grid"):
-            resolve_grid(dino, 384, bad)
+            parse_grid(bad)
+    with pytest.raises(SakError, match="divisible by the student patch 16"):
+        parse_grid("student").resolve(dino, 100)
 
 
 def test_shrinking_averages_every_teacher_token():
@@ -52,20 +57,40 @@ def test_shrinking_averages_every_teacher_token():
     assert resample(x, (64, 64)) is x
 
 
-def test_shape_targets_and_identity_fields():
+def test_shape_targets_and_the_target_shape_fingerprint_fields():
     spec = get_teacher("dinov2_tiny")  # taps 0..3
     maps = [torch.full((2, 4, 4, 64), float(i)) for i in range(4)]
     out = shape_targets(spec, maps, select_levels(spec, "1,3"), (2, 2))
     assert sorted(out) == [1, 3] and out[3].shape == (2, 2, 2, 64) and float(out[3].mean()) == 3.0
-    # defaults give exactly the identity fields the extraction writes today (fingerprints unchanged)
-    assert identity_fields(get_teacher("sam_l"), 384, None, None) == {
-        "levels": [5, 11, 17, 23],
-        "grid": [64, 64],
-    }
-    f = identity_fields(get_teacher("sam_l"), 384, "-1", "student")
-    assert (
-        f["levels"] == [23]
-        and f["grid"] == [24, 24]
-        and f["grid_mode"] == "student"
-        and "antialias" in f["resample"]
+    # the defaults add no grid_mode / resample to the identity (fingerprints of existing stores unchanged)
+    native = target_shape(get_teacher("sam_l"), 384, None, parse_grid("native"))
+    assert (native.blocks, native.grid, native.grid_mode, native.resample) == (
+        (5, 11, 17, 23),
+        (64, 64),
+        None,
+        None,
     )
+    student = target_shape(get_teacher("sam_l"), 384, "-1", parse_grid("student"))
+    assert (student.blocks, student.grid, student.grid_mode) == ((23,), (24, 24), "student")
+    assert student.resampled and "antialias" in student.resample
+    same = target_shape(get_teacher("clip_b"), 384, None, parse_grid("student"))  # 24x24 is clip_b's own
+    assert same.grid_mode == "student" and same.resample is None and not same.resampled
+    assert student.grids(1024) == {23: (24, 24, 1024)}
+
+
+def test_codec_and_grid_are_resolved_once_where_the_config_is_made():
+    """`--codec` and `--grid` become a Codec and a GridChoice at the config boundary (the CLI's parse, or
+    a script's names resolved by the config itself) and travel whole; the manifest records their names."""
+    from sak.cli.cache import RUN_OPTIONS
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.store.codecs import Codec, get_codec
+
+    by_name = ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",), codec="int8", grid="16X16")
+    assert isinstance(by_name.codec, Codec) and by_name.codec is get_codec("int8")
+    assert by_name.grid == GridChoice("explicit", (16, 16))
+    opts = {"out": "x", "teachers": "dinov2_tiny", "codec": "pca8-fp8", "grid": "student"}
+    parsed = RUN_OPTIONS.build(ExtractConfig, opts)
+    assert parsed.codec == get_codec("pca8-fp8") and parsed.codec.rank == 8 and parsed.grid.mode == "student"
+    assert ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",)).codec is get_codec("fp16")
+    with pytest.raises(SakError, match=r"unknown codec 'int4'; known codecs: bf16, .*, pca<k>, pca<k>-fp8"):
+        ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",), codec="int4")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.train.task_losses import (
     DEFAULT_TASK_WEIGHTS,
     balanced_bce_loss,

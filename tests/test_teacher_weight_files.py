@@ -8,7 +8,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from sak.pipeline.teachers import WeightsChoice, get_teacher, load_teacher
+from sak.pipeline.teachers.forward import load_teacher
+from sak.pipeline.teachers.specs import get_teacher
+from sak.pipeline.teachers.weights import WeightsChoice
 
 
 def _reference(name: str, side: int, seed: int = 7) -> tuple[object, torch.nn.Module]:

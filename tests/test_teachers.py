@@ -7,16 +7,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.teachers import (
-    WeightsChoice,
-    get_teacher,
-    load_teacher,
-    normalization_for,
-    parse_teachers,
-    resolve_weights,
-    teacher_names,
-)
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.teachers.forward import load_teacher, normalization_for
+from sak.pipeline.teachers.specs import get_teacher, parse_teachers, teacher_names
+from sak.pipeline.teachers.weights import WeightsChoice, resolve_weights
 
 EXPECTED = {  # name: (timm name, levels, width, patch)
     "dinov2_b": ("vit_base_patch14_dinov2", (2, 5, 8, 11), 768, 14),
@@ -33,6 +27,25 @@ EXPECTED = {  # name: (timm name, levels, width, patch)
 
 def test_registry_is_complete():
     assert sorted(EXPECTED) == teacher_names()
+    with pytest.raises(SakError, match=r"unknown teacher 'dinov3_l'; known teachers: clip_b, "):
+        get_teacher("dinov3_l")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_spec_describes_the_timm_architecture_estimate_bills(name):
+    """What `estimate` counts (depth, width, patch, prefix tokens, MLP ratio, attention windows) is the
+    spec's, so each spec must agree with the model timm builds (on the meta device: no weights, no time)."""
+    spec = get_teacher(name)
+    with torch.device("meta"):
+        model = timm.create_model(spec.timm_name, pretrained=False, img_size=224, **dict(spec.model_kwargs))
+    assert (len(model.blocks), model.embed_dim, model.patch_embed.patch_size) == (
+        spec.depth, spec.dim, (spec.patch_size, spec.patch_size)
+    )  # fmt: skip
+    assert getattr(model, "num_prefix_tokens", 0) == spec.prefix_tokens  # SAM has no CLS token
+    assert all(b.mlp.fc1.out_features == spec.mlp_ratio * spec.dim for b in model.blocks)
+    windows = [getattr(b, "window_size", 0) or None for b in model.blocks]  # timm's 0 / None: global
+    expected = [None if b in spec.global_blocks else spec.attention_window for b in range(spec.depth)]
+    assert windows == expected
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -84,7 +97,7 @@ def test_weights_resolution():
         resolve_weights(specs, {"sam_b": "x.safetensors"}, False, 0)
     with pytest.raises(SakError, match="no such file"):
         resolve_weights(specs, {"dinov2_l": "/nonexistent.safetensors"}, False, 0)
-    assert WeightsChoice("random", seed=3).describe(specs[0])["random_init"] is True
+    assert WeightsChoice("random", seed=3).record(specs[0]).random_init is True
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -100,8 +113,8 @@ def test_local_weights_file_is_loaded(tmp_path, suffix):
         assert torch.equal(a, b)
     other = load_teacher(spec, WeightsChoice("random", seed=1), 64)
     assert not torch.equal(other.model.state_dict()["cls_token"], ref.state_dict()["cls_token"])
-    desc = WeightsChoice("file", str(path)).describe(spec)
-    assert desc["id"].startswith("sha256:") and desc["random_init"] is False
+    record = WeightsChoice("file", str(path)).record(spec)
+    assert record.id.startswith("sha256:") and record.random_init is False and record.path == str(path)
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path):

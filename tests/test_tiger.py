@@ -11,8 +11,8 @@ import torch
 
 from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
-from sak.pipeline.errors import SakError
-from sak.pipeline.verify import check_cache
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.inspection.verify import check_cache
 from sak.student.train import tiger as tiger_mod
 from sak.student.train.task_losses import TASK_LOSSES
 from sak.student.train.tiger import (

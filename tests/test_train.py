@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sak.cli.train import main as train_main
-from sak.pipeline.codecs import get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.extract import ExtractConfig, run_extraction
-from sak.pipeline.format import read_cache
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.driver import run_extraction
+from sak.pipeline.format.documents import read_cache
+from sak.pipeline.store.codecs import get_codec
 from sak.student.data.loader import open_cache
 from sak.student.train.stage1 import build_student_for, train_stage1
 from sak.student.train.stage1_config import Stage1Config, resolve_schedule

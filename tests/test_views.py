@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.views import ViewPlan, ViewSampler, cut_view, stable_key_hash
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.images import cut_view
+from sak.pipeline.sources.views import ViewPlan, ViewSampler, stable_key_hash
 
 KEY = "n01440764/ILSVRC2012_val_00000293"
 

@@ -11,7 +11,7 @@ import sys
 SCRIPT = """
 import ray
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR")
-from sak.pipeline.worker import assigned_device
+from sak.pipeline.extraction.worker import assigned_device
 probe = ray.remote(assigned_device)
 print(ray.get(probe.options(num_gpus=1).remote()), ray.get(probe.options(num_gpus=0).remote()))
 ray.shutdown()

@@ -9,7 +9,7 @@
 On the device there is no .git: `code_version(root, carry)` recomputes the digest over the stamped file
 list and returns the stamped version when the tree is the one stamped, else the version marked
 `+changed-<digest>` (the tree was edited after `make gpu-wheels`). run.sh exports it as SAK_CODE_VERSION,
-which sak.pipeline.provenance.code_version() returns when set.
+which sak.pipeline.base.provenance.code_version() returns when set.
 
     python3 bench/device/carry.py version [--carry DIR]   # print the code version for SAK_CODE_VERSION
     python3 bench/device/carry.py bytes [--carry DIR]     # tree + carry bytes, as `make gpu-wheels` prints
@@ -68,7 +68,7 @@ def package_version(root: Path = ROOT) -> str:
 
 
 def git_version(root: Path = ROOT) -> str:
-    """The version sak.pipeline.provenance.code_version() gives in a checkout: '<version>+g<describe>'."""
+    """The version sak.pipeline.base.provenance.code_version() gives in a checkout: '<version>+g<describe>'."""
     out = subprocess.run(
         ["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=10"],
         capture_output=True,

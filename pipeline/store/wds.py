@@ -4,7 +4,7 @@ Same shard boundaries and sample order as the Zarr store and views.parquet (row 
 one store (`teachers/<fingerprint>/`):
   layout.json                  format, codec (codec.describe()), views, shard size, per-level shapes
   shards/shard-NNNNNN.tar      rows [N * shard_size, (N + 1) * shard_size)
-  manifest.json, shards.jsonl, stats/   as for Zarr (manifest.py)
+  manifest.json, shards.jsonl, stats/   as for Zarr (format/manifest.py, format/journal.py)
 
 Members of one sample, consecutive, in block order (WebDataset groups consecutive members by key):
   <samplekey>.<block>.npy          values (H, W, C): float16 | float32 | uint16 (bf16 bits) | int8 | uint8 (fp8 bits)
@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sak.pipeline.codecs import Codec, Encoded, PcaBasis, get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.lowrank import basis_paths, decode_level, encode_level, level_basis
-from sak.pipeline.provenance import read_json, sha256_file, write_json_atomic
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import read_json, sha256_file, write_json_atomic
+from sak.pipeline.store.codecs import Codec, Encoded
+from sak.pipeline.store.lowrank import PcaBasis, basis_paths, decode_level, encode_level, level_basis
 
 FORMAT = "wds"
 LAYOUT_FILE = "layout.json"
@@ -135,10 +135,10 @@ class WdsTeacherStore:
     """
 
     def __init__(
-        self, path: str | Path, codec: str, shard_size: int, sample_keys: list[str] | None = None
+        self, path: str | Path, codec: Codec, shard_size: int, sample_keys: list[str] | None = None
     ) -> None:
         self.path = Path(path)
-        self.codec = get_codec(codec)
+        self.codec = codec
         self.shard_size = shard_size
         self._keys = sample_keys
         self._index: dict[int, tuple[int, dict[str, tarfile.TarInfo]]] = {}  # shard -> (mtime, members)

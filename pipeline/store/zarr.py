@@ -13,7 +13,7 @@ Layout of one store (`teachers/<fingerprint>/`):
   levels/<block>/zarr.json     array metadata (attributes: block, codec, true_dtype, codec_spec)
   levels/<block>/c/<s>/0/0/0   shard file s of the values
   scales/<block>/...           quantised codecs only: float16 (views, H, W, G) or (views, 1, 1, C)
-  manifest.json                see manifest.py
+  manifest.json                see format/records.py (StoreManifest)
   shards.jsonl                 journal of completed shards (append-only; fsynced)
   stats/<s>.npy                per-shard channel sums for the feature statistics
 
@@ -33,11 +33,11 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from sak.pipeline.codecs import SCALE_DTYPE, Codec, Encoded, PcaBasis, get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.lowrank import decode_level, encode_level, level_basis
-from sak.pipeline.provenance import sha256_file
-from sak.pipeline.storage import is_url
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.buckets.bucket import is_url
+from sak.pipeline.store.codecs import SCALE_DTYPE, Codec, Encoded
+from sak.pipeline.store.lowrank import PcaBasis, decode_level, encode_level, level_basis
 
 FORMAT = "zarr"
 
@@ -131,11 +131,11 @@ def create_store(
 class ZarrTeacherStore:
     """Read/write access to one teacher store. Cheap to construct; arrays open lazily."""
 
-    def __init__(self, path: str | Path, codec: str, shard_size: int) -> None:
+    def __init__(self, path: str | Path, codec: Codec, shard_size: int) -> None:
         # a URL (s3://, gs://): read in place through zarr's fsspec store, which reads shard files by range
         self.url = str(path).rstrip("/") if is_url(path) else None
         self.path = Path(path)
-        self.codec = get_codec(codec)
+        self.codec = codec
         self.shard_size = shard_size
         self._arrays: dict[tuple[str, int], zarr.Array] = {}
         self.format = FORMAT

@@ -48,7 +48,7 @@ image 0), random crop (512x512 PASCAL, 448x576 NYUD), horizontal flip with the n
 negated, and photometric distortion (brightness, contrast, saturation, hue; each with probability 1/2,
 contrast before or after the colour jitter, as mmseg's PhotoMetricDistortion). Every random choice comes
 from `augment_plan(seed, name, epoch, ...)`, drawn with the project's SplitMix64 (`ViewSampler`) in a
-fixed order, so a plan is replayable on any machine (what a stage-2 cache records: stage2_cache.py).
+fixed order, so a plan is replayable on any machine (what a stage-2 cache records: stage2_views.py).
 Evaluation pads right/bottom to the input size without resizing; `size` gives the unpadded (h, w).
 """
 
@@ -64,8 +64,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.views import ViewSampler, cut_view, view_seed
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.images import cut_view
+from sak.pipeline.sources.views import ViewSampler, view_seed
 from sak.student.model.multitask import NYUD_TASKS, PASCAL_CONTEXT_TASKS
 
 IGNORE_INDEX = 255

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sak.pipeline.codecs import PcaBasis
-from sak.pipeline.format import CacheManifest, StoreManifest
-from sak.pipeline.views import ViewPlan
+from sak.pipeline.format.records import CacheManifest, StoreManifest
+from sak.pipeline.sources.views import ViewPlan
+from sak.pipeline.store.codecs import Codec
+from sak.pipeline.store.lowrank import PcaBasis
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class StoreInfo:
     teacher: str  # registry name, e.g. "clip_tiny"; the student's adapter path has the same name
     dim: int
     path: Path
-    codec: str
+    codec: Codec  # resolved from the manifest once (store.backends.store_codec)
     format: str  # "zarr" | "wds"
     blocks: tuple[int, ...]  # tapped block of each stored level, in the store's level order
     positions: tuple[int, ...]  # which of the teacher's (and student's) 4 taps each stored level is

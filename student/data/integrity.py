@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.provenance import sha256_file, xxh3_file
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import sha256_file, xxh3_file
 from sak.student.data.index import CacheIndex
 
 

@@ -37,26 +37,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sak.pipeline.codecs import get_codec
-from sak.pipeline.errors import SakError
-from sak.pipeline.format import (
-    IMAGE_INDEX_FILE,
-    VIEWS_FILE,
-    CacheManifest,
-    StoreManifest,
-    read_cache,
-    read_store_manifest,
-    store_file_kind,
-    to_json,
-)
-from sak.pipeline.lowrank import decode_level, read_bases
-from sak.pipeline.manifest import read_table
-from sak.pipeline.preprocess import ImageReader, decode_image
-from sak.pipeline.provenance import sha256_file
-from sak.pipeline.storage import Bucket, is_url, pull, stage_dir
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.base.typed_json import to_json
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.mirror import pull, stage_dir
+from sak.pipeline.format.documents import read_cache, read_store_manifest
+from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, store_file_kind
+from sak.pipeline.format.records import CacheManifest, StoreManifest
+from sak.pipeline.format.tables import ImageReader, read_table
+from sak.pipeline.sources.images import cut_view, decode_image
+from sak.pipeline.sources.views import ViewPlan
+from sak.pipeline.store.backends import store_codec
+from sak.pipeline.store.lowrank import decode_level, read_bases
 from sak.pipeline.store.zarr import ShardRows, read_sorted_rows
-from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD, get_teacher, normalize_u8
-from sak.pipeline.views import ViewPlan, cut_view
+from sak.pipeline.teachers.forward import IMAGENET_MEAN, IMAGENET_STD, normalize_u8
+from sak.pipeline.teachers.specs import get_teacher
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.integrity import ShardIntegrity
 from sak.student.data.order import StreamPlan
@@ -218,19 +214,20 @@ def open_cache(
             raise SakError(
                 f"store {fp} has format {m.format!r}; the loader reads {', '.join(READABLE_FORMATS)}"
             )
+        codec = store_codec(m)  # resolved once per store: the batches use it as it is
         stores.append(
             StoreInfo(
                 fingerprint=fp,
                 teacher=m.teacher.name,
                 dim=m.teacher.dim,
                 path=root / cache.stores[fp].path,
-                codec=m.codec,
+                codec=codec,
                 format=m.format,
                 blocks=tuple(lv.block for lv in m.levels),
                 positions=tuple(taps.index(lv.block) for lv in m.levels),
                 grids=tuple((lv.shape[1], lv.shape[2]) for lv in m.levels),
                 manifest=m,
-                bases=_store_bases(root / cache.stores[fp].path, m, fp),
+                bases=_store_bases(root / cache.stores[fp].path, m, fp) if codec.low_rank else None,
             )
         )
     boxes = np.stack([views.column(c).to_numpy().astype(np.int64) for c in ("x0", "y0", "x1", "y1")], axis=1)
@@ -252,8 +249,6 @@ def open_cache(
 
 def _store_bases(path: Path, m: StoreManifest, fp: str) -> dict | None:
     """A pca<k> store's basis of every level (checked against the manifest's digests before)."""
-    if not get_codec(m.codec).low_rank:
-        return None
     bases = read_bases(path, m.format, [lv.block for lv in m.levels])
     if bases is None:
         raise SakError(
@@ -341,14 +336,14 @@ def decode_targets(
     for store in stores:
         values = batch["targets"][store.teacher]
         if store.bases is not None:  # pca<k>: coefficients (B, H, W, k) @ components (k, C) + mean, there
-            codec = get_codec(store.codec)
+            codec = store.codec
             sc = scales.get(store.teacher, [None] * len(values))
             out[store.teacher] = [
                 decode_level(codec, store.bases[b], v, s, device=device)
                 for b, v, s in zip(store.blocks, values, sc)
             ]
         elif store.teacher in scales:
-            codec = get_codec(store.codec)
+            codec = store.codec
             out[store.teacher] = [
                 codec.decode_torch(v, sc, device=device, dtype=torch.float32)
                 for v, sc in zip(values, scales[store.teacher])
@@ -497,7 +492,7 @@ class BatchReader:
         values_out: dict[str, list[torch.Tensor]] = {}
         scales_out: dict[str, list[torch.Tensor]] = {}
         for store in self.index.stores:
-            codec = get_codec(store.codec)
+            codec = store.codec
             scaled = _is_scaled(codec)
             for block in store.blocks:
                 values = self._read_level(store, block, rows, "levels")
@@ -561,7 +556,7 @@ class BatchReader:
             cols = (idx.image_shard[images], idx.image_offset[images], idx.image_nbytes[images])
             image_ranges = [tuple(int(v) for v in image) for image in zip(*cols)]
         for store in idx.stores if self.with_targets else []:
-            kinds = ("levels", "scales") if _is_scaled(get_codec(store.codec)) else ("levels",)
+            kinds = ("levels", "scales") if _is_scaled(store.codec) else ("levels",)
             for block in store.blocks if store.format == "zarr" else ():
                 arrays += [(r, rows) for kind in kinds if (r := self._rows_reader(store, block, kind))]
         if self._images is None:

@@ -17,8 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.views import ViewSampler
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.sources.views import ViewSampler
 from sak.student.data.index import CacheIndex
 
 log = logging.getLogger("sak")
@@ -29,7 +29,7 @@ def _mix(*parts: int) -> int:
 
 
 def stable_permutation(n: int, *seed_parts: int) -> np.ndarray:
-    """Fisher-Yates driven by the project's SplitMix64 (pipeline/views.py): the same order on every
+    """Fisher-Yates driven by the project's SplitMix64 (pipeline/sources/views.py): the same order on every
     machine and numpy/torch version, so a resumed run on other hardware replays the same batches."""
     rng = ViewSampler(_mix(*seed_parts))
     perm = list(range(n))

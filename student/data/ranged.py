@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.ingest import image_tar_name
-from sak.pipeline.storage import Bucket
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.format.layout import image_tar_name
+from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.wds import WdsTeacherStore, shard_file
 from sak.pipeline.store.zarr import ShardRows
 from sak.student.data.index import CacheIndex
@@ -250,7 +251,7 @@ class RangedWdsStore(WdsTeacherStore):
     """A WebDataset teacher store in a bucket: each shard's tar headers walked by range once (the data is
     seeked over), then each member read by its offset."""
 
-    def __init__(self, path: Path, codec: str, shard_size: int, source: RangedBucket, rel: str) -> None:
+    def __init__(self, path: Path, codec: Codec, shard_size: int, source: RangedBucket, rel: str) -> None:
         super().__init__(path, codec, shard_size)
         self.source, self.rel = source, rel
         self._members_of: dict[int, dict[str, tarfile.TarInfo]] = {}

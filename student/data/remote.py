@@ -13,8 +13,8 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from sak.pipeline.provenance import sha256_file
-from sak.pipeline.storage import Bucket
+from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.buckets.bucket import Bucket
 from sak.student.data.index import CacheIndex
 
 

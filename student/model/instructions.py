@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 DEFAULT_INSTRUCTIONS = {
     "semseg": "Segment the image into semantic classes, labelling every pixel with its object or stuff category.",
@@ -100,7 +100,7 @@ def encode_instructions(
 def save_instructions(run: Path, emb: torch.Tensor, identity: InstructionIdentity) -> None:
     from safetensors.torch import save_file
 
-    from sak.pipeline.provenance import sha256_file, write_json_atomic
+    from sak.pipeline.base.provenance import sha256_file, write_json_atomic
 
     save_file({"embeddings": emb.contiguous()}, str(run / "instructions.safetensors"))
     write_json_atomic(
@@ -112,7 +112,7 @@ def save_instructions(run: Path, emb: torch.Tensor, identity: InstructionIdentit
 def load_instructions(run: Path) -> tuple[torch.Tensor, InstructionIdentity]:
     from safetensors.torch import load_file
 
-    from sak.pipeline.provenance import read_json, sha256_file
+    from sak.pipeline.base.provenance import read_json, sha256_file
 
     meta = read_json(run / "instructions.json")
     if sha256_file(run / "instructions.safetensors") != meta.pop("embeddings_sha256", None):

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.routing import InstructionRouter, TokenRouting, fuse_tokens, tokens_of
 from sak.student.model.student import INIT_STD, SakStudent
 

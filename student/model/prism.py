@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.registry import Registry
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.registry import Registry
 from sak.student.model.prism_moe import BlockRouting, DualStreamBlock
 from sak.student.model.prism_pairs import RoutePairs, assign_teachers, pairs_every_condition
 from sak.student.model.student import INIT_STD, TeacherTarget  # TeacherTarget: re-exported below

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.prism import PrismFeatures, PrismOutput, PrismStudent
 from sak.student.model.prism_moe import BlockRouting
 from sak.student.train.losses import distill_term

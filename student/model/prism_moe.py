@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 STREAM_GATE_BIAS = 2.0  # sigmoid(2) = 0.88: the dense stream dominates at init
 EXPERT_DROPOUT = 0.1  # training-only share of router logits masked to -inf

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import DecodeHead
 from sak.student.model.prism import PrismFeatures, PrismOutput, PrismStudent
 from sak.student.model.prism_loss import (

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.prism import PrismFeatures
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.prism import PrismStudent
 from sak.student.model.weights import check_state_dict, read_paper_checkpoint
 

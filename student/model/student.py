@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.teachers import tap_levels  # the one level-tap rule, shared with the teachers
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.teachers.specs import tap_levels  # the one level-tap rule, shared with the teachers
 
 ADAPTER_REDUCTION = 4  # down-projection C -> C/4 (paper B.1)
 LEVEL_NORM_EPS = 1e-5  # per-level LayerNorm; note the ViT's own norms use 1e-6

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import DecodeHead
 from sak.student.model.routing import InstructionRouter, TokenRouting, fuse_tokens
 

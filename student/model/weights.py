@@ -28,8 +28,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.provenance import SCHEMA_VERSION, code_version, read_json, sha256_file, write_json_atomic
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import (
+    SCHEMA_VERSION,
+    code_version,
+    read_json,
+    sha256_file,
+    write_json_atomic,
+)
 from sak.student.model.student import SakStudent, StudentConfig
 
 CHECKPOINT_KIND = "sak-student"

@@ -14,9 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import code_version, read_json, write_json_atomic
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import code_version, now_iso, read_json, write_json_atomic
 from sak.student.data.loader import CacheLoader
 from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student_weights, save_student

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.data.dense import DATASETS, DEFAULT_INPUT_SIZE, DenseDataset
 from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS
 
@@ -90,7 +90,7 @@ class DenseTrainConfig:
 
     def cache_identity(self, data: DenseDataset, crop: tuple[int, int]) -> dict[str, Any]:
         """What a stage-2 target cache must have been built with to serve this run (its identity fields)."""
-        from sak.student.train.stage2_cache import PLAN_VERSION, SPLIT, names_hash
+        from sak.student.data.stage2_views import PLAN_VERSION, SPLIT, names_hash
 
         return {
             "dataset": self.dataset,

@@ -19,9 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import code_version, write_json_atomic
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import code_version, now_iso, write_json_atomic
 from sak.student.data.dense import DATASET_METRIC_NAME, DenseDataset, EvalSamples, collate
 from sak.student.train.metrics import (
     EDGE_TOLERANCE,

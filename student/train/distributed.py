@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.teachers import bf16_autocast  # noqa: F401  (the one autocast rule, re-exported)
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.teachers.forward import bf16_autocast  # noqa: F401  (the one autocast rule, re-exported)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import read_cache
-from sak.pipeline.provenance import read_json
-from sak.pipeline.storage import is_url, metadata_mirror
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import read_json
+from sak.pipeline.buckets.bucket import is_url
+from sak.pipeline.buckets.mirror import metadata_mirror
+from sak.pipeline.format.documents import read_cache
 from sak.student.data.index import CacheIndex, StoreInfo
 from sak.student.data.loader import BatchReader, eval_batches, input_normalization, open_cache
 from sak.student.data.order import holdout_rows
@@ -169,7 +170,7 @@ def repsim_pictures(held: HeldOut, cache: str | Path, out: str | Path, views: in
     """A PNG: per held-out view and teacher, the view, then per stored level the teacher's map beside the
     student's aligned map (resized to the teacher's grid as Rep Sim compares them), both projected by one
     3-component PCA fitted on the teacher's level over the shown views, so their colours compare."""
-    from sak.pipeline.show import pca_rgb, save_sheet, view_images
+    from sak.pipeline.inspection.show import pca_rgb, save_sheet, view_images
 
     rows = held.rows[:views]
     batch = held.reader.read(rows)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 COS_WEIGHT = 0.9
 L1_WEIGHT = 0.1

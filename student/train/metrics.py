@@ -28,7 +28,7 @@ from scipy.sparse.csgraph import maximum_bipartite_matching
 from scipy.spatial import cKDTree
 from skimage.morphology import thin
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 IGNORE_INDEX = 255
 SALIENCY_BETA2 = 0.3

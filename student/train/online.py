@@ -18,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.data.index import StoreInfo
 from sak.student.data.loader import decode_targets
 
 
 def store_teacher_weights(store: StoreInfo):
     """The WeightsChoice that made a store, from its manifest (checked against the recorded id)."""
-    from sak.pipeline.teachers import WeightsChoice, get_teacher
+    from sak.pipeline.teachers.specs import get_teacher
+    from sak.pipeline.teachers.weights import WeightsChoice
 
     spec = get_teacher(store.teacher)
     w, config = store.manifest.weights, store.manifest.config
@@ -40,7 +41,7 @@ def store_teacher_weights(store: StoreInfo):
         choice = WeightsChoice("file", w.path)
     else:
         choice = WeightsChoice("pretrained")
-    rebuilt = choice.describe(spec)["id"]
+    rebuilt = choice.record(spec).id
     if rebuilt != w.id:
         raise SakError(
             f"cannot rebuild teacher {store.teacher} of store {store.fingerprint}: its weights were "
@@ -53,7 +54,7 @@ class OnlineTeachers:
     """Live teachers, loaded once in eval mode, each rebuilt exactly as its store's manifest records."""
 
     def __init__(self, stores: list[StoreInfo], plan_size: int, device: torch.device) -> None:
-        from sak.pipeline.teachers import load_teacher
+        from sak.pipeline.teachers.forward import load_teacher
 
         self.device = device
         self.teachers, self.stores = {}, {s.teacher: s for s in stores}
@@ -66,7 +67,7 @@ class OnlineTeachers:
             if spec.model_input_side(plan_size) != store.side:
                 raise SakError(f"teacher {store.teacher}: input size differs from its store's manifest")
             if any(g != spec.grid(plan_size) for g in store.grids):
-                from sak.pipeline.targets import resample  # noqa: F401  (fail now, not at the first step)
+                from sak.pipeline.store.resample import resample  # noqa: F401  (fail now, not at the first step)
             self.teachers[store.teacher] = teacher
 
     @property
@@ -82,7 +83,7 @@ class OnlineTeachers:
             # the levels the store keeps, the teacher stopping after the deepest (as extraction ran it)
             maps = t.forward_levels(views.to(self.device, non_blocking=True), store.blocks)  # fp32
             if any(tuple(m.shape[1:3]) != g for m, g in zip(maps, store.grids)):
-                from sak.pipeline.targets import resample  # the extraction's own resampling
+                from sak.pipeline.store.resample import resample  # the extraction's own resampling
 
                 maps = [resample(m, g) for m, g in zip(maps, store.grids)]
             out[name] = [m.clone() for m in maps]  # inference-mode tensors cannot enter the autograd graph

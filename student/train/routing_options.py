@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 
 def _pretrained(text: str) -> str | None:

@@ -32,9 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import code_version, read_json, write_json_atomic
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import code_version, now_iso, read_json, write_json_atomic
 from sak.student.data.index import CacheIndex
 from sak.student.data.loader import (
     BatchReader,
@@ -367,7 +366,7 @@ def _run_record(s: _Session, resume: bool) -> dict:
                 {
                     "fingerprint": st.fingerprint,
                     "teacher": st.teacher,
-                    "codec": st.codec,
+                    "codec": st.codec.name,
                     "manifest_sha256": index.cache.stores[st.fingerprint].manifest_sha256,
                 }
                 for st in index.stores

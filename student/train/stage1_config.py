@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 from sak.student.data.loader import NORMALIZATIONS
 
 # options that may change when a run is resumed; every other field must match the recorded run

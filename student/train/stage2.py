@@ -14,7 +14,7 @@ evaluate(RUN, ...) -> RUN/eval.json (one number per metric, delta_m), routers.pn
 
 With --freeze-backbone only routers and heads train; the distillation loss then has no gradient to give
 and is not computed (no teachers are loaded). With --cache the targets come from a stage-2 target cache
-(stage2_cache.py: `sak-cache stage2`) built for the same dataset, images, seed, crop, augmentation and
+(`sak-cache stage2`, read by student/data/stage2_cache.py) built for the same dataset, images, seed, crop, augmentation and
 stage-1 teachers; a batch's rows (epoch * N + image) index it, and each image is checked against its sha256.
 """
 
@@ -31,10 +31,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
-from sak.pipeline.teachers import normalize_u8
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import code_version, now_iso, read_json, sha256_file, write_json_atomic
+from sak.pipeline.teachers.forward import normalize_u8
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,
@@ -399,7 +398,7 @@ def _distillation_targets(
     if cfg.gamma <= 0 or cfg.freeze_backbone:
         return None
     if cfg.cache is not None:
-        from sak.student.train.stage2_cache import Stage2CachedTargets
+        from sak.student.data.stage2_cache import Stage2CachedTargets
 
         expected = {
             **cfg.cache_identity(data, img_size),

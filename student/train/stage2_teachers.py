@@ -1,7 +1,8 @@
 """The stage-1 run that stage 2 starts from, and its teachers run live on stage-2 images.
 
-Shared by the stage-2 trainer (stage2.py, `--online`) and the stage-2 target cache (stage2_cache.py),
-which must produce the same targets; both import it from here.
+Shared by the stage-2 trainer (stage2.py, `--online`) and the stage-2 target cache (`sak-cache stage2`,
+whose builder loads them through `Stage2TeacherSet`), which must produce the same targets; both take
+them from here.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import torch
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.provenance import read_json
-from sak.pipeline.teachers import LoadedTeacher
-from sak.pipeline.views import cut_view
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import read_json
+from sak.pipeline.base.typed_json import from_json, to_json
+from sak.pipeline.extraction.stage2 import Stage2TeacherInfo
+from sak.pipeline.format.records import WeightsRecord
+from sak.pipeline.teachers.forward import LoadedTeacher, fit_to_input
 from sak.student.data.loader import open_cache
 from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student
@@ -45,7 +48,7 @@ class NamedStore:
     fingerprint: str
     blocks: tuple[int, ...]
     positions: tuple[int, ...]
-    weights: dict  # WeightsChoice.describe(): source, id, path, random_init
+    weights: dict  # WeightsChoice.record() as JSON (what a run records): source, id, path, random_init
     seed: int
 
 
@@ -57,14 +60,16 @@ def named_teachers(
     normalization: str = "teacher",
 ) -> list[tuple[NamedStore, object, object]]:
     """(store, spec, WeightsChoice) per teacher name; the fingerprint hashes everything that makes targets."""
-    from sak.pipeline.provenance import stable_hash
-    from sak.pipeline.teachers import normalization_for, parse_teachers, resolve_weights
+    from sak.pipeline.base.provenance import stable_hash
+    from sak.pipeline.teachers.forward import normalization_for
+    from sak.pipeline.teachers.specs import parse_teachers
+    from sak.pipeline.teachers.weights import resolve_weights
 
     specs = parse_teachers(list(names))
     choices = resolve_weights(specs, dict(weights), random_init, seed)
     out = []
     for spec in specs:
-        described = choices[spec.name].describe(spec)
+        described = choices[spec.name].record(spec)
         mean, std = normalization_for(spec, normalization)
         fp = stable_hash(
             {
@@ -72,7 +77,7 @@ def named_teachers(
                 "timm": spec.timm_name,
                 "tag": spec.pretrained_tag,
                 "kwargs": [list(kv) for kv in spec.model_kwargs],
-                "weights": described["id"],
+                "weights": described.id,
                 "mean": mean,
                 "std": std,
                 "plan_size": NAMED_PLAN_SIZE,
@@ -82,7 +87,7 @@ def named_teachers(
         positions = tuple(range(len(spec.levels)))
         out.append(
             (
-                NamedStore(spec.name, fp, tuple(spec.levels), positions, described, seed),
+                NamedStore(spec.name, fp, tuple(spec.levels), positions, to_json(described), seed),
                 spec,
                 choices[spec.name],
             )
@@ -119,7 +124,7 @@ class Stage2Teachers:
         device: torch.device,
     ) -> Stage2Teachers:
         """Teachers given by name and weights (no stage-1 run), every tapped level of each."""
-        from sak.pipeline.teachers import load_teacher
+        from sak.pipeline.teachers.forward import load_teacher
 
         self = cls.__new__(cls)
         self.stores, self.teachers, self.device = [], {}, device
@@ -131,25 +136,65 @@ class Stage2Teachers:
             self.teachers[store.teacher] = t
         return self
 
-    def _views(self, t: LoadedTeacher, images_u8: torch.Tensor) -> torch.Tensor:
-        """What the teacher sees: the image itself, or (fixed input side, SAM) the image resized with the
-        project's resize so its long side is that side; `LoadedTeacher.prepare` then pads it square."""
-        fixed = t.spec.fixed_input
-        if fixed:
-            H, W = images_u8.shape[-2:]
-            size = (round(H * fixed / max(H, W)), round(W * fixed / max(H, W)))
-            images_u8 = torch.stack([cut_view(im, (0, 0, W, H), False, size) for im in images_u8.cpu()])
-        return images_u8.to(self.device)
-
     def __call__(self, images_u8: torch.Tensor) -> dict[str, list[torch.Tensor]]:
         """(B, 3, H, W) uint8 -> {teacher: [(B, h, w, C) fp32]} at the stores' levels (each teacher stops
         after its store's deepest kept block)."""
         out = {}
         for store in self.stores:
             t = self.teachers[store.teacher]
-            maps = t.forward_levels(self._views(t, images_u8), store.blocks)
+            # the image itself, or (SAM) resized so its long side is its fixed side, then padded square
+            maps = t.forward_levels(fit_to_input(t.spec, images_u8).to(self.device), store.blocks)
             out[store.teacher] = [m.clone() for m in maps]  # inference-mode tensors -> ordinary ones
         return out
+
+
+@dataclass(frozen=True)
+class Stage2TeacherSet:
+    """The teachers of a stage-2 target cache, for its builder: the stage-1 run's (`init`) or named ones,
+    at the stage-2 crop. Picklable: each worker loads the models itself (`load`); the driver describes
+    them without any model (`infos`)."""
+
+    init: str | None
+    names: tuple[str, ...]
+    weights: tuple[tuple[str, str], ...]  # --weights NAME=PATH of named teachers
+    random_init: bool
+    seed: int
+    crop: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if bool(self.init) == bool(self.names):
+            raise SakError("give one of --init RUN (a stage-1 run's teachers) and --teachers NAMES")
+
+    def teachers(self, device: torch.device) -> Stage2Teachers:
+        if self.init:
+            _, stage1 = load_stage1_run(self.init, device)
+            return Stage2Teachers(stage1, self.crop, device)
+        return Stage2Teachers.named(
+            self.names, dict(self.weights), self.random_init, self.seed, self.crop, device
+        )
+
+    def load(self, device: str) -> dict[str, LoadedTeacher]:
+        return self.teachers(torch.device(device)).teachers
+
+    def infos(self) -> list[Stage2TeacherInfo]:
+        """What the cache records of each teacher (name, fingerprint, blocks, positions, weights)."""
+        if self.names:
+            named = named_teachers(self.names, dict(self.weights), self.random_init, self.seed)
+            return [
+                Stage2TeacherInfo(
+                    s.teacher,
+                    s.fingerprint,
+                    s.blocks,
+                    s.positions,
+                    from_json(WeightsRecord, s.weights),
+                    s.seed,
+                )
+                for s, _, _ in named
+            ]
+        stage1 = read_json(Path(self.init).expanduser() / RUN_CONFIG)
+        fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
+        stores = open_cache(stage1["cache"]["path"], fps, require_complete=False).stores
+        return [Stage2TeacherInfo(s.teacher, s.fingerprint, s.blocks, s.positions) for s in stores]
 
 
 def student_levels(maps: dict[str, list[torch.Tensor]], teachers: Stage2Teachers) -> dict:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from sak.pipeline.errors import SakError
+from sak.pipeline.base.errors import SakError
 
 IGNORE_INDEX = 255
 EDGE_POS_WEIGHT = 0.95

@@ -35,11 +35,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from sak.pipeline.errors import SakError
-from sak.pipeline.manifest import now_iso
-from sak.pipeline.provenance import code_version, read_json, sha256_file, write_json_atomic
-from sak.pipeline.storage import is_url
-from sak.pipeline.teachers import weights_field
+from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import code_version, now_iso, read_json, sha256_file, write_json_atomic
+from sak.pipeline.buckets.bucket import is_url
+from sak.pipeline.teachers.weights import weights_field
 from sak.student.data.dense import (
     DenseDataset,
     TrainSamples,
@@ -189,7 +188,7 @@ class TeacherSource:
 
 
 def _valid(teacher: str, crop: tuple[int, int]) -> tuple[float, float]:
-    from sak.pipeline.teachers import get_teacher
+    from sak.pipeline.teachers.specs import get_teacher
 
     if get_teacher(teacher).fixed_input is None:
         return (1.0, 1.0)
@@ -206,7 +205,7 @@ def _live_experts(teachers: Stage2Teachers, crop: tuple[int, int]) -> list[Exper
 
 
 def _cached_source(cfg: TigerConfig, data: DenseDataset, crop: tuple[int, int]) -> TeacherSource:
-    from sak.student.train.stage2_cache import Stage2CachedTargets
+    from sak.student.data.stage2_cache import Stage2CachedTargets
 
     expected = cfg.cache_identity(data, crop)
     targets = Stage2CachedTargets(cfg.cache, expected, cfg.steps, cfg.batch_size)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sak.pipeline.provenance import read_json
+from sak.pipeline.base.provenance import read_json
 from sak.student.train.dense_eval import EvalModel, evaluate_dense, plot_gate_maps  # noqa: F401
 from sak.student.train.distributed import resolve_device
 from sak.student.train.tiger import RUN_CONFIG, TIGER_KIND, live_teachers, load_tiger

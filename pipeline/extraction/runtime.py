@@ -1,0 +1,84 @@
+"""Ray start-up (embedded local by default, a cluster via --address) and progress reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+from sak.pipeline.base.errors import SakError
+
+log = logging.getLogger("sak")
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int) -> Iterator[None]:
+    """Use a running Ray if this process already has one; else start one and stop it afterwards.
+
+    Embedded mode: a bounded object store (small machines otherwise reserve 30% of RAM) and no dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        kwargs["address"] = address
+    else:  # "local": always a new embedded Ray, never a cluster that RAY_ADDRESS or a `ray start` left behind
+        kwargs["address"] = "local"
+        kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
+        kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise SakError(
+            f"could not start {where}: {str(e).splitlines()[0]}; check --address and that Ray runs"
+        ) from e
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+class Progress:
+    """A tqdm bar with rate and ETA on a terminal; otherwise one log line every `every` seconds."""
+
+    def __init__(self, total: int, unit: str, desc: str, every: float = 5.0, enabled: bool = True) -> None:
+        self.total, self.unit, self.desc, self.every = total, unit, desc, every
+        self.count = 0
+        self.t0 = self.last = time.monotonic()
+        self.enabled = enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - self.last >= self.every or self.count >= self.total):
+            self.last = now
+            rate = self.count / max(now - self.t0, 1e-9)
+            eta = (self.total - self.count) / rate if rate > 0 else float("inf")
+            log.info(
+                f"{self.desc}: {self.count}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, ETA {eta:.0f}s)"
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def rate(self) -> float:
+        return self.count / max(time.monotonic() - self.t0, 1e-9)

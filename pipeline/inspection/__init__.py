@@ -1,0 +1,1 @@
+"""Looking at caches: verify, describe (inspect, ls), show, and estimate before extracting."""

@@ -1,0 +1,44 @@
+"""One item type for every kind of source: its key, extension, origin and how to find its bytes again.
+
+    kind            origin (for messages)        key          locator
+    image folder    photos/a/b.jpg               "a/b"        ("file", abs_path)                  folder.py
+    WebDataset tar  shards/000.tar:foo.jpg       "foo"        ("tar", abs_tar, member_name)       tars.py
+    Parquet         data.parquet:row 17          key column   ("parquet", abs_path, row_group,    parquet.py
+                                                               row_in_group, column)
+
+Keys keep '/' but never contain a dot: WebDataset splits a key at its first dot, so every '.' becomes
+'_' ("img.v2.jpg" -> "img_v2"), '.' and empty path components are dropped, and '\\' counts as '/'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sak.pipeline.base.errors import SakError
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    key: str  # unique, no dots, '/' allowed (see module docstring)
+    ext: str  # "jpg" | "png" | "webp" (| "bin" for unrecognised parquet bytes)
+    origin: str  # human-readable location for messages
+    locator: tuple  # how read_bytes finds the bytes again (see module docstring)
+
+
+def normalise_key(raw: str) -> str:
+    """'./a.b\\c' -> 'a_b/c': '/' separators, no empty or '.' parts, no dots (WebDataset splits at dots)."""
+    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join(parts).replace(".", "_")
+
+
+def normalise_ext(ext: str) -> str:
+    ext = ext.lower()
+    return "jpg" if ext == "jpeg" else ext
+
+
+def vanished(origin: str, path: str) -> SakError:
+    return SakError(
+        f"source file {origin} vanished since it was listed ({path}); restore it or list the source again"
+    )

@@ -1,0 +1,1 @@
+"""Teachers: the registered specs, where their weights come from, and their multi-level forward."""
