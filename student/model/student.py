@@ -97,6 +97,13 @@ def _tiny() -> StudentArch:
     return StudentArch("vit_small_patch16_384", overrides=overrides, has_pretrained=False)
 
 
+@register_student("micro")
+def _micro() -> StudentArch:
+    # tiny shrunk to C 8: a run folder with its optimizer state stays small enough to commit as a fixture
+    overrides = (("embed_dim", 8), ("depth", 4), ("num_heads", 2))
+    return StudentArch("vit_small_patch16_384", overrides=overrides, has_pretrained=False)
+
+
 def student_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) the stem's pretrained weights expect, from the timm pretrained_cfg (for the loader)."""
     cfg = timm.models.get_pretrained_cfg(get_student_arch(name).timm_name)
