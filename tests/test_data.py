@@ -18,7 +18,10 @@ from PIL import Image
 from sak.pipeline.errors import SakError
 from sak.pipeline.teachers import IMAGENET_MEAN, IMAGENET_STD
 from sak.pipeline.views import cut_view
-from sak.student.data.loader import BatchReader, CacheLoader, decode_targets, input_normalization, open_cache
+from sak.student.data.batches import BatchReader, decode_targets
+from sak.student.data.loader import CacheLoader
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 from sak.student.data.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation
 
 SIZE = 64

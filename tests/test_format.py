@@ -29,7 +29,9 @@ from sak.pipeline.schema_gen import SHIPPED
 from sak.pipeline.schema_gen import main as schema_main
 from sak.pipeline.typed_json import schema_text
 from sak.pipeline.verify import check_cache
-from sak.student.data.loader import BatchReader, input_normalization, open_cache
+from sak.student.data.batches import BatchReader
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 
 V1 = Path(__file__).parent / "fixtures" / "v1_cache"
 

@@ -24,7 +24,8 @@ from sak.pipeline.manifest import read_journal
 from sak.pipeline.store import create_teacher_store, level_records, open_teacher_store
 from sak.pipeline.store.wds import WdsTeacherStore
 from sak.pipeline.verify import describe_cache, store_fidelity_warnings, verify_cache
-from sak.student.data.loader import BatchReader, decode_targets, open_cache
+from sak.student.data.batches import BatchReader, decode_targets
+from sak.student.data.opening import open_cache
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
 
