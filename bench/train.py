@@ -22,6 +22,7 @@ writes the figures with the resolved config and code version.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -73,11 +74,13 @@ def trainer_row(cfg, warmup: int) -> dict:
 def student_only_row(cfg, steps: int, warmup: int) -> dict:
     """The student's own step on one batch kept on the device: the ceiling for the trainer."""
     from sak.pipeline.teachers import bf16_autocast
-    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader, decode_targets
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
     from sak.student.data.order import make_stream_plan
     from sak.student.train.losses import distillation_loss
-    from sak.student.train.online import stored_levels
     from sak.student.train.stage1 import build_student_for
+    from sak.student.train.targets import stored_levels
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = open_cache(cfg.cache, cfg.teachers)
@@ -168,17 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         rows = {}
         for kernels in {"off": [False], "on": [True], "both": [False, True]}[args.kernels]:
             tag = " +kernels" if kernels else ""
-            with_kernels = {**base.to_dict(), "use_kernels": kernels}
+            with_kernels = dataclasses.replace(base, use_kernels=kernels)
             rows[f"cache ({args.num_workers} workers){tag}"] = trainer_row(
-                Stage1Config.from_dict({**with_kernels, "out": str(root / f"cache_run{tag.strip()}")}),
-                args.warmup,
+                dataclasses.replace(with_kernels, out=str(root / f"cache_run{tag.strip()}")), args.warmup
             )
             if not args.skip_online:
-                online = {**with_kernels, "out": str(root / f"online_run{tag.strip()}"), "online": True}
-                rows[f"online teachers{tag}"] = trainer_row(Stage1Config.from_dict(online), args.warmup)
-            rows[f"student only (in memory){tag}"] = student_only_row(
-                Stage1Config.from_dict(with_kernels), args.steps, args.warmup
-            )
+                online = dataclasses.replace(
+                    with_kernels, out=str(root / f"online_run{tag.strip()}"), online=True
+                )
+                rows[f"online teachers{tag}"] = trainer_row(online, args.warmup)
+            rows[f"student only (in memory){tag}"] = student_only_row(with_kernels, args.steps, args.warmup)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = (

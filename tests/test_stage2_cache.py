@@ -10,8 +10,9 @@ import pytest
 from sak.cli.cache import main as cache_main
 from sak.pipeline.errors import SakError
 from sak.student.data.dense import DenseDataset, TrainSamples
-from sak.student.train.stage2 import Stage2Config, train_stage2
+from sak.student.train.stage2 import train_stage2
 from sak.student.train.stage2_cache import image_sha256
+from sak.student.train.stage2_config import Stage2Config
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation

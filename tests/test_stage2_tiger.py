@@ -19,7 +19,8 @@ from sak.student.train.counterfactual import (
     expert_contributions,
     sample_experts,
 )
-from sak.student.train.stage2 import Stage2Config, load_stage2, train_stage2
+from sak.student.train.stage2 import load_stage2, train_stage2
+from sak.student.train.stage2_config import Stage2Config
 from sak.student.train.stage2_teachers import load_stage1_run
 from sak.student.train.task_losses import TASK_LOSSES
 from tests.test_datasets import make_folder
@@ -58,11 +59,11 @@ def test_tiger_router_trains_and_logs_the_routing(trained):
     assert last < 0.8 * first
     assert all(r["cf"] >= 0 for r in records) and any(r["cf"] > 0 for r in records)
     config = json.loads((run / "config.json").read_text())
-    assert config["stage2"]["router"] == "tiger" and config["instructions"]["random_init"]
+    assert config["config"]["router"] == "tiger" and config["instructions"]["random_init"]
     assert (run / "instructions.safetensors").is_file()
-    model, meta = load_stage2(run)
+    model, record = load_stage2(run)
     E = model.num_experts  # stem + the stage-1 teachers
-    assert meta["router"] == "tiger" and E >= 3
+    assert record.config.router == "tiger" and model.router_kind == "tiger" and E >= 3
     routing = records[-1]["routing"]
     assert set(routing) == {f"{lvl}/{t}" for lvl in range(4) for t in ("semseg", "normals")}
     for v in routing.values():
