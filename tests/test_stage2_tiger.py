@@ -13,13 +13,14 @@ import torch
 from sak.cli.train import main as train_main
 from sak.pipeline.errors import SakError
 from sak.student.model.multitask import SakMultiTask
+from sak.student.run.models import load_stage2
 from sak.student.train.counterfactual import (
     counterfactual_loss,
     exclude_expert,
     expert_contributions,
     sample_experts,
 )
-from sak.student.train.stage2 import load_stage2, train_stage2
+from sak.student.train.stage2 import train_stage2
 from sak.student.train.stage2_config import Stage2Config
 from sak.student.train.stage2_teachers import load_stage1_run
 from sak.student.train.task_losses import TASK_LOSSES
@@ -61,7 +62,8 @@ def test_tiger_router_trains_and_logs_the_routing(trained):
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["router"] == "tiger" and config["instructions"]["random_init"]
     assert (run / "instructions.safetensors").is_file()
-    model, record = load_stage2(run)
+    loaded = load_stage2(run)
+    model, record = loaded.model, loaded.run
     E = model.num_experts  # stem + the stage-1 teachers
     assert record.config.router == "tiger" and model.router_kind == "tiger" and E >= 3
     routing = records[-1]["routing"]
@@ -73,7 +75,7 @@ def test_tiger_router_trains_and_logs_the_routing(trained):
 
 def test_tiger_router_gates_per_token_and_counterfactual_is_exact(trained):
     run, _ = trained
-    model, _ = load_stage2(run)
+    model = load_stage2(run).model
     model.train()
     torch.manual_seed(0)
     images = torch.rand(2, 3, 64, 64)

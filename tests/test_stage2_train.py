@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from sak.cli.train import main as train_main
+from sak.student.run.models import load_stage2
 from sak.student.train.run_eval import evaluate_run
-from sak.student.train.stage2 import load_stage2, train_stage2
+from sak.student.train.stage2 import train_stage2
 from sak.student.train.stage2_config import Stage2Config
 from tests.test_datasets import make_folder
 
@@ -53,7 +54,7 @@ def test_loss_falls_and_run_folder_is_complete(trained):
     meta = json.loads((trained.run / "checkpoint/model.json").read_text())
     assert meta["run"] == "stage2" and meta["multitask"]["img_size"] == [64, 64] and meta["code_version"]
     assert json.loads((trained.run / "config.json").read_text())["tasks"] == {"semseg": 5, "normals": 3}
-    model, _ = load_stage2(trained.run)  # reload gives the same weights
+    model = load_stage2(trained.run).model  # reload gives the same weights
     saved = load_file(str(trained.run / "checkpoint/model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 

@@ -13,10 +13,11 @@ from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
 from sak.pipeline.errors import SakError
 from sak.pipeline.verify import check_cache
+from sak.student.run.models import load_tiger
 from sak.student.train.counterfactual import counterfactual_loss, exclude_expert, expert_contributions
 from sak.student.train.dense_run import cached_source
 from sak.student.train.task_losses import TASK_LOSSES
-from sak.student.train.tiger import load_tiger, train_tiger
+from sak.student.train.tiger import train_tiger
 from sak.student.train.tiger_config import TigerConfig
 from tests.test_datasets import make_folder
 
@@ -114,7 +115,7 @@ def _batch(root, folder, model):
 
 def test_gates_sum_to_one_and_counterfactual_matches_direct_recomputation(trained):
     root, folder, _ = trained
-    model, _ = load_tiger(root / "run")
+    model = load_tiger(root / "run").model
     model.train()
     maps, targets = _batch(root, folder, model)
     out = model(maps, CROP)
@@ -141,7 +142,7 @@ def test_gates_sum_to_one_and_counterfactual_matches_direct_recomputation(traine
 
 def test_counterfactual_gradient_reaches_only_the_routers(trained):
     root, folder, _ = trained
-    model, _ = load_tiger(root / "run")
+    model = load_tiger(root / "run").model
     model.train()
     maps, targets = _batch(root, folder, model)
     cf, _ = counterfactual_loss(model, model(maps, CROP), targets, CROP, tau=0.1)
@@ -244,7 +245,7 @@ def test_sampled_counterfactual_is_exact_on_its_experts(trained):
     from sak.student.train.counterfactual import sample_experts
 
     root, folder, _ = trained
-    model, _ = load_tiger(root / "run")
+    model = load_tiger(root / "run").model
     model.train()
     maps, targets = _batch(root, folder, model)
     out = model(maps, CROP)

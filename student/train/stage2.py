@@ -31,7 +31,6 @@ from sak.pipeline.teachers import normalize_u8
 from sak.student.model.multitask import SakMultiTask
 from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, TrainingParts
 from sak.student.run.models import build_multitask
-from sak.student.run.models import load_stage2 as load_stage2_model
 from sak.student.run.record import LoaderState, ModelRecord, MultiTaskHeads, Stage1Run, Stage2Run
 from sak.student.train.counterfactual import counterfactual_loss, sample_experts
 from sak.student.train.dense_run import batch_stream, run_instructions, stage2_cache_targets, train_data
@@ -57,12 +56,6 @@ class Stage2Result:
     @property
     def stopped(self) -> bool:
         return self.step < self.total_steps
-
-
-def load_stage2(run: str | Path, device: torch.device | str = "cpu") -> tuple[SakMultiTask, Stage2Run]:
-    """A stage-2 run's model (latest checkpoint, checksum-verified) and its run record."""
-    loaded = load_stage2_model(run, device)
-    return loaded.model, loaded.run
 
 
 def _model(cfg: Stage2Config, h: Harness, recorded: Stage2Run | None, data, emb) -> tuple[SakMultiTask, Any]:

@@ -34,7 +34,6 @@ from sak.pipeline.provenance import code_version
 from sak.student.model.config import TigerModelConfig
 from sak.student.model.tiger import Tiger
 from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, TrainingParts
-from sak.student.run.models import load_tiger as load_tiger_model
 from sak.student.run.record import LoaderState, ModelRecord, TigerRun
 from sak.student.train.counterfactual import counterfactual_loss, sample_experts
 from sak.student.train.dense_run import (
@@ -66,12 +65,6 @@ class TigerResult:
     @property
     def stopped(self) -> bool:
         return self.step < self.total_steps
-
-
-def load_tiger(run: str | Path, device: torch.device | str = "cpu") -> tuple[Tiger, TigerRun]:
-    """The model of a TIGER run's checkpoint (checksum-verified) and its run record."""
-    loaded = load_tiger_model(run, device)
-    return loaded.model, loaded.run
 
 
 def _run_record(
