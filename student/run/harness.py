@@ -115,6 +115,30 @@ class LoopResult:
         return self.step < self.total_steps
 
 
+@dataclass
+class RunResult:
+    """What one call of a trainer did: the steps of this session (all of them unless it resumed)."""
+
+    run: Path
+    step: int  # steps done in total
+    total_steps: int = 0
+    losses: list[float] = field(default_factory=list)  # loss per step of this call (mean over ranks)
+    records: list[dict] = field(default_factory=list, repr=False)  # their metrics lines
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained model (not DDP-wrapped)
+    checkpoint: Path | None = None
+
+    @property
+    def stopped(self) -> bool:
+        """Ended before the run's length (--stop-after)."""
+        return self.step < self.total_steps
+
+    @classmethod
+    def of(cls, h: Harness, loop: LoopResult, model: torch.nn.Module, **extra: Any) -> RunResult:
+        return cls(
+            h.run, loop.step, loop.total_steps, loop.losses, loop.records, model, loop.checkpoint, **extra
+        )
+
+
 class Harness:
     """One trainer's run in one process (of one or several under torchrun)."""
 

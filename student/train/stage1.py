@@ -22,7 +22,6 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +39,15 @@ from sak.student.model.config import StudentConfig, TeacherTarget
 from sak.student.model.registry import build_student, get_student_arch
 from sak.student.model.weights import load_paper_checkpoint
 from sak.student.run.folder import MetricsLog
-from sak.student.run.harness import NEW_RUN, Harness, OnStep, PeriodicStep, RunRequest, TrainingParts
+from sak.student.run.harness import (
+    NEW_RUN,
+    Harness,
+    OnStep,
+    PeriodicStep,
+    RunRequest,
+    RunResult,
+    TrainingParts,
+)
 from sak.student.run.record import (
     CacheLineage,
     LoaderState,
@@ -59,24 +66,14 @@ log = logging.getLogger("sak")
 
 
 @dataclass
-class Stage1Result:
-    """What a call to train_stage1 did (this session only, when resumed)."""
+class Stage1Result(RunResult):
+    """What a call to train_stage1 did (this session only, when resumed), with Rep Sim and skipped shards."""
 
-    run: Path
-    step: int  # steps done in total
-    total_steps: int
-    losses: list[float] = field(default_factory=list)  # per step of this session (mean over ranks)
     repsim_before: dict[str, float] | None = None
     repsim_after: dict[str, float] | None = None
     eval_views: int = 0
     skipped_shards: list[int] = field(default_factory=list)  # damaged shards left out (--skip-bad-shards)
     skipped_samples: int = 0  # cache rows (views) of those shards: never trained on or evaluated
-    checkpoint: Path | None = None
-    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained student (not DDP-wrapped)
-
-    @property
-    def stopped(self) -> bool:
-        return self.step < self.total_steps
 
 
 def build_student_for(cfg: Stage1Config, index: CacheIndex) -> torch.nn.Module:
@@ -402,7 +399,12 @@ def train_stage1(
         finally:
             stream.close()  # shuts the loader workers down
             torch.set_num_threads(threads)
-        result.step, result.losses, result.checkpoint = done.step, done.losses, done.checkpoint
+        result.step, result.losses, result.records, result.checkpoint = (
+            done.step,
+            done.losses,
+            done.records,
+            done.checkpoint,
+        )
         if not done.stopped:
             result.repsim_after = _evaluate(s, result, done.step, f"after {done.step} steps")
     return result

@@ -20,7 +20,6 @@ each image is checked against its sha256.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from sak.pipeline.provenance import code_version
 from sak.pipeline.teachers import normalize_u8
 from sak.student.model.multitask import SakMultiTask
-from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, TrainingParts
+from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, RunResult, TrainingParts
 from sak.student.run.models import build_multitask
 from sak.student.run.record import LoaderState, ModelRecord, MultiTaskHeads, Stage1Run, Stage2Run
 from sak.student.train.counterfactual import counterfactual_loss, sample_experts
@@ -41,21 +40,6 @@ from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, s
 from sak.student.train.task_losses import multi_task_loss
 
 log = logging.getLogger("sak")
-
-
-@dataclass
-class Stage2Result:
-    run: Path
-    step: int  # steps done in total
-    total_steps: int = 0
-    losses: list[float] = field(default_factory=list)  # total loss per step of this call
-    records: list[dict] = field(default_factory=list, repr=False)
-    model: SakMultiTask | None = field(default=None, repr=False)
-    checkpoint: Path | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.step < self.total_steps
 
 
 def _model(cfg: Stage2Config, h: Harness, recorded: Stage2Run | None, data, emb) -> tuple[SakMultiTask, Any]:
@@ -108,7 +92,7 @@ def _run_record(cfg, model, data, emb_identity, mean, std, teachers, h: Harness)
 
 def train_stage2(
     cfg: Stage2Config, request: RunRequest = NEW_RUN, on_step: OnStep | None = None
-) -> Stage2Result:
+) -> RunResult:
     """Fine-tune routers, heads (and, unless frozen, the whole student) on the dataset's tasks, in cfg.out
     (or as `request` says: resume, restart, stop after a step; student/run/resume.py).
 
@@ -154,7 +138,7 @@ def train_stage2(
             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, batch_size=cfg.batch_size,
             log_line=lambda r: f"loss {r['loss']:.4f} | lr {r['lr']:.2e}", on_step=on_step,
         )  # fmt: skip
-    return Stage2Result(h.run, done.step, done.total_steps, done.losses, done.records, model, done.checkpoint)
+    return RunResult.of(h, done, model)
 
 
 def _model_record(model: SakMultiTask, crop: tuple[int, int], step: int) -> ModelRecord:

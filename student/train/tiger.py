@@ -24,8 +24,6 @@ sources are dense_run.py's; evaluation is run_eval.py's.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -33,7 +31,7 @@ from sak.pipeline.errors import SakError
 from sak.pipeline.provenance import code_version
 from sak.student.model.config import TigerModelConfig
 from sak.student.model.tiger import Tiger
-from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, TrainingParts
+from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, RunResult, TrainingParts
 from sak.student.run.record import LoaderState, ModelRecord, TigerRun
 from sak.student.train.counterfactual import counterfactual_loss, sample_experts
 from sak.student.train.dense_run import (
@@ -50,21 +48,6 @@ from sak.student.train.task_losses import multi_task_loss
 from sak.student.train.tiger_config import TigerConfig
 
 log = logging.getLogger("sak")
-
-
-@dataclass
-class TigerResult:
-    run: Path
-    step: int  # steps done in total
-    total_steps: int = 0
-    losses: list[float] = field(default_factory=list)  # total loss per step run in this call
-    records: list[dict] = field(default_factory=list, repr=False)
-    model: Tiger | None = field(default=None, repr=False)
-    checkpoint: Path | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.step < self.total_steps
 
 
 def _run_record(
@@ -85,9 +68,7 @@ def _run_record(
     )
 
 
-def train_tiger(
-    cfg: TigerConfig, request: RunRequest = NEW_RUN, on_step: OnStep | None = None
-) -> TigerResult:
+def train_tiger(cfg: TigerConfig, request: RunRequest = NEW_RUN, on_step: OnStep | None = None) -> RunResult:
     """Train TIGER's projections, routers and heads in cfg.out (resume / restart / stop_after as for every
     trainer: student/run/resume.py); returns the per-step losses of this call.
 
@@ -148,7 +129,7 @@ def train_tiger(
             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, batch_size=cfg.batch_size,
             log_line=lambda r: f"loss {r['loss']:.4f} | cf {r['cf']:.4f}", on_step=on_step,
         )  # fmt: skip
-    return TigerResult(h.run, done.step, done.total_steps, done.losses, done.records, model, done.checkpoint)
+    return RunResult.of(h, done, model)
 
 
 def tiger_step(
