@@ -35,8 +35,9 @@ test-slow: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-schema: $(VENV)/.installed  ## regenerate pipeline/schema/cache-v1.schema.json from the format's records
+schema: $(VENV)/.installed  ## regenerate the cache's and the run folder's JSON Schemas from their records
 	$(PY) -m sak.pipeline.format.schema
+	$(PY) -m sak.student.schema_gen
 
 bench: $(VENV)/.installed
 	$(PY) bench/extract.py

@@ -75,7 +75,9 @@ def measure_images(root: Path, images: int, size: int, batch_size: int, reps: in
     from sak.pipeline.extraction.config import ExtractConfig
     from sak.pipeline.extraction.driver import run_extraction
     from sak.pipeline.sources.synthetic import write_photo_folder
-    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
 
     photos = write_photo_folder(root / "photos", images)
     ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)

@@ -49,7 +49,9 @@ def make_cache(photos: Path, out: Path | str, size: int, codec: str, grid: str, 
 
 def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
     """Per-core loader rates on one cache (this process, one thread)."""
-    from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader, decode_targets
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
     from sak.student.data.order import make_stream_plan
 
     index = open_cache(cache)
@@ -91,7 +93,8 @@ def measure_cache(cache: str, batch_size: int, passes: int) -> dict:
 
 def _passes(index, batch_size: int) -> tuple[float, float, int, object]:
     """Seconds of a first and a second pass over the training batches (reader.read), samples, the reader."""
-    from sak.student.data.loader import BatchReader, input_normalization
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.normalization import input_normalization
     from sak.student.data.order import make_stream_plan
 
     mean, std = input_normalization("imagenet", "tiny")
@@ -112,7 +115,7 @@ def measure_bucket(url: str, batch_size: int, root: Path, rounds: int) -> dict:
     measured alternately `rounds` times; the best of each (the machine may be shared)."""
     from sak.pipeline.buckets.bucket import Bucket
     from sak.pipeline.buckets.mirror import pull
-    from sak.student.data.loader import open_cache
+    from sak.student.data.opening import open_cache
 
     local = root / "copy"
     pull(Bucket(url), local, bulk=True)

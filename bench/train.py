@@ -26,6 +26,7 @@ extract a tiny cache and open it as the trainer does (the set-up), then record `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import statistics
@@ -43,12 +44,14 @@ from sak.pipeline.extraction.config import ExtractConfig
 from sak.pipeline.extraction.driver import run_extraction
 from sak.pipeline.sources.synthetic import write_photo_folder  # procedural photos, shared with the tests
 from sak.pipeline.teachers.forward import bf16_autocast
-from sak.student.data.loader import BatchReader, decode_targets, input_normalization, open_cache
+from sak.student.data.batches import BatchReader, decode_targets
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 from sak.student.data.order import make_stream_plan
 from sak.student.train.losses import distillation_loss
-from sak.student.train.online import stored_levels
 from sak.student.train.stage1 import build_student_for, cpu_compute_threads, train_stage1
 from sak.student.train.stage1_config import Stage1Config
+from sak.student.train.targets import stored_levels
 
 TINY_TEACHERS = "dinov2_tiny,clip_tiny,sam_tiny"
 PREFETCH_FACTOR = 2  # CacheLoader's default: batches in flight per loader worker
@@ -177,12 +180,12 @@ def stage1_base(args, cache: str) -> dict:
         log_every=10**9,
         tensorboard=False,
         device=args.device,
-    ).to_dict()
+    )
     rows = []
     for mode, use_kernels in row_plan(args.kernels, not args.skip_online):
         key = f"{mode}{' +kernels' if use_kernels else ''}"
-        cfg = Stage1Config.from_dict(
-            {**base, "use_kernels": use_kernels, "online": mode == "online", "out": key.replace(" ", "_")}
+        cfg = dataclasses.replace(
+            base, use_kernels=use_kernels, online=mode == "online", out=key.replace(" ", "_")
         )
         cfg.validate()
         rows.append((key, mode, use_kernels, cfg))
@@ -193,7 +196,7 @@ def run_rows(args, plan: dict, root: Path, report: StepReport) -> None:
     warmup = plan["warmup"]
     report.update(warmup=warmup, row_plan=[key for key, *_ in plan["rows"]])
     for key, mode, use_kernels, cfg in plan["rows"]:
-        cfg = Stage1Config.from_dict({**cfg.to_dict(), "out": str(root / cfg.out)})
+        cfg = dataclasses.replace(cfg, out=str(root / cfg.out))
         print(f"row {key} ...", flush=True)
         if mode == "student only":
             row = student_only_row(cfg, args.steps, warmup, report, key)

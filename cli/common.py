@@ -24,29 +24,32 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """The `sak` logger to stderr, one line per record (quiet: errors only, e.g. torchrun's other ranks)."""
     logger = logging.getLogger("sak")
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
     logger.propagate = (
         True  # tests capture via the root logger; the CLI root has no handler, so no duplicates
     )
 
 
-def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str) -> int:
+def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str, quiet: bool = False) -> int:
     """Run a click group in-process and return its exit code (callable from tests as `main([...])`).
 
-    A SakError (bad input the user can fix) prints one line, `prog: error: ...`, and returns 2.
+    A SakError (bad input the user can fix) prints one line, `prog: error: ...`, and returns 2 (`quiet`:
+    the line is left to another process that prints it, e.g. rank 0 of a torchrun launch).
     """
     try:
         result = group.main(
             args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False
         )
     except SakError as e:
-        click.echo(f"{prog}: error: {e}", err=True)
+        if not quiet:
+            click.echo(f"{prog}: error: {e}", err=True)
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -26,6 +26,9 @@ metadata keys (all optional but "help"):
     metavar   shown in --help
     required  the option must be given (default: required exactly when the field has no default)
     group     heading the option is listed under in --help (ordering: fields in declaration order)
+    aliases   other spellings the option also accepts, without dashes (an older name kept working)
+    flag_value  the option may also be given alone, as a flag: it then takes this value (`--resume`
+              alone, or `--resume RUN`)
     cli       False: not an option
 
 Every generated option has the click default None: a value not given on the command line stays out of
@@ -116,6 +119,7 @@ def field_option(f: dataclasses.Field, tp: Any, name: str | None = None) -> Gene
     tp, optional = _unwrap_optional(tp)
     default = _default_of(f)
     opt = (name or meta.get("name") or f.name).replace("_", "-")
+    aliases = tuple(f"--{a}" for a in meta.get("aliases", ()))
     shown = _show(default)
     help_text = meta["help"] + (f"  [default: {shown}]" if shown and "[default:" not in meta["help"] else "")
     kwargs: dict[str, Any] = {"help": help_text, "show_default": False}  # not given -> None (or ())
@@ -123,6 +127,8 @@ def field_option(f: dataclasses.Field, tp: Any, name: str | None = None) -> Gene
     parse = meta.get("parse")
     if "metavar" in meta:
         kwargs["metavar"] = meta["metavar"]
+    if "flag_value" in meta:  # given alone it takes flag_value; given with a value, that value
+        kwargs.update(is_flag=False, flag_value=meta["flag_value"])
     if tp is bool and parse is None:
         decls = (f"--{opt}/--no-{opt}",)
         kwargs["default"] = None  # neither flag given -> None, so the dataclass (or a record) decides
@@ -147,7 +153,7 @@ def field_option(f: dataclasses.Field, tp: Any, name: str | None = None) -> Gene
     none_default = optional and default is MISSING
     if none_default and "required" not in meta:
         kwargs["required"] = False
-    return GeneratedOption(f.name, (f"--{opt}",), kwargs, parse, meta.get("group"), none_default)
+    return GeneratedOption(f.name, (f"--{opt}", *aliases), kwargs, parse, meta.get("group"), none_default)
 
 
 class OptionSet:

@@ -1,32 +1,63 @@
-"""`sak-train`: stage-1 distillation of the SAK student from a teacher-feature cache, and Rep Sim reports."""
+"""`sak-train`: stage-1 distillation of the SAK student from a teacher-feature cache, stage 2, TIGER, and
+their reports.
+
+Each trainer's options are generated from its config dataclass when first needed (cli/options.py), and
+every import of torch or a model library waits for the command body, so `sak-train --help` and every
+`sak-train CMD --help` load none. The three trainers share one grammar (student/run/resume.py):
+`--resume RUN` (or `--resume --out RUN`), `--restart`, `--stop-after N`, `--img-size HxW` or one side.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import click
 
 from sak.cli.common import entry_point, run_cli, setup_logging
-from sak.cli.options import OptionSet
+from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.base.errors import SakError
-from sak.student.data.dense import DATASETS
-from sak.student.data.loader import NORMALIZATIONS
-from sak.student.train.stage1_config import Stage1Config
-from sak.student.train.stage2 import Stage2Config
-from sak.student.train.tiger import TigerConfig
+from sak.student.data.dense_sets import DATASETS
+from sak.student.data.normalization import NORMALIZATIONS
+from sak.student.run.resume import RunCommand, missing_required, resumed_config
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun launch (or a plain process): the one that prints."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _echo(text: str) -> None:
+    if _is_main_process():
+        click.echo(text)
+
+
+def _stage1_config():
+    from sak.student.train.stage1_config import Stage1Config
+
+    return Stage1Config
+
+
+def _stage2_config():
+    from sak.student.train.stage2_config import Stage2Config
+
+    return Stage2Config
+
+
+def _tiger_config():
+    from sak.student.train.tiger_config import TigerConfig
+
+    return TigerConfig
 
 
 @dataclass(frozen=True)
 class Stage1Command:
     """`stage1` options that are not part of the run's config."""
 
-    resume: str | None = field(
-        default=None,
-        metadata={"help": "Continue the run in RUN from its checkpoint (same options).", "metavar": "RUN"},
-    )
     debug: bool = field(
         default=False, metadata={"help": "The debug preset: tiny student, 20 steps of 8, no workers."}
     )
@@ -68,7 +99,7 @@ class RepsimCommand:
 
 @dataclass(frozen=True)
 class EvalCommand:
-    """`eval`: stage-2 metrics of a run (arguments of `stage2.evaluate`)."""
+    """`eval`: stage-2 metrics of a stage-2 or TIGER run (arguments of `run_eval.evaluate_run`)."""
 
     checkpoint: str = field(metadata={"help": "A stage-2 or TIGER run folder.", "metavar": "RUN"})
     dataset: str = field(
@@ -90,36 +121,54 @@ class EvalCommand:
     device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
 
 
-STAGE1_OPTIONS = OptionSet(Stage1Config, Stage1Command)
-STAGE2_OPTIONS = OptionSet(Stage2Config)
+# a --resume RUN gives every option of the run's config: none of the config's own options is required
+_OPTIONAL = {"cache": False, "out": False}
+_DENSE_OPTIONAL = {"dataset": False, "data_root": False, "out": False}
+STAGE1_OPTIONS = OptionSet(_stage1_config, RunCommand, Stage1Command, required=_OPTIONAL)
+STAGE2_OPTIONS = OptionSet(_stage2_config, RunCommand, required={**_DENSE_OPTIONAL, "init": False})
+TIGER_OPTIONS = OptionSet(_tiger_config, RunCommand, required=_DENSE_OPTIONAL)
 REPSIM_OPTIONS = OptionSet(RepsimCommand)
 EVAL_OPTIONS = OptionSet(EvalCommand)
-TIGER_OPTIONS = OptionSet(TigerConfig)
 
 
-def _config_from_options(opts: dict) -> Stage1Config:
-    """Options -> Stage1Config. With --resume, the run's recorded config plus the options given."""
-    from sak.student.train.checkpoint import RUN_CONFIG
-
-    command = STAGE1_OPTIONS.build(Stage1Command, opts)
-    given = {k: v for k, v in STAGE1_OPTIONS.given(opts).items() if k in Stage1Config.__dataclass_fields__}
-    if not command.resume:
-        missing = [f"--{n}" for n in ("cache", "out") if n not in given]
+def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tuple[Any, RunCommand]:
+    """The config a trainer command runs with, and its invocation options. A new run: the options given
+    (over `preset`, e.g. stage 1's --debug); with --resume RUN: the run's recorded config with the
+    options given, by the resume rules (student/run/resume.py)."""
+    command = options.build(RunCommand, opts)
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in options.given(opts).items() if k in names}
+    run = command.run_folder(given.get("out"))
+    if run is None:
+        missing = missing_required(cls, given)
         if missing:
             raise SakError(f"missing {' and '.join(missing)} (or --resume RUN to continue a run)")
-        return Stage1Config.debug(**given) if command.debug else Stage1Config(**given)
+        return (preset(**given) if preset else cls(**given)), command
+    from sak.student.run.folder import RunFolder
 
-    from sak.pipeline.base.provenance import read_json
+    recorded = RunFolder(run).read_record()
+    if not isinstance(recorded.config, cls):
+        kind = {"Stage1Config": "stage1", "Stage2Config": "stage2", "TigerConfig": "tiger"}.get(
+            type(recorded.config).__name__, "another"
+        )
+        raise SakError(f"--resume {run} is a {kind} run; continue it with `sak-train {kind} --resume {run}`")
+    return resumed_config(recorded.config, given, run), command
 
-    run = Path(command.resume)
-    if "out" in given and Path(given["out"]).resolve() != run.resolve():
-        raise SakError(f"--out {given['out']} differs from --resume {run}; a run continues in its own folder")
-    recorded = Stage1Config.from_dict(read_json(run / RUN_CONFIG)["stage1"])
-    if "steps" in given:
-        given["epochs"] = None
-    if "epochs" in given:
-        given["steps"] = None
-    return dataclasses.replace(recorded, **given, out=str(run))
+
+def _request(command: RunCommand):
+    """How the trainer treats the folder (a RunRequest); --resume RUN --restart restarts with the
+    recorded options."""
+    from sak.student.run.harness import RunRequest
+
+    resume = command.resume is not None and not command.restart
+    return RunRequest(resume=resume, restart=command.restart, stop_after=command.stop_after)
+
+
+def _finish(result, what: str) -> None:
+    if result.stopped:
+        _echo(f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}")
+    else:
+        _echo(f"{what} {result.step} steps; checkpoint {result.checkpoint}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -133,33 +182,32 @@ def cli(verbose: bool) -> None:
       torchrun --nproc_per_node=8 -m sak.cli.train stage1 ...           # DDP, one process per GPU
       sak-train stage1 --resume runs/s1                                 # continue after a stop
       sak-train repsim --checkpoint runs/s1 --cache /caches/in1k
+    Every trainer (stage1, stage2, tiger) continues with --resume RUN, restarts a run that has no
+    checkpoint yet with --restart, and stops early with --stop-after N.
     """
-    setup_logging(verbose)
+    setup_logging(verbose, quiet=not _is_main_process())
 
 
-@cli.command()
-@STAGE1_OPTIONS
+@cli.command(cls=GeneratedCommand, options=STAGE1_OPTIONS)
 def stage1(**opts) -> None:
     """Stage 1: distil every selected teacher into the student, streaming targets from the cache."""
     from sak.student.train.stage1 import train_stage1
 
-    cfg = _config_from_options(opts)
-    result = train_stage1(cfg, resume=bool(STAGE1_OPTIONS.build(Stage1Command, opts).resume))
-    if result.step < result.total_steps:
-        click.echo(f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}")
-        return
-    click.echo(f"trained {result.step} steps; checkpoint {result.checkpoint}")
+    cfg_cls = _stage1_config()
+    debug = STAGE1_OPTIONS.build(Stage1Command, opts).debug
+    cfg, command = trainer_config(cfg_cls, STAGE1_OPTIONS, opts, cfg_cls.debug if debug else None)
+    result = train_stage1(cfg, _request(command))
+    _finish(result, "trained")
     if cfg.report_repsim and result.repsim_after is not None:
         before = result.repsim_before or {}
-        click.echo(f"Rep Sim on {result.eval_views} held-out views (mean per-token cosine):")
-        click.echo(f"  {'teacher':<16} {'before':>8} {'after':>8}")
+        _echo(f"Rep Sim on {result.eval_views} held-out views (mean per-token cosine):")
+        _echo(f"  {'teacher':<16} {'before':>8} {'after':>8}")
         for t, after in result.repsim_after.items():
             b = f"{before[t]:.4f}" if t in before else "-"
-            click.echo(f"  {t:<16} {b:>8} {after:>8.4f}")
+            _echo(f"  {t:<16} {b:>8} {after:>8.4f}")
 
 
-@cli.command()
-@REPSIM_OPTIONS
+@cli.command(cls=GeneratedCommand, options=REPSIM_OPTIONS)
 def repsim(**opts) -> None:
     """Rep Sim per teacher (mean per-token cosine to the targets) of a saved student, on held-out views."""
     from sak.student.data.loader import eval_batches
@@ -186,29 +234,24 @@ def repsim(**opts) -> None:
         )
 
 
-@cli.command()
-@STAGE2_OPTIONS
+@cli.command(cls=GeneratedCommand, options=STAGE2_OPTIONS)
 def stage2(**opts) -> None:
     """Stage 2: MoR routers and task heads on PASCAL-Context, NYUD-v2 or your own dense dataset."""
     from sak.student.train.stage2 import train_stage2
 
-    cfg = STAGE2_OPTIONS.build(Stage2Config, opts)
-    if cfg.online and cfg.cache:
-        raise SakError("give one of --online and --cache, not both")
-    result = train_stage2(cfg)
-    click.echo(f"trained {result.steps} steps; checkpoint {result.run / 'checkpoint'}")
+    cfg, command = trainer_config(_stage2_config(), STAGE2_OPTIONS, opts)
+    result = train_stage2(cfg, _request(command))
+    _finish(result, "trained")
 
 
-@cli.command(name="eval")
-@EVAL_OPTIONS
+@cli.command(name="eval", cls=GeneratedCommand, options=EVAL_OPTIONS)
 def eval_cmd(**opts) -> None:
     """Stage-2 metrics (mIoU, maxF, mErr, odsF, RMSE, delta_m), router gates and prediction pictures."""
-    from sak.student.train.stage2 import evaluate, format_table
-    from sak.student.train.tiger_eval import evaluate_tiger, is_tiger_run
+    from sak.student.train.dense_eval import format_table
+    from sak.student.train.run_eval import evaluate_run
 
     command = EVAL_OPTIONS.build(EvalCommand, opts)
-    run = evaluate_tiger if is_tiger_run(command.checkpoint) else evaluate
-    report = run(
+    report = evaluate_run(
         command.checkpoint,
         command.dataset,
         command.data_root,
@@ -238,18 +281,18 @@ def _read_baselines(path: str | None) -> dict[str, float] | None:
     return {str(k): float(v) for k, v in data.items()}
 
 
-@cli.command()
-@TIGER_OPTIONS
+@cli.command(cls=GeneratedCommand, options=TIGER_OPTIONS)
 def tiger(**opts) -> None:
     """TIGER: instruction-guided token routing over frozen teachers, trained from a stage-2 cache."""
     from sak.student.train.tiger import train_tiger
 
-    result = train_tiger(TIGER_OPTIONS.build(TigerConfig, opts))
-    click.echo(f"TIGER run {result.run}: {result.steps} steps, last loss {result.losses[-1]:.4f}")
+    cfg, command = trainer_config(_tiger_config(), TIGER_OPTIONS, opts)
+    result = train_tiger(cfg, _request(command))
+    _finish(result, "TIGER trained")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_cli(cli, argv, "sak-train")
+    return run_cli(cli, argv, "sak-train", quiet=not _is_main_process())
 
 
 entry = entry_point(main)

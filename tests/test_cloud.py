@@ -120,7 +120,8 @@ def test_a_second_writer_is_refused_by_the_lock_object(bucket_cache):
 
 def _read_passes(index, passes: int) -> tuple[object, list[int]]:
     """Read every training batch (of 2) `passes` times; the fetcher and its downloaded bytes after each."""
-    from sak.student.data.loader import BatchReader, input_normalization
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.normalization import input_normalization
     from sak.student.data.order import make_stream_plan
 
     reader = BatchReader(index, index.plan.size, *input_normalization("imagenet", "tiny"))
@@ -138,8 +139,8 @@ def _bulk_files(folder):
 
 
 def test_local_cache_is_read_through_and_bounded(bucket_cache, tmp_path):
-    from sak.student.data.loader import open_cache
-    from sak.student.data.remote import shard_objects
+    from sak.student.data.bucket_mirror import shard_objects
+    from sak.student.data.opening import open_cache
 
     objects = Bucket(bucket_cache).listing()
     _, fetched = _read_passes(open_cache(bucket_cache, local_cache=str(tmp_path / "big")), passes=2)
@@ -180,9 +181,12 @@ def _same_batches(a: dict, b: dict) -> None:
 def test_without_local_cache_only_the_needed_byte_ranges_are_read(fmt, request, tmp_path):
     import numpy as np
 
-    from sak.student.data.loader import BatchReader, CacheStream, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.bucket_mirror import shard_objects
+    from sak.student.data.loader import CacheStream
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
     from sak.student.data.order import make_stream_plan
-    from sak.student.data.remote import shard_objects
 
     url = request.getfixturevalue("bucket_cache" if fmt == "zarr" else "wds_bucket_cache")
     local = tmp_path / "copy"
@@ -211,7 +215,9 @@ def test_a_range_read_refuses_an_object_cut_short(bucket_cache, s3_server, tmp_p
     """Without --local-cache no whole object is hashed, but every object must have its recorded size."""
     import numpy as np
 
-    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
 
     copy = s3_server("sak-cloud") + "/team/cut-short"
     local = tmp_path / "c"
@@ -231,7 +237,9 @@ def test_a_range_read_refuses_an_object_cut_short(bucket_cache, s3_server, tmp_p
 def test_student_views_raw_into_the_bucket(s3_server, ray_local, photo_dir, tmp_path, capsys):
     import numpy as np
 
-    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
 
     url = s3_server("sak-cloud") + "/team/tiny-raw"
     cfg = ExtractConfig(

@@ -90,7 +90,7 @@ def test_stage1_from_the_bucket_equals_a_local_copy(pca_bucket, tmp_path):
 
 
 def test_a_reader_refuses_a_damaged_basis_object(pca_bucket, s3_server, tmp_path):
-    from sak.student.data.loader import open_cache
+    from sak.student.data.opening import open_cache
 
     copy = s3_server("sak-cloud-pca") + "/team/pca8-damaged"
     local = tmp_path / "c"
@@ -171,7 +171,9 @@ def test_a_bucket_store_that_lost_its_basis_is_refused(pca_bucket, s3_server, ph
 
 
 def test_a_wds_pca_store_in_the_bucket_reads_as_a_local_copy(pca_bucket, s3_server, photo_dir, tmp_path):
-    from sak.student.data.loader import BatchReader, input_normalization, open_cache
+    from sak.student.data.batches import BatchReader
+    from sak.student.data.normalization import input_normalization
+    from sak.student.data.opening import open_cache
 
     url = s3_server("sak-cloud-pca") + "/team/pca8-wds"
     run_extraction(_config(url, photo_dir, format="wds"))

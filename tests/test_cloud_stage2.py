@@ -12,8 +12,10 @@ import pytest
 from sak.cli.cache import main as cache_main
 from sak.pipeline.buckets.bucket import Bucket
 from sak.pipeline.buckets.mirror import STAGE_ENV, pull
-from sak.student.train.stage2 import Stage2Config, train_stage2
-from sak.student.train.tiger import TigerConfig, train_tiger
+from sak.student.train.stage2 import train_stage2
+from sak.student.train.stage2_config import Stage2Config
+from sak.student.train.tiger import train_tiger
+from sak.student.train.tiger_config import TigerConfig
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation

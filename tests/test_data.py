@@ -19,7 +19,10 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.sources.images import cut_view
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.teachers.forward import IMAGENET_MEAN, IMAGENET_STD
-from sak.student.data.loader import BatchReader, CacheLoader, decode_targets, input_normalization, open_cache
+from sak.student.data.batches import BatchReader, decode_targets
+from sak.student.data.loader import CacheLoader
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 from sak.student.data.order import StreamPlan, holdout_rows, make_stream_plan, stable_permutation
 
 SIZE = 64

@@ -74,4 +74,55 @@ def test_two_processes_see_disjoint_samples_and_keep_identical_weights(cache, tm
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     assert json.loads((run / "config.json").read_text())["resolved"]["world_size"] == 2
-    assert (run / "checkpoint" / "student.safetensors").is_file()
+    assert (run / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_under_torchrun_rank_0_alone_prints_and_refuses_once(tmp_path):
+    """`sak-train stage1` launched by torchrun on two processes: one "trained" line, one log line per step,
+    and a second launch on the same --out refuses in one line (not once per rank)."""
+    from tests.runs import copy_inputs, stage1_args
+
+    cache, _ = copy_inputs(tmp_path)  # 2 shards: one per rank with --holdout-shards 0
+    argv = stage1_args(cache, tmp_path / "run", "--steps", "2", "--holdout-shards", "0", "--log-every", "1",
+                       "--teachers", "dinov2_tiny")  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sak.cli.train",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run([*cmd, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert first.stdout.count("trained 2 steps") == 1, first.stdout
+    assert first.stderr.count("step 1/2") == 1 and first.stderr.count("step 2/2") == 1, first.stderr
+    again = subprocess.run([*cmd, *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0
+    assert again.stderr.count("already holds a run") == 1, again.stderr
+
+
+@pytest.mark.slow
+def test_a_store_of_some_levels_trains_under_torchrun(tmp_path):
+    """clip_tiny's store of the committed cache keeps levels 1 and 3: the student's level norms and aligners
+    of its taps 0 and 2 never get a gradient, though their maps are outputs (DDP's static graph allows it)."""
+    from tests.runs import copy_inputs, stage1_args
+
+    cache, _ = copy_inputs(tmp_path)
+    argv = stage1_args(cache, tmp_path / "run", "--steps", "2", "--holdout-shards", "0")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "sak.cli.train",
+    ]
+    proc = subprocess.run([*cmd, *argv], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

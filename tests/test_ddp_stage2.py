@@ -15,19 +15,25 @@ import sys
 import pytest
 import torch
 
-from sak.student.train.stage2 import Stage2Config, train_stage2
-from sak.student.train.tiger import TigerConfig, train_tiger
+from sak.student.train.stage2 import train_stage2
+from sak.student.train.stage2_config import Stage2Config
+from sak.student.train.tiger import train_tiger
+from sak.student.train.tiger_config import TigerConfig
 from tests.test_datasets import make_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = [f"img{i}" for i in range(5)]
-STEPS, CRASH_AT = 4, 3  # checkpoint every 2 steps; the crash comes before step 3 is taken
+STEPS, CRASH_AT = 4, 3  # checkpoint every 2 steps; the crash comes after step 3, before its checkpoint
 
 DRIVER = """
 import json, os, sys
 import torch.distributed as dist
+from sak.student.run import harness
+from sak.student.run.harness import RunRequest
 from sak.student.train import stage2 as stage2_mod, tiger as tiger_mod
+from sak.student.train.stage2_config import Stage2Config
+from sak.student.train.tiger_config import TigerConfig
 
 dist.init_process_group("gloo")  # ours, so the trainers leave it up between their runs
 rank = dist.get_rank()
@@ -36,48 +42,30 @@ kwargs = json.loads(kwargs_json)
 saves = []
 
 def cfg(name, **kw):
-    if kind == "stage2":
-        return stage2_mod.Stage2Config.debug(**{**kwargs, "out": os.path.join(root, name), **kw})
-    return tiger_mod.TigerConfig.debug(**{**kwargs, "out": os.path.join(root, name), **kw})
+    config = Stage2Config if kind == "stage2" else TigerConfig
+    return config.debug(**{**kwargs, "out": os.path.join(root, name), **kw})
 
-def train(c):
-    return (stage2_mod.train_stage2 if kind == "stage2" else tiger_mod.train_tiger)(c)
+def train(c, *args, **kw):
+    return (stage2_mod.train_stage2 if kind == "stage2" else tiger_mod.train_tiger)(c, *args, **kw)
 
-if kind == "stage2":
-    save = stage2_mod.save_stage2
-    stage2_mod.save_stage2 = lambda *a, **k: (saves.append(rank), save(*a, **k))[1]
-    step_cls = stage2_mod._Stage2Step
-    class Crashing(step_cls):
-        calls = 0
-        def __call__(self, batch):
-            if self.cfg.out.endswith("part") and not self.cfg.resume:
-                Crashing.calls += 1
-                if Crashing.calls == {crash}:
-                    raise KeyboardInterrupt("simulated crash")
-            return super().__call__(batch)
-    stage2_mod._Stage2Step = Crashing
-else:
-    save = tiger_mod.save_checkpoint
-    tiger_mod.save_checkpoint = lambda *a, **k: (saves.append(rank), save(*a, **k))[1]
-    step_fn, calls = tiger_mod.tiger_step, []
-    def crashing(cfg, *a, **k):
-        if cfg.out.endswith("part") and not cfg.resume:
-            calls.append(1)
-            if len(calls) == {crash}:
-                raise KeyboardInterrupt("simulated crash")
-        return step_fn(cfg, *a, **k)
-    tiger_mod.tiger_step = crashing
+save = harness.save_checkpoint  # what rank 0 alone must call
+harness.save_checkpoint = lambda *a, **k: (saves.append(rank), save(*a, **k))[1]
+
+def crash(step, batch, record):  # after step {crash}'s metrics line, before any checkpoint of it
+    if step == {crash}:
+        raise KeyboardInterrupt("simulated crash")
 
 full = train(cfg("full"))
 try:
-    train(cfg("part"))
+    train(cfg("part"), on_step=crash)
     raise SystemExit("the simulated crash did not happen")
 except KeyboardInterrupt:
     pass
-resumed = train(cfg("part", resume=True))
+resumed = train(cfg("part"), RunRequest(resume=True))
 with open(os.path.join(dump, f"rank{rank}.json"), "w") as f:
+    timing = ("elapsed_s", "samples_per_s", "data_wait_fraction", "step_time_s")
     json.dump({"full": full.losses, "resumed": resumed.losses, "saves": len(saves),
-               "records": [{k: v for k, v in r.items() if k != "elapsed_s"} for r in full.records]}, f)
+               "records": [{k: v for k, v in r.items() if k not in timing} for r in full.records]}, f)
 dist.destroy_process_group()
 """.replace("{crash}", str(CRASH_AT))
 
@@ -107,6 +95,7 @@ def _check(ranks: list[dict], single: list[float], run) -> None:
     assert ranks[0]["full"] == pytest.approx(single, rel=2e-5, abs=1e-6)
     assert ranks[0]["full"][-1] != pytest.approx(ranks[0]["full"][0], rel=1e-3)  # it did train
     assert ranks[0]["resumed"] == pytest.approx(ranks[0]["full"][CRASH_AT - 1 :], rel=1e-6, abs=1e-7)
+    assert ranks[0]["resumed"] == ranks[1]["resumed"]
     assert ranks[0]["saves"] > 0 and ranks[1]["saves"] == 0  # rank 0 alone writes checkpoints
     for name in ("full", "part"):
         steps = [json.loads(x)["step"] for x in (run / name / "metrics.jsonl").read_text().splitlines()]

@@ -23,7 +23,9 @@ from sak.pipeline.format.records import ExtractRecord
 from sak.pipeline.format.schema import CACHE_SCHEMA, generate_schema, shipped_schema
 from sak.pipeline.format.schema import main as schema_main
 from sak.pipeline.inspection.verify import check_cache
-from sak.student.data.loader import BatchReader, input_normalization, open_cache
+from sak.student.data.batches import BatchReader
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 
 V1 = Path(__file__).parent / "fixtures" / "v1_cache"
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from sak.student.model.student import TeacherTarget, build_student
+from sak.student.model.config import TeacherTarget
+from sak.student.model.registry import create_student
 from sak.student.train.losses import distillation_loss
 
 STEPS = 30
@@ -16,7 +17,7 @@ def _train(monkeypatch, backend: str) -> list[float]:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     torch.manual_seed(0)
     teachers = (TeacherTarget("dinov2_tiny", 64),)  # one adapter path: 5 fused adapters and 4 loss terms
-    model = build_student("tiny", teachers, img_size=32, use_kernels=True)
+    model = create_student("tiny", teachers, img_size=32, use_kernels=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(2, 3, 32, 32, generator=gen)

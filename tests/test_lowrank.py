@@ -26,7 +26,8 @@ from sak.pipeline.store.backends import create_teacher_store, level_records, ope
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.lowrank import prepare_bases
 from sak.pipeline.store.wds import WdsTeacherStore
-from sak.student.data.loader import BatchReader, decode_targets, open_cache
+from sak.student.data.batches import BatchReader, decode_targets
+from sak.student.data.opening import open_cache
 from sak.student.train.stage1 import train_stage1
 from sak.student.train.stage1_config import Stage1Config
 

@@ -20,7 +20,9 @@ from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.inspection.verify import verify_cache
 from sak.pipeline.store.codecs import get_codec, outlier_features
 from sak.pipeline.store.zarr import ShardRows, ZarrTeacherStore, check_compressor, create_store
-from sak.student.data.loader import BatchReader, input_normalization, open_cache
+from sak.student.data.batches import BatchReader
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

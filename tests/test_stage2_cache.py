@@ -11,7 +11,8 @@ from sak.cli.cache import main as cache_main
 from sak.pipeline.base.errors import SakError
 from sak.student.data.dense import DenseDataset, TrainSamples
 from sak.student.data.stage2_views import image_sha256
-from sak.student.train.stage2 import Stage2Config, train_stage2
+from sak.student.train.stage2 import train_stage2
+from sak.student.train.stage2_config import Stage2Config
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation

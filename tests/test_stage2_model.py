@@ -7,14 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
+from sak.student.model.config import TeacherTarget
 from sak.student.model.multitask import (
     NYUD_TASKS,
     PASCAL_CONTEXT_TASKS,
     MoRRouter,
     SakMultiTask,
-    resize_stem_input,
 )
-from sak.student.model.student import SakStudent, TeacherTarget, build_student
+from sak.student.model.registry import create_student
+from sak.student.model.student import SakStudent
 
 TINY_TEACHERS = [
     TeacherTarget("dinov2_tiny", 64),
@@ -26,7 +27,7 @@ TINY_DIM = 64
 
 def _student(img_size: int = 64, seed: int = 0) -> SakStudent:
     torch.manual_seed(seed)
-    return build_student("tiny", TINY_TEACHERS, img_size=img_size)
+    return create_student("tiny", TINY_TEACHERS, img_size=img_size)
 
 
 def _model(
@@ -126,7 +127,7 @@ def test_sum_variant_adds_experts_without_router():
 @pytest.mark.parametrize(("size", "tasks"), [((512, 512), PASCAL_CONTEXT_TASKS), ((448, 576), NYUD_TASKS)])
 def test_head_output_shapes_after_pos_embed_resample(size, tasks):
     model = _model(img_size=384, tasks=tasks)
-    resize_stem_input(model.student, size)
+    model.student.resize_input(size)
     h, w = size[0] // 16, size[1] // 16
     assert model.student.stem.pos_embed.shape == (1, 1 + h * w, TINY_DIM)
     model.eval()
@@ -136,12 +137,12 @@ def test_head_output_shapes_after_pos_embed_resample(size, tasks):
     assert len(gates) == 4 * len(tasks)
 
 
-def test_resize_stem_input_keeps_cls_and_is_identity_at_same_size():
+def test_resize_input_keeps_cls_and_is_identity_at_same_size():
     student = _student(img_size=64)
     before = student.stem.pos_embed.detach().clone()
-    resize_stem_input(student, (64, 64))
+    student.resize_input((64, 64))
     assert torch.equal(student.stem.pos_embed, before)
-    resize_stem_input(student, (96, 128))
+    student.resize_input((96, 128))
     after = student.stem.pos_embed
     assert after.shape == (1, 1 + 6 * 8, TINY_DIM)
     assert torch.equal(after[:, :1], before[:, :1])  # CLS position untouched
@@ -219,7 +220,7 @@ def test_mor_parameter_count_vit_b_three_teachers_five_tasks():
     # paper Table 22: ViT-B 86M, +TSAP (3 branches) 98M, +MoR (5 tasks) 104M
     teachers = [TeacherTarget(n, 768) for n in ("dinov2_b", "clip_b", "sam_b")]
     with torch.device("meta"):  # shapes only: no memory, no init cost
-        model = SakMultiTask(build_student("vit_b", teachers), PASCAL_CONTEXT_TASKS)
+        model = SakMultiTask(create_student("vit_b", teachers), PASCAL_CONTEXT_TASKS)
     stem = sum(p.numel() for p in model.student.stem.parameters())
     student = model.student.num_parameters()
     routers = model.num_router_parameters()

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 from sak.pipeline.base.errors import SakError
+from sak.student.model.config import TeacherTarget
 from sak.student.model.multitask import (
     PASCAL_CONTEXT_TASKS,
     SakMultiTask,
     convert_paper_stage2_state_dict,
     load_paper_stage2_checkpoint,
 )
-from sak.student.model.student import TeacherTarget, build_student
+from sak.student.model.registry import create_student
 
 PAPER = {"dinov2": ("dinov2_tiny", 64), "clip": ("clip_tiny", 96), "sam": ("sam_tiny", 48)}
 TEACHER_MAP = {p: ours for p, (ours, _) in PAPER.items()}
@@ -19,7 +20,7 @@ TEACHER_MAP = {p: ours for p, (ours, _) in PAPER.items()}
 
 def _model() -> SakMultiTask:
     torch.manual_seed(0)
-    student = build_student("tiny", [TeacherTarget(o, d) for o, d in PAPER.values()], img_size=64)
+    student = create_student("tiny", [TeacherTarget(o, d) for o, d in PAPER.values()], img_size=64)
     return SakMultiTask(student, PASCAL_CONTEXT_TASKS).eval()
 
 

@@ -13,13 +13,15 @@ import torch
 from sak.cli.train import main as train_main
 from sak.pipeline.base.errors import SakError
 from sak.student.model.multitask import SakMultiTask
+from sak.student.run.models import load_stage2
 from sak.student.train.counterfactual import (
     counterfactual_loss,
     exclude_expert,
     expert_contributions,
     sample_experts,
 )
-from sak.student.train.stage2 import Stage2Config, load_stage2, train_stage2
+from sak.student.train.stage2 import train_stage2
+from sak.student.train.stage2_config import Stage2Config
 from sak.student.train.stage2_teachers import load_stage1_run
 from sak.student.train.task_losses import TASK_LOSSES
 from tests.test_datasets import make_folder
@@ -58,11 +60,12 @@ def test_tiger_router_trains_and_logs_the_routing(trained):
     assert last < 0.8 * first
     assert all(r["cf"] >= 0 for r in records) and any(r["cf"] > 0 for r in records)
     config = json.loads((run / "config.json").read_text())
-    assert config["stage2"]["router"] == "tiger" and config["instructions"]["random_init"]
+    assert config["config"]["router"] == "tiger" and config["instructions"]["random_init"]
     assert (run / "instructions.safetensors").is_file()
-    model, meta = load_stage2(run)
+    loaded = load_stage2(run)
+    model, record = loaded.model, loaded.run
     E = model.num_experts  # stem + the stage-1 teachers
-    assert meta["router"] == "tiger" and E >= 3
+    assert record.config.router == "tiger" and model.router_kind == "tiger" and E >= 3
     routing = records[-1]["routing"]
     assert set(routing) == {f"{lvl}/{t}" for lvl in range(4) for t in ("semseg", "normals")}
     for v in routing.values():
@@ -72,7 +75,7 @@ def test_tiger_router_trains_and_logs_the_routing(trained):
 
 def test_tiger_router_gates_per_token_and_counterfactual_is_exact(trained):
     run, _ = trained
-    model, _ = load_stage2(run)
+    model = load_stage2(run).model
     model.train()
     torch.manual_seed(0)
     images = torch.rand(2, 3, 64, 64)

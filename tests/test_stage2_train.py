@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from sak.cli.train import main as train_main
-from sak.student.train.stage2 import Stage2Config, evaluate, load_stage2, train_stage2
+from sak.student.run.models import load_stage2
+from sak.student.train.run_eval import evaluate_run
+from sak.student.train.stage2 import train_stage2
+from sak.student.train.stage2_config import Stage2Config
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]
@@ -49,15 +52,15 @@ def test_loss_falls_and_run_folder_is_complete(trained):
     lines = (trained.run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == list(range(1, 25))
     meta = json.loads((trained.run / "checkpoint/model.json").read_text())
-    assert meta["kind"] == "sak-stage2" and meta["img_size"] == [64, 64] and meta["code_version"]
+    assert meta["run"] == "stage2" and meta["multitask"]["img_size"] == [64, 64] and meta["code_version"]
     assert json.loads((trained.run / "config.json").read_text())["tasks"] == {"semseg": 5, "normals": 3}
-    model, _ = load_stage2(trained.run)  # reload gives the same weights
+    model = load_stage2(trained.run).model  # reload gives the same weights
     saved = load_file(str(trained.run / "checkpoint/model.safetensors"))
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
 
 
 def test_eval_computes_every_metric_and_pictures(trained, folder, tmp_path):
-    report = evaluate(trained.run, "folder", folder, "val", out=tmp_path)
+    report = evaluate_run(trained.run, "folder", folder, "val", out=tmp_path)
     print(json.dumps(report["metrics"]))
     assert set(report["metrics"]) == {"semseg", "normals"}
     assert 0 <= report["metrics"]["semseg"]["value"] <= 100
@@ -68,7 +71,7 @@ def test_eval_computes_every_metric_and_pictures(trained, folder, tmp_path):
     gates = np.array(list(saved["router_mean_gates"].values()))  # (levels * tasks, E)
     assert gates.shape[1] == 4 and np.allclose(gates.sum(1), 1.0, atol=1e-5)
     assert (tmp_path / "routers.png").stat().st_size > 1000 and (tmp_path / "predictions.png").exists()
-    with_base = evaluate(
+    with_base = evaluate_run(
         trained.run, "folder", folder, "val", out=tmp_path, baselines={"semseg": 50, "normals": 20}
     )
     assert "delta_m" in with_base
@@ -99,7 +102,7 @@ def test_freeze_backbone_trains_only_routers_and_heads(stage1_run, folder, tmp_p
          "--num-workers", "0", "--out", str(out)]
     )  # fmt: skip
     assert code == 0
-    before = load_file(str(stage1_run / "checkpoint/student.safetensors"))
+    before = load_file(str(stage1_run / "checkpoint/model.safetensors"))
     after = load_file(str(out / "checkpoint/model.safetensors"))
     for k, v in before.items():
         if k == "stem.pos_embed":
@@ -121,7 +124,7 @@ def test_cli_errors_are_one_line(stage1_run, folder, tmp_path, capsys):
         train_main(["eval", "--checkpoint", str(tmp_path), "--dataset", "folder", "--data-root", str(folder)])
         == 2
     )
-    assert "no stage-2 checkpoint" in capsys.readouterr().err
+    assert "not a stage-2 or TIGER run" in capsys.readouterr().err
 
 
 def test_cli_eval_prints_the_table(trained, folder, tmp_path, capsys):
@@ -129,35 +132,3 @@ def test_cli_eval_prints_the_table(trained, folder, tmp_path, capsys):
     assert train_main([*args, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "semseg" in out and "mIoU" in out and "mErr" in out
-
-
-def test_resume_gives_the_same_remaining_losses(stage1_run, folder, tmp_path, monkeypatch):
-    """A stage-2 run stopped after its step-3 checkpoint resumes with the losses of an uninterrupted one."""
-    from sak.student.train import stage2 as stage2_mod
-
-    def cfg(name, **kw):
-        return Stage2Config.debug(
-            "folder", str(folder), str(stage1_run), str(tmp_path / name), online=True, steps=5, lr=1e-3,
-            checkpoint_every=3, **kw,
-        )  # fmt: skip
-
-    full = train_stage2(cfg("full"))
-    step_cls = stage2_mod._Stage2Step
-    calls = []
-
-    class Crashing(step_cls):
-        def __call__(self, batch):
-            calls.append(1)
-            if len(calls) == 5:
-                raise KeyboardInterrupt("simulated crash")
-            return super().__call__(batch)
-
-    monkeypatch.setattr(stage2_mod, "_Stage2Step", Crashing)
-    with pytest.raises(KeyboardInterrupt):
-        train_stage2(cfg("part"))
-    monkeypatch.undo()
-    resumed = train_stage2(cfg("part", resume=True))
-    print("stage-2 full", full.losses, "resumed (steps 4-5)", resumed.losses)
-    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
-    lines = (tmp_path / "part/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5]

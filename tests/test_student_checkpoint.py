@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
-from sak.student.model.student import SakStudent, TeacherTarget, build_student
+from sak.student.model.config import TeacherTarget
+from sak.student.model.registry import create_student
+from sak.student.model.student import SakStudent
 from sak.student.model.weights import (
     convert_paper_state_dict,
     load_paper_checkpoint,
@@ -32,7 +34,7 @@ DIM, DEPTH, LEVELS, IMG = 64, 4, [0, 1, 2, 3], 64
 
 def _randomized_tiny(seed: int = 0) -> SakStudent:
     torch.manual_seed(seed)
-    m = build_student("tiny", TEACHERS, img_size=IMG).eval()
+    m = create_student("tiny", TEACHERS, img_size=IMG).eval()
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
@@ -90,7 +92,7 @@ def test_config_from_metadata_when_sidecar_lost(tmp_path):
 def test_damaged_or_mismatched_checkpoint_is_refused(tmp_path):
     m = _randomized_tiny()
     path = save_student(m, tmp_path / "s.safetensors")
-    other = build_student("tiny", TEACHERS[:2], img_size=IMG)
+    other = create_student("tiny", TEACHERS[:2], img_size=IMG)
     with pytest.raises(SakError, match="sam_tiny"):  # names an unexpected key
         load_student_weights(other, path)
     raw = bytearray(path.read_bytes())
@@ -184,7 +186,7 @@ def _paper_forward(sd: dict[str, torch.Tensor], x: torch.Tensor) -> dict[str, li
 
 def test_paper_conversion_puts_every_tensor_in_place(tmp_path):
     paper = _paper_state_dict()
-    m = build_student("tiny", TEACHERS, img_size=IMG).eval()
+    m = create_student("tiny", TEACHERS, img_size=IMG).eval()
     load_paper_checkpoint(m, paper, TEACHER_MAP)
 
     # every paper tensor, looked up through module attributes rather than key strings
@@ -243,7 +245,7 @@ def test_paper_checkpoint_file_with_wrappers(tmp_path):
     torch.save({"model": {f"module.{k}": v for k, v in paper.items()}, "epoch": 29}, path)
     sd = read_paper_checkpoint(path)
     assert "tsap.sam.4.up.bias" in sd
-    m = build_student("tiny", TEACHERS, img_size=IMG)
+    m = create_student("tiny", TEACHERS, img_size=IMG)
     load_paper_checkpoint(m, path, TEACHER_MAP)
     assert (
         m.adapter_paths["clip_tiny"][0].scale.shape == (1,)
@@ -252,7 +254,7 @@ def test_paper_checkpoint_file_with_wrappers(tmp_path):
 
 
 def test_paper_conversion_errors_name_the_key():
-    m = build_student("tiny", TEACHERS, img_size=IMG)
+    m = create_student("tiny", TEACHERS, img_size=IMG)
     paper = _paper_state_dict()
     with pytest.raises(SakError, match=r"tsap\.sam\.0\.scale.*teacher 'sam' has no mapping"):
         convert_paper_state_dict(paper, {"dinov2": "dinov2_tiny", "clip": "clip_tiny"})

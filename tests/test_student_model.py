@@ -11,17 +11,16 @@ import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
 from sak.student.model import student as model_mod
-from sak.student.model.student import (
-    SakStudent,
-    StudentConfig,
-    TeacherTarget,
-    adapter_forward,
-    build_student,
+from sak.student.model.config import StudentConfig, TeacherTarget
+from sak.student.model.registry import (
+    STUDENTS,
+    StudentArch,
+    create_student,
     get_student_arch,
     list_students,
     student_normalization,
-    tap_levels,
 )
+from sak.student.model.student import SakStudent, adapter_forward, tap_levels
 
 TINY_TEACHERS = [
     TeacherTarget("dinov2_tiny", 64),
@@ -32,7 +31,7 @@ TINY_TEACHERS = [
 
 def _tiny(img_size: int = 64, teachers=TINY_TEACHERS, seed: int = 0) -> SakStudent:
     torch.manual_seed(seed)
-    return build_student("tiny", teachers, img_size=img_size).eval()
+    return create_student("tiny", teachers, img_size=img_size).eval()
 
 
 def _randomize_adapters(model: SakStudent, seed: int = 1) -> None:
@@ -62,7 +61,7 @@ def test_registry_lists_all_students_and_rejects_unknown():
 
 def test_register_student_twice_is_refused():
     with pytest.raises(ValueError, match="twice"):
-        model_mod.register_student("tiny")(lambda: get_student_arch("tiny"))
+        STUDENTS.add("tiny", StudentArch("sak", "vit_small_patch16_384"))
 
 
 def test_tap_levels():
@@ -75,13 +74,13 @@ def test_tap_levels():
 
 def test_tiny_has_no_pretrained_weights_and_bad_teachers_are_refused():
     with pytest.raises(SakError, match="no pretrained"):
-        build_student("tiny", TINY_TEACHERS, pretrained=True)
+        create_student("tiny", TINY_TEACHERS, pretrained=True)
     with pytest.raises(SakError, match="unique"):
-        build_student("tiny", [TeacherTarget("a", 64), TeacherTarget("a", 64)], img_size=32)
+        create_student("tiny", [TeacherTarget("a", 64), TeacherTarget("a", 64)], img_size=32)
     with pytest.raises(SakError, match="at least one teacher"):
-        build_student("tiny", [], img_size=32)
+        create_student("tiny", [], img_size=32)
     with pytest.raises(SakError, match="dot"):
-        build_student("tiny", [TeacherTarget("a.b", 64)], img_size=32)
+        create_student("tiny", [TeacherTarget("a.b", 64)], img_size=32)
 
 
 def test_normalization_comes_from_timm_pretrained_cfg():
@@ -108,7 +107,7 @@ def test_config_round_trip():
 def test_shapes_random_weights(name, img_size, dim, depth):
     teachers = [TeacherTarget("t_same", dim), TeacherTarget("t_wide", 1024 if dim != 1024 else 768)]
     torch.manual_seed(0)
-    m = build_student(name, teachers, img_size=img_size).eval()
+    m = create_student(name, teachers, img_size=img_size).eval()
     grid = img_size // 16
     assert m.levels == tap_levels(depth)
     with torch.no_grad():
@@ -124,7 +123,7 @@ def test_vit_l_shapes_on_meta_device():
     # the full-size 384 graph without allocating 344M parameters
     teachers = [TeacherTarget("dinov2_l", 1024), TeacherTarget("clip_b", 768)]
     with torch.device("meta"):
-        m = build_student("vit_l", teachers)
+        m = create_student("vit_l", teachers)
         out = m(torch.randn(2, 3, 384, 384))
     assert m.levels == [5, 11, 17, 23]
     assert [tuple(x.shape) for x in out.features.stem_levels] == [(2, 1024, 24, 24)] * 4
@@ -136,7 +135,7 @@ def test_vit_l_shapes_on_meta_device():
 def test_vit_l_real_weights_small_input():
     torch.manual_seed(0)
     teachers = [TeacherTarget(t, 1024) for t in ("dinov2_l", "clip_l", "sam_l")]
-    m = build_student("vit_l", teachers, img_size=32).eval()
+    m = create_student("vit_l", teachers, img_size=32).eval()
     with torch.no_grad():
         out = m(torch.randn(1, 3, 32, 32))
     assert [tuple(x.shape) for x in out.distill_maps["sam_l"]] == [(1, 1024, 2, 2)] * 4
@@ -156,7 +155,7 @@ def test_experts_order_stem_first_then_teachers():
 
 def test_dynamic_img_size_accepts_other_inputs():
     torch.manual_seed(0)
-    m = build_student("tiny", TINY_TEACHERS, img_size=64, dynamic_img_size=True).eval()
+    m = create_student("tiny", TINY_TEACHERS, img_size=64, dynamic_img_size=True).eval()
     with torch.no_grad():
         out = m(torch.randn(1, 3, 48, 80))
     assert tuple(out.distill_maps["clip_tiny"][0].shape) == (1, 96, 3, 5)
@@ -226,7 +225,7 @@ def test_stem_stream_untouched_by_adapters():
 
 def test_adapter_init_values():
     torch.manual_seed(0)
-    m = build_student("vit_s", [TeacherTarget("t", 384)], img_size=32)
+    m = create_student("vit_s", [TeacherTarget("t", 384)], img_size=32)
     path = m.adapter_paths["t"]
     assert len(path) == 12 + 1
     for a in path:
@@ -327,7 +326,7 @@ def test_use_kernels_without_kernel_module_is_a_clear_error(monkeypatch):
     model_mod._fused_adapter.cache_clear()
     try:
         with pytest.raises(SakError, match="use_kernels"):
-            build_student("tiny", TINY_TEACHERS, img_size=32, use_kernels=True)
+            create_student("tiny", TINY_TEACHERS, img_size=32, use_kernels=True)
     finally:
         model_mod._fused_adapter.cache_clear()
 
@@ -348,7 +347,7 @@ def test_parameter_counts_match_table_22(name, stem_m, total_m, teacher_dim):
     # counted on the meta device: same modules, no memory, no init time
     teachers = [TeacherTarget(t, teacher_dim) for t in ("dinov2", "clip", "sam")]
     with torch.device("meta"):
-        m = build_student(name, teachers)
+        m = create_student(name, teachers)
     stem = sum(p.numel() for p in m.stem.parameters())
     per_path = sum(p.numel() for p in m.adapter_paths["dinov2"].parameters())
     # the paper's stem counts include timm's 1000-class head (unused by SAK, dropped here) and appear

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sak.pipeline.base.errors import SakError
+from sak.student.train.dense_config import DEFAULT_TASK_WEIGHTS
 from sak.student.train.task_losses import (
-    DEFAULT_TASK_WEIGHTS,
     balanced_bce_loss,
     cross_entropy_loss,
     depth_l1_loss,

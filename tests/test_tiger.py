@@ -1,6 +1,6 @@
 """TIGER on the folder layout: a stage-2 cache of tiny named teachers (no stage-1 run) -> `sak-train tiger`
 -> `sak-train eval`; the routing's invariants and the counterfactual loss checked against direct
-recomputation; cache vs live teachers; instructions; exact resume."""
+recomputation; cache vs live teachers; instructions (exact resume: tests/test_run_harness.py)."""
 
 from __future__ import annotations
 
@@ -13,16 +13,12 @@ from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.inspection.verify import check_cache
-from sak.student.train import tiger as tiger_mod
+from sak.student.run.models import load_tiger
+from sak.student.train.counterfactual import counterfactual_loss, exclude_expert, expert_contributions
+from sak.student.train.dense_run import cached_source
 from sak.student.train.task_losses import TASK_LOSSES
-from sak.student.train.tiger import (
-    TigerConfig,
-    counterfactual_loss,
-    exclude_expert,
-    expert_contributions,
-    load_tiger,
-    train_tiger,
-)
+from sak.student.train.tiger import train_tiger
+from sak.student.train.tiger_config import TigerConfig
 from tests.test_datasets import make_folder
 
 NAMES = [f"img{i}" for i in range(5)]  # 4 training images, 1 for validation
@@ -112,14 +108,14 @@ def _batch(root, folder, model):
 
     data = DenseDataset("folder", folder, "train")
     batch = collate([TrainSamples(data, CROP)[i] for i in range(2)])
-    source = tiger_mod._cached_source(_cfg(root, folder, "unused"), data, CROP)
+    source = cached_source(_cfg(root, folder, "unused"), data, CROP)
     maps = source.fetch(batch, batch["images"], torch.device("cpu"))
     return maps, batch["labels"]
 
 
 def test_gates_sum_to_one_and_counterfactual_matches_direct_recomputation(trained):
     root, folder, _ = trained
-    model, _ = load_tiger(root / "run")
+    model = load_tiger(root / "run").model
     model.train()
     maps, targets = _batch(root, folder, model)
     out = model(maps, CROP)
@@ -146,7 +142,7 @@ def test_gates_sum_to_one_and_counterfactual_matches_direct_recomputation(traine
 
 def test_counterfactual_gradient_reaches_only_the_routers(trained):
     root, folder, _ = trained
-    model, _ = load_tiger(root / "run")
+    model = load_tiger(root / "run").model
     model.train()
     maps, targets = _batch(root, folder, model)
     cf, _ = counterfactual_loss(model, model(maps, CROP), targets, CROP, tau=0.1)
@@ -179,29 +175,6 @@ def test_instruction_text_changes_identity_and_gates(setup, tmp_path):
     ga, gb = a.records[0]["routing"], b.records[0]["routing"]
     assert ga["0/semseg"]["gate"] != pytest.approx(gb["0/semseg"]["gate"], abs=1e-6)
     assert ga["0/normals"]["gate"] == pytest.approx(gb["0/normals"]["gate"], abs=1e-6)  # same sentence
-
-
-def test_resume_gives_the_same_remaining_losses(setup, monkeypatch):
-    root, folder = setup
-    full = train_tiger(_cfg(root, folder, "full", steps=6))
-    step = tiger_mod.tiger_step
-    calls = []
-
-    def crash_at_5(*args, **kw):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return step(*args, **kw)
-
-    monkeypatch.setattr(tiger_mod, "tiger_step", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        train_tiger(_cfg(root, folder, "part", steps=6, checkpoint_every=3))
-    monkeypatch.undo()
-    resumed = train_tiger(_cfg(root, folder, "part", steps=6, checkpoint_every=3, resume=True))
-    print("full", full.losses, "resumed (steps 4-6)", resumed.losses)
-    assert resumed.losses == pytest.approx(full.losses[3:], abs=1e-6)
-    lines = (root / "part/metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
 
 
 def test_bad_options_are_refused(setup, tmp_path):
@@ -272,7 +245,7 @@ def test_sampled_counterfactual_is_exact_on_its_experts(trained):
     from sak.student.train.counterfactual import sample_experts
 
     root, folder, _ = trained
-    model, _ = load_tiger(root / "run")
+    model = load_tiger(root / "run").model
     model.train()
     maps, targets = _batch(root, folder, model)
     out = model(maps, CROP)

@@ -18,7 +18,8 @@ from sak.pipeline.extraction.config import ExtractConfig
 from sak.pipeline.extraction.driver import run_extraction
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.store.codecs import get_codec
-from sak.student.data.loader import open_cache
+from sak.student.data.opening import open_cache
+from sak.student.run.harness import RunRequest
 from sak.student.train.stage1 import build_student_for, train_stage1
 from sak.student.train.stage1_config import Stage1Config, resolve_schedule
 
@@ -97,13 +98,13 @@ def test_it_learns(cache16, tmp_path):
 def test_resume_gives_the_uninterrupted_losses(cache16, tmp_path):
     kw = dict(steps=8, num_workers=2, batch_size=3, warmup_steps=2, grad_clip=1.0)
     whole = train_stage1(_cfg(cache16, tmp_path / "whole", **kw))
-    part = train_stage1(_cfg(cache16, tmp_path / "part", stop_after=3, **kw))
+    part = train_stage1(_cfg(cache16, tmp_path / "part", **kw), RunRequest(stop_after=3))
     assert part.step == 3 and part.repsim_after is None
-    rest = train_stage1(_cfg(cache16, tmp_path / "part", **kw), resume=True)
+    rest = train_stage1(_cfg(cache16, tmp_path / "part", **kw), RunRequest(resume=True))
     assert rest.step == 8 and len(rest.losses) == 5
     assert part.losses + rest.losses == whole.losses  # bit-exact
-    a = load_file(str(tmp_path / "whole/checkpoint/student.safetensors"))
-    b = load_file(str(tmp_path / "part/checkpoint/student.safetensors"))
+    a = load_file(str(tmp_path / "whole/checkpoint/model.safetensors"))
+    b = load_file(str(tmp_path / "part/checkpoint/model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     config = json.loads((tmp_path / "part/config.json").read_text())
     assert config["resumed"][0]["step"] == 3
@@ -128,15 +129,18 @@ def test_run_folder_holds_metrics_config_and_checkpoint(cache16, tmp_path):
     assert terms == pytest.approx(train[0]["loss"], rel=1e-5)
     assert list((run / "tb").iterdir())  # TensorBoard event file
     ckpt = run / "checkpoint"
-    for name in ("student.safetensors", "student.json", "train_state.safetensors", "train_state.json"):
+    for name in ("model.safetensors", "model.json", "state.safetensors", "state.json"):
         assert (ckpt / name).is_file(), name
-    side = json.loads((ckpt / "student.json").read_text())
-    assert side["config"]["name"] == "tiny" and side["code_version"]
-    assert side["extra"]["stage1"]["steps"] == 4 and side["extra"]["step"] == 4
-    state = json.loads((ckpt / "train_state.json").read_text())
+    model = json.loads((ckpt / "model.json").read_text())
+    assert (
+        model["run"] == "stage1" and model["student"]["name"] == "tiny" and model["student"]["type"] == "sak"
+    )
+    assert model["step"] == 4 and model["code_version"]
+    state = json.loads((ckpt / "state.json").read_text())
     assert state["loader"]["batches"] == 4 and state["scheduler"]["last_epoch"] == 4
     config = json.loads((run / "config.json").read_text())
-    assert config["stage1"]["normalization"] == "student" and config["code_version"]
+    assert config["config"]["normalization"] == "student" and config["code_version"]
+    assert config["config"]["steps"] == 4 and config["schema_version"] == 1
     assert config["resolved"]["total_steps"] == 4 and config["resolved"]["holdout_views"] == 4
 
 
@@ -199,12 +203,14 @@ def test_cli_stage1_report_and_repsim(cache16, tmp_path, capsys, sak_log_handler
     assert train_main([*args, "--out", run]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert train_main(["stage1", "--resume", run, "--seed", "3"]) == 2
-    assert "seed: run has 0, now 3" in capsys.readouterr().err
+    assert "--seed 3 differs from the run's 0" in capsys.readouterr().err
     assert train_main([*args, "--epochs", "1", "--out", str(tmp_path / "r2")]) == 2
     assert "exactly one of --steps and --epochs" in capsys.readouterr().err
-    # --resume alone continues with the recorded options, here extended to 5 steps
-    assert train_main(["stage1", "--resume", run, "--steps", "5", "--no-tensorboard"]) == 2  # steps is fixed
-    assert train_main(["stage1", "--resume", run, "--stop-after", "3"]) == 0
+    # --resume with the recorded options, the length extended to 5 steps (and stopped once after 4)
+    assert train_main(["stage1", "--resume", run, "--steps", "5", "--stop-after", "4"]) == 0
+    assert "stopped at step 4/5" in capsys.readouterr().out
+    assert train_main(["stage1", "--resume", run]) == 0
+    assert "trained 5 steps" in capsys.readouterr().out
 
 
 def test_a_store_of_some_levels_trains_those_taps_only(cache32, tmp_path):

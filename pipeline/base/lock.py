@@ -25,8 +25,11 @@ log = logging.getLogger("sak")
 
 
 class CacheLock:
-    def __init__(self, cache_dir: str | Path) -> None:
+    """writer: what holds such a lock, for the refusal ("sak-cache run"; "trainer" on a run folder)."""
+
+    def __init__(self, cache_dir: str | Path, writer: str = "sak-cache run") -> None:
         self.path = Path(cache_dir) / LOCK_FILE
+        self.writer = writer
         self.fd: int | None = None
 
     def _holder(self) -> dict:
@@ -45,7 +48,7 @@ class CacheLock:
             h = self._holder()
             who = f"pid {h.get('pid', '?')} on {h.get('host', '?')}, started {h.get('started', '?')}"
             raise SakError(
-                f"{self.path.parent} is being written by another sak-cache run ({who}: {h.get('command', '?')}); "
+                f"{self.path.parent} is being written by another {self.writer} ({who}: {h.get('command', '?')}); "
                 f"wait for it to finish or stop it, then run again"
             ) from None
         stale = self._holder()

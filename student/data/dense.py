@@ -67,22 +67,15 @@ from PIL import Image
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.sources.images import cut_view
 from sak.pipeline.sources.views import ViewSampler, view_seed
+from sak.student.data.dense_sets import (  # noqa: F401  (parse_img_size: the stage-2 cache builder's import)
+    DATASET_METRIC_NAME,
+    DATASETS,
+    DEFAULT_INPUT_SIZE,
+    parse_img_size,
+)
 from sak.student.model.multitask import NYUD_TASKS, PASCAL_CONTEXT_TASKS
 
 IGNORE_INDEX = 255
-DATASETS = ("pascal", "nyud", "folder")
-DATASET_METRIC_NAME = {"pascal": "pascal_context", "nyud": "nyud", "folder": "folder"}
-DEFAULT_INPUT_SIZE = {"pascal": (512, 512), "nyud": (448, 576), "folder": (512, 512)}
-
-
-def parse_img_size(text: str | None) -> tuple[int, int] | None:
-    """`--img-size HxW` (stage 2 and its cache) -> (H, W); None when not given."""
-    if not text:
-        return None
-    h, sep, w = text.lower().partition("x")
-    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
-        raise SakError(f"--img-size {text!r} must look like HxW, e.g. 512x512 or 448x576")
-    return int(h), int(w)
 
 
 FOLDER_TASKS = ("semseg", "human_parts", "sal", "normals", "edge", "depth")

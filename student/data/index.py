@@ -1,6 +1,6 @@
 """What a cache holds, as the student reads it: the selected teacher stores and the per-row columns.
 
-`open_cache` (loader.py) builds a `CacheIndex`; the data order (order.py), the integrity checks
+`open_cache` (opening.py) builds a `CacheIndex`; the data order (order.py), the integrity checks
 (integrity.py) and the loader all take one. It sits below them so none of them imports another back.
 """
 

@@ -4,7 +4,7 @@ seeded per-epoch order, each slot's images are shuffled within windows of `shuff
 epoch e reads view e mod K of each image; the last `holdout_shards` shards are never trained on (Rep Sim
 is measured there). The permutations use the project's SplitMix64, not numpy's or torch's generators,
 so a resumed run on other hardware replays the same batches. Kept apart from the reading and loading
-in loader.py because it is pure: testable on plain numbers, and the order a resume must reproduce.
+in batches.py and loader.py because it is pure: testable on plain numbers, and the order a resume must reproduce.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class StreamPlan:
     train_shards: shards trained on (the held-out ones excluded).
     batch_size: samples per batch of this rank (global batch / world size).
     seed: data-order seed; epoch e's shard order and windows are seeded by (seed, e, ...).
-    world_size, rank: DDP ranks; streams: loader workers per rank (1 without workers).
+    world_size, rank: DDP ranks; streams: loader streams per rank (the loader workers a run started with,
+      1 without workers): part of the order, so a resumed run keeps them whatever its workers now.
     shuffle_window: shards of one slot whose images are shuffled together.
     """
 
@@ -155,18 +156,14 @@ def make_stream_plan(
     num_workers: int = 0,
     shuffle_window: int = 8,
     holdout_shards: int = 1,
+    streams: int | None = None,
 ) -> StreamPlan:
-    """The plan for one rank; streams = loader workers, fewer when there are too few shards."""
+    """The plan for one rank; streams = loader workers, fewer when there are too few shards. `streams`
+    given (a resumed run's recorded count) fixes the order whatever the workers now: the loader then
+    runs the streams on fewer workers (CacheLoader)."""
     train, _ = split_shards(index.num_shards, holdout_shards)
-    streams = max(1, num_workers)
-    if len(train) < world_size * streams:
-        fit = max(1, len(train) // world_size)
-        if fit < streams:
-            log.info(
-                f"{len(train)} training shard(s) for {world_size} rank(s): using {fit} loader stream(s) per "
-                f"rank instead of {streams} (a worker owns whole shards)"
-            )
-        streams = fit
+    if streams is None:
+        streams = _streams_for(len(train), world_size, max(1, num_workers))
     return StreamPlan(
         num_images=index.num_images,
         views_per_image=index.views_per_image,
@@ -179,6 +176,19 @@ def make_stream_plan(
         streams=streams,
         shuffle_window=shuffle_window,
     )
+
+
+def _streams_for(train_shards: int, world_size: int, wanted: int) -> int:
+    """Loader streams per rank for a new run: one per worker, fewer when there are too few shards."""
+    if train_shards >= world_size * wanted:
+        return wanted
+    fit = max(1, train_shards // world_size)
+    if fit < wanted:
+        log.info(
+            f"{train_shards} training shard(s) for {world_size} rank(s): using {fit} loader stream(s) per "
+            f"rank instead of {wanted} (a worker owns whole shards)"
+        )
+    return fit
 
 
 def holdout_rows(index: CacheIndex, holdout_shards: int) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 The embeddings (T, text_dim), L2-normalised as CLIP's are, and the encoder's identity (model, pretrained
 tag or "random init, seed s", sha256 of the texts) are stored in the run (`RUN/instructions.json` +
-`RUN/instructions.safetensors`), so training and evaluation never hold the text model. Without weights
+`RUN/instructions.safetensors`, written and read by student/run/folder.py), so training and evaluation
+never hold the text model. Without weights
 (no network here) `--text-pretrained none` builds the real architecture with random weights, flagged in
 the identity; such embeddings still differ per sentence but carry no language meaning.
 """
@@ -11,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from sak.pipeline.base.errors import SakError
+from sak.student.model.config import InstructionIdentity
 
 DEFAULT_INSTRUCTIONS = {
     "semseg": "Segment the image into semantic classes, labelling every pixel with its object or stuff category.",
@@ -26,19 +27,6 @@ DEFAULT_INSTRUCTIONS = {
     "edge": "Detect the boundaries between objects and regions in the image.",
     "depth": "Estimate the distance from the camera to the scene at every pixel.",
 }
-
-
-@dataclass(frozen=True)
-class InstructionIdentity:
-    model: str  # open_clip model name, e.g. ViT-B-32
-    weights: str  # the pretrained tag, or "random init, seed s"
-    random_init: bool
-    texts_sha256: str  # of the canonical JSON of {task: text}
-    texts: dict[str, str]
-    dim: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def texts_sha256(texts: dict[str, str]) -> str:
@@ -95,26 +83,3 @@ def encode_instructions(
     )
     del model  # the text model is never held during training
     return emb.contiguous(), identity
-
-
-def save_instructions(run: Path, emb: torch.Tensor, identity: InstructionIdentity) -> None:
-    from safetensors.torch import save_file
-
-    from sak.pipeline.base.provenance import sha256_file, write_json_atomic
-
-    save_file({"embeddings": emb.contiguous()}, str(run / "instructions.safetensors"))
-    write_json_atomic(
-        run / "instructions.json",
-        {**identity.to_dict(), "embeddings_sha256": sha256_file(run / "instructions.safetensors")},
-    )
-
-
-def load_instructions(run: Path) -> tuple[torch.Tensor, InstructionIdentity]:
-    from safetensors.torch import load_file
-
-    from sak.pipeline.base.provenance import read_json, sha256_file
-
-    meta = read_json(run / "instructions.json")
-    if sha256_file(run / "instructions.safetensors") != meta.pop("embeddings_sha256", None):
-        raise SakError(f"{run / 'instructions.safetensors'} does not match its recorded checksum")
-    return load_file(str(run / "instructions.safetensors"))["embeddings"], InstructionIdentity(**meta)

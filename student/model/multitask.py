@@ -28,7 +28,6 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 
 from sak.pipeline.base.errors import SakError
 from sak.student.model.routing import InstructionRouter, TokenRouting, fuse_tokens, tokens_of
@@ -148,28 +147,6 @@ class DecodeHead(nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # wrapper
-
-
-def resize_stem_input(student: SakStudent, img_size: tuple[int, int]) -> None:
-    """Resample the stem's absolute position embedding from its current grid to img_size (H, W).
-
-    Call after loading stage-1 weights (built for 384x384) and before stage 2 at, e.g., 512x512
-    or 448x576. Bicubic, prefix (CLS) position kept, as timm's resample_abs_pos_embed does it.
-    """
-    stem = student.stem
-    old_grid = tuple(stem.patch_embed.grid_size)
-    stem.patch_embed.set_input_size(img_size=tuple(img_size))
-    new_grid = tuple(stem.patch_embed.grid_size)
-    if stem.pos_embed is not None and new_grid != old_grid:
-        prefix = 0 if stem.no_embed_class else stem.num_prefix_tokens
-        with torch.no_grad():
-            resampled = resample_abs_pos_embed(
-                stem.pos_embed.data,
-                new_size=list(new_grid),
-                old_size=list(old_grid),
-                num_prefix_tokens=prefix,
-            )
-        stem.pos_embed = nn.Parameter(resampled, requires_grad=stem.pos_embed.requires_grad)
 
 
 class SakMultiTask(nn.Module):

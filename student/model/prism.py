@@ -32,9 +32,10 @@ from torch.utils.checkpoint import checkpoint
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.registry import Registry
+from sak.student.model.config import TeacherTarget  # re-exported below
 from sak.student.model.prism_moe import BlockRouting, DualStreamBlock
 from sak.student.model.prism_pairs import RoutePairs, assign_teachers, pairs_every_condition
-from sak.student.model.student import INIT_STD, TeacherTarget  # TeacherTarget: re-exported below
+from sak.student.model.student import INIT_STD
 
 # ----------------------------------------------------------------------------------------------
 # configuration

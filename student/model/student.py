@@ -18,133 +18,25 @@ Module attributes are named so that the paper code's state_dict converts by a pl
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.teachers.specs import tap_levels  # the one level-tap rule, shared with the teachers
+from sak.student.model.config import StudentArch, StudentConfig
 
 ADAPTER_REDUCTION = 4  # down-projection C -> C/4 (paper B.1)
 LEVEL_NORM_EPS = 1e-5  # per-level LayerNorm; note the ViT's own norms use 1e-6
 INIT_STD = 0.02
-
-# ----------------------------------------------------------------------------------------------
-# registry
-
-
-@dataclass(frozen=True)
-class StudentArch:
-    """How to build one registered stem: a timm model name plus constructor overrides."""
-
-    timm_name: str
-    overrides: tuple[tuple[str, Any], ...] = ()  # timm kwargs, as pairs so the dataclass stays hashable
-    has_pretrained: bool = True  # False for test variants: pretrained=True is refused
-
-
-_STUDENTS: dict[str, Callable[[], StudentArch]] = {}
-
-
-def register_student(name: str) -> Callable[[Callable[[], StudentArch]], Callable[[], StudentArch]]:
-    """Decorator: `@register_student("vit_b")` on a function returning the StudentArch."""
-
-    def wrap(fn: Callable[[], StudentArch]) -> Callable[[], StudentArch]:
-        if name in _STUDENTS:
-            raise ValueError(f"student {name!r} is registered twice")
-        _STUDENTS[name] = fn
-        return fn
-
-    return wrap
-
-
-def list_students() -> list[str]:
-    return sorted(_STUDENTS)
-
-
-def get_student_arch(name: str) -> StudentArch:
-    if name not in _STUDENTS:
-        raise SakError(f"unknown student {name!r}; known students: {', '.join(list_students())}")
-    return _STUDENTS[name]()
-
-
-@register_student("vit_s")
-def _vit_s() -> StudentArch:
-    return StudentArch("vit_small_patch16_384")  # 22M, C 384, 12 blocks
-
-
-@register_student("vit_b")
-def _vit_b() -> StudentArch:
-    return StudentArch("vit_base_patch16_384")  # 86M, C 768, 12 blocks
-
-
-@register_student("vit_l")
-def _vit_l() -> StudentArch:
-    return StudentArch("vit_large_patch16_384")  # 304M, C 1024, 24 blocks
-
-
-@register_student("tiny")
-def _tiny() -> StudentArch:
-    # same timm VisionTransformer class and patch 16, shrunk so tests run in milliseconds
-    overrides = (("embed_dim", 64), ("depth", 4), ("num_heads", 2))
-    return StudentArch("vit_small_patch16_384", overrides=overrides, has_pretrained=False)
-
-
-def student_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) the stem's pretrained weights expect, from the timm pretrained_cfg (for the loader)."""
-    cfg = timm.models.get_pretrained_cfg(get_student_arch(name).timm_name)
-    return tuple(cfg.mean), tuple(cfg.std)
-
-
-# ----------------------------------------------------------------------------------------------
-# config
-
-
-@dataclass(frozen=True)
-class TeacherTarget:
-    """One teacher the student distils from: its registry name and feature width (order matters)."""
-
-    name: str
-    dim: int
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    """Everything needed to rebuild a student; recorded next to every checkpoint.
-
-    name: registered student (`vit_s`, `vit_b`, `vit_l`, `tiny`).
-    teachers: one adapter path per teacher, in this order; level i matches the teacher's i-th level.
-    img_size: input size the position embedding is built for (384 in stage 1).
-    pretrained: load the timm weights for the stem (needs network or a timm cache).
-    dynamic_img_size: resample the position embedding on the fly for other input sizes (stage 2).
-    use_kernels: route adapters through sak.kernels.adapter.fused_adapter.
-    """
-
-    name: str
-    teachers: tuple[TeacherTarget, ...]
-    img_size: int = 384
-    pretrained: bool = False
-    dynamic_img_size: bool = False
-    use_kernels: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StudentConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise SakError(f"student config has unknown fields {unknown}; written by a newer version?")
-        teachers = tuple(TeacherTarget(str(t["name"]), int(t["dim"])) for t in d["teachers"])
-        return cls(**{**d, "teachers": teachers})
-
 
 # ----------------------------------------------------------------------------------------------
 # adapter
@@ -234,12 +126,9 @@ class StudentOutput:
 
 
 def build_stem(
-    name: str, img_size: int = 384, pretrained: bool = False, dynamic_img_size: bool = False
+    arch: StudentArch, img_size: int = 384, pretrained: bool = False, dynamic_img_size: bool = False
 ) -> VisionTransformer:
     """The registered timm ViT with its classifier head and final norm removed (both unused by SAK)."""
-    arch = get_student_arch(name)
-    if pretrained and not arch.has_pretrained:
-        raise SakError(f"student {name!r} is a random-init test variant; it has no pretrained weights")
     stem = timm.create_model(
         arch.timm_name,
         pretrained=pretrained,
@@ -249,7 +138,7 @@ def build_stem(
         **dict(arch.overrides),
     )
     if not isinstance(stem, VisionTransformer):
-        raise SakError(f"student {name!r} builds {type(stem).__name__}, expected a timm VisionTransformer")
+        raise SakError(f"{arch.timm_name} builds {type(stem).__name__}, expected a timm VisionTransformer")
     # no final norm for taps; an Identity also keeps DDP from seeing parameters without gradients
     stem.norm = nn.Identity()
     return stem
@@ -259,10 +148,11 @@ class SakStudent(nn.Module):
     """Teacher-Agnostic Stem + one Teacher-Specific Adapter Path per teacher (stage 1 of SAK).
 
     forward(images) -> StudentOutput(distill_maps, features); forward_features(images) -> StudentFeatures;
-    align(features) -> distill_maps. Stage 2 adds routers and heads on top of forward_features.
+    align(features) -> distill_maps. Stage 2 adds routers and heads on top of forward_features. Built by
+    the student registry (type "sak"; student/model/registry.py) from the config and the registered arch.
     """
 
-    def __init__(self, config: StudentConfig):
+    def __init__(self, config: StudentConfig, arch: StudentArch):
         super().__init__()
         names = [t.name for t in config.teachers]
         if not names:
@@ -277,7 +167,7 @@ class SakStudent(nn.Module):
         if config.use_kernels:
             _fused_adapter()  # fail now, not mid-training, when the kernel module is missing
 
-        self.stem = build_stem(config.name, config.img_size, config.pretrained, config.dynamic_img_size)
+        self.stem = build_stem(arch, config.img_size, config.pretrained, config.dynamic_img_size)
         dim = self.stem.embed_dim
         depth = len(self.stem.blocks)
         self.levels = tap_levels(depth)
@@ -320,6 +210,32 @@ class SakStudent(nn.Module):
     @property
     def embed_dim(self) -> int:
         return self.stem.embed_dim
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """(h, w) patch grid of the input size the position embedding is built for."""
+        return tuple(self.stem.patch_embed.grid_size)
+
+    def resize_input(self, img_size: tuple[int, int]) -> None:
+        """Resample the stem's absolute position embedding from its current grid to img_size (H, W).
+
+        Stage 2 calls it after loading the stage-1 weights (built for 384x384) to train at, e.g., 512x512 or
+        448x576. Bicubic, prefix (CLS) position kept, as timm's resample_abs_pos_embed does it.
+        """
+        stem = self.stem
+        old_grid = tuple(stem.patch_embed.grid_size)
+        stem.patch_embed.set_input_size(img_size=tuple(img_size))
+        new_grid = tuple(stem.patch_embed.grid_size)
+        if stem.pos_embed is not None and new_grid != old_grid:
+            prefix = 0 if stem.no_embed_class else stem.num_prefix_tokens
+            with torch.no_grad():
+                resampled = resample_abs_pos_embed(
+                    stem.pos_embed.data,
+                    new_size=list(new_grid),
+                    old_size=list(old_grid),
+                    num_prefix_tokens=prefix,
+                )
+            stem.pos_embed = nn.Parameter(resampled, requires_grad=stem.pos_embed.requires_grad)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute stem blocks in backward (the adapters are cheap and keep their activations)."""
@@ -383,23 +299,3 @@ class SakStudent(nn.Module):
     def forward(self, images: torch.Tensor) -> StudentOutput:
         features = self.forward_features(images)
         return StudentOutput(distill_maps=self.align(features), features=features)
-
-
-def build_student(
-    name: str,
-    teachers: Sequence[TeacherTarget],
-    img_size: int = 384,
-    pretrained: bool = False,
-    dynamic_img_size: bool = False,
-    use_kernels: bool = False,
-) -> SakStudent:
-    """Convenience over `SakStudent(StudentConfig(...))`."""
-    config = StudentConfig(
-        name=name,
-        teachers=tuple(teachers),
-        img_size=img_size,
-        pretrained=pretrained,
-        dynamic_img_size=dynamic_img_size,
-        use_kernels=use_kernels,
-    )
-    return SakStudent(config)

@@ -22,64 +22,16 @@ from the task losses through the fusion. `counterfactual` (student/train/tiger.p
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sak.pipeline.base.errors import SakError
+from sak.student.model.config import TigerModelConfig
 from sak.student.model.multitask import DecodeHead
 from sak.student.model.routing import InstructionRouter, TokenRouting, fuse_tokens
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    """One expert: a teacher's stored level. `valid` is the fraction (rows, cols) of its grid that covers
-    the image (SAM sees the image resized to its fixed side and zero-padded square; others: (1, 1))."""
-
-    teacher: str
-    block: int
-    position: int  # index of this level in the teacher's stored levels (its maps list)
-    dim: int
-    valid: tuple[float, float] = (1.0, 1.0)
-
-    @property
-    def name(self) -> str:
-        return f"{self.teacher}@{self.block}"
-
-
-@dataclass(frozen=True)
-class TigerModelConfig:
-    experts: tuple[ExpertSpec, ...]
-    tasks: tuple[tuple[str, int], ...]  # (task, output channels)
-    grid: tuple[int, int]  # common token grid of the experts
-    text_dim: int  # width of the instruction embeddings
-    dim: int = 256  # D: width of the projected experts and of the heads
-    router_hidden: int = 64  # H: width inside a router
-    num_levels: int = 4  # L: fused maps per task, one router each
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> TigerModelConfig:
-        experts = tuple(
-            ExpertSpec(e["teacher"], int(e["block"]), int(e["position"]), int(e["dim"]), tuple(e["valid"]))
-            for e in d["experts"]
-        )
-        return cls(
-            experts=experts,
-            tasks=tuple((t, int(n)) for t, n in d["tasks"]),
-            grid=tuple(d["grid"]),
-            text_dim=int(d["text_dim"]),
-            dim=int(d["dim"]),
-            router_hidden=int(d["router_hidden"]),
-            num_levels=int(d["num_levels"]),
-        )
-
 
 TigerOutput = TokenRouting  # preds, gates, experts (B, N, E, D) shared by the levels, fused, grid
 

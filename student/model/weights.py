@@ -1,9 +1,10 @@
 """Student weights on disk: safetensors (never pickle) + a JSON sidecar, and the paper-code converter.
 
-    student.safetensors   every tensor of SakStudent.state_dict(); the config JSON also in its metadata
+    student.safetensors   every tensor of the student's state_dict(); the config JSON also in its metadata
     student.json          {"kind", "schema_version", "config", "code_version", "weights_sha256", ...}
 
-A stage-1 run's training state (optimizer, RNG, loader) is train/checkpoint.py's.
+A run's checkpoint (weights with optimizer, RNG, loader) is student/run/checkpoint.py's; this format is
+the student exported on its own (`repsim --checkpoint FILE.safetensors`, the paper converter's output).
 
 The paper's public code names its modules differently; `convert_paper_state_dict` maps its layout
 onto ours by keys alone (no shape guessing):
@@ -36,7 +37,8 @@ from sak.pipeline.base.provenance import (
     sha256_file,
     write_json_atomic,
 )
-from sak.student.model.student import SakStudent, StudentConfig
+from sak.student.model.config import StudentConfig
+from sak.student.model.registry import build_student, student_type, without_pretrained
 
 CHECKPOINT_KIND = "sak-student"
 CONFIG_METADATA_KEY = "sak_config"
@@ -73,7 +75,9 @@ def check_state_dict(
             )
 
 
-def load_state_dict_checked(model: SakStudent, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_dict_checked(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str
+) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items()}
     check_state_dict(state_dict, expected, source)
     model.load_state_dict(dict(state_dict), strict=True)
@@ -83,7 +87,9 @@ def load_state_dict_checked(model: SakStudent, state_dict: Mapping[str, torch.Te
 # our format
 
 
-def save_student(model: SakStudent, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+def save_student(
+    model: torch.nn.Module, path: str | os.PathLike, extra: dict[str, Any] | None = None
+) -> Path:
     """Write weights (atomically, via a temporary file and rename) and then the sidecar. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,7 +143,7 @@ def read_student_config(path: str | os.PathLike) -> StudentConfig:
 
 
 def load_student_weights(
-    model: SakStudent, path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
+    model: torch.nn.Module, path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
 ) -> None:
     """Load a save_student file into an existing model; keys and shapes must match exactly."""
     path = Path(path)
@@ -155,10 +161,9 @@ def load_student_weights(
 
 def load_student(
     path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
-) -> SakStudent:
+) -> torch.nn.Module:
     """Rebuild the student from its recorded config (stem weights come from the file, not timm) and load."""
-    config = read_student_config(path)
-    model = SakStudent(StudentConfig.from_dict({**config.to_dict(), "pretrained": False}))
+    model = build_student(without_pretrained(read_student_config(path)))
     model.to(device)
     load_student_weights(model, path, device=device, verify=verify)
     return model
@@ -258,11 +263,13 @@ def read_paper_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_paper_checkpoint(
-    model: SakStudent,
+    model: torch.nn.Module,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     teacher_map: Mapping[str, str],
 ) -> None:
     """Convert a paper-code state_dict (or file) and load it into `model`, strictly."""
+    if not student_type(model.config).paper_layout:
+        raise SakError(f"student type {model.config.type!r} has no conversion from the paper code's layout")
     sd = source if isinstance(source, Mapping) else read_paper_checkpoint(source)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     converted = convert_paper_state_dict(sd, teacher_map, expected)

@@ -5,35 +5,57 @@ DenseTrainConfig is the base dataclass of both (keyword-only fields). A subclass
 change its default or help (e.g. `steps`: 40000 for stage 2, 20000 for TIGER); a re-declared field keeps the
 base's place, so each command's --help lists its options in the same order as before the base existed
 (options.py orders by group, then by field). Fields whose place differs between the two commands
-(num_workers, log_every, device) are shared as field functions instead.
+(num_workers, log_every, device) are shared as field functions instead. No torch at import: the run
+record and `--help` read these configs (the optimiser is built by `optimizer()`, which imports it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from sak.pipeline.base.errors import SakError
-from sak.student.data.dense import DATASETS, DEFAULT_INPUT_SIZE, DenseDataset
-from sak.student.train.task_losses import DEFAULT_TASK_WEIGHTS
+from sak.student.data.dense_sets import DATASETS, DEFAULT_INPUT_SIZE
+from sak.student.run.resume import LENGTH, MACHINE, PATH, on_resume
 
 OPTIMISATION = "optimisation"  # the --help group of the optimiser's options
 
+# the paper's task loss weights (B.5): semseg 1, human parts 2, saliency 5, normals 10, edges 50, depth 1
+DEFAULT_TASK_WEIGHTS: dict[str, float] = {
+    "semseg": 1.0,
+    "human_parts": 2.0,
+    "sal": 5.0,
+    "normals": 10.0,
+    "edge": 50.0,
+    "depth": 1.0,
+}
+
 
 def num_workers_field() -> Any:
-    return field(default=2, metadata={"help": "DataLoader workers."})
+    return field(default=2, metadata={"help": "DataLoader workers.", **on_resume(MACHINE)})
 
 
 def log_every_field() -> Any:
-    return field(default=50, metadata={"help": "Console line every N steps."})
+    return field(
+        default=50,
+        metadata={"help": "Console line every N steps (and the first and last).", **on_resume(MACHINE)},
+    )
 
 
 def device_field() -> Any:
-    return field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    return field(
+        default=None, metadata={"help": "cpu or cuda [default: cuda when available].", **on_resume(MACHINE)}
+    )
+
+
+def checkpoint_every_field(default: int) -> Any:
+    return field(
+        default=default,
+        metadata={
+            "help": "Save a resumable checkpoint every N steps (0: at the end only).",
+            **on_resume(MACHINE),
+        },
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +65,12 @@ class DenseTrainConfig:
     dataset: str = field(
         metadata={"help": "Dense dataset: PASCAL-Context, NYUD-v2, or your own folder.", "choices": DATASETS}
     )
-    data_root: str = field(metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder."})
-    steps: int = field(default=20_000, metadata={"help": "Optimizer steps.", "group": OPTIMISATION})
+    data_root: str = field(
+        metadata={"help": "PASCAL_MT / NYUD_MT (or their parent), or your folder.", **on_resume(PATH)}
+    )
+    steps: int = field(
+        default=20_000, metadata={"help": "Optimizer steps.", "group": OPTIMISATION, **on_resume(LENGTH)}
+    )
     batch_size: int = field(default=8, metadata={"help": "Global batch size.", "group": OPTIMISATION})
     lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate.", "group": OPTIMISATION})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay.", "group": OPTIMISATION})
@@ -69,9 +95,6 @@ class DenseTrainConfig:
         """Per task: the paper's weight (B.5) unless task_weights overrides it."""
         return {**DEFAULT_TASK_WEIGHTS, **dict(self.task_weights)}
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
     def validate_training(self) -> None:
         """The checks every dense trainer makes: a positive schedule and a crop the ViT grid fits."""
         if self.steps < 1 or self.batch_size < 1:
@@ -80,26 +103,12 @@ class DenseTrainConfig:
         if h % 16 or w % 16 or h < 32 or w < 32:
             raise SakError(f"--img-size {h}x{w}: both sides must be multiples of 16 and >= 32")
 
-    def optimizer(self, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    def optimizer(self, params):
         """AdamW and its polynomial decay (no warm-up), stepped once per optimizer step."""
+        import torch
+
         optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: max(0.0, 1.0 - s / self.steps) ** self.poly_power
         )
         return optimizer, scheduler
-
-    def cache_identity(self, data: DenseDataset, crop: tuple[int, int]) -> dict[str, Any]:
-        """What a stage-2 target cache must have been built with to serve this run (its identity fields)."""
-        from sak.student.data.stage2_views import PLAN_VERSION, SPLIT, names_hash
-
-        return {
-            "dataset": self.dataset,
-            "split": SPLIT,
-            "num_images": len(data),
-            "names_sha": names_hash(data.names),
-            "seed": int(self.seed),  # type: ignore[attr-defined]
-            "crop": list(crop),
-            "scale_range": [float(x) for x in self.scale_range],
-            "photometric": bool(self.photometric),
-            "plan_version": PLAN_VERSION,
-        }

@@ -1,5 +1,4 @@
-"""Evaluation of a dense multi-task run, one helper for stage 2 (stage2.evaluate) and TIGER
-(tiger_eval.evaluate_tiger): metrics per task (mIoU, maxF, mErr, odsF, RMSE), delta_m, the mean gate per
+"""Evaluation of a dense multi-task run, one helper for stage 2 and TIGER (run_eval.evaluate_run): metrics per task (mIoU, maxF, mErr, odsF, RMSE), delta_m, the mean gate per
 expert, level and task, and the pictures.
 
     EvalModel   what differs between the two: how a batch becomes (predictions, gates), the image size,

@@ -195,12 +195,46 @@ def global_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv, find_unused: bool = False) -> nn.Module:
-    """The module to run forward on: DDP-wrapped under torchrun (BatchNorm made global first), else model."""
+def wrap_ddp(
+    model: nn.Module, env: DistEnv, find_unused: bool = False, static_graph: bool = False
+) -> nn.Module:
+    """The module to run forward on: DDP-wrapped under torchrun (BatchNorm made global first), else model.
+    find_unused: parameters may get no gradient in a step; static_graph: the same ones never get one, though
+    they make outputs (outputs the loss leaves out)."""
     if not env.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     global_batchnorm(model)
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=find_unused)
+    return DDP(model, device_ids=ids, find_unused_parameters=find_unused, static_graph=static_graph)
+
+
+# ----------------------------------------------------------------------------------------------
+# decisions rank 0 takes for all (the run folder, its lock) and what rank 0 alone writes
+
+
+class RankCopyError(SakError):
+    """The error rank 0 found, raised on another rank too (which stays silent: rank 0 prints it)."""
+
+    quiet = True
+
+
+def agree(env: DistEnv, error: str | None) -> None:
+    """Rank 0's verdict for every rank: raise `error` (a one-line SakError) everywhere, or go on. Call on
+    every rank; the others pass None."""
+    if env.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise SakError(error) if env.is_main else RankCopyError(error)
+
+
+def gather_to_main(env: DistEnv, obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (rank 0 is the one that uses it)."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out

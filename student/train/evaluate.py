@@ -15,26 +15,29 @@ import numpy as np
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import read_json
 from sak.pipeline.buckets.bucket import is_url
 from sak.pipeline.buckets.mirror import metadata_mirror
 from sak.pipeline.format.documents import read_cache
+from sak.student.data.batches import BatchReader
 from sak.student.data.index import CacheIndex, StoreInfo
-from sak.student.data.loader import BatchReader, eval_batches, input_normalization, open_cache
+from sak.student.data.loader import eval_batches
+from sak.student.data.normalization import input_normalization
+from sak.student.data.opening import open_cache
 from sak.student.data.order import holdout_rows
-from sak.student.model.student import SakStudent
 from sak.student.model.weights import load_student
-from sak.student.train.checkpoint import RUN_CONFIG, checkpoint_dir
+from sak.student.run.folder import CONFIG_FILE, RunFolder
+from sak.student.run.models import load_run_student
+from sak.student.run.record import Stage1Run
 from sak.student.train.distributed import DistEnv, all_reduce_sum, bf16_autocast
 from sak.student.train.losses import rep_sim_by_teacher, resize_to_target
-from sak.student.train.online import OnlineTeachers, cached_targets, stored_levels
+from sak.student.train.targets import OnlineTeachers, cached_targets, stored_levels
 
 # ------------------------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
 def evaluate_repsim(
-    model: SakStudent,
+    model: torch.nn.Module,
     batches: Iterator[dict],
     targets_of: Callable[[dict], dict[str, list[torch.Tensor]]],
     stores: list[StoreInfo],
@@ -66,19 +69,11 @@ def evaluate_repsim(
 # ------------------------------------------------------------------------------------------ Rep Sim only
 
 
-def student_file(checkpoint: str | Path) -> Path:
-    """A run folder (its latest checkpoint) or a student .safetensors file."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        return checkpoint_dir(path) / "student.safetensors"
-    return path
-
-
 @dataclass
 class HeldOut:
     """A saved student and a cache's held-out views, ready to evaluate (repsim_of_checkpoint, pictures)."""
 
-    model: SakStudent
+    model: torch.nn.Module
     index: CacheIndex
     reader: BatchReader
     rows: np.ndarray
@@ -96,19 +91,20 @@ def open_held_out(
     online: bool = False,
     device: str | None = None,
 ) -> HeldOut:
-    """The student of `checkpoint` and the held-out views of `cache`. Settings not given come from the
-    run's config.json when `checkpoint` is a run folder (else: 1 held-out shard, "student")."""
-    run_cfg = None  # the run's recorded Stage1Config fields (missing ones take Stage1Config's defaults)
-    if Path(checkpoint).is_dir() and (Path(checkpoint) / RUN_CONFIG).exists():
-        run_cfg = read_json(Path(checkpoint) / RUN_CONFIG)["stage1"]
-    recorded_cfg = run_cfg if run_cfg is not None else {}
-    holdout = holdout_shards if holdout_shards is not None else recorded_cfg.get("holdout_shards", 1)
-    norm = normalization or recorded_cfg.get("normalization", "student")
+    """The student of `checkpoint` (a stage-1 run folder, or a student .safetensors file) and the held-out
+    views of `cache`. Settings not given come from the run's record (else: 1 held-out shard, "student")."""
+    run: Stage1Run | None = None
+    path = Path(checkpoint).expanduser()
+    if path.is_dir() and (path / CONFIG_FILE).exists():
+        run = RunFolder(path).read_record()
+        if not isinstance(run, Stage1Run):
+            raise SakError(f"{path} is not a stage-1 run; Rep Sim measures a stage-1 student")
+    holdout = holdout_shards if holdout_shards is not None else (run.config.holdout_shards if run else 1)
+    norm = normalization or (run.config.normalization if run else "student")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_student(student_file(checkpoint), device=dev)
+    model = load_run_student(path, dev).model if path.is_dir() else load_student(path, device=dev)
     if not teachers:  # the run's own stores when this cache has them, else the student's teacher names
-        recorded = read_json(Path(checkpoint) / RUN_CONFIG)["cache"]["stores"] if run_cfg is not None else []
-        fps = tuple(s["fingerprint"] for s in recorded)
+        fps = tuple(s.fingerprint for s in run.cache.stores) if run is not None else ()
         known = read_cache(metadata_mirror(str(cache)) if is_url(cache) else cache).stores
         teachers = fps if fps and set(fps) <= set(known) else tuple(model.teacher_names)
     index = open_cache(cache, teachers, require_complete=not online)

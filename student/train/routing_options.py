@@ -87,15 +87,3 @@ def validate_routing(cfg: Any) -> None:
         raise SakError(f"--cf-every {cfg.cf_every}: must be >= 1")
     if cfg.router_hidden < 1:
         raise SakError(f"--router-hidden {cfg.router_hidden}: must be >= 1")
-
-
-def run_instructions(cfg: Any, run, tasks: list[str], resume: bool):
-    """(embeddings (T, text_dim), identity): read from the run when resuming, else the texts (defaults or
-    --instructions) encoded once by the frozen open_clip text tower."""
-    from sak.student.model.instructions import encode_instructions, instruction_texts, load_instructions
-
-    if resume:
-        return load_instructions(run)
-    texts = instruction_texts(tasks, cfg.instructions)
-    pretrained = None if (cfg.text_pretrained or "").lower() in ("", "none") else cfg.text_pretrained
-    return encode_instructions(texts, cfg.text_model, pretrained, cfg.seed)

@@ -1,38 +1,20 @@
-"""Stage-1 options (`Stage1Config`) and the learning-rate schedule they resolve to.
+"""Stage-1 options (`Stage1Config`) and the learning-rate schedule they resolve to (`LrSchedule`).
 
-Kept apart from the loop (stage1.py) because the run's checkpoint (checkpoint.py) records the config and
-the loop imports the checkpoint: the config sits below both.
+Kept apart from the loop (stage1.py), and free of torch: the run record (student/run/record.py) and
+`sak-train stage1 --help` read the config without loading a model library. Each field's metadata also
+says how the option behaves on resume (student/run/resume.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from sak.pipeline.base.errors import SakError
-from sak.student.data.loader import NORMALIZATIONS
-
-# options that may change when a run is resumed; every other field must match the recorded run
-# (cache and out are paths: a moved cache is accepted when its fingerprints match the recorded ones)
-RESUMABLE = frozenset(
-    {
-        "cache",
-        "local_cache",
-        "local_cache_gb",
-        "out",
-        "stop_after",
-        "eval_every",
-        "eval_batch_size",
-        "save_every",
-        "log_every",
-        "report_repsim",
-        "tensorboard",
-        "device",
-    }
-)
+from sak.student.data.dense_sets import parse_img_size
+from sak.student.data.normalization import NORMALIZATIONS
+from sak.student.run.resume import LENGTH, MACHINE, OUT, PATH, on_resume
 
 
 def parse_paper_teachers(text: str) -> tuple[tuple[str, str], ...]:
@@ -48,12 +30,22 @@ def parse_paper_teachers(text: str) -> tuple[tuple[str, str], ...]:
     return tuple(pairs)
 
 
+def parse_square_size(text: str) -> int:
+    """`--img-size 384` or `384x384` (the trainers' one size syntax; stage-1 views are square)."""
+    h, w = parse_img_size(text)
+    if h != w:
+        raise SakError(
+            f"--img-size {text}: stage 1 trains on the cache's square views; give one side, e.g. 384"
+        )
+    return h
+
+
 @dataclass(frozen=True)
 class Stage1Config:
     """Stage-1 distillation; defaults follow DESIGN §3 (AdamW 1e-3, wd 0.01, 2 warm-up epochs, cosine).
 
     cache, out: the cache folder and the run folder (RUN).
-    student: registered student (vit_s, vit_b, vit_l, tiny).
+    student: registered student (vit_s, vit_b, vit_l, tiny, micro; student/model/registry.py).
     teachers: teacher names or store fingerprints, in adapter-path order; () = every store of the cache.
     steps / epochs: training length, exactly one set. An epoch shows every training image once (one view).
     batch_size: global batch, split evenly over DDP ranks.
@@ -68,7 +60,8 @@ class Stage1Config:
       views), instead of the cached arrays: for equivalence checks and caches still being extracted.
     normalization: student input mean/std, "student" (its timm pretrained_cfg) or "imagenet" (what the
       paper's code used for every model).
-    img_size: student input side; None = the cache's view size (any other value is refused).
+    img_size: student input side (`--img-size 384` or `384x384`); None = the cache's view size (any other
+      value is refused).
     pretrained: timm weights for the stem. init_paper, paper_teachers: start from the authors' stage-1
       checkpoint, mapping their teacher names (dinov2, clip, sam) to ours; () = by teacher family.
     num_workers: loader workers per rank; each owns whole shards (fewer when the cache has few shards).
@@ -81,8 +74,9 @@ class Stage1Config:
       trained on, where Rep Sim is measured.
     eval_every: Rep Sim every N steps (0: only at the end). eval_batch_size: per rank.
     report_repsim: also measure Rep Sim before training; both are logged and returned.
-    save_every: checkpoint every N steps (0: only at the end). log_every: a console line every N steps.
-    stop_after: stop with a checkpoint after this step, as if preempted; `resume` continues the schedule.
+    checkpoint_every: checkpoint every N steps (0: only at the end). log_every: a console line every N steps
+      (and at the first and last step of a session). `--stop-after` is not part of the config: it is this
+      invocation's (student/run/resume.py, RunCommand).
     device: "cpu", "cuda" or None (CUDA when available). use_kernels: the fused Triton adapter and loss
     (opt-in); None (default) and False keep the eager torch ops, which stay the default until a GPU run shows
     the kernels beating torch.compile at the real shapes (README, "Kernels").
@@ -90,12 +84,15 @@ class Stage1Config:
     """
 
     cache: str = field(
-        metadata={"help": "The cache folder or s3:// / gs:// URL (from `sak-cache run`).", "required": False}
+        metadata={
+            "help": "The cache folder or s3:// / gs:// URL (from `sak-cache run`).",
+            **on_resume(PATH),
+        }
     )
     out: str = field(
-        metadata={"help": "Run folder: config.json, metrics.jsonl, tb/, checkpoint/.", "required": False}
+        metadata={"help": "Run folder: config.json, metrics.jsonl, tb/, checkpoint/.", **on_resume(OUT)}
     )
-    student: str = field(default="vit_b", metadata={"help": "vit_s, vit_b, vit_l, or tiny (tests)."})
+    student: str = field(default="vit_b", metadata={"help": "vit_s, vit_b, vit_l, or tiny / micro (tests)."})
     teachers: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -104,13 +101,19 @@ class Stage1Config:
         },
     )
     steps: int | None = field(
-        default=None, metadata={"help": "Training steps (one global batch each).", "group": "schedule"}
+        default=None,
+        metadata={
+            "help": "Training steps (one global batch each).",
+            "group": "schedule",
+            **on_resume(LENGTH),
+        },
     )
     epochs: float | None = field(
         default=None,
         metadata={
             "help": "Training epochs (every training image once per epoch, view e mod K).",
             "group": "schedule",
+            **on_resume(LENGTH),
         },
     )
     batch_size: int = field(
@@ -151,7 +154,12 @@ class Stage1Config:
         },
     )
     img_size: int | None = field(
-        default=None, metadata={"help": "Student input side [default: the cache's view size]."}
+        default=None,
+        metadata={
+            "help": "Student input side, S or SxS [default: the cache's view size].",
+            "parse": parse_square_size,
+            "metavar": "S",
+        },
     )
     pretrained: bool = field(
         default=False, metadata={"help": "Start the stem from timm's pretrained weights."}
@@ -168,7 +176,9 @@ class Stage1Config:
             "metavar": "MAP",
         },
     )
-    num_workers: int = field(default=4, metadata={"help": "Loader workers per process.", "group": "data"})
+    num_workers: int = field(
+        default=4, metadata={"help": "Loader workers per process.", "group": "data", **on_resume(MACHINE)}
+    )
     skip_bad_shards: bool = field(
         default=False,
         metadata={
@@ -181,25 +191,49 @@ class Stage1Config:
         default=1, metadata={"help": "Last shards held out for Rep Sim.", "group": "data"}
     )
     eval_every: int = field(
-        default=0, metadata={"help": "Rep Sim every N steps (0: at the end).", "group": "reporting"}
+        default=0,
+        metadata={
+            "help": "Rep Sim every N steps (0: at the end).",
+            "group": "reporting",
+            **on_resume(MACHINE),
+        },
     )
     eval_batch_size: int = field(
-        default=32, metadata={"help": "Rep Sim batch size per rank.", "group": "reporting"}
+        default=32,
+        metadata={"help": "Rep Sim batch size per rank.", "group": "reporting", **on_resume(MACHINE)},
     )
     report_repsim: bool = field(
         default=False,
-        metadata={"help": "Print Rep Sim per teacher before and after training.", "group": "reporting"},
+        metadata={
+            "help": "Print Rep Sim per teacher before and after training.",
+            "group": "reporting",
+            **on_resume(MACHINE),
+        },
     )
-    save_every: int = field(
-        default=0, metadata={"help": "Checkpoint every N steps (0: at the end).", "group": "reporting"}
+    checkpoint_every: int = field(
+        default=0,
+        metadata={
+            "help": "Checkpoint every N steps (0: at the end).",
+            "group": "reporting",
+            "aliases": ("save-every",),
+            **on_resume(MACHINE),
+        },
     )
-    log_every: int = field(default=10, metadata={"help": "Console line every N steps.", "group": "reporting"})
-    stop_after: int | None = field(
-        default=None,
-        metadata={"help": "Stop with a checkpoint after this step (resume later).", "group": "reporting"},
+    log_every: int = field(
+        default=10,
+        metadata={
+            "help": "Console line every N steps (and the first and last).",
+            "group": "reporting",
+            **on_resume(MACHINE),
+        },
     )
     device: str | None = field(
-        default=None, metadata={"help": "cpu or cuda [default: cuda when available].", "group": "compute"}
+        default=None,
+        metadata={
+            "help": "cpu or cuda [default: cuda when available].",
+            "group": "compute",
+            **on_resume(MACHINE),
+        },
     )
     use_kernels: bool | None = field(
         default=None,
@@ -207,25 +241,30 @@ class Stage1Config:
             "help": "Fused Triton adapter and loss kernels (opt-in) [default: off, the torch ops; see README 'Kernels'].",
             "name": "kernels",
             "group": "compute",
+            **on_resume(MACHINE),
         },
     )
     grad_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute stem blocks in backward.", "group": "compute"}
+        default=False,
+        metadata={"help": "Recompute stem blocks in backward.", "group": "compute", **on_resume(MACHINE)},
     )
-    tensorboard: bool = field(default=True, metadata={"help": "Also write RUN/tb.", "group": "reporting"})
+    tensorboard: bool = field(
+        default=True, metadata={"help": "Also write RUN/tb.", "group": "reporting", **on_resume(MACHINE)}
+    )
     # a cache at an s3:// or gs:// URL: read in place by byte range, or through a bounded local directory
     local_cache: str | None = field(
         default=None,
         metadata={"help": "Local read-through folder for a cache at an s3:// or gs:// URL: shards are "
                   "downloaded there whole once, so a second epoch reads them locally [default: none: only the "
                   "byte ranges each batch needs are read from the bucket, every epoch].",
-                  "group": "data"},
+                  "group": "data", **on_resume(MACHINE)},
     )  # fmt: skip
     local_cache_gb: float = field(
         default=50.0,
         metadata={
             "help": "Bound on that folder's shard files; the least recently used are evicted past it.",
             "group": "data",
+            **on_resume(MACHINE),
         },
     )
 
@@ -261,24 +300,9 @@ class Stage1Config:
         if self.num_workers < 0 or self.shuffle_window < 1:
             raise SakError("--num-workers must be >= 0 and --shuffle-window >= 1")
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))  # tuples -> lists, as stored
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Stage1Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise SakError(f"run config has unknown fields {unknown}; written by a newer version?")
-        d = dict(d)
-        d["teachers"] = tuple(d.get("teachers", ()))
-        d["betas"] = tuple(d.get("betas", (0.9, 0.999)))
-        d["paper_teachers"] = tuple(tuple(p) for p in d.get("paper_teachers", ()))
-        return cls(**d)
-
 
 @dataclass(frozen=True)
-class Schedule:
+class LrSchedule:
     """Resolved length and learning-rate shape of a run (lr factor of step s, 0-based)."""
 
     total_steps: int
@@ -294,7 +318,7 @@ class Schedule:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def resolve_schedule(cfg: Stage1Config, samples_per_epoch: int) -> Schedule:
+def resolve_schedule(cfg: Stage1Config, samples_per_epoch: int) -> LrSchedule:
     steps_per_epoch = samples_per_epoch / cfg.batch_size
     total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
     if cfg.warmup_steps is not None:
@@ -304,4 +328,4 @@ def resolve_schedule(cfg: Stage1Config, samples_per_epoch: int) -> Schedule:
         if cfg.steps is not None:
             warmup = min(warmup, cfg.steps // 10)
     warmup = max(0, min(warmup, total))
-    return Schedule(total, warmup, steps_per_epoch, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)
+    return LrSchedule(total, warmup, steps_per_epoch, cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0)

@@ -13,28 +13,32 @@ from pathlib import Path
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import read_json
 from sak.pipeline.base.typed_json import from_json, to_json
 from sak.pipeline.extraction.stage2 import Stage2TeacherInfo
 from sak.pipeline.format.records import WeightsRecord
 from sak.pipeline.teachers.forward import LoadedTeacher, fit_to_input
-from sak.student.data.loader import open_cache
-from sak.student.model.student import SakStudent
-from sak.student.model.weights import load_student
-from sak.student.train.checkpoint import RUN_CONFIG, checkpoint_dir
-from sak.student.train.online import OnlineTeachers
+from sak.student.data.opening import open_cache
+from sak.student.run.folder import CONFIG_FILE, RunFolder
+from sak.student.run.models import load_run_student
+from sak.student.run.record import Stage1Run, run_kind
+from sak.student.train.targets import OnlineTeachers
 
 
-def load_stage1_run(init: str | Path, device: torch.device) -> tuple[SakStudent, dict]:
-    """The stage-1 student (latest checkpoint) and the run's config.json."""
+def read_stage1_record(init: str | Path) -> Stage1Run:
+    """The stage-1 run's record (config.json), refused in one line when `init` is not a stage-1 run."""
     run = Path(init).expanduser()
-    if not (run / RUN_CONFIG).exists():
-        raise SakError(f"--init {run} is not a stage-1 run folder (no {RUN_CONFIG})")
-    record = read_json(run / RUN_CONFIG)
-    if record.get("kind") != "sak-stage1-run":
-        raise SakError(f"--init {run}: {RUN_CONFIG} is not a stage-1 run (kind {record.get('kind')!r})")
-    student = load_student(checkpoint_dir(run) / "student.safetensors", device=device)
-    return student, record
+    if not (run / CONFIG_FILE).exists():
+        raise SakError(f"--init {run} is not a stage-1 run folder (no {CONFIG_FILE})")
+    record = RunFolder(run).read_record()
+    if not isinstance(record, Stage1Run):
+        raise SakError(f"--init {run} is a {run_kind(record)} run, not a stage-1 run")
+    return record
+
+
+def load_stage1_run(init: str | Path, device: torch.device) -> tuple[torch.nn.Module, Stage1Run]:
+    """The stage-1 student (latest checkpoint, built by the student registry) and the run's record."""
+    record = read_stage1_record(init)
+    return load_run_student(Path(init).expanduser(), device).model, record
 
 
 NAMED_PLAN_SIZE = 224  # side a named teacher is built at before its input is set to the stage-2 crop
@@ -104,9 +108,9 @@ class Stage2Teachers:
     zero-padded square (after normalisation). Returns the stores' levels on the teachers' native grids.
     """
 
-    def __init__(self, stage1: dict, img_size: tuple[int, int], device: torch.device) -> None:
-        fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
-        index = open_cache(stage1["cache"]["path"], fps, require_complete=False)
+    def __init__(self, stage1: Stage1Run, img_size: tuple[int, int], device: torch.device) -> None:
+        fps = [s.fingerprint for s in stage1.cache.stores]
+        index = open_cache(stage1.cache.path, fps, require_complete=False)
         online = OnlineTeachers(index.stores, index.plan.size, device)
         self.stores, self.teachers, self.device = index.stores, online.teachers, device
         for t in self.teachers.values():
@@ -191,9 +195,9 @@ class Stage2TeacherSet:
                 )
                 for s, _, _ in named
             ]
-        stage1 = read_json(Path(self.init).expanduser() / RUN_CONFIG)
-        fps = [s["fingerprint"] for s in stage1["cache"]["stores"]]
-        stores = open_cache(stage1["cache"]["path"], fps, require_complete=False).stores
+        stage1 = read_stage1_record(self.init)
+        fps = [s.fingerprint for s in stage1.cache.stores]
+        stores = open_cache(stage1.cache.path, fps, require_complete=False).stores
         return [Stage2TeacherInfo(s.teacher, s.fingerprint, s.blocks, s.positions) for s in stores]
 
 

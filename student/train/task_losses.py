@@ -21,18 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from sak.pipeline.base.errors import SakError
+from sak.student.train.dense_config import DEFAULT_TASK_WEIGHTS
 
 IGNORE_INDEX = 255
 EDGE_POS_WEIGHT = 0.95
-# paper B.5: Semseg, Parsing, Saliency, Normal, Boundary, Depth = 1, 2, 5, 10, 50, 1
-DEFAULT_TASK_WEIGHTS: dict[str, float] = {
-    "semseg": 1.0,
-    "human_parts": 2.0,
-    "sal": 5.0,
-    "normals": 10.0,
-    "edge": 50.0,
-    "depth": 1.0,
-}
 
 
 def _squeeze_target(target: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from sak.pipeline.base.errors import SakError
+from sak.student.data.batches import decode_targets
 from sak.student.data.index import StoreInfo
-from sak.student.data.loader import decode_targets
 
 
 def store_teacher_weights(store: StoreInfo):
@@ -67,7 +67,7 @@ class OnlineTeachers:
             if spec.model_input_side(plan_size) != store.side:
                 raise SakError(f"teacher {store.teacher}: input size differs from its store's manifest")
             if any(g != spec.grid(plan_size) for g in store.grids):
-                from sak.pipeline.store.resample import resample  # noqa: F401  (fail now, not at the first step)
+                from sak.pipeline.store.resample import resample  # noqa: F401  (fail now, not at the first step
             self.teachers[store.teacher] = teacher
 
     @property
