@@ -541,9 +541,11 @@ def evaluate(
     device: str | None = None,
     baselines: dict[str, float] | None = None,
     num_pictures: int = 4,
+    save_predictions: bool = False,
 ) -> dict[str, Any]:
     """Metrics of a stage-2 run on a split: writes OUT/eval.json (OUT = the run), routers.png,
-    predictions.png (and gates_<task>.png with --router tiger); dense_eval.evaluate_dense does the work."""
+    predictions.png (and gates_<task>.png with --router tiger, OUT/predictions/ with save_predictions);
+    dense_eval.evaluate_dense does the work."""
     dev = resolve_device(device)
     model, meta = load_stage2(checkpoint, dev)
     model.eval()
@@ -554,16 +556,25 @@ def evaluate(
         preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
         return preds, gates
 
+    def prepare(size: tuple[int, int]) -> None:  # another input size: resampled from the trained grid
+        nonlocal model
+        model, _ = load_stage2(checkpoint, dev)
+        resize_stem_input(model.student, size)
+        model.eval()
+
     tiger = model.router_kind == "tiger"
     target = EvalModel(
         kind="sak-stage2-eval",
         tasks=dict(model.tasks),
         img_size=tuple(meta["img_size"]),
         predict=predict,
+        prepare=prepare,
         experts=["stem", *(x["name"] for x in meta["student"]["teachers"])],
         levels=list(model.levels),
         backbone=meta["student"]["name"],
         token_grid=tuple(model.student.stem.patch_embed.grid_size) if tiger else None,
     )
     dest = Path(out or checkpoint).expanduser()
-    return evaluate_dense(target, dataset, data_root, split, dest, batch_size, baselines, num_pictures)
+    return evaluate_dense(
+        target, dataset, data_root, split, dest, batch_size, baselines, num_pictures, save_predictions
+    )

@@ -36,6 +36,7 @@ def evaluate_tiger(
     device: str | None = None,
     baselines: dict[str, float] | None = None,
     num_pictures: int = 3,
+    save_predictions: bool = False,
 ) -> dict[str, Any]:
     """TIGER's metrics and pictures (dense_eval.evaluate_dense), its teachers rebuilt and run live."""
     dev = resolve_device(device)
@@ -44,17 +45,21 @@ def evaluate_tiger(
     model, _ = load_tiger(run, dev)
     model.eval()
     img_size = tuple(record["img_size"])
-    teachers = live_teachers(record["teachers"], img_size, dev)
+    live = {"size": img_size, "teachers": live_teachers(record["teachers"], img_size, dev)}
 
     def predict(batch: dict) -> tuple[dict, dict]:
-        o = model(teachers(batch["images"]), img_size)
+        o = model(live["teachers"](batch["images"]), live["size"])
         return o.preds, o.gates
+
+    def prepare(size: tuple[int, int]) -> None:  # another input size: the teachers rebuilt for it
+        live.update(size=size, teachers=live_teachers(record["teachers"], size, dev))
 
     target = EvalModel(
         kind="sak-tiger-eval",
         tasks=dict(model.tasks),
         img_size=img_size,
         predict=predict,
+        prepare=prepare,
         experts=model.expert_names,
         levels=list(range(model.config.num_levels)),
         backbone="vit_b",
@@ -62,5 +67,13 @@ def evaluate_tiger(
         token_grid=tuple(model.config.grid),
     )
     return evaluate_dense(
-        target, dataset, data_root, split, Path(out or run), batch_size, baselines, num_pictures
+        target,
+        dataset,
+        data_root,
+        split,
+        Path(out or run),
+        batch_size,
+        baselines,
+        num_pictures,
+        save_predictions,
     )
