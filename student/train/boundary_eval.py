@@ -21,11 +21,12 @@ Per image, from the predicted boundary probability p (H, W) of the whole (unpadd
 The matching: BSDS's correspondPixels solves a min-cost perfect assignment (Goldberg's CSA) between the
 two pixel sets plus outlier nodes, real pairs costing their distance and every unmatched pixel an outlier
 cost of 100 x maxDist. Since two unmatched pixels cost far more than any real pair, its optimum has the
-largest possible number of matched pairs; only that number enters P and R. Here it is computed exactly
-as a maximum bipartite matching (Hopcroft-Karp, scipy) on the pairs within the radius. (CSA's outlier
-graph is sparse and random, of degree 6, plus a high-cost overlay; when the overlay is used, which its
-code reports as rare, its count can fall below the maximum.) NMS runs in float32 as the MATLAB mex does;
-exact float ties can resolve differently (docs/protocol.md).
+largest possible number of matched pairs; only that number enters P and R. Here the same assignment
+problem is solved exactly (scipy's LAPJVsp, `match_count`) with a complete outlier structure, so the count
+is the size of a maximum matching within the radius. (CSA's outlier graph is sparse and random, of degree
+6, plus a high-cost overlay; when the overlay is used, which its code reports as rare, its count can fall
+below the maximum.) NMS runs in float32 as the MATLAB mex does; exact float ties can resolve differently
+(docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from scipy.ndimage import correlate1d
 from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 from skimage.morphology import thin
 
@@ -172,8 +173,14 @@ def seism_ground_truth(source: np.ndarray) -> np.ndarray:
 
 
 def match_count(pred: np.ndarray, truth: np.ndarray, max_dist: float) -> int:
-    """Size of a maximum one-to-one matching between the True pixels of two (H, W) bool maps, a pair
-    allowed when its Euclidean distance is <= max_dist pixels (correspondPixels' d^2 <= maxDist^2)."""
+    """Matched pairs of correspondPixels' problem between the True pixels of two (H, W) bool maps.
+
+    A min-cost perfect assignment (scipy's LAPJVsp) of pred pixels + one outlier node per truth pixel to
+    truth pixels + one outlier node per pred pixel: a pair within max_dist pixels (d^2 <= maxDist^2) costs
+    its distance, leaving a pixel unmatched 100 x max_dist (BSDS's outlier cost), and the outlier nodes of
+    a possible pair may pair with each other. Its optimum holds a maximum matching; the count is returned.
+    Only pixels with a partner in reach ("matchable", as match.cc) enter the problem.
+    """
     pp, gp = np.argwhere(pred), np.argwhere(truth)  # (P, 2), (G, 2)
     if len(pp) == 0 or len(gp) == 0:
         return 0
@@ -181,10 +188,18 @@ def match_count(pred: np.ndarray, truth: np.ndarray, max_dist: float) -> int:
     pairs = cKDTree(pp).sparse_distance_matrix(cKDTree(gp), max_dist, output_type="ndarray")
     if len(pairs) == 0:
         return 0
-    ones = np.ones(len(pairs), dtype=np.int8)
-    graph = coo_matrix((ones, (pairs["i"], pairs["j"])), shape=(len(pp), len(gp))).tocsr()
-    match = maximum_bipartite_matching(graph, perm_type="column")  # per predicted pixel: gt index or -1
-    return int((match >= 0).sum())
+    i_ids, i = np.unique(pairs["i"], return_inverse=True)  # matchable pred pixels, renumbered
+    j_ids, j = np.unique(pairs["j"], return_inverse=True)
+    n1, n2, outlier, tiny = len(i_ids), len(j_ids), 100.0 * max_dist + 1.0, 1e-3  # tiny: no zero weights
+    # left: pred 0..n1-1, then truth outliers; right: truth 0..n2-1, then pred outliers
+    left = np.concatenate([i, np.arange(n1), n1 + j, n1 + np.arange(n2)])
+    right = np.concatenate([j, n2 + np.arange(n1), n2 + i, np.arange(n2)])
+    cost = np.concatenate(
+        [pairs["v"] + tiny, np.full(n1, outlier), np.full(len(i), tiny), np.full(n2, outlier)]
+    )
+    graph = coo_matrix((cost, (left, right)), shape=(n1 + n2, n1 + n2)).tocsr()
+    rows, cols = min_weight_full_bipartite_matching(graph)
+    return int(((rows < n1) & (cols < n2)).sum())
 
 
 class SeismBoundaryMeter:
