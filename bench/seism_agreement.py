@@ -72,6 +72,8 @@ def main() -> None:
 
     from pyEdgeEval._lib import correspond_pixels
 
+    if not hasattr(np, "in1d"):  # pyEdgeEval 0.2.8 still calls np.in1d, gone in numpy 2.4
+        np.in1d = np.isin
     bwmorph_thin = _pyedgeeval_module("preprocess/thin/bwmorph_thin.py").bwmorph_thin
 
     from sak.student.train.boundary_eval import (

@@ -24,9 +24,9 @@ cost of 100 x maxDist. Since two unmatched pixels cost far more than any real pa
 largest possible number of matched pairs; only that number enters P and R. Here the same assignment
 problem is solved exactly (scipy's LAPJVsp, `match_count`) with a complete outlier structure, so the count
 is the size of a maximum matching within the radius. (CSA's outlier graph is sparse and random, of degree
-6, plus a high-cost overlay; when the overlay is used, which its code reports as rare, its count can fall
-below the maximum.) NMS runs in float32 as the MATLAB mex does; exact float ties can resolve differently
-(docs/protocol.md).
+6, plus a high-cost overlay, so its count can fall a few pixels below the maximum: docs/protocol.md gives
+the measured difference.) NMS runs in float32 as the MATLAB mex does; exact float ties can resolve
+differently.
 """
 
 from __future__ import annotations

@@ -98,13 +98,13 @@ class EvalModel:
     tasks: dict[str, int]  # task -> output channels, in the model's order
     img_size: tuple[int, int]  # the input size the model was built for (a folder dataset's evaluation size)
     predict: Callable[[dict], tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]]
-    # sets the model up for another (H, W) input before its first batch of that size; None: it has one size
-    prepare: Callable[[tuple[int, int]], None] | None = None
     experts: list[str]  # names, in the gates' last dimension
     levels: list[int]  # the gate keys' levels (blocks or 0..L-1), in order
     backbone: str  # whose paper single-task baselines apply
     baselines_from: str | None = None  # recorded beside the paper's baselines
     token_grid: tuple[int, int] | None = None  # token-level gates: their grid (gate-map pictures)
+    # sets the model up for another (H, W) input before its first batch of that size; None: it has one size
+    prepare: Callable[[tuple[int, int]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more report fields
 
 
