@@ -119,6 +119,10 @@ class EvalCommand:
         },
     )
     device: str | None = field(default=None, metadata={"help": "cpu or cuda [default: cuda when available]."})
+    save_predictions: bool = field(
+        default=False,
+        metadata={"help": "Also write OUT/predictions/ as the reference code does (SEISM reads edge/)."},
+    )
 
 
 # a --resume RUN gives every option of the run's config: none of the config's own options is required
@@ -260,8 +264,11 @@ def eval_cmd(**opts) -> None:
         batch_size=command.batch_size,
         device=command.device,
         baselines=_read_baselines(command.baselines),
+        save_predictions=command.save_predictions,
     )
     click.echo(f"{command.dataset} {command.split}: {report['images']} images")
+    if "predictions" in report:
+        click.echo(f"predictions in {report['predictions']}")
     click.echo(format_table(report))
 
 

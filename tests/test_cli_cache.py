@@ -61,14 +61,7 @@ HELP_IMPORTS = (
         ["show"],
         ["ls"],
         ["verify"],
-        pytest.param(
-            ["stage2"],
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="its dataset options come from student/data/dense.py, which imports torch (the "
-                "dataset names need a torch-free home, as `sak-train --help` does)",
-            ),
-        ),
+        ["stage2"],
     ],
 )
 def test_help_loads_no_torch(command):

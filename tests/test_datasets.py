@@ -1,5 +1,6 @@
 """Stage-2 datasets: the three layouts load to the same in-memory form, augmentation pads with the
-ignore values, flips the normals' x component, and replays exactly from its plan."""
+ignore values, flips the normals' x component, and replays exactly from its plan. (The reference rules on
+the releases' exact file formats: test_protocol_data.py.)"""
 
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ from PIL import Image
 from scipy.io import savemat
 
 from sak.pipeline.base.errors import SakError
-from sak.student.data.dense import (
-    AugmentPlan,
-    DenseDataset,
-    EvalSamples,
-    TrainSamples,
-    apply_plan,
-    augment_plan,
-    collate,
-    edges_from_label_map,
-)
+from sak.student.data.dense import DenseDataset, EvalSamples, TrainSamples, collate
+from sak.student.data.dense_augment import AugmentPlan, apply_plan, augment_plan
+from sak.student.data.dense_labels import edges_from_label_map
 
 H, W = 40, 56
 NAMES = ["a1", "b2", "c3"]
@@ -129,7 +123,9 @@ def test_pascal_layout_loads_every_task(tmp_path):
     assert s["image"].shape == (3, H, W) and s["image"].dtype == torch.uint8
     assert torch.equal(s["labels"]["semseg"], torch.from_numpy(_regions(0).astype(np.int64)))
     assert set(s["labels"]["sal"].unique().tolist()) == {0, 1} and s["labels"]["sal"][0, 0] == 1
-    assert torch.allclose(s["labels"]["normals"][:, 0, 0], torch.tensor([0.6, 0.0, 0.8]), atol=0.01)
+    # normals only where the LabelMap class is NYU-compatible: class 3 (bottom right) is, class 0 is not
+    assert torch.allclose(s["labels"]["normals"][:, -1, -1], torch.tensor([0.6, 0.0, 0.8]), atol=0.01)
+    assert (s["labels"]["normals"][:, 0, 0] == 0).all()
     edge = s["labels"]["edge"]
     assert torch.equal(edge, torch.from_numpy(edges_from_label_map(_regions(0))))
     assert edge[:, W // 2 - 1 : W // 2 + 1].any() and not edge[:10, :10].any()
@@ -137,9 +133,10 @@ def test_pascal_layout_loads_every_task(tmp_path):
     assert parts[0, 0] == 1 and parts[22, 32] == 4 and parts[H - 1, 0] == 0
 
 
-def test_pascal_image_without_human_parts_is_ignored(tmp_path):
+def test_pascal_image_without_human_parts_is_ignored_in_evaluation(tmp_path):
     data = DenseDataset("pascal", make_pascal(tmp_path) / "PASCAL_MT", "val", ("human_parts",))
-    assert (data.load(0)["labels"]["human_parts"] == 255).all()
+    assert (data.load(0)["labels"]["human_parts"] == 0).all()  # no .mat: nobody, all background
+    assert (EvalSamples(data, (48, 64))[0]["labels"]["human_parts"] == 255).all()  # ... and so ignored
 
 
 def test_nyud_layout_maps_void_and_depth(tmp_path):
@@ -209,13 +206,17 @@ def test_plan_replays_and_differs_by_epoch(tmp_path):
     assert torch.equal(replay["image"], x["image"])
 
 
-def test_eval_pads_without_resizing(tmp_path):
+def test_eval_centre_pads_without_resizing_and_never_refuses(tmp_path):
     data = DenseDataset("folder", make_folder(tmp_path / "f"), "val")
     batch = collate([EvalSamples(data, (48, 64))[0]])
+    top, left = (48 - H) // 2, (64 - W) // 2
     assert batch["images"].shape == (1, 3, 48, 64) and batch["sizes"] == [(H, W)]
-    assert torch.equal(batch["labels"]["semseg"][0, :H, :W], data.load(0)["labels"]["semseg"])
-    assert (batch["labels"]["semseg"][0, H:] == 255).all() and (
-        batch["labels"]["normals"][0, :, :, W:] == 0
-    ).all()
-    with pytest.raises(SakError, match="larger than"):
-        EvalSamples(data, (32, 32))[0]
+    assert (batch["pads"][0].top, batch["pads"][0].left) == (top, left)
+    semseg = batch["labels"]["semseg"][0]
+    assert torch.equal(semseg[top : top + H, left : left + W], data.load(0)["labels"]["semseg"])
+    assert (
+        (semseg[:top] == 255).all() and (semseg[top + H :] == 255).all() and (semseg[:, :left] == 255).all()
+    )
+    assert (batch["labels"]["normals"][0, :, :, :left] == 0).all()
+    larger = collate([EvalSamples(data, (32, 32))[0]])  # the image is larger: its own size, rounded to 16
+    assert larger["images"].shape == (1, 3, 48, 64) and larger["pads"][0].top == (48 - H) // 2

@@ -25,7 +25,9 @@ from sak.pipeline.base.provenance import stable_hash
 from sak.pipeline.extraction.worker import ShardJob, ShardViews
 from sak.pipeline.format.records import Stage2Identity
 from sak.pipeline.teachers.forward import LoadedTeacher, fit_to_input
-from sak.student.data.dense import DenseDataset, TrainSamples, apply_plan, read_image
+from sak.student.data.dense import DenseDataset, TrainSamples
+from sak.student.data.dense_augment import apply_plan
+from sak.student.data.dense_labels import read_image
 
 PLAN_VERSION = 1  # bump when augment_plan / apply_plan change what a (seed, image, epoch) view is
 SPLIT = "train"

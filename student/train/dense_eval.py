@@ -1,11 +1,19 @@
-"""Evaluation of a dense multi-task run, one helper for stage 2 and TIGER (run_eval.evaluate_run): metrics per task (mIoU, maxF, mErr, odsF, RMSE), delta_m, the mean gate per
+"""Evaluation of a dense multi-task run, one helper for stage 2 (stage2.evaluate) and TIGER
+(tiger_eval.evaluate_tiger): metrics per task (mIoU, maxF, mErr, odsF, RMSE), delta_m, the mean gate per
 expert, level and task, and the pictures.
 
     EvalModel   what differs between the two: how a batch becomes (predictions, gates), the image size,
                 the experts' names, the levels' gate keys, the backbone for the paper's baselines
     evaluate_dense(model, ...) -> OUT/eval.json, routers.png, predictions.png and, with token-level gates
                 (TIGER, stage 2 --router tiger), gates_<task>.png: per task, each expert's gate over a few
-                validation images (mean over levels)
+                validation images (mean over levels); with save_predictions, OUT/predictions/ in the
+                reference's files (prediction_files.py)
+
+The protocol (docs/protocol.md; innovator-zero/SAK test.py, evaluation/evaluate_utils.py): every validation
+image whole, centre-padded to the dataset's evaluation size (512x512 PASCAL-Context, 448x576 NYUD; a
+folder dataset: the run's input size; a larger image: its own size rounded up to 16), never resized; the
+predictions are cropped back to the image before every metric. The model is asked to `prepare` for an
+input size other than the one it was built for (its position embedding resampled, its teachers rebuilt).
 """
 
 from __future__ import annotations
@@ -20,17 +28,18 @@ import torch
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import code_version, now_iso, write_json_atomic
-from sak.student.data.dense import DATASET_METRIC_NAME, DenseDataset, EvalSamples, collate
+from sak.student.data.dense import EVAL_SIZE, DenseDataset, EvalSamples, collate
+from sak.student.data.dense_sets import DATASET_METRIC_NAME
+from sak.student.train.boundary_eval import SEISM_MAX_DIST, SeismBoundaryMeter
 from sak.student.train.metrics import (
-    EDGE_TOLERANCE,
     SINGLE_TASK_BASELINES,
-    BoundaryMeter,
     DepthMeter,
     NormalsMeter,
     SaliencyMeter,
     SegmentationMeter,
     mtl_gain,
 )
+from sak.student.train.prediction_files import save_prediction
 
 METRIC_NAMES = {
     "semseg": "mIoU",
@@ -43,7 +52,7 @@ METRIC_NAMES = {
 
 
 def make_meters(outputs: dict[str, int], dataset: str) -> dict[str, Any]:
-    tolerance = EDGE_TOLERANCE.get(DATASET_METRIC_NAME[dataset], EDGE_TOLERANCE["pascal_context"])
+    max_dist = SEISM_MAX_DIST.get(DATASET_METRIC_NAME[dataset], SEISM_MAX_DIST["pascal_context"])
     meters: dict[str, Any] = {}
     for t, n in outputs.items():
         if t in ("semseg", "human_parts"):
@@ -53,7 +62,7 @@ def make_meters(outputs: dict[str, int], dataset: str) -> dict[str, Any]:
         elif t == "normals":
             meters[t] = NormalsMeter()
         elif t == "edge":
-            meters[t] = BoundaryMeter(tolerance)
+            meters[t] = SeismBoundaryMeter(max_dist)
         elif t == "depth":
             meters[t] = DepthMeter()
     return meters
@@ -87,13 +96,15 @@ class EvalModel:
 
     kind: str  # eval.json "kind": sak-stage2-eval, sak-tiger-eval
     tasks: dict[str, int]  # task -> output channels, in the model's order
-    img_size: tuple[int, int]  # the padded input size
+    img_size: tuple[int, int]  # the input size the model was built for (a folder dataset's evaluation size)
     predict: Callable[[dict], tuple[dict[str, torch.Tensor], dict[tuple[int, str], torch.Tensor]]]
     experts: list[str]  # names, in the gates' last dimension
     levels: list[int]  # the gate keys' levels (blocks or 0..L-1), in order
     backbone: str  # whose paper single-task baselines apply
     baselines_from: str | None = None  # recorded beside the paper's baselines
     token_grid: tuple[int, int] | None = None  # token-level gates: their grid (gate-map pictures)
+    # sets the model up for another (H, W) input before its first batch of that size; None: it has one size
+    prepare: Callable[[tuple[int, int]], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # more report fields
 
 
@@ -125,19 +136,53 @@ def _baselines(results: dict[str, float], model: EvalModel, dataset: str, given:
 
 
 def _keep(batch: dict, i: int, outs: dict, gates: dict, model: EvalModel) -> dict:
-    """One image for the pictures: input, labels, predictions and (token-level) gates per task."""
-    h, w = batch["sizes"][i]
+    """One image for the pictures: input, labels, predictions (cropped to the image) and token gates."""
+    pad = batch["pads"][i]
     shown = {
-        "image": batch["images"][i, :, :h, :w],
-        "size": (h, w),
-        "gt": {t: v[i, ..., :h, :w] for t, v in batch["labels"].items()},
-        "pred": {t: v[i, ..., :h, :w] for t, v in outs.items()},
+        "image": pad.crop(batch["images"][i]),
+        "size": (pad.height, pad.width),
+        "pad": pad,
+        "input_size": tuple(batch["images"].shape[-2:]),
+        "gt": {t: pad.crop(v[i]) for t, v in batch["labels"].items()},
+        "pred": {t: pad.crop(v[i]) for t, v in outs.items()},
     }
     if model.token_grid is not None:  # (N, E) per task, mean over levels
         shown["gates"] = {
             t: torch.stack([gates[(lvl, t)][i] for lvl in model.levels]).mean(0).cpu() for t in model.tasks
         }
     return shown
+
+
+def _input_size(model: EvalModel, dataset: str) -> tuple[int, int]:
+    return tuple(EVAL_SIZE.get(dataset, model.img_size))
+
+
+class _Sizes:
+    """Asks the model to prepare for each new padded input size (once per change)."""
+
+    def __init__(self, model: EvalModel) -> None:
+        self.model, self.current = model, tuple(model.img_size)
+
+    def __call__(self, size: tuple[int, int]) -> None:
+        if size == self.current:
+            return
+        if self.model.prepare is None:
+            raise SakError(
+                f"this run predicts {self.current[0]}x{self.current[1]} inputs only, and its evaluation "
+                f"needs {size[0]}x{size[1]}"
+            )
+        self.model.prepare(size)
+        self.current = size
+
+
+def _update(meters: dict, outs: dict, batch: dict, i: int) -> None:
+    """Image i of the batch: every meter on the image itself (predictions and labels cropped back)."""
+    pad = batch["pads"][i]
+    for t, meter in meters.items():
+        if t == "edge":
+            meter.update(pad.crop(outs[t][i]), batch["boundary_sources"][i])
+        else:
+            meter.update(pad.crop(outs[t][i : i + 1]), pad.crop(batch["labels"][t][i : i + 1]))
 
 
 @torch.no_grad()
@@ -150,26 +195,35 @@ def evaluate_dense(
     batch_size: int = 4,
     baselines: dict[str, float] | None = None,
     num_pictures: int = 4,
+    save_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of `model` on a split of the dataset; writes OUT/eval.json and the pictures; the report."""
+    """Metrics of `model` on a split of the dataset; writes OUT/eval.json and the pictures (and with
+    save_predictions OUT/predictions/); returns the report."""
     data = DenseDataset(dataset, data_root, split, tuple(model.tasks))
     for t, n in data.outputs.items():
         if n != model.tasks[t]:
             raise SakError(f"task {t}: the model predicts {model.tasks[t]} channels, the dataset has {n}")
-    loader = torch.utils.data.DataLoader(
-        EvalSamples(data, model.img_size), batch_size=batch_size, shuffle=False, collate_fn=collate
-    )
+    size = _input_size(model, dataset)
+    samples = EvalSamples(data, size, boundaries="edge" in model.tasks)
+    loader = torch.utils.data.DataLoader(samples, batch_size=batch_size, shuffle=False, collate_fn=collate)
     meters = make_meters(model.tasks, dataset)
+    prepare = _Sizes(model)
+    out = Path(out).expanduser()
+    files = out / "predictions"
     gate_sum: dict[tuple[int, str], torch.Tensor] = {}
     shown: list[dict] = []
     for batch in loader:
+        prepare(tuple(batch["images"].shape[-2:]))
         preds, gates = model.predict(batch)
         for key, g in gates.items():
             gate_sum[key] = gate_sum.get(key, 0) + _per_image(g).sum(0).cpu()
         outs = {t: task_output(t, p).cpu() for t, p in preds.items()}
-        for i, (h, w) in enumerate(batch["sizes"]):  # metrics on the unpadded region only
-            for t, meter in meters.items():
-                meter.update(outs[t][i : i + 1, ..., :h, :w], batch["labels"][t][i : i + 1, ..., :h, :w])
+        for i, name in enumerate(batch["names"]):
+            _update(meters, outs, batch, i)
+            if save_predictions:
+                for t in model.tasks:
+                    pred = batch["pads"][i].crop(outs[t][i])
+                    save_prediction(files, dataset, name, t, pred, model.tasks[t])
             if len(shown) < num_pictures:
                 shown.append(_keep(batch, i, outs, gates, model))
     results = {t: float(m.compute()) for t, m in meters.items()}
@@ -179,6 +233,11 @@ def evaluate_dense(
         "dataset": dataset,
         "split": split,
         "images": n,
+        "protocol": {
+            "input": list(size),
+            "padding": "centre",
+            "boundaries": "SEISM" if "edge" in meters else None,
+        },
         "metrics": {t: {"name": METRIC_NAMES[t], "value": v} for t, v in results.items()},
         **_baselines(results, model, dataset, baselines),
         "experts": list(model.experts),
@@ -187,7 +246,8 @@ def evaluate_dense(
         "code_version": code_version(),
         "created": now_iso(),
     }
-    out = Path(out).expanduser()
+    if save_predictions:
+        report["predictions"] = str(files)
     out.mkdir(parents=True, exist_ok=True)
     pictures = [out / "routers.png", out / "predictions.png"]
     tasks = list(model.tasks)
@@ -196,7 +256,7 @@ def evaluate_dense(
     if model.token_grid is not None:
         for t in tasks:
             pictures.append(out / f"gates_{t}.png")
-            plot_gate_maps(shown, t, list(model.experts), model.token_grid, model.img_size, pictures[-1])
+            plot_gate_maps(shown, t, list(model.experts), model.token_grid, pictures[-1])
     report["pictures"] = [str(p) for p in pictures]
     write_json_atomic(out / "eval.json", report)
     return report
@@ -280,7 +340,6 @@ def plot_gate_maps(
     task: str,
     experts: list[str],
     grid: tuple[int, int],
-    img_size: tuple[int, int],
     path: Path,
 ) -> None:
     """Rows: images; columns: the image, then each expert's gate over the tokens (upsampled to the image)."""
@@ -294,11 +353,10 @@ def plot_gate_maps(
     cols = 1 + len(experts)
     fig, axes = plt.subplots(len(shown), cols, figsize=(1.6 * cols, 1.6 * len(shown)), squeeze=False)
     for r, s in enumerate(shown):
-        h, w = s["size"]
         axes[r][0].imshow(s["image"].permute(1, 2, 0).numpy())
         axes[r][0].set_title("input", fontsize=6)
-        maps = s["gates"][task].T.reshape(len(experts), 1, *grid)  # (E, 1, gh, gw)
-        up = torch.nn.functional.interpolate(maps, size=img_size, mode="nearest")[:, 0, :h, :w]
+        maps = s["gates"][task].T.reshape(len(experts), 1, *grid)  # (E, 1, gh, gw) over the padded input
+        up = s["pad"].crop(torch.nn.functional.interpolate(maps, size=s["input_size"], mode="nearest")[:, 0])
         top = float(up.max())  # one colour scale per image (row), 0 .. its largest gate
         for e, name in enumerate(experts):
             axes[r][1 + e].imshow(np.asarray(up[e]), cmap="magma", vmin=0, vmax=top)

@@ -1,20 +1,23 @@
-"""Stage-2 evaluation metrics (paper B.4), all accumulated at dataset level: `update` per batch, `compute` once.
+"""Stage-2 evaluation metrics (paper B.4), accumulated at dataset level: `update` per batch, `compute` once.
 
-    semseg, human_parts   SegmentationMeter   mIoU % from one confusion matrix over the dataset (ignore 255)
-    sal                   SaliencyMeter       maxF % (beta^2 0.3) over thresholds 0.05..0.95
+    semseg, human_parts   SegmentationMeter   mIoU % over ALL classes (21 / 7 / 40), an absent class 0
+    sal                   SaliencyMeter       maxF % (beta^2 0.3) over the thresholds 0.05, 0.10 .. 0.95
     normals               NormalsMeter        mean angular error (degrees) over all valid pixels
-    edge                  BoundaryMeter       odsF % with a localisation tolerance (fraction of the diagonal)
-    depth                 DepthMeter          RMSE over all valid (> 0) pixels
-    mtl_gain              Delta_m % against single-task baselines (paper eq. 7)
+    depth                 DepthMeter          RMSE over all valid pixels, predictions clamped at 0
+    edge                  boundary_eval.SeismBoundaryMeter: odsF % by the SEISM protocol
+    mtl_gain              Delta_m % against single-task baselines (paper eq. 7; saliency enters as maxF)
 
-Averaging conventions (those of the ATRC / InvPT / SAK evaluation code the paper's numbers come from):
-- mIoU: IoU per class from the dataset-level confusion matrix, averaged over classes that occur in the
-  prediction or the ground truth (union > 0).
-- maxF: precision and recall per threshold from pixel counts pooled over the whole dataset (micro
-  average), F per threshold, maximum over thresholds. Not a mean of per-image F scores.
-- mErr and RMSE: pooled over every valid pixel of the dataset (not a mean of per-image values).
-- odsF: per threshold, matched / predicted / ground-truth boundary pixel counts summed over the dataset,
-  then the best F over thresholds (optimal dataset scale, Martin et al. 2004).
+Each follows innovator-zero/SAK evaluation/ (eval_semseg.py, eval_human_parts.py, eval_sal.py,
+eval_normals.py, eval_depth.py) and utils.get_output; docs/protocol.md tabulates where InvPT and MTI-Net
+differ. Every meter pools pixel counts over the whole dataset (never a mean of per-image scores):
+- mIoU: per class c, IoU_c = TP_c / max(TP_c + FP_c + FN_c, 1e-8) from counts over all non-ignored
+  pixels, then the mean over every class of the dataset: a class that neither occurs nor is predicted
+  scores 0 (eval_semseg.py: 21 PASCAL classes with background, 40 NYUD classes).
+- maxF: prediction p >= t at the float32 thresholds torch.arange(0.05, 1, 0.05); precision
+  TP / (PP + 1e-8), recall TP / (AP + 1e-8), F = 1.3 P R / (0.3 P + R + 1e-8); the maximum over t.
+- mErr: both vectors normalised (a zero prediction stays zero: 90 degrees), angle 2 atan2(|a - b|, |a + b|)
+  over the pixels whose label is valid (not all zero).
+- RMSE: predictions clamped at 0 (get_output), then <= 0 -> 1e-9 as eval_depth.py; valid 0 < depth < 80.
 """
 
 from __future__ import annotations
@@ -23,18 +26,16 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
-from scipy.spatial import cKDTree
-from skimage.morphology import thin
 
 from sak.pipeline.base.errors import SakError
 
 IGNORE_INDEX = 255
 SALIENCY_BETA2 = 0.3
-SALIENCY_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
-EDGE_TOLERANCE = {"pascal_context": 0.0075, "nyud": 0.011}  # max mis-localisation / image diagonal
-EDGE_THRESHOLDS = tuple((k + 1) / 100 for k in range(99))  # 0.01 .. 0.99, as the BSDS/SEISM benchmarks
+# eval_sal.py: torch.arange(0.05, 1, 0.05), float32 (0.05 .. 0.95, 19 values, as torch rounds them)
+SALIENCY_THRESHOLDS = tuple(float(t) for t in torch.arange(0.05, 1, 0.05))
+IOU_EPS = 1e-8  # TP / max(TP + FP + FN, 1e-8)
+F_EPS = 1e-8  # eval_sal.py's epsilons in precision, recall and F
+DEPTH_RANGE = (0.0, 80.0)  # eval_depth.py: min_depth < gt < max_depth
 
 # Single-task baselines of the paper (Tables 13-16 and 5-6), for Delta_m: {dataset: {backbone: {task: M}}}.
 SINGLE_TASK_BASELINES: dict[str, dict[str, dict[str, float]]] = {
@@ -65,7 +66,7 @@ def _squeeze(x: np.ndarray) -> np.ndarray:
 
 
 class SegmentationMeter:
-    """mIoU % from a dataset-level confusion matrix. update(pred ids (B, H, W), target (B, [1,] H, W))."""
+    """mIoU % over all `num_classes`. update(pred ids (B, H, W), target (B, [1,] H, W), 255 = ignore)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes = num_classes
@@ -84,16 +85,14 @@ class SegmentationMeter:
         self.confusion += np.bincount(t * k + p, minlength=k * k).reshape(k, k)
 
     def iou_per_class(self) -> np.ndarray:
+        """(K,) TP / max(TP + FP + FN, 1e-8): 0 for a class absent from both prediction and target."""
         tp = np.diag(self.confusion).astype(np.float64)
-        union = self.confusion.sum(0) + self.confusion.sum(1) - tp
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(union > 0, tp / union, np.nan)
+        fp = self.confusion.sum(0) - tp  # predicted c, labelled otherwise
+        fn = self.confusion.sum(1) - tp  # labelled c, predicted otherwise
+        return tp / np.maximum(tp + fp + fn, IOU_EPS)
 
     def compute(self) -> float:
-        iou = self.iou_per_class()
-        if np.isnan(iou).all():
-            raise SakError("mIoU of an empty confusion matrix")
-        return float(np.nanmean(iou) * 100)
+        return float(self.iou_per_class().mean() * 100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +100,11 @@ class SegmentationMeter:
 
 
 class SaliencyMeter:
-    """maxF %. update(prob (B, [1,] H, W) in [0, 1], target {0, 1, 255}); a pixel is positive at prob >= thr."""
+    """maxF %. update(prob (B, [1,] H, W) in [0, 1], target {0, 1, 255}); a pixel is positive at prob >= t.
+
+    prob is the salient-class probability (sigmoid of the one logit = softmax of the references' two);
+    like get_output it passes through * 255 / 255 in float32 before the comparison.
+    """
 
     def __init__(
         self,
@@ -109,7 +112,7 @@ class SaliencyMeter:
         beta2: float = SALIENCY_BETA2,
         ignore_index: int = IGNORE_INDEX,
     ):
-        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.thresholds = np.asarray(thresholds, dtype=np.float32)
         self.beta2 = beta2
         self.ignore_index = ignore_index
         self.true_pos = np.zeros(len(self.thresholds))
@@ -117,20 +120,19 @@ class SaliencyMeter:
         self.actual_pos = 0.0
 
     def update(self, prob: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
-        p, t = _squeeze(_np(prob)).astype(np.float64), _squeeze(_np(target))
+        p = _squeeze(_np(prob)).astype(np.float32) * np.float32(255) / np.float32(255)
+        t = _squeeze(_np(target))
         valid = t != self.ignore_index
-        p, t = p[valid], t[valid] > 0.5  # (P,)
+        p, t = p[valid], t[valid] == 1  # (P,)
         above = p[None, :] >= self.thresholds[:, None]  # (T, P); note: T x pixels booleans
         self.true_pos += (above & t[None, :]).sum(1)
         self.pred_pos += above.sum(1)
         self.actual_pos += float(t.sum())
 
     def f_scores(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = np.where(self.pred_pos > 0, self.true_pos / self.pred_pos, 0.0)
-            recall = self.true_pos / self.actual_pos if self.actual_pos > 0 else np.zeros_like(self.true_pos)
-            denom = self.beta2 * precision + recall
-            return np.where(denom > 0, (1 + self.beta2) * precision * recall / denom, 0.0)
+        precision = self.true_pos / (self.pred_pos + F_EPS)
+        recall = self.true_pos / (self.actual_pos + F_EPS)
+        return (1 + self.beta2) * precision * recall / (self.beta2 * precision + recall + F_EPS)
 
     def compute(self) -> float:
         return float(self.f_scores().max() * 100)
@@ -140,11 +142,17 @@ class SaliencyMeter:
 # normals and depth
 
 
+def _unit(v: np.ndarray) -> np.ndarray:
+    """(P, 3) -> unit vectors; a zero vector stays zero (eval_normals.py normalize_tensor)."""
+    norm = np.linalg.norm(v, axis=1, keepdims=True)
+    return np.where(norm > 0, v / np.where(norm > 0, norm, 1.0), 0.0)
+
+
 class NormalsMeter:
     """Mean angular error in degrees. update(pred (B, 3, H, W) any scale, target (B, 3, H, W) normals).
 
-    Valid pixels: target not all zero and free of 255. Both vectors are normalised; the angle uses
-    2 * atan2(|a - b|, |a + b|), accurate near 0 and 180 degrees.
+    Valid pixels: target not all zero and free of 255. Both vectors are normalised (a zero prediction
+    stays zero, 90 degrees from any label); the angle is 2 * atan2(|a - b|, |a + b|).
     """
 
     def __init__(self, ignore_index: int = IGNORE_INDEX):
@@ -157,10 +165,8 @@ class NormalsMeter:
         if p.shape != t.shape or p.ndim != 4 or p.shape[1] != 3:
             raise SakError(f"normals need (B, 3, H, W) prediction and target, got {p.shape}, {t.shape}")
         valid = (t != self.ignore_index).all(1) & (t != 0).any(1)  # (B, H, W)
-        p = np.moveaxis(p, 1, -1)[valid]  # (P, 3)
-        t = np.moveaxis(t, 1, -1)[valid]
-        p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-        t = t / np.linalg.norm(t, axis=1, keepdims=True)
+        p = _unit(np.moveaxis(p, 1, -1)[valid])  # (P, 3)
+        t = _unit(np.moveaxis(t, 1, -1)[valid])
         deg = np.degrees(2 * np.arctan2(np.linalg.norm(p - t, axis=1), np.linalg.norm(p + t, axis=1)))
         self.sum_deg += float(deg.sum())
         self.count += int(deg.size)
@@ -172,7 +178,10 @@ class NormalsMeter:
 
 
 class DepthMeter:
-    """RMSE over every valid pixel of the dataset. update(pred (B, [1,] H, W), target with 0 = missing)."""
+    """RMSE over every valid pixel of the dataset. update(pred (B, [1,] H, W), target with 0 = missing).
+
+    pred is clamped at 0 and then <= 0 -> 1e-9 (get_output, eval_depth.py); valid: 0 < target < 80.
+    """
 
     def __init__(self) -> None:
         self.sum_sq = 0.0
@@ -180,7 +189,8 @@ class DepthMeter:
 
     def update(self, pred: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
         p, t = _squeeze(_np(pred)).astype(np.float64), _squeeze(_np(target)).astype(np.float64)
-        valid = t > 0
+        p = np.where(p <= 0, 1e-9, p)  # the clamp at 0, then eval_depth.py's floor
+        valid = (t > DEPTH_RANGE[0]) & (t < DEPTH_RANGE[1])
         self.sum_sq += float(((p[valid] - t[valid]) ** 2).sum())
         self.count += int(valid.sum())
 
@@ -188,74 +198,6 @@ class DepthMeter:
         if self.count == 0:
             raise SakError("RMSE over zero valid pixels")
         return float(np.sqrt(self.sum_sq / self.count))
-
-
-# ----------------------------------------------------------------------------------------------
-# boundaries
-
-
-def match_boundaries(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int:
-    """Size of a maximum one-to-one matching between boundary pixels of two (H, W) bool maps.
-
-    A predicted and a ground-truth pixel may be matched when their Euclidean distance is <= max_dist.
-    """
-    pp, gp = np.argwhere(pred), np.argwhere(gt)  # (P, 2), (G, 2)
-    if len(pp) == 0 or len(gp) == 0:
-        return 0
-    # all pairs within max_dist, zero distances included (ndarray output keeps them, unlike dok)
-    pairs = cKDTree(pp).sparse_distance_matrix(cKDTree(gp), max_dist, output_type="ndarray")
-    if len(pairs) == 0:
-        return 0
-    ones = np.ones(len(pairs), dtype=np.int8)
-    graph = coo_matrix((ones, (pairs["i"], pairs["j"])), shape=(len(pp), len(gp))).tocsr()
-    match = maximum_bipartite_matching(graph, perm_type="column")  # per predicted pixel: gt index or -1
-    return int((match >= 0).sum())
-
-
-class BoundaryMeter:
-    """odsF %: update(prob (B, [1,] H, W) in [0, 1], target {0, 1, 255}).
-
-    Per threshold: binarise at prob >= thr, thin to one-pixel width (skimage), drop ignored pixels,
-    match to the ground-truth boundary pixels within tolerance * image diagonal (maximum bipartite
-    matching), and add matched / predicted / ground-truth counts over the dataset. odsF is the best
-    F = 2PR / (P + R) over thresholds. The ground truth is used as given (already thin in PASCAL/NYUD).
-    """
-
-    def __init__(
-        self,
-        tolerance: float,
-        thresholds: Sequence[float] = EDGE_THRESHOLDS,
-        ignore_index: int = IGNORE_INDEX,
-    ):
-        self.tolerance = tolerance
-        self.thresholds = np.asarray(thresholds, dtype=np.float64)
-        self.ignore_index = ignore_index
-        self.matched = np.zeros(len(self.thresholds))
-        self.predicted = np.zeros(len(self.thresholds))
-        self.actual = 0.0
-
-    def update(self, prob: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> None:
-        probs, targets = _squeeze(_np(prob)).astype(np.float64), _squeeze(_np(target))
-        if probs.ndim == 2:
-            probs, targets = probs[None], targets[None]
-        for p, t in zip(probs, targets, strict=True):
-            valid = t != self.ignore_index
-            gt = (t > 0) & valid
-            max_dist = self.tolerance * float(np.hypot(*p.shape))
-            self.actual += float(gt.sum())
-            for k, thr in enumerate(self.thresholds):
-                edges = thin(p >= thr) & valid
-                self.predicted[k] += float(edges.sum())
-                self.matched[k] += match_boundaries(edges, gt, max_dist)
-
-    def f_scores(self) -> np.ndarray:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            precision = np.where(self.predicted > 0, self.matched / self.predicted, 0.0)
-            recall = self.matched / self.actual if self.actual > 0 else np.zeros_like(self.matched)
-            return np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0)
-
-    def compute(self) -> float:
-        return float(self.f_scores().max() * 100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +213,9 @@ def mtl_gain(
     lower_is_better: frozenset[str] | set[str] = LOWER_IS_BETTER,
 ) -> float:
     """Delta_m % = 100/T * sum_t (-1)^{l_t} (M_t - M_ST,t) / M_ST,t over the tasks in `results`.
+
+    M_t is each task's metric as reported: mIoU (semseg, human_parts), maxF (sal), mErr (normals, lower
+    is better), odsF (edge), RMSE (depth, lower is better).
 
     Baselines: pass them, or name dataset ("pascal_context", "nyud") and backbone ("vit_s", "vit_b",
     "vit_l") to use the paper's single-task baselines (SINGLE_TASK_BASELINES).

@@ -12,6 +12,11 @@ delta_m) and the pictures, by dense_eval.evaluate_dense.
     RUN/routers.png          mean gate per expert (one panel per level, bars per task)
     RUN/gates_<task>.png     token-level gate maps (tiger routers), one panel per expert, a few images
     RUN/predictions.png      input | GT and prediction per task
+    RUN/predictions/         with save_predictions: the reference code's prediction files (SEISM reads edge/)
+
+Every validation image is evaluated whole, centre-padded to the dataset's evaluation size; a run asked for
+another input size than it was trained at gets its position embedding resampled (stage 2) or its teachers
+rebuilt at that size (TIGER): `EvalModel.prepare`.
 """
 
 from __future__ import annotations
@@ -36,15 +41,23 @@ def _stage2_target(run: Path, dev: torch.device) -> EvalModel:
     mean = torch.tensor(record.input_mean, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(record.input_std, device=dev).view(1, 3, 1, 1)
 
+    current = {"model": model}
+
     def predict(batch: dict) -> tuple[dict, dict]:
-        preds, gates, _ = model(normalize_u8(batch["images"].to(dev), mean, std))
+        preds, gates, _ = current["model"](normalize_u8(batch["images"].to(dev), mean, std))
         return preds, gates
+
+    def prepare(size: tuple[int, int]) -> None:  # another input size: resampled from the trained grid
+        fresh = load_stage2(run, dev).model
+        fresh.student.resize_input(size)
+        current["model"] = fresh.eval()
 
     return EvalModel(
         kind="sak-stage2-eval",
         tasks=dict(model.tasks),
         img_size=tuple(heads.img_size),
         predict=predict,
+        prepare=prepare,
         experts=["stem", *(t.name for t in loaded.record.student.teachers)],
         levels=list(model.levels),
         backbone=loaded.record.student.name,
@@ -57,17 +70,21 @@ def _tiger_target(run: Path, dev: torch.device) -> EvalModel:
     model, record = loaded.model, loaded.run
     model.eval()
     img_size = tuple(record.img_size)
-    teachers = live_teachers(record.teachers, img_size, dev)
+    live = {"size": img_size, "teachers": live_teachers(record.teachers, img_size, dev)}
 
     def predict(batch: dict) -> tuple[dict, dict]:
-        o = model(teachers(batch["images"]), img_size)
+        o = model(live["teachers"](batch["images"]), live["size"])
         return o.preds, o.gates
+
+    def prepare(size: tuple[int, int]) -> None:  # another input size: the teachers rebuilt for it
+        live.update(size=size, teachers=live_teachers(record.teachers, size, dev))
 
     return EvalModel(
         kind="sak-tiger-eval",
         tasks=dict(model.tasks),
         img_size=img_size,
         predict=predict,
+        prepare=prepare,
         experts=model.expert_names,
         levels=list(range(model.config.num_levels)),
         backbone="vit_b",
@@ -86,8 +103,10 @@ def evaluate_run(
     device: str | None = None,
     baselines: dict[str, float] | None = None,
     num_pictures: int | None = None,
+    save_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Metrics of a stage-2 or TIGER run on a split: writes OUT/eval.json (OUT = the run) and pictures."""
+    """Metrics of a stage-2 or TIGER run on a split, by the reference protocol (docs/protocol.md): writes
+    OUT/eval.json (OUT = the run), the pictures and, with save_predictions, OUT/predictions/."""
     run = Path(run).expanduser()
     kind = run_record_kind(run)
     if kind not in ("stage2", "tiger"):
@@ -96,5 +115,5 @@ def evaluate_run(
     target = _stage2_target(run, dev) if kind == "stage2" else _tiger_target(run, dev)
     pictures = num_pictures if num_pictures is not None else (4 if kind == "stage2" else 3)
     return evaluate_dense(
-        target, dataset, data_root, split, Path(out or run), batch_size, baselines, pictures
+        target, dataset, data_root, split, Path(out or run), batch_size, baselines, pictures, save_predictions
     )

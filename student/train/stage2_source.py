@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.teachers.weights import weights_field
-from sak.student.data.dense import DATASETS, DEFAULT_INPUT_SIZE, parse_img_size
+from sak.student.data.dense_sets import DATASETS, DEFAULT_INPUT_SIZE, parse_img_size
 
 
 @dataclass(frozen=True)
