@@ -95,11 +95,14 @@ def problems_of(command: str) -> list[str]:
         return [
             f"{t} is not an option of {tokens[0]}" for t in tokens[1:] if t.startswith("-") and t not in names
         ]
-    sub = group.commands.get(tokens[1])
-    if sub is None:
+    # `sak-train CMD ...`: a placeholder for any subcommand; its options must be some subcommand's
+    subs = list(group.commands.values()) if tokens[1].isupper() else [group.commands.get(tokens[1])]
+    if subs == [None]:
         return [f"{tokens[0]} has no subcommand {tokens[1]!r}"]
-    params = sub.get_params(click.Context(sub, info_name=tokens[1]))  # generated options included, --help too
-    options = {o: p for p in params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+    options = {}
+    for sub in subs:  # generated options included, --help too
+        params = sub.get_params(click.Context(sub, info_name=sub.name))
+        options |= {o: p for p in params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
     bad, i, rest = [], 2, tokens[2:]
     while i - 2 < len(rest):
         t = tokens[i]
@@ -111,7 +114,8 @@ def problems_of(command: str) -> list[str]:
         if param is None:
             bad.append(f"{name} is not an option of `{tokens[0]} {tokens[1]}`")
             continue
-        takes_value = not (param.is_flag or param.count)
+        # a value-taking option may have a flag form (`--resume` alone): click's flag_value then stands in
+        takes_value = not (param.is_flag or param.count) and not isinstance(param.flag_value, bool)
         if takes_value and "=" not in t:
             if i >= len(tokens) or tokens[i].startswith("--"):
                 bad.append(f"{name} needs a value")

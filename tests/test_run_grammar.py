@@ -157,7 +157,7 @@ def test_a_torn_last_metrics_line_is_dropped_on_resume(trainer, inputs, tmp_path
 def _hold_lock(run: Path) -> subprocess.Popen:
     """Another process holding the run's lock (as a second trainer does), until killed."""
     code = (
-        "import sys, time; from sak.pipeline.lock import CacheLock; "
+        "import sys, time; from sak.pipeline.base.lock import CacheLock; "
         "CacheLock(sys.argv[1], writer='trainer').acquire(); print('held', flush=True); time.sleep(120)"
     )
     run.mkdir(parents=True, exist_ok=True)

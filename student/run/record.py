@@ -17,7 +17,7 @@ A run folder (format run-v1, the same for stage 1, stage 2 and TIGER):
 
 Every read validates the document against the shipped JSON Schema (student/schema/run-v1.schema.json,
 generated from these records: `python -m sak.student.schema_gen`), the same mechanism the cache format uses
-(sak.pipeline.typed_json.SchemaFamily), and names the file and field path of the first problem. Runs
+(sak.pipeline.base.typed_json.SchemaFamily), and names the file and field path of the first problem. Runs
 written before this format (no `schema_version`) are read through legacy.py's upgrade into the same
 records, so they resume and evaluate. A v1 record written before a config option existed gets that
 option's default.
