@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sak.kernels import adapter, dispatch
+from sak.kernels import adapter, adapter_triton, dispatch
 from sak.kernels.adapter import adapter_reference, fused_adapter
 
 # Max error relative to the reference tensor's max magnitude. fp32 dots run IEEE; fp16/bf16 round u, h,
@@ -224,7 +224,7 @@ def test_compile_error_falls_back_to_torch(interpreted_triton, monkeypatch):
 
     monkeypatch.setattr(dispatch, "strict", False)
     monkeypatch.setattr(dispatch, "_FAILED", {})
-    monkeypatch.setattr(adapter, "_fwd_triton", broken)
+    monkeypatch.setattr(adapter, "fwd_triton", broken)  # the launcher adapter.py calls
     inputs = make_inputs(64, torch.float32, with_z=True)
     x, z, w_down, b_down, w_up, b_up, scale = inputs
     with pytest.warns(RuntimeWarning, match="CompilationError"):
@@ -325,7 +325,7 @@ def adapter_kernel_builds(io_dtype, mm_dtype, C=768):
     fwd.update(scale_ptr=t(f32), out_ptr=t(io), h_ptr=t(mm), M=M, C=C, R=R)
     bwd = dict(g_ptr=t(io), h_ptr=t(mm), wd_ptr=t(mm), wu_ptr=t(mm), scale_ptr=t(f32), du_ptr=t(io))
     bwd.update(dh_ptr=t(mm), gsum_ptr=t(f32), dhsum_ptr=t(f32), dscale_ptr=t(f32), M=M, C=C, R=R)
-    block_i, block_j, block_k = adapter._reduce_blocks(mm)
+    block_i, block_j, block_k = adapter_triton.reduce_blocks(mm)
     tokens_per_split = 4096  # as _token_reduce picks for 132 SMs at these sizes (a multiple of BLOCK_K)
     # dw_up = g.T @ gelu(h): a = g (M, C), b = h (M, R)
     reduce_up = dict(a_ptr=t(io), b_ptr=t(mm), b2_ptr=t(mm), out_ptr=t(f32), M=M, NI=C, NJ=R)
@@ -334,17 +334,27 @@ def adapter_kernel_builds(io_dtype, mm_dtype, C=768):
     reduce_down = dict(a_ptr=t(mm), b_ptr=t(io), b2_ptr=t(io), out_ptr=t(f32), M=M, NI=R, NJ=C)
     reduce_down.update(tokens_per_split=tokens_per_split)
     blocks = dict(BLOCK_I=block_i, BLOCK_J=block_j, BLOCK_K=block_k, **common)
-    block_r = adapter._block_r(R)
+    block_r = adapter_triton.bottleneck_block(R)
     return [
-        (adapter._adapter_fwd_kernel, fwd, dict(HAS_Z=True, SAVE_H=True, BLOCK_R=block_r, **common), "fwd"),
         (
-            adapter._adapter_bwd_tokens_kernel,
+            adapter_triton.adapter_fwd_kernel,
+            fwd,
+            dict(HAS_Z=True, SAVE_H=True, BLOCK_R=block_r, **common),
+            "fwd",
+        ),
+        (
+            adapter_triton.adapter_bwd_tokens_kernel,
             bwd,
-            dict(BLOCK_M=adapter._bwd_block_m(mm), BLOCK_R=block_r, **common),
+            dict(BLOCK_M=adapter_triton.bwd_block_m(mm), BLOCK_R=block_r, **common),
             "bwd",
         ),
-        (adapter._token_reduce_kernel, reduce_up, dict(GELU_B=True, HAS_B2=False, **blocks), "reduce"),
-        (adapter._token_reduce_kernel, reduce_down, dict(GELU_B=False, HAS_B2=True, **blocks), "reduce"),
+        (adapter_triton.token_reduce_kernel, reduce_up, dict(GELU_B=True, HAS_B2=False, **blocks), "reduce"),
+        (
+            adapter_triton.token_reduce_kernel,
+            reduce_down,
+            dict(GELU_B=False, HAS_B2=True, **blocks),
+            "reduce",
+        ),
     ]
 
 
@@ -359,7 +369,7 @@ DTYPE_PAIRS = [
 def test_kernels_compile_for_h100(sm90_compile):
     # the training case; every dtype pair, config and width in the slow test below
     for fn, args, constexprs, kind in adapter_kernel_builds(torch.float32, torch.bfloat16):
-        config = adapter._configs(kind, torch.bfloat16)[0]
+        config = adapter_triton.kernel_configs(kind, torch.bfloat16)[0]
         assert dispatch.compile_only(fn, args, constexprs, config).asm["cubin"], fn.__name__
 
 
@@ -370,7 +380,7 @@ def test_every_gpu_config_compiles_for_h100_without_spills(sm90_compile, dtypes,
     """Every config the autotuner may pick, compiled as the runtime specialises the real launch: no spills."""
     spilling = []
     for fn, args, constexprs, kind in adapter_kernel_builds(*dtypes, C=C):
-        for config in adapter._configs(kind, dtypes[1]):
+        for config in adapter_triton.kernel_configs(kind, dtypes[1]):
             regs, spills = dispatch.register_spills(dispatch.compile_only(fn, args, constexprs, config))
             if spills:
                 spilling.append(f"{fn.__name__} {config}: {spills} bytes ({regs} registers)")
