@@ -160,3 +160,18 @@ def test_every_linked_page_exists_and_the_readme_starts_with_the_commands():
     for step in ("make demo", "make test", "sak-cache run", "sak-cache inspect", "sak-train stage1"):
         assert step in head, step
     assert "## Contents" in head
+
+
+def test_the_repo_stands_on_its_own():
+    """Code, docs and tests cite no document that is not in the repo (design notes, lists of pitfalls)."""
+    outside = re.compile(r"\bDESIGN(?:\.md| ?§| section)|\bPITFALLS\b|\bSTYLE\.md\b")
+    cited = []
+    for folder in ("pipeline", "kernels", "student", "cli", "tests", "docs", "bench", "docker"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in {".py", ".md", ".yaml", ".sh", ".toml"} and path.is_file():
+                if outside.search(path.read_text(errors="replace")) and path.name != "test_docs.py":
+                    cited.append(str(path.relative_to(ROOT)))
+    for path in ("README.md", "pyproject.toml", "Makefile"):
+        if outside.search((ROOT / path).read_text()):
+            cited.append(path)
+    assert not cited, cited

@@ -1,5 +1,5 @@
 """`sak-cache estimate`: MACs counted from the architecture agree with torch's FLOP counter and with
-DESIGN §6, bytes agree with what a real extraction writes, and the CLI prints the table."""
+the published per-view figures, bytes agree with what a real extraction writes, and the CLI prints the table."""
 
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def test_macs_equal_an_independent_count(name, monkeypatch):
         assert attention == pytest.approx(sum(sdpa_macs), rel=1e-9)
 
 
-def test_macs_match_design_section_6():
-    """DESIGN §6 quotes patch embed + linear layers (221G, 221G, 1308G); attention adds 12-14%."""
+def test_macs_match_published_figures():
+    """The published figures count patch embed + linear layers (221G, 221G, 1308G); attention adds 12-14%."""
     for name, design in (("dinov2_l", 221e9), ("clip_l", 221e9), ("sam_l", 1308e9)):
         linear, attention = teacher_macs(get_teacher(name), 384)
         assert linear == pytest.approx(design, rel=0.01), name
@@ -85,7 +85,7 @@ def test_macs_match_design_section_6():
 
 
 def test_bytes_per_view_from_grids_levels_and_codec():
-    # DESIGN §6: ~45 MB per view raw fp16 at native grids, SAM alone ~33 MB
+    # ~45 MB per view raw fp16 at native grids, SAM alone ~33 MB
     est = estimate(
         EstimateConfig(("dinov2_l", "clip_l", "sam_l"), images=10, views_per_image=1, compression=1.0)
     )

@@ -12,7 +12,7 @@ input size, up to the deepest kept block (extraction stops there):
                      qkv/proj run on the window-padded grid (64 -> 70 with window 14)
   attention matmuls  Q K^T and A V: 2 T^2 C per window of T tokens (one window = all N tokens when global),
                      plus SAM's decomposed relative positions, T (h + w) C per window
-DESIGN section 6 quotes DINOv2-L 221G, CLIP-L 221G, SAM-L 1308G MACs per 384 view: these equal the
+The usual published figures, DINOv2-L 221G, CLIP-L 221G, SAM-L 1308G MACs per 384 view, equal the
 patch-embed + linear part exactly (220.9G, 220.9G, 1307.6G); the attention matmuls add 12-14% on top
 (26G, 26G, 182G). GPU-hours use the full count: 2 FLOP per MAC / (peak bf16 FLOP/s * utilization).
 """
@@ -57,7 +57,7 @@ GPU_PEAK_BF16_TFLOPS: dict[str, float] = {
 
 # Lossless Blosc-zstd factor on top of each codec's values (+scales), as the Zarr store writes them.
 # Measured by bench/codecs.py on synthetic ViT-like outlier features (C 1024; the tiny random-init
-# teachers agree within a few %). PITFALLS quotes ~1.1x for real fp16 features: same ballpark. Without
+# teachers agree within a few %). Real fp16 features are reported at ~1.1x: same ballpark. Without
 # real teacher weights here, these are assumptions: pass --compression after measuring your own features.
 ASSUMED_COMPRESSION: dict[str, float] = {
     "fp32": 1.10,

@@ -42,7 +42,7 @@ def parse_square_size(text: str) -> int:
 
 @dataclass(frozen=True)
 class Stage1Config:
-    """Stage-1 distillation; defaults follow DESIGN §3 (AdamW 1e-3, wd 0.01, 2 warm-up epochs, cosine).
+    """Stage-1 distillation; defaults follow the paper (AdamW 1e-3, wd 0.01, 2 warm-up epochs, cosine).
 
     cache, out: the cache folder and the run folder (RUN).
     student: registered student (vit_s, vit_b, vit_l, tiny, micro; student/model/registry.py).
