@@ -168,7 +168,7 @@ def test_the_repo_stands_on_its_own():
     cited = []
     for folder in ("pipeline", "kernels", "student", "cli", "tests", "docs", "bench", "docker"):
         for path in sorted((ROOT / folder).rglob("*")):
-            if path.suffix in {".py", ".md", ".yaml", ".sh", ".toml"} and path.is_file():
+            if path.suffix in {".py", ".md", ".yaml", ".sh", ".toml", ".json"} and path.is_file():
                 if outside.search(path.read_text(errors="replace")) and path.name != "test_docs.py":
                     cited.append(str(path.relative_to(ROOT)))
     for path in ("README.md", "pyproject.toml", "Makefile"):
