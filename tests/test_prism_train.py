@@ -98,3 +98,61 @@ def test_prism_cached_fp32_targets_give_the_losses_of_live_teachers(cache32, tmp
     print(f"prism_tiny, fp32 cache vs online: max relative loss difference {rel:.2e} over 4 steps")
     assert rel <= 1e-4
     assert cached.losses[0] != cached.losses[1]
+
+
+# ------------------------------------------------------------------------------------------- stage 2
+
+
+@pytest.fixture(scope="module")
+def prism_stage1(tiny_caches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prism_s1") / "s1"
+    cache = tiny_caches.get(views_per_image=1)
+    train_stage1(
+        Stage1Config.debug(str(cache), str(out), student="prism_tiny", steps=2, batch_size=2, eval_every=0)
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from tests.test_datasets import make_folder
+
+    return make_folder(tmp_path_factory.mktemp("dense") / "data", names=[f"img{i}" for i in range(5)])
+
+
+def test_stage2_from_a_prism_run_routes_by_task_then_evaluates(prism_stage1, folder, tmp_path, capsys):
+    from sak.student.model.prism_stage2 import PrismStage2Model
+    from sak.student.run.models import load_stage2
+
+    out = tmp_path / "s2"
+    argv = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(prism_stage1),
+            "--out", str(out), "--online", "--steps", "4", "--log-every", "2", "--batch-size", "2",
+            "--img-size", "64", "--num-workers", "0"]  # fmt: skip
+    assert train_main(argv) == 0
+    train = _lines(out, "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4] and train[0]["distill"] > 0
+    experts = _lines(out, "experts")
+    assert [r["step"] for r in experts] == [2, 4]
+    use = experts[-1]  # distillation on: teacher rows and task rows, counted apart
+    assert use["conditions"] == [*TEACHERS, "semseg", "normals"] and all(n > 0 for n in use["tokens"])
+    assert np.allclose(np.array(use["load"]).sum(-1), 1.0)
+    assert (out / "routers.png").exists()
+    meta = json.loads((out / "checkpoint/model.json").read_text())
+    assert meta["multitask"]["router"] == "prism" and meta["student"]["type"] == "prism"
+    model = load_stage2(out).model
+    assert isinstance(model, PrismStage2Model) and model.student.task_names == ["semseg", "normals"]
+    saved = load_file(str(out / "checkpoint/model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+    assert train_main(["eval", "--checkpoint", str(out), "--dataset", "folder", "--data-root", str(folder),
+                       "--out", str(tmp_path / "eval")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "eval/eval.json").read_text())
+    assert set(report["metrics"]) == {"semseg", "normals"}
+    assert report["experts"] == ["expert 0", "expert 1", "expert 2", "expert 3"]
+    gates = report["router_mean_gates"]
+    assert set(gates) == {f"{b}/{t}" for b in (1, 3, 5, 7) for t in ("semseg", "normals")}
+    assert all(abs(sum(g) - 1) < 1e-4 for g in gates.values())  # top-k weights sum to 1 per token
+
+    # resume: the stage-2 record rebuilds the PRISM model
+    assert train_main(["stage2", "--resume", str(out), "--steps", "5"]) == 0
+    assert [r["step"] for r in _lines(out, "train")] == [1, 2, 3, 4, 5]
