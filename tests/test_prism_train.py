@@ -156,3 +156,41 @@ def test_stage2_from_a_prism_run_routes_by_task_then_evaluates(prism_stage1, fol
     # resume: the stage-2 record rebuilds the PRISM model
     assert train_main(["stage2", "--resume", str(out), "--steps", "5"]) == 0
     assert [r["step"] for r in _lines(out, "train")] == [1, 2, 3, 4, 5]
+
+
+# ----------------------------------------------------------------------------------------------- DDP
+
+DDP_DRIVER = """
+import hashlib, json, os, sys
+from sak.student.train.stage1 import train_stage1
+from sak.student.train.stage1_config import Stage1Config
+
+cache, out, dump = sys.argv[1:4]
+cfg = Stage1Config.debug(cache, out, student="prism_tiny", steps=3, batch_size=4, eval_every=0, num_workers=0,
+                         teachers=("dinov2_tiny", "sam_tiny"), teachers_per_image=1, log_every=3)
+result = train_stage1(cfg)
+weights = b"".join(v.contiguous().numpy().tobytes() for v in result.model.state_dict().values())
+with open(os.path.join(dump, f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({"losses": result.losses, "weights": hashlib.sha256(weights).hexdigest()}, f)
+"""
+
+
+def test_prism_stage1_under_two_gloo_processes_keeps_identical_weights(tiny_caches, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    driver, run, dump = tmp_path / "driver.py", tmp_path / "run", tmp_path / "dump"
+    driver.write_text(DDP_DRIVER)
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*cmd, str(driver), str(tiny_caches.get()), str(run), str(dump)], capture_output=True,
+                          text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["weights"] == ranks[1]["weights"] and ranks[0]["losses"] == ranks[1]["losses"]
+    (use,) = _lines(run, "experts")
+    # 3 steps x 2 ranks x 2 images, each image one teacher: 6 images per teacher, counted over both ranks
+    assert use["conditions"] == ["dinov2_tiny", "sam_tiny"] and use["tokens"][0] == use["tokens"][1]
+    tokens_per_image = use["tokens"][0] // 6
+    assert use["tokens"] == [6 * tokens_per_image] * 2 and tokens_per_image == 1 + (64 // 16) ** 2
