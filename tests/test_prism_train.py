@@ -194,3 +194,36 @@ def test_prism_stage1_under_two_gloo_processes_keeps_identical_weights(tiny_cach
     assert use["conditions"] == ["dinov2_tiny", "sam_tiny"] and use["tokens"][0] == use["tokens"][1]
     tokens_per_image = use["tokens"][0] // 6
     assert use["tokens"] == [6 * tokens_per_image] * 2 and tokens_per_image == 1 + (64 // 16) ** 2
+
+
+# ------------------------------------------------------------------------- the authors' checkpoints
+
+
+def test_init_paper_loads_the_authors_stage1_checkpoint_into_a_prism_run(cache32, tmp_path, monkeypatch):
+    """`sak-train stage1 --student prism_tiny --init-paper CKPT`: their file in their key layout (synthetic,
+    tests/test_prism_weights.py), their teacher ids dinov2, clip, sam mapped to our stores by family,
+    whatever order --teachers gives; the run starts from it."""
+    from sak.student.data.opening import open_cache
+    from tests import test_prism_weights
+
+    dims = {s.teacher: s.dim for s in open_cache(str(cache32), (), True).stores}
+    monkeypatch.setattr(test_prism_weights, "TEACHER_DIMS", tuple(dims[t] for t in TEACHERS))  # their ids
+    sd = test_prism_weights.authors_stage1(grid=4)  # 64 px cache: 4 x 4 patches
+    path = tmp_path / "prism_s1.pth"
+    torch.save({"model": sd}, path)
+    out = tmp_path / "run"
+    argv = ["stage1", "--cache", str(cache32), "--student", "prism_tiny", "--init-paper", str(path),
+            "--teachers", "sam_tiny,dinov2_tiny,clip_tiny", "--steps", "1", "--batch-size", "2", "--lr", "0",
+            "--num-workers", "0", "--out", str(out), "--no-tensorboard"]  # fmt: skip
+    assert train_main(argv) == 0
+    model = load_run_student(out).model
+    assert model.teacher_names == ["sam_tiny", "dinov2_tiny", "clip_tiny"]
+    theirs = sd["vfm_condition_embeddings.weight"]  # rows: their ids 0 dinov2, 1 clip, 2 sam
+    assert torch.equal(model.teacher_embeddings.weight, theirs[[2, 0, 1]])
+    assert torch.equal(
+        model.projectors["sam_tiny"]["1"].fc1.weight, sd["vfm_projection_heads.2_0.net.0.weight"]
+    )
+    assert torch.equal(
+        model.stem.blocks[3].moe.experts[2].fc1.weight,
+        sd["backbone.blocks.3.moe_ffn_layer.experts.2.fc1.weight"],
+    )

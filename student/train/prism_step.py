@@ -41,6 +41,20 @@ def check_prism_stores(model: PrismStudent, positions: dict[str, tuple[int, ...]
         )
 
 
+AUTHORS_TEACHER_IDS = ("dinov2", "clip", "sam")  # the order of `teachers:` in their configs: their ids
+
+
+def load_prism_paper_stage1(model: PrismStudent, path: str, mapping: dict[str, str]) -> None:
+    """`--init-paper CKPT` for a PRISM student: the authors' stage-1 file through the converter. mapping:
+    their teacher name -> ours (--paper-teachers, or by family); their ids follow dinov2, clip, sam (names
+    outside those after them, in the order given). The position embedding is resampled to the input."""
+    from sak.student.model.prism_weights import load_authors_stage1
+
+    known = [mapping[t] for t in AUTHORS_TEACHER_IDS if t in mapping]
+    order = known + [ours for theirs, ours in mapping.items() if theirs not in AUTHORS_TEACHER_IDS]
+    load_authors_stage1(model, path, teacher_order=order, resample_pos_embed=True)
+
+
 def prism_train_loss(
     model: PrismStudent,
     train_model: torch.nn.Module,

@@ -58,7 +58,13 @@ from sak.student.run.record import (
 from sak.student.train.distributed import all_reduce_mean, bf16_autocast, wrap_ddp
 from sak.student.train.evaluate import evaluate_repsim
 from sak.student.train.losses import clip_gradients, distillation_loss
-from sak.student.train.prism_step import ExpertUseLog, check_prism_stores, is_prism, prism_train_loss
+from sak.student.train.prism_step import (
+    ExpertUseLog,
+    check_prism_stores,
+    is_prism,
+    load_prism_paper_stage1,
+    prism_train_loss,
+)
 from sak.student.train.stage1_config import LrSchedule, Stage1Config, resolve_schedule
 from sak.student.train.targets import OnlineTeachers, cached_targets, stored_levels
 
@@ -101,7 +107,10 @@ def build_student_for(cfg: Stage1Config, index: CacheIndex) -> torch.nn.Module:
         model.set_grad_checkpointing(True)
     if cfg.init_paper:
         mapping = dict(cfg.paper_teachers) or {s.manifest.teacher.family: s.teacher for s in index.stores}
-        load_paper_checkpoint(model, cfg.init_paper, mapping)
+        if is_prism(model):  # the PRISM authors' released stage-1 checkpoint (prism_weights.py)
+            load_prism_paper_stage1(model, cfg.init_paper, mapping)
+        else:
+            load_paper_checkpoint(model, cfg.init_paper, mapping)
     return model
 
 
