@@ -95,7 +95,10 @@ class Stage1Config:
     out: str = field(
         metadata={"help": "Run folder: config.json, metrics.jsonl, tb/, checkpoint/.", **on_resume(OUT)}
     )
-    student: str = field(default="vit_b", metadata={"help": "vit_s, vit_b, vit_l, or tiny / micro (tests)."})
+    student: str = field(
+        default="vit_b",
+        metadata={"help": "vit_s, vit_b, vit_l, prism_s/b/l (PRISM), or tiny / micro / prism_tiny (tests)."},
+    )
     teachers: tuple[str, ...] = field(
         default=(),
         metadata={

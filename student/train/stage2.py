@@ -166,7 +166,7 @@ def train_stage2(
         )
         if h.is_main:
             log.info(
-                f"stage 2: {model.student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
+                f"stage 2: {model.student.config.name} + {model.router_kind} routers on {cfg.dataset} {list(data.tasks)}, "
                 f"steps {start + 1}..{cfg.steps} of {cfg.batch_size} at {crop[0]}x{crop[1]}, "
                 f"{('cached targets' if cfg.cache else 'live teachers') if targets else 'no distillation'}, "
                 f"{h.env.world_size} process(es), run {h.run}"
