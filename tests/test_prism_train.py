@@ -227,3 +227,34 @@ def test_init_paper_loads_the_authors_stage1_checkpoint_into_a_prism_run(cache32
         model.stem.blocks[3].moe.experts[2].fc1.weight,
         sd["backbone.blocks.3.moe_ffn_layer.experts.2.fc1.weight"],
     )
+
+
+def test_stage2_init_paper_loads_the_authors_stage2_checkpoint(prism_stage1, folder, tmp_path, monkeypatch):
+    """`sak-train stage2 --init RUN --init-paper CKPT`: their MultiTaskModel file (synthetic, their key layout:
+    PASCAL-Context's 5 task rows, their teacher ids dinov2, clip, sam) -> our student and heads."""
+    from sak.student.run.models import load_stage2
+    from tests import test_prism_weights
+
+    monkeypatch.setattr(test_prism_weights, "TEACHER_DIMS", (64, 64, 64))  # the tiny stores' widths
+    sd = test_prism_weights.authors_stage2(
+        outputs={"semseg": 5, "human_parts": 7, "normals": 3, "edge": 1, "sal": 2}
+    )
+    path = tmp_path / "prism_s2.pth"
+    torch.save({"model": sd}, path)
+    out = tmp_path / "s2"
+    argv = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(prism_stage1),
+            "--init-paper", str(path), "--out", str(out), "--gamma", "0", "--lr", "0", "--steps", "1",
+            "--batch-size", "2", "--img-size", "64", "--num-workers", "0"]  # fmt: skip
+    assert train_main(argv) == 0
+    model = load_stage2(out).model
+    emb = sd["backbone.task_condition_embeddings.weight"]  # their rows semseg 0, ..., normals 2
+    assert torch.equal(model.student.task_embeddings.weight, emb[[0, 2]])
+    assert torch.equal(
+        model.student.teacher_embeddings.weight, sd["backbone.vfm_condition_embeddings.weight"]
+    )
+    head = model.multitask.heads["normals"].state_dict()
+    assert all(
+        torch.equal(v, sd[f"heads.normals.{k}"])
+        for k, v in head.items()
+        if v.is_floating_point() and "running" not in k
+    )

@@ -41,6 +41,13 @@ def expert_gates(features: PrismFeatures, task_rows: Mapping[str, torch.Tensor])
     return gates
 
 
+def _authors_teacher_id(name: str) -> int:
+    """Their teacher ids: the order of `teachers:` in their configs (dinov2, clip, sam); others last."""
+    families = ("dinov2", "clip", "sam")
+    family = name.split("_")[0]
+    return families.index(family) if family in families else len(families)
+
+
 class PrismStage2Model(nn.Module):
     """See the module docstring. `student_config`: the stage-1 student's record (what rebuilds it)."""
 
@@ -81,6 +88,30 @@ class PrismStage2Model(nn.Module):
     ) -> PrismStage2Model:
         student = stage2_student(stage1, list(tasks), tuple(img_size))
         return cls(PrismMultiTask(student, tasks), student_config)
+
+    def load_authors_stage2(self, path: str, authors_tasks: Sequence[str] | None = None) -> None:
+        """The authors' released stage-2 file (student and decode heads) through the converter. Their
+        task order: `authors_tasks`, or by the checkpoint's task count (5 PASCAL-Context, 4 NYUD-v2);
+        their teacher ids (dinov2, clip, sam) matched to ours by name."""
+        from sak.pipeline.base.errors import SakError
+        from sak.student.model.prism_weights import (
+            AUTHORS_TASK_ORDER,
+            load_authors_stage2,
+            read_authors_checkpoint,
+        )
+
+        sd = read_authors_checkpoint(path)
+        if authors_tasks is None:
+            rows = sd.get("backbone.task_condition_embeddings.weight")
+            by_count = {len(v): v for v in AUTHORS_TASK_ORDER.values()}
+            if rows is None or rows.shape[0] not in by_count:
+                raise SakError(f"{path}: not a PRISM stage-2 checkpoint of PASCAL-Context or NYUD-v2 tasks")
+            authors_tasks = by_count[rows.shape[0]]
+        order = sorted(self.student.teacher_names, key=_authors_teacher_id)
+        heads = load_authors_stage2(self.student, sd, authors_tasks, order)
+        self.multitask.heads.load_state_dict(
+            {k.removeprefix("heads."): v for k, v in heads.items()}, strict=True
+        )
 
     def forward(self, images: torch.Tensor, routing: bool = False) -> tuple:
         pairs = self.student.teacher_pairs(images.shape[0]) if self.distill else None

@@ -63,6 +63,10 @@ def _model(cfg: Stage2Config, h: Harness, recorded: Stage2Run | None, data, emb)
     stage1 = None
     if needs_init:
         student, stage1 = load_stage1_run(cfg.init, h.device)
+    if recorded is None and cfg.init_paper and not is_prism(student):
+        raise SakError(
+            "--init-paper in stage 2 takes the PRISM authors' checkpoint: --init a PRISM stage-1 run"
+        )
     if recorded is None and is_prism(student):
         torch.manual_seed(cfg.seed)
         model = prism_stage2_model(cfg, student, data.outputs, crop)
@@ -90,7 +94,10 @@ def prism_stage2_model(cfg: Stage2Config, stage1, outputs: dict[str, int], crop)
         )
     config = StudentConfig(stage1.config.name, tuple(stage1.config.teachers), stage1.config.img_size[0],
                            type="prism")  # fmt: skip
-    return PrismStage2Model.from_record(config, stage1, outputs, crop)
+    model = PrismStage2Model.from_record(config, stage1, outputs, crop)
+    if cfg.init_paper:
+        model.load_authors_stage2(cfg.init_paper)
+    return model
 
 
 def _distillation_targets(cfg: Stage2Config, data, stage1: Stage1Run | None, crop, device) -> Any:
