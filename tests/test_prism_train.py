@@ -93,7 +93,11 @@ def test_prism_resume_gives_the_uninterrupted_losses(cache32, tmp_path, teachers
 
 def test_prism_cached_fp32_targets_give_the_losses_of_live_teachers(cache32, tmp_path):
     cached = train_stage1(_cfg(cache32, tmp_path / "cached"))
-    online = train_stage1(_cfg(cache32, tmp_path / "online", online=True))
+    keys = []
+    online = train_stage1(
+        _cfg(cache32, tmp_path / "online", online=True), on_step=lambda s, b, r: keys.append(set(b))
+    )
+    assert keys and all("targets" not in k and "views" in k for k in keys)  # no cached target was read
     rel = float(np.max(np.abs(np.subtract(cached.losses, online.losses)) / np.abs(online.losses)))
     print(f"prism_tiny, fp32 cache vs online: max relative loss difference {rel:.2e} over 4 steps")
     assert rel <= 1e-4
