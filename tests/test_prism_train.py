@@ -179,6 +179,7 @@ with open(os.path.join(dump, f"rank{os.environ['RANK']}.json"), "w") as f:
 """
 
 
+@pytest.mark.slow  # two torchrun processes: ~20 s on 2 shared cores
 def test_prism_stage1_under_two_gloo_processes_keeps_identical_weights(tiny_caches, tmp_path):
     import os
     import subprocess
