@@ -10,6 +10,10 @@ Rows (one student, one per-step batch, one device), in this order (the goals' th
   online        the same trainer with targets from the live teachers rebuilt from the store manifests; one
                 row only (kernels off), so the teachers are built once
   then, with --kernels on|both, cache and student only again with the fused kernels
+  then, with --prism NAME (e.g. prism_tiny beside --student tiny, prism_b beside vit_b), PRISM's student
+  alone on the same batch: every teacher on every image, and one teacher per image (the authors')
+Student-only rows also give the memory of a step: the bytes autograd saves for backward (activations,
+any device) and, on CUDA, the peak allocated.
 Step times are medians over the timed steps. The first --warmup steps are dropped: by default the loader's
 prefetch window (workers x prefetch factor) plus 2, so that the timed steps wait on the loader's steady
 rate, not on batches it made ahead while the model warmed up. The data-wait fraction is the mean share of a
@@ -49,6 +53,7 @@ from sak.student.data.normalization import input_normalization
 from sak.student.data.opening import open_cache
 from sak.student.data.order import make_stream_plan
 from sak.student.train.losses import distillation_loss
+from sak.student.train.prism_step import is_prism, prism_train_loss
 from sak.student.train.stage1 import build_student_for, cpu_compute_threads, train_stage1
 from sak.student.train.stage1_config import Stage1Config
 from sak.student.train.targets import stored_levels
@@ -105,8 +110,26 @@ def trainer_row(cfg, warmup: int, report: StepReport, key: str) -> dict:
     return rows[key]
 
 
-def student_only_row(cfg, steps: int, warmup: int, report: StepReport, key: str) -> dict:
-    """The student's own step on one batch kept on the device: the ceiling for the trainer."""
+class SavedBytes:
+    """Bytes of the tensors autograd saves for backward inside the context (activation memory; a tensor
+    saved twice counts twice, views count whole)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        self.bytes += t.numel() * t.element_size()
+        return t
+
+    def __call__(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def student_only_row(
+    cfg, steps: int, warmup: int, report: StepReport, key: str, teachers_per_image: int | None = None
+) -> dict:
+    """The student's own step on one batch kept on the device: the ceiling for the trainer. A PRISM
+    student routes every teacher on every image (or `teachers_per_image`) with its own objective."""
 
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     index = open_cache(cfg.cache, cfg.teachers)
@@ -125,17 +148,30 @@ def student_only_row(cfg, steps: int, warmup: int, report: StepReport, key: str)
         )  # the trainer's thread count, for a fair row
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     times, rows = [], report.fields.setdefault("rows_by_mode", {})
-    for _ in range(warmup + steps):
+    memory = {
+        "parameters_mib": round(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 2)
+    }
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
         t0 = time.perf_counter()
-        with bf16_autocast(device):
-            maps = stored_levels(model(images).distill_maps, index.stores)
-            loss, _ = distillation_loss(maps, targets, use_kernels=use_kernels)
+        saved = SavedBytes()
+        with bf16_autocast(device), saved():
+            if is_prism(model):
+                terms, _ = prism_train_loss(model, model, images, targets, teachers_per_image, cfg.seed, i, 0)
+                loss = terms.total
+            else:
+                maps = stored_levels(model(images).distill_maps, index.stores)
+                loss, _ = distillation_loss(maps, targets, use_kernels=use_kernels)
+        memory["saved_for_backward_mib"] = round(saved.bytes / 2**20, 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss.item()  # note: host-device sync, as the trainer's per-step logging does
         times.append(time.perf_counter() - t0)
-        rows[key] = summarize(times, [None] * len(times), cfg.batch_size, warmup)
+        if device.type == "cuda":
+            memory["peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        rows[key] = {**summarize(times, [None] * len(times), cfg.batch_size, warmup), **memory}
         report.flush()
     return rows[key]
 
@@ -189,6 +225,12 @@ def stage1_base(args, cache: str) -> dict:
         )
         cfg.validate()
         rows.append((key, mode, use_kernels, cfg))
+    if args.prism:  # PRISM's student beside it, on the same batch: every teacher, then one per image
+        prism = dataclasses.replace(base, student=args.prism, out="prism")
+        for key, per_image in ((f"{args.prism} every teacher", None), (f"{args.prism} 1 teacher/image", 1)):
+            cfg = dataclasses.replace(prism, teachers_per_image=per_image)
+            cfg.validate()
+            rows.append((key, "student only", False, cfg))
     return {"warmup": warmup, "rows": rows}
 
 
@@ -199,10 +241,10 @@ def run_rows(args, plan: dict, root: Path, report: StepReport) -> None:
         cfg = dataclasses.replace(cfg, out=str(root / cfg.out))
         print(f"row {key} ...", flush=True)
         if mode == "student only":
-            row = student_only_row(cfg, args.steps, warmup, report, key)
+            row = student_only_row(cfg, args.steps, warmup, report, key, cfg.teachers_per_image)
         else:
             row = trainer_row(cfg, warmup, report, key)
-        report.add({"mode": mode, "kernels": use_kernels, **row})
+        report.add({"mode": mode if cfg.student == args.student else key, "kernels": use_kernels, **row})
 
 
 def device_name(device: str) -> str:
@@ -218,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         "--teachers", default="", help="comma list of teachers / store fingerprints [default: all]"
     )
     p.add_argument("--student", default="tiny")
+    p.add_argument(
+        "--prism", default=None, help="also PRISM's student of this name (prism_tiny, prism_b, ...)"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--size", type=int, default=224, help="view size of the cache this script extracts")
     p.add_argument("--images", type=int, default=96, help="images of the cache this script extracts")
@@ -277,11 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         f"code {code_version()}"
     )
     print(f"cache {cache}")
-    print(f"{'mode':<28} {'step ms':>9} {'samples/s':>10} {'data wait':>10}")
+    print(
+        f"{'mode':<34} {'step ms':>9} {'samples/s':>10} {'data wait':>10} {'saved MiB':>10} {'peak MiB':>9}"
+    )
     for r in (r for r in report.rows if "step_ms" in r):
         mode = f"{r['mode']}{' +kernels' if r['kernels'] else ''}"
         wait = "-" if r["data_wait"] is None else f"{r['data_wait']:.0%}"
-        print(f"{mode:<28} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} {wait:>10}")
+        saved, peak = r.get("saved_for_backward_mib", "-"), r.get("peak_allocated_mib", "-")
+        print(f"{mode:<34} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} {wait:>10} {saved:>10} {peak:>9}")
     return report.done()
 
 

@@ -344,3 +344,17 @@ def test_dispatch_skips_weights_at_or_below_the_floor():
         w0 = top_weight[..., :1]
         expected = blk.moe.shared_expert(h) + w0 * blk.moe.experts[0](w0 * h)  # expert 1 skipped
     torch.testing.assert_close(out, expected)
+
+
+def test_expert_dropout_never_drops_every_expert_of_a_token():
+    """With 4 experts and 10 % dropout one token in 10^4 lost all its logits: softmax of all -inf is NaN
+    (prism_tiny training went NaN in its 7th step). Such a token keeps its logits; others are masked."""
+    from sak.student.model.prism_moe import ConditionedRouter
+
+    torch.manual_seed(0)
+    router = ConditionedRouter(8, 4, 8, noisy=True, expert_dropout=1.0).train()
+    logits = router(torch.randn(3, 5, 8), torch.randn(3, 8))
+    assert torch.isfinite(logits).all()
+    router.expert_dropout = 0.5
+    logits = router(torch.randn(64, 5, 8), torch.randn(64, 8))
+    assert torch.isinf(logits).any() and torch.isfinite(logits).any(-1).all()

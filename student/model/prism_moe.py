@@ -102,6 +102,8 @@ class ConditionedRouter(nn.Module):
         logits = self.logits(f)  # (P, T, E)
         if self.training and self.expert_dropout > 0:
             dropped = torch.rand_like(logits) < self.expert_dropout
+            # a token that lost every expert keeps them (its softmax would be NaN); same draws as before
+            dropped = dropped & ~dropped.all(dim=-1, keepdim=True)
             logits = logits.masked_fill(dropped, float("-inf"))
         if self.training and self.noise is not None:
             logits = logits + torch.randn_like(logits) * F.softplus(self.noise(f))

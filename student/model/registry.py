@@ -52,6 +52,13 @@ def _sak() -> StudentType:
     return StudentType("sak", SakStudent, paper_layout=True)
 
 
+@STUDENT_TYPES.register("prism")
+def _prism() -> StudentType:
+    from sak.student.model.prism import PrismStudent  # PRISM's teacher/task-routed MoE ViT (docs/prism.md)
+
+    return StudentType("prism", PrismStudent.from_student_config)
+
+
 # ----------------------------------------------------------------------------------------------- names
 
 _TINY = (("embed_dim", 64), ("depth", 4), ("num_heads", 2))  # the timm ViT class and patch 16, shrunk
@@ -62,6 +69,19 @@ STUDENTS.add("vit_b", StudentArch("sak", "vit_base_patch16_384"))  # 86M, C 768,
 STUDENTS.add("vit_l", StudentArch("sak", "vit_large_patch16_384"))  # 304M, C 1024, 24 blocks
 STUDENTS.add("tiny", StudentArch("sak", "vit_small_patch16_384", _TINY, has_pretrained=False))
 STUDENTS.add("micro", StudentArch("sak", "vit_small_patch16_384", _MICRO, has_pretrained=False))
+# PRISM: the routed part (MoE blocks, experts, top-k) comes from prism.py's PRISM_STUDENTS under the same name
+STUDENTS.add("prism_s", StudentArch("prism", "vit_small_patch16_384"))
+STUDENTS.add("prism_b", StudentArch("prism", "vit_base_patch16_384"))
+STUDENTS.add("prism_l", StudentArch("prism", "vit_large_patch16_384"))
+STUDENTS.add(
+    "prism_tiny",
+    StudentArch(
+        "prism",
+        "vit_small_patch16_384",
+        (("embed_dim", 64), ("depth", 8), ("num_heads", 2)),
+        has_pretrained=False,
+    ),
+)
 
 
 def register_student(name: str, arch: StudentArch) -> StudentArch:

@@ -1,7 +1,8 @@
 """The model of a run's checkpoint, rebuilt from its record and loaded (checksum-verified), any trainer.
 
     load_run_student(RUN)   stage 1: the student, built by the student registry from model.json's config
-    build_multitask(rec)    stage 2: the student (registry) + routers and heads (SakMultiTask), no weights
+    build_multitask(rec)    stage 2: the student (registry) + routers and heads (SakMultiTask; PRISM's
+                            PrismStage2Model for router "prism"), no weights
     load_stage2(RUN)        stage 2: that model with its weights, and the run's records
     load_tiger(RUN)         TIGER: Tiger with its weights and instruction embeddings, and the run's records
 
@@ -71,6 +72,10 @@ def build_multitask(record: ModelRecord):
 
     heads = record.multitask
     student = build_student(without_pretrained(record.student))
+    if heads.router == "prism":  # PRISM: task-conditioned MoE student + heads (model/prism_stage2.py)
+        from sak.student.model.prism_stage2 import PrismStage2Model
+
+        return PrismStage2Model.from_record(record.student, student, heads.tasks, heads.img_size)
     student.resize_input(tuple(heads.img_size))
     instructions = torch.zeros(len(heads.tasks), int(heads.text_dim)) if heads.router == "tiger" else None
     return SakMultiTask(student, heads.tasks, heads.router, instructions, heads.router_hidden)

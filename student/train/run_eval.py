@@ -58,7 +58,9 @@ def _stage2_target(run: Path, dev: torch.device) -> EvalModel:
         img_size=tuple(heads.img_size),
         predict=predict,
         prepare=prepare,
-        experts=["stem", *(t.name for t in loaded.record.student.teachers)],
+        experts=model.expert_names
+        if heads.router == "prism"
+        else ["stem", *(t.name for t in loaded.record.student.teachers)],
         levels=list(model.levels),
         backbone=loaded.record.student.name,
         token_grid=model.student.token_grid if heads.router == "tiger" else None,

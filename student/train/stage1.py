@@ -58,6 +58,13 @@ from sak.student.run.record import (
 from sak.student.train.distributed import all_reduce_mean, bf16_autocast, wrap_ddp
 from sak.student.train.evaluate import evaluate_repsim
 from sak.student.train.losses import clip_gradients, distillation_loss
+from sak.student.train.prism_step import (
+    ExpertUseLog,
+    check_prism_stores,
+    is_prism,
+    load_prism_paper_stage1,
+    prism_train_loss,
+)
 from sak.student.train.stage1_config import LrSchedule, Stage1Config, resolve_schedule
 from sak.student.train.targets import OnlineTeachers, cached_targets, stored_levels
 
@@ -75,6 +82,18 @@ class Stage1Result(RunResult):
     skipped_samples: int = 0  # cache rows (views) of those shards: never trained on or evaluated
 
 
+def student_config_for(cfg: Stage1Config, index: CacheIndex) -> StudentConfig:
+    """The recorded config of the run's student: one adapter path (or condition) per selected store."""
+    return StudentConfig(
+        name=cfg.student,
+        teachers=tuple(TeacherTarget(s.teacher, s.dim) for s in index.stores),
+        img_size=cfg.img_size or index.plan.size,
+        pretrained=cfg.pretrained,
+        use_kernels=bool(cfg.use_kernels),
+        type=get_student_arch(cfg.student).type,
+    )
+
+
 def build_student_for(cfg: Stage1Config, index: CacheIndex) -> torch.nn.Module:
     """The student (by the registry, any student type) with one adapter path per selected store, built at
     the cache's view size."""
@@ -83,20 +102,15 @@ def build_student_for(cfg: Stage1Config, index: CacheIndex) -> torch.nn.Module:
     torch.manual_seed(
         int.from_bytes(hashlib.sha256(f"sak-student-init:{cfg.seed}".encode()).digest()[:7], "little")
     )
-    config = StudentConfig(
-        name=cfg.student,
-        teachers=tuple(TeacherTarget(s.teacher, s.dim) for s in index.stores),
-        img_size=cfg.img_size or index.plan.size,
-        pretrained=cfg.pretrained,
-        use_kernels=bool(cfg.use_kernels),
-        type=get_student_arch(cfg.student).type,
-    )
-    model = build_student(config)
+    model = build_student(student_config_for(cfg, index))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.init_paper:
         mapping = dict(cfg.paper_teachers) or {s.manifest.teacher.family: s.teacher for s in index.stores}
-        load_paper_checkpoint(model, cfg.init_paper, mapping)
+        if is_prism(model):  # the PRISM authors' released stage-1 checkpoint (prism_weights.py)
+            load_prism_paper_stage1(model, cfg.init_paper, mapping)
+        else:
+            load_paper_checkpoint(model, cfg.init_paper, mapping)
     return model
 
 
@@ -162,6 +176,8 @@ class _Session:
     level_names: dict[str, str]  # loss term name (list index) -> name by tap position
     input_mean: tuple[float, ...]
     input_std: tuple[float, ...]
+    student: StudentConfig  # what model.json records: rebuilds the student through the registry
+    experts: ExpertUseLog | None = None  # PRISM students: expert use by teacher
     step: int = 0
 
     @property
@@ -180,11 +196,14 @@ def _set_up(cfg: Stage1Config, h: Harness, recorded: Stage1Run | None) -> _Sessi
     if recorded is not None:
         _check_same_cache(recorded, cfg, index, env.world_size)
     mean, std = input_normalization(cfg.normalization, cfg.student)
+    student = student_config_for(cfg, index)
     model = build_student_for(cfg, index).to(h.device)
+    if is_prism(model):
+        check_prism_stores(model, {st.teacher: st.positions for st in index.stores})
     model.use_kernels = bool(cfg.use_kernels)  # opt-in fused adapters; the loss follows the same flag
     online = OnlineTeachers(index.stores, index.plan.size, h.device) if cfg.online else None
     reader = BatchReader(
-        index, model.config.img_size, mean, std, with_targets=online is None,
+        index, student.img_size, mean, std, with_targets=online is None,
         view_sides=online.sides if online else (),
     )  # fmt: skip
     plan = make_stream_plan(
@@ -208,7 +227,7 @@ def _set_up(cfg: Stage1Config, h: Harness, recorded: Stage1Run | None) -> _Sessi
         describe=lambda step: ModelRecord(
             run="stage1",
             step=step,
-            student=model.config,
+            student=student,
             weights_sha256="",
             num_parameters=num_parameters,
             code_version=code_version(),
@@ -228,7 +247,8 @@ def _set_up(cfg: Stage1Config, h: Harness, recorded: Stage1Run | None) -> _Sessi
         eval_rows=eval_rows, bad=bad, skipped_samples=sum(len(reader.integrity.shard_rows(s)) for s in bad),
         # loss terms are named by list index; log them by tap position (they differ for --levels stores)
         level_names={f"{s.teacher}/L{i}": f"{s.teacher}/L{p}" for s in index.stores for i, p in enumerate(s.positions)},
-        input_mean=mean, input_std=std, step=step,
+        input_mean=mean, input_std=std, student=student, step=step,
+        experts=ExpertUseLog(model, env) if is_prism(model) else None,
     )  # fmt: skip
 
 
@@ -236,6 +256,8 @@ def _ddp(model: torch.nn.Module, index: CacheIndex, env) -> torch.nn.Module:
     """The model DDP-wrapped under torchrun. A store of some levels only (`--levels`) leaves the level norms
     and aligners of the student's other taps without gradient, though their maps are outputs: the same
     parameters every step, which DDP's static graph mode allows."""
+    if is_prism(model):  # experts no token picked this step get no gradient
+        return wrap_ddp(model, env, find_unused=True)
     partial = any(len(s.positions) < len(model.levels) for s in index.stores)
     return wrap_ddp(model, env, static_graph=partial)
 
@@ -245,7 +267,7 @@ def _run_record(s: _Session) -> Stage1Run:
     cfg, index, plan, sched = s.cfg, s.index, s.plan, s.schedule
     return Stage1Run(
         config=cfg,
-        student=s.model.config,
+        student=s.student,
         resolved=Stage1Resolved(
             total_steps=sched.total_steps,
             warmup_steps=sched.warmup_steps,
@@ -261,7 +283,7 @@ def _run_record(s: _Session) -> Stage1Run:
             skipped_samples=s.skipped_samples,
             input_mean=list(s.input_mean),
             input_std=list(s.input_std),
-            img_size=s.model.config.img_size,
+            img_size=s.student.img_size,
             device=str(s.device),
         ),  # fmt: skip
         cache=CacheLineage(  # lineage: where the cache is, and exactly which store manifests were read
@@ -338,22 +360,47 @@ def _train_step(s: _Session, batch: dict) -> dict:
     optimizer = s.parts.optimizer
     lr = optimizer.param_groups[0]["lr"]
     with bf16_autocast(s.device):
-        maps = stored_levels(s.train_model(images).distill_maps, s.index.stores)  # {t: [(B, C_t, h, w)]}
-        loss, terms = distillation_loss(maps, targets, use_kernels=s.model.use_kernels)
+        if s.experts is not None:  # PRISM: routed pairs, its objective, expert use counted
+            prism, output = prism_train_loss(
+                s.model, s.train_model, images, targets, s.cfg.teachers_per_image, s.cfg.seed, s.step,
+                s.harness.env.rank,
+            )  # fmt: skip
+            loss, terms = (
+                prism.total,
+                {**prism.distill, "decorrelation": prism.decorrelation, "balance": prism.balance},
+            )
+            s.experts.add(output)
+        else:
+            maps = stored_levels(s.train_model(images).distill_maps, s.index.stores)  # {t: [(B, C_t, h, w)]}
+            loss, terms = distillation_loss(maps, targets, use_kernels=s.model.use_kernels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = clip_gradients(s.model.parameters(), s.cfg.grad_clip)
     optimizer.step()
     s.parts.scheduler.step()
+    s.step += 1
     values = torch.stack([loss.detach().float(), grad_norm.float(), *(v.float() for v in terms.values())])
     values = all_reduce_mean(values, s.harness.env).tolist()  # note: host-device sync, once per step
     return {
         "epoch": round(s.loader.epoch, 4),
         "loss": values[0],
-        **{f"loss/{s.level_names[k]}": v for k, v in zip(terms, values[2:])},
+        **{f"loss/{s.level_names.get(k, k)}": v for k, v in zip(terms, values[2:])},
         "lr": lr,
         "grad_norm": values[1],
     }
+
+
+def _log_experts(s: _Session, step: int, draw: bool = False) -> None:
+    """PRISM: the expert-use line of the steps since the last one; at the end also RUN/routers.png."""
+    if s.experts is None:
+        return
+    line = s.experts.line(step)
+    if line is not None:
+        s.harness.metrics.write(line)
+    if draw:
+        s.experts.draw(
+            s.harness.run, f"{s.cfg.student}: expert use by teacher, steps {s.harness.start + 1}-{step}"
+        )
 
 
 def _log_line(record: dict) -> str:
@@ -389,11 +436,14 @@ def train_stage1(
         evaluate_now = PeriodicStep(
             "eval", cfg.eval_every, lambda step: _evaluate(s, result, step, f"at step {step}")
         )
+        periodic = [evaluate_now]
+        if s.experts is not None:
+            periodic.append(PeriodicStep("experts", cfg.log_every, lambda step: _log_experts(s, step)))
         try:
             done = h.loop(
                 s.parts, stream, lambda batch: _train_step(s, batch), total_steps=s.schedule.total_steps,
                 checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, log_line=_log_line,
-                batch_size=cfg.batch_size, periodic=[evaluate_now], on_step=on_step,
+                batch_size=cfg.batch_size, periodic=periodic, on_step=on_step,
             )  # fmt: skip
         finally:
             stream.close()  # shuts the loader workers down
@@ -404,6 +454,7 @@ def train_stage1(
             done.records,
             done.checkpoint,
         )
+        _log_experts(s, done.step, draw=True)
         if not done.stopped:
             result.repsim_after = _evaluate(s, result, done.step, f"after {done.step} steps")
     return result

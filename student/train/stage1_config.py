@@ -47,6 +47,9 @@ class Stage1Config:
     cache, out: the cache folder and the run folder (RUN).
     student: registered student (vit_s, vit_b, vit_l, tiny, micro; student/model/registry.py).
     teachers: teacher names or store fingerprints, in adapter-path order; () = every store of the cache.
+    teachers_per_image: a PRISM student (prism_*) routes each image to this many teachers, balanced over
+      the rank's batch (1: the authors' one teacher per image); None = every teacher on every image (what
+      a cache makes free). Refused for other students.
     steps / epochs: training length, exactly one set. An epoch shows every training image once (one view).
     batch_size: global batch, split evenly over DDP ranks.
     lr, weight_decay, betas: AdamW (decay on every parameter, as a plain AdamW(model.parameters())).
@@ -92,12 +95,23 @@ class Stage1Config:
     out: str = field(
         metadata={"help": "Run folder: config.json, metrics.jsonl, tb/, checkpoint/.", **on_resume(OUT)}
     )
-    student: str = field(default="vit_b", metadata={"help": "vit_s, vit_b, vit_l, or tiny / micro (tests)."})
+    student: str = field(
+        default="vit_b",
+        metadata={"help": "vit_s, vit_b, vit_l, prism_s/b/l (PRISM), or tiny / micro / prism_tiny (tests)."},
+    )
     teachers: tuple[str, ...] = field(
         default=(),
         metadata={
             "help": "Comma list of teacher names or store fingerprints, in adapter-path order "
             "[default: every store]."
+        },
+    )
+    teachers_per_image: int | None = field(
+        default=None,
+        metadata={
+            "help": "PRISM students: teachers each image is routed to, balanced over the batch (1: the "
+            "authors' assignment) [default: every teacher on every image].",
+            "metavar": "K",
         },
     )
     steps: int | None = field(
@@ -297,6 +311,12 @@ class Stage1Config:
             )
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise SakError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.teachers_per_image is not None and self.teachers_per_image < 1:
+            raise SakError(f"--teachers-per-image must be >= 1, got {self.teachers_per_image}")
+        if self.teachers_per_image is not None and not self.student.startswith("prism"):
+            raise SakError(
+                f"--teachers-per-image is for PRISM students (prism_*); {self.student!r} sees every teacher"
+            )
         if self.num_workers < 0 or self.shuffle_window < 1:
             raise SakError("--num-workers must be >= 0 and --shuffle-window >= 1")
 

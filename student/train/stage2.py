@@ -25,16 +25,29 @@ from typing import Any
 
 import torch
 
+from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import code_version
 from sak.pipeline.teachers.forward import normalize_u8
+from sak.student.model.config import StudentConfig
 from sak.student.model.multitask import SakMultiTask
-from sak.student.run.harness import NEW_RUN, Harness, OnStep, RunRequest, RunResult, TrainingParts
+from sak.student.model.prism_loss import stage2_balance
+from sak.student.model.prism_stage2 import PRISM_ROUTER, PrismStage2Model
+from sak.student.run.harness import (
+    NEW_RUN,
+    Harness,
+    OnStep,
+    PeriodicStep,
+    RunRequest,
+    RunResult,
+    TrainingParts,
+)
 from sak.student.run.models import build_multitask
 from sak.student.run.record import LoaderState, ModelRecord, MultiTaskHeads, Stage1Run, Stage2Run
 from sak.student.train.counterfactual import counterfactual_loss, sample_experts
 from sak.student.train.dense_run import batch_stream, run_instructions, stage2_cache_targets, train_data
 from sak.student.train.distributed import rank_mean_value, wrap_ddp
 from sak.student.train.losses import clip_gradients, distillation_loss
+from sak.student.train.prism_step import ExpertUseLog, is_prism
 from sak.student.train.stage2_config import Stage2Config
 from sak.student.train.stage2_teachers import Stage2Teachers, load_stage1_run, student_levels
 from sak.student.train.task_losses import multi_task_loss
@@ -50,7 +63,14 @@ def _model(cfg: Stage2Config, h: Harness, recorded: Stage2Run | None, data, emb)
     stage1 = None
     if needs_init:
         student, stage1 = load_stage1_run(cfg.init, h.device)
-    if recorded is None:
+    if recorded is None and cfg.init_paper and not is_prism(student):
+        raise SakError(
+            "--init-paper in stage 2 takes the PRISM authors' checkpoint: --init a PRISM stage-1 run"
+        )
+    if recorded is None and is_prism(student):
+        torch.manual_seed(cfg.seed)
+        model = prism_stage2_model(cfg, student, data.outputs, crop)
+    elif recorded is None:
         student.resize_input(crop)
         torch.manual_seed(cfg.seed)
         model = SakMultiTask(student, data.outputs, cfg.router, emb, cfg.router_hidden)
@@ -60,6 +80,24 @@ def _model(cfg: Stage2Config, h: Harness, recorded: Stage2Run | None, data, emb)
     if cfg.freeze_backbone:
         model.freeze_backbone()
     return model.to(h.device), stage1
+
+
+PRISM_BALANCE = 0.1 * 0.01  # the authors' aux factor x load_balancing_alpha (prism_loss.PrismLossConfig)
+
+
+def prism_stage2_model(cfg: Stage2Config, stage1, outputs: dict[str, int], crop) -> PrismStage2Model:
+    """A PRISM stage-1 student -> task-conditioned student + heads; the MoE blocks do the routing, so
+    --router tiger (instruction routers over SAK's adapter paths) does not apply."""
+    if cfg.router == "tiger":
+        raise SakError(
+            "--router tiger routes SAK's adapter paths; a PRISM student routes by task in its experts"
+        )
+    config = StudentConfig(stage1.config.name, tuple(stage1.config.teachers), stage1.config.img_size[0],
+                           type="prism")  # fmt: skip
+    model = PrismStage2Model.from_record(config, stage1, outputs, crop)
+    if cfg.init_paper:
+        model.load_authors_stage2(cfg.init_paper)
+    return model
 
 
 def _distillation_targets(cfg: Stage2Config, data, stage1: Stage1Run | None, crop, device) -> Any:
@@ -122,12 +160,20 @@ def train_stage2(
         if not h.resuming and h.is_main and identity is not None:
             h.folder.save_instructions(emb, identity)
         h.write_record(_run_record(cfg, model, data, identity, mean, std, teachers, h))
-        train_model = wrap_ddp(model, h.env, find_unused=targets is None)  # the aligners idle without targets
+        prism = model.router_kind == PRISM_ROUTER
+        if prism:
+            model.distill = targets is not None
+        # the aligners idle without targets; PRISM: experts no token picked get no gradient
+        train_model = wrap_ddp(model, h.env, find_unused=targets is None or prism)
         step_of = _Stage2Step(cfg, model, targets, optimizer, scheduler, mean, std, h.device, train_model)
         step_of.step = start + 1
+        experts = step_of.experts = ExpertUseLog(model.student, h.env) if prism else None
+        periodic = (
+            [PeriodicStep("experts", cfg.log_every, lambda s: _log_experts(h, experts, s))] if prism else []
+        )
         if h.is_main:
             log.info(
-                f"stage 2: {model.student.config.name} + {cfg.router} routers on {cfg.dataset} {list(data.tasks)}, "
+                f"stage 2: {model.student.config.name} + {model.router_kind} routers on {cfg.dataset} {list(data.tasks)}, "
                 f"steps {start + 1}..{cfg.steps} of {cfg.batch_size} at {crop[0]}x{crop[1]}, "
                 f"{('cached targets' if cfg.cache else 'live teachers') if targets else 'no distillation'}, "
                 f"{h.env.world_size} process(es), run {h.run}"
@@ -136,18 +182,31 @@ def train_stage2(
         done = h.loop(
             parts, batch_stream(cfg, data, crop, start, h.env), step_of, total_steps=cfg.steps,
             checkpoint_every=cfg.checkpoint_every, log_every=cfg.log_every, batch_size=cfg.batch_size,
-            log_line=lambda r: f"loss {r['loss']:.4f} | lr {r['lr']:.2e}", on_step=on_step,
+            log_line=lambda r: f"loss {r['loss']:.4f} | lr {r['lr']:.2e}", on_step=on_step, periodic=periodic,
         )  # fmt: skip
+        if prism:
+            _log_experts(h, experts, done.step, f"{model.student.config.name}: expert use by task")
     return RunResult.of(h, done, model)
 
 
 def _model_record(model: SakMultiTask, crop: tuple[int, int], step: int) -> ModelRecord:
     text_dim = int(model.instructions.shape[1]) if model.router_kind == "tiger" else None
+    student = model.student_config if model.router_kind == PRISM_ROUTER else model.student.config
     heads = MultiTaskHeads(tasks=dict(model.tasks), router=model.router_kind, img_size=tuple(crop),
                            text_dim=text_dim, router_hidden=model.router_hidden)  # fmt: skip
-    return ModelRecord(run="stage2", step=step, student=model.student.config, multitask=heads, weights_sha256="",
+    return ModelRecord(run="stage2", step=step, student=student, multitask=heads, weights_sha256="",
                        num_parameters=sum(p.numel() for p in model.parameters()), code_version=code_version(),
                        saved="")  # fmt: skip
+
+
+def _log_experts(h: Harness, experts: ExpertUseLog, step: int, picture_title: str | None = None) -> None:
+    """PRISM: expert use by task (and teacher, with distillation on) since the last line; at the end also
+    RUN/routers.png."""
+    line = experts.line(step)
+    if line is not None:
+        h.metrics.write(line)
+    if picture_title is not None:
+        experts.draw(h.run, picture_title)
 
 
 class _Stage2Step:
@@ -168,6 +227,7 @@ class _Stage2Step:
         self.cfg, self.model, self.teachers, self.device = cfg, model, teachers, device
         self.train_model = train_model if train_model is not None else model  # DDP-wrapped under torchrun
         self.step = 1  # the step this call takes (set to the checkpoint's + 1 on resume)
+        self.experts: ExpertUseLog | None = None  # PRISM: expert use by task, counted every step
         self.optimizer, self.scheduler = optimizer, scheduler
         self.weights = cfg.loss_weights()
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
@@ -201,6 +261,11 @@ class _Stage2Step:
                 teacher_maps = teachers(images_u8)
             distill, _ = distillation_loss(student_levels(distill_maps, teachers), teacher_maps)
             loss = task_loss + cfg.gamma * distill
+        if self.experts is not None:  # PRISM: the MoE balance term of the authors' stage 2, expert use
+            out = self.model.last_output
+            if not cfg.freeze_backbone:
+                loss = loss + PRISM_BALANCE * stage2_balance(out.features, self.model.student)
+            self.experts.add(out)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -49,6 +49,14 @@ class Stage2Config(dense.DenseTrainConfig):
         },
     )
     freeze_backbone: bool = field(default=False, metadata={"help": "Train routers and heads only."})
+    init_paper: str | None = field(
+        default=None,
+        metadata={
+            "help": "PRISM runs: start the student and heads from the PRISM authors' released stage-2 "
+            "checkpoint (the --init run gives the student's size and teachers).",
+            "metavar": "CKPT",
+        },
+    )
     # the paper's schedule (the base's place and help, other defaults)
     steps: int = field(
         default=40_000,
