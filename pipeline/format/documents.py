@@ -36,7 +36,7 @@ def is_stage2_cache(root: Path) -> bool:
     then names the problem)."""
     try:
         return json.loads((Path(root) / CACHE_FILE).read_text()).get("kind") == STAGE2_KIND
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
