@@ -103,3 +103,26 @@ def test_an_old_cache_without_the_record_accepts_them(tmp_path):
 def test_ingest_records_its_options(tiny_caches):
     record = read_cache(tiny_caches.get()).dataset.ingest
     assert record == IngestRecord(limit=None, min_image_side=32, max_pixels=ExtractConfig.max_pixels)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--shard-size", "1000000000"], "--shard-size 1000000000 is over the bound 4096"),
+        (["--grid", "100000x100000"], "each side 1 to 256"),
+        (["--size", "100000"], "--size 100000 is out of range: 16 to 2048"),
+    ],
+)
+def test_sizes_are_bounded_before_any_work(tmp_path, photo_dir, args, expect):
+    out = tmp_path / "out"
+    line = _one_line(_run("--source", str(photo_dir), "--out", str(out), "--teachers", "clip_tiny", *args))
+    assert expect in line
+    assert not (out / "images").exists()  # refused before ingest
+
+
+def test_the_bounds_are_in_the_help():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sak.cli.cache", "run", "--help"], capture_output=True, text=True, timeout=60
+    )
+    text = " ".join(proc.stdout.split())
+    assert "at most 4096" in text and "each side 1 to 256" in text and "16 to 2048" in text

@@ -30,6 +30,8 @@ from sak.pipeline.store.targets import (
 from sak.pipeline.teachers.weights import weights_field
 
 DEFAULT_SHARD_VIEWS = 64
+MAX_SHARD_VIEWS = 4096  # a shard is written (and its pca basis fit) in memory: bounded where checked
+MAX_VIEW_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -67,14 +69,15 @@ class ExtractConfig:
     size: int = field(
         default=384,
         metadata={
-            "help": "View side in pixels (SAM sees 1024) [an existing cache: its own].",
+            "help": f"View side in pixels, 16 to {MAX_VIEW_SIZE} (SAM sees 1024) [an existing cache: its own].",
             "group": "views",
         },
     )
     shard_size: int | None = field(
         default=None,
         metadata={
-            "help": "Views per shard file (a multiple of K) [default: 64 rounded up; an existing cache: its own].",
+            "help": f"Views per shard file (a multiple of K, at most {MAX_SHARD_VIEWS}) [default: 64 rounded up; "
+            "an existing cache: its own].",
             "group": "views",
         },
     )
@@ -144,6 +147,10 @@ class ExtractConfig:
         k = self.views_per_image
         if self.shard_size is None:
             return k * -(-DEFAULT_SHARD_VIEWS // k)
+        if self.shard_size > MAX_SHARD_VIEWS:
+            raise SakError(
+                f"--shard-size {self.shard_size} is over the bound {MAX_SHARD_VIEWS}; try {DEFAULT_SHARD_VIEWS}"
+            )
         if self.shard_size < 1 or self.shard_size % k:
             raise SakError(
                 f"--shard-size {self.shard_size} must be a positive multiple of --views-per-image {k} "

@@ -27,7 +27,7 @@ from sak.pipeline.extraction.actors import (
     start_actors,
     stop_actors,
 )
-from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.config import MAX_VIEW_SIZE, ExtractConfig
 from sak.pipeline.extraction.ingest import ingest
 from sak.pipeline.extraction.preprocess import cut_shard_views, view_rows
 from sak.pipeline.extraction.probe import check_out_dir, probe_nodes
@@ -110,6 +110,8 @@ def _setup(cfg: ExtractConfig) -> tuple[list[TeacherPlan], Path, ViewPlan, int]:
         )
     if cfg.batch_size < 1:
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if not 16 <= cfg.size <= MAX_VIEW_SIZE:
+        raise SakError(f"--size {cfg.size} is out of range: 16 to {MAX_VIEW_SIZE} pixels")
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
     shapes = [
