@@ -126,3 +126,22 @@ def test_the_bounds_are_in_the_help():
     )
     text = " ".join(proc.stdout.split())
     assert "at most 4096" in text and "each side 1 to 256" in text and "16 to 2048" in text
+
+
+def test_a_corrupt_weights_file_fails_in_one_line_before_ingest(tmp_path, photo_dir):
+    bad = tmp_path / "clip.safetensors"
+    bad.write_bytes(b"\x00garbage, not a safetensors file" * 10)
+    out = tmp_path / "out"
+    args = (
+        "--source",
+        str(photo_dir),
+        "--out",
+        str(out),
+        "--teachers",
+        "clip_tiny",
+        "--weights",
+        f"clip_tiny={bad}",
+    )
+    line = _one_line(_run(*args))
+    assert f"--weights clip_tiny={bad} cannot be read" in line and "re-run" not in line
+    assert not (out / "images").exists()  # before any image is ingested

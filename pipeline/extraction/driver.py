@@ -51,12 +51,14 @@ from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.backends import check_format
 from sak.pipeline.store.targets import TargetShape, target_shape
 from sak.pipeline.teachers.specs import TeacherSpec, parse_teachers
-from sak.pipeline.teachers.weights import WeightsChoice, resolve_weights
+from sak.pipeline.teachers.weights import WeightsChoice, check_weights_load, resolve_weights
 
 
 def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
     teachers, out, plan, shard_size = _setup(cfg)
+    for t in teachers:  # hub or file weights that cannot load fail here, before any image is ingested
+        check_weights_load(t.spec, t.weights, cfg.size)
     remote = Bucket(cfg.out) if is_url(cfg.out) else None
     with (
         BucketLock(remote) if remote else CacheLock(out),
