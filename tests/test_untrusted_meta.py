@@ -75,3 +75,19 @@ def test_a_manifest_forged_to_claim_real_weights_fails_verify_and_the_loader(tmp
     assert problems and all(want in p for p in problems), problems
     with pytest.raises(SakError, match=want):
         open_cache(cache)
+
+
+def test_a_zarr_json_with_a_forged_huge_shape_is_refused_by_the_loader(tmp_path):
+    import json
+
+    from sak.student.data.opening import open_cache
+
+    cache = Path(shutil.copytree(FIXTURE, tmp_path / "cache"))
+    open_cache(cache)
+    entry = next(e for e in read_cache(cache).stores.values() if e.format == "zarr")
+    meta_path = cache / entry.path / "levels" / "0" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["shape"] = [4_000_000_000, *meta["shape"][1:]]
+    meta_path.write_text(json.dumps(meta))  # the fixture records no digest for it: nothing else notices
+    with pytest.raises(SakError, match="zarr.json says shape \\[4000000000"):
+        open_cache(cache)
