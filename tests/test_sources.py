@@ -541,3 +541,21 @@ def test_decode_rgb_refuses_bad_bytes():
     data = encode("JPEG", size=(128, 128))
     with pytest.raises(BadImage, match="truncated"):
         decode_rgb(data[: len(data) // 2])
+
+
+def test_a_file_name_that_is_not_utf8_is_listed_with_text_that_encodes(tmp_path):
+    """Issue 21 item 9: a non-UTF-8 name (a latin-1 'é') must not kill the run when keys are stored."""
+    import shutil
+
+    from sak.pipeline.sources.listing import list_source
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (40, 40)).save(folder / "ok.png")
+    name = os.fsdecode(b"caf\xe9.png")
+    shutil.copy(folder / "ok.png", folder / name)
+    items = list_source(str(folder))
+    keys = sorted(it.key for it in items)
+    assert keys == ["caf%E9", "ok"]
+    for it in items:
+        it.key.encode("utf-8"), it.origin.encode("utf-8")  # what parquet and JSON need

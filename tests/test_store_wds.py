@@ -164,3 +164,26 @@ def test_check_shard_reads_headers_only(tmp_path, levels):
     assert "member(s) missing" in store.check_shard(0, [2, 5, 8])[0]
     (tmp_path / "shards/shard-000001.tar").unlink()
     assert "never written" in store.check_shard(1, [2, 5])[0]
+
+
+def test_an_object_dtype_member_is_one_error_not_a_traceback(tmp_path, levels):
+    """A forged shard whose .npy member is an object array (issue 21 item 7): refused from its header."""
+    import io
+    import tarfile
+
+    from sak.pipeline.base.errors import SakError
+
+    store, _ = _write_wds(tmp_path, "fp16", levels)
+    shard = tmp_path / store.shard_file(0)
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}] * 4, dtype=object), allow_pickle=True)
+    forged = buf.getvalue()
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar:
+        for m, data in members:
+            data = forged if m.name.endswith(".npy") else data
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(SakError, match="holds a object array"):
+        store.read(next(iter(levels)), 0, 2)

@@ -93,12 +93,36 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         raise
 
 
+MAX_JSON_BYTES = 256 << 20  # cache and run documents are untrusted: bounded before parsing
+MAX_JSON_DEPTH = 64
+
+
+def json_depth_ok(obj: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `obj` nests at most `limit` containers deep (iterative: a forged document cannot recurse)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return True
+
+
 def read_json(path: str | os.PathLike) -> Any:
+    """A cache's or run's JSON document, bounded in size and depth: any damage is one SakError."""
     from sak.pipeline.base.errors import SakError
 
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise SakError(
+                f"{path} is over {MAX_JSON_BYTES >> 20} MiB, not a SAK document; the file is damaged"
+            )
+        data = json.loads(raw.decode())
+    except RecursionError as e:
+        raise SakError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels; the file is damaged") from e
     except FileNotFoundError as e:
         raise SakError(f"{path} does not exist") from e
     except json.JSONDecodeError as e:
@@ -112,6 +136,9 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from e
     except OSError as e:
         raise SakError(f"{path} cannot be read ({e.strerror})") from e
+    if not json_depth_ok(data):
+        raise SakError(f"{path} nests deeper than {MAX_JSON_DEPTH} levels; the file is damaged")
+    return data
 
 
 def now_iso() -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
+from sak.pipeline.format.records import CacheManifest
 from sak.pipeline.store.codecs import Codec, get_codec
 from sak.pipeline.store.targets import (
     GridChoice,
@@ -29,6 +30,8 @@ from sak.pipeline.store.targets import (
 from sak.pipeline.teachers.weights import weights_field
 
 DEFAULT_SHARD_VIEWS = 64
+MAX_SHARD_VIEWS = 4096  # a shard is written (and its pca basis fit) in memory: bounded where checked
+MAX_VIEW_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -66,14 +69,15 @@ class ExtractConfig:
     size: int = field(
         default=384,
         metadata={
-            "help": "View side in pixels (SAM sees 1024) [an existing cache: its own].",
+            "help": f"View side in pixels, 16 to {MAX_VIEW_SIZE} (SAM sees 1024) [an existing cache: its own].",
             "group": "views",
         },
     )
     shard_size: int | None = field(
         default=None,
         metadata={
-            "help": "Views per shard file (a multiple of K) [default: 64 rounded up; an existing cache: its own].",
+            "help": f"Views per shard file (a multiple of K, at most {MAX_SHARD_VIEWS}) [default: 64 rounded up; "
+            "an existing cache: its own].",
             "group": "views",
         },
     )
@@ -143,6 +147,10 @@ class ExtractConfig:
         k = self.views_per_image
         if self.shard_size is None:
             return k * -(-DEFAULT_SHARD_VIEWS // k)
+        if self.shard_size > MAX_SHARD_VIEWS:
+            raise SakError(
+                f"--shard-size {self.shard_size} is over the bound {MAX_SHARD_VIEWS}; try {DEFAULT_SHARD_VIEWS}"
+            )
         if self.shard_size < 1 or self.shard_size % k:
             raise SakError(
                 f"--shard-size {self.shard_size} must be a positive multiple of --views-per-image {k} "
@@ -168,6 +176,7 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
         views_per_image=plan.views_per_image, size=plan.size, seed=plan.seed, shard_size=cache.shard_size
     )
     given = set(given)
+    _check_ingest_options(cfg, cache, given, out)
     for name in RECORDED_IN_CACHE:
         mine = getattr(cfg, name)
         if name in given and mine != recorded[name]:
@@ -177,6 +186,34 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
                 f"leave {option} out (or give {recorded[name]}) to add a store, or use another --out"
             )
     return dataclasses.replace(cfg, **{k: v for k, v in recorded.items() if k not in given})
+
+
+INGEST_ONLY = ("limit", "min_image_side", "max_pixels")  # they chose the cache's images: fixed after ingest
+
+
+def _same_source(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return "://" not in a + b and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _check_ingest_options(cfg: ExtractConfig, cache: CacheManifest, given: set[str], out: Path) -> None:
+    """On an existing cache its images are reused, so --source and the ingest-only options given must be
+    the recorded ones (a cache from before they were recorded: only --source is known)."""
+    if "source" in given and cfg.source is not None and not _same_source(cfg.source, cache.dataset.source):
+        raise SakError(
+            f"{out} holds the images of --source {cache.dataset.source}, this run asks for {cfg.source}; "
+            f"leave --source out to reuse the cache's images, or use another --out for a new cache"
+        )
+    record = cache.dataset.ingest
+    for name in INGEST_ONLY if record is not None else ():
+        mine, theirs = getattr(cfg, name), getattr(record, name)
+        if name in given and mine != theirs:
+            option = "--" + name.replace("_", "-")
+            raise SakError(
+                f"{out} was ingested with {option} {theirs}, this run asks for {mine}; its images are "
+                f"fixed: leave {option} out (or give {theirs}), or use another --out for a new cache"
+            )
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from sak.pipeline.extraction.actors import (
     start_actors,
     stop_actors,
 )
-from sak.pipeline.extraction.config import ExtractConfig
+from sak.pipeline.extraction.config import MAX_VIEW_SIZE, ExtractConfig
 from sak.pipeline.extraction.ingest import ingest
 from sak.pipeline.extraction.preprocess import cut_shard_views, view_rows
 from sak.pipeline.extraction.probe import check_out_dir, probe_nodes
@@ -51,12 +51,14 @@ from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.backends import check_format
 from sak.pipeline.store.targets import TargetShape, target_shape
 from sak.pipeline.teachers.specs import TeacherSpec, parse_teachers
-from sak.pipeline.teachers.weights import WeightsChoice, resolve_weights
+from sak.pipeline.teachers.weights import WeightsChoice, check_weights_load, resolve_weights
 
 
 def run_extraction(cfg: ExtractConfig) -> Path:
     """Run (or resume) an extraction; returns the cache folder."""
     teachers, out, plan, shard_size = _setup(cfg)
+    for t in teachers:  # hub or file weights that cannot load fail here, before any image is ingested
+        check_weights_load(t.spec, t.weights, cfg.size)
     remote = Bucket(cfg.out) if is_url(cfg.out) else None
     with (
         BucketLock(remote) if remote else CacheLock(out),
@@ -110,6 +112,8 @@ def _setup(cfg: ExtractConfig) -> tuple[list[TeacherPlan], Path, ViewPlan, int]:
         )
     if cfg.batch_size < 1:
         raise SakError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if not 16 <= cfg.size <= MAX_VIEW_SIZE:
+        raise SakError(f"--size {cfg.size} is out of range: 16 to {MAX_VIEW_SIZE} pixels")
     check_format(cfg.format)
     check_views_mode(cfg.student_views)
     shapes = [

@@ -42,6 +42,7 @@ from sak.pipeline.format.records import (
     FileRef,
     ImagesRecord,
     ImageTar,
+    IngestRecord,
     SkippedInput,
 )
 from sak.pipeline.format.tables import IMAGE_INDEX_SCHEMA, VIEWS_SCHEMA
@@ -216,6 +217,7 @@ def ingest(
             num_images=len(index_rows),
             num_inputs=len(items),
             skipped=skipped,
+            ingest=IngestRecord(limit=limit, min_image_side=min_side, max_pixels=max_pixels),
         ),
         view_plan=plan,
         shard_size=shard_size,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.lock import LOCK_FILE
+from sak.pipeline.format.layout import CACHE_FILE
 
 
 def node_probe(folder: str, driver_probe: str, node: str) -> str | None:
@@ -56,7 +59,32 @@ def probe_nodes(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _ingest_leftover(entry: Path) -> bool:
+    """What an ingest stopped before cache.json leaves behind (a re-run redoes it): the lock, a write
+    probe, and images/ holding only image tars (finished or .tmp) and their index."""
+    if entry.name == LOCK_FILE or entry.name.startswith(".write-test-"):
+        return True
+    if entry.name != "images" or not entry.is_dir():
+        return False
+    return all(
+        re.fullmatch(r"images-\d{6}\.tar(\.tmp)?|index\.parquet", p.name) and p.is_file()
+        for p in entry.iterdir()
+    )
+
+
 def check_out_dir(out: Path) -> None:
+    """--out must be a cache, empty, missing, or what an interrupted ingest left: never a folder of the
+    user's (a cache written into it would overwrite and mix with their files)."""
+    if out.is_dir() and not (out / CACHE_FILE).exists():
+        foreign = sorted(p.name for p in out.iterdir() if not _ingest_leftover(p))
+        if foreign:
+            raise SakError(
+                f"--out {out} is a non-empty folder that is not a SAK cache (it holds {foreign[0]!r}"
+                f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); pass a new or empty "
+                f"folder as --out"
+            )
+    if out.exists() and not out.is_dir():
+        raise SakError(f"--out {out} is a file, not a folder; pass a new or empty folder as --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"

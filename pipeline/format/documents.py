@@ -20,6 +20,7 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import SCHEMA_VERSION, read_json, write_json_atomic
 from sak.pipeline.base.typed_json import to_json, type_hints
 from sak.pipeline.format.layout import CACHE_FILE, STORE_MANIFEST
+from sak.pipeline.format.manifest import store_fingerprint
 from sak.pipeline.format.records import CacheManifest, Stage2Cache, StoreManifest
 from sak.pipeline.format.schema import load
 
@@ -36,7 +37,7 @@ def is_stage2_cache(root: Path) -> bool:
     then names the problem)."""
     try:
         return json.loads((Path(root) / CACHE_FILE).read_text()).get("kind") == STAGE2_KIND
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
@@ -77,7 +78,27 @@ def write_cache(cache_dir: str | Path, cache: CacheManifest) -> CacheManifest:
 
 
 def read_store_manifest(store_dir: str | Path) -> StoreManifest:
-    return _read_document(Path(store_dir) / STORE_MANIFEST, StoreManifest, "sak-teacher-store")
+    """A store's manifest, its claims checked against its identity: the fingerprint is recomputed, and
+    the weights it names (and whether they are random) must be the ones the fingerprint was made of."""
+    path = Path(store_dir) / STORE_MANIFEST
+    m = _read_document(path, StoreManifest, "sak-teacher-store")
+    recomputed = store_fingerprint(m.identity)
+    if recomputed != m.fingerprint:
+        raise SakError(
+            f"{path}: fingerprint {m.fingerprint} is not its identity's ({recomputed}); the manifest was "
+            f"edited: re-extract the store"
+        )
+    random = m.identity.weights.startswith("random init")
+    if (
+        m.weights.id != m.identity.weights
+        or {m.random_init, m.weights.random_init} != {random}
+        or ((m.weights.source == "random") != random)
+    ):
+        raise SakError(
+            f"{path}: weights {m.weights.source} {m.weights.id!r} (random_init {m.random_init}) are not the "
+            f"identity's {m.identity.weights!r}; the manifest was edited: re-extract the store"
+        )
+    return m
 
 
 def write_store_manifest(store_dir: str | Path, manifest: StoreManifest) -> None:

@@ -40,7 +40,7 @@ def read_journal(store_dir: str | Path) -> dict[int, ShardRecord]:
         try:
             data = json.loads(line)
             validate(data, ShardRecord, path)
-        except (json.JSONDecodeError, SakError):
+        except (json.JSONDecodeError, SakError, RecursionError):
             continue  # a crash mid-append leaves at most one torn line; its shard is redone
         rec = from_json(ShardRecord, data)
         done[rec.shard] = rec

@@ -31,12 +31,24 @@ class SkippedInput:
 
 
 @dataclass(frozen=True, kw_only=True)
+class IngestRecord:
+    """The options that chose which source images a cache holds (a later run must agree with them)."""
+
+    limit: int | None
+    min_image_side: int
+    max_pixels: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class DatasetRecord:
     source: str
     fingerprint: str = field(metadata=doc("hash of the (key, sha256) of every image of the index"))
     num_images: int
     num_inputs: int
     skipped: list[SkippedInput]
+    ingest: IngestRecord | None = field(
+        default=None, metadata=doc("the ingest options (--limit, ...); absent in older caches", **OMIT)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.sources.items import SourceItem, normalise_ext, normalise_key, vanished
+from sak.pipeline.sources.items import SourceItem, normalise_ext, normalise_key, utf8_name, vanished
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def list_folder(root: Path, files: list[tuple[Path, str, str]]) -> list[SourceIt
             SourceItem(
                 key=normalise_key(stem),
                 ext=normalise_ext(ext),
-                origin=shown,
+                origin=utf8_name(shown),
                 locator=("file", str(file.absolute())),
             )
         )

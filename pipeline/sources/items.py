@@ -28,9 +28,20 @@ class SourceItem:
 
 
 def normalise_key(raw: str) -> str:
-    """'./a.b\\c' -> 'a_b/c': '/' separators, no empty or '.' parts, no dots (WebDataset splits at dots)."""
-    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".")]
+    """'./a.b\\c' -> 'a_b/c': '/' separators, no empty or '.' parts, no dots (WebDataset splits at dots);
+    the bytes of a name that is not UTF-8 as %XX (the key is stored as text)."""
+    parts = [p for p in utf8_name(raw).replace("\\", "/").split("/") if p not in ("", ".")]
     return "/".join(parts).replace(".", "_")
+
+
+def utf8_name(name: str) -> str:
+    """A file name as text that encodes: the undecodable bytes of a non-UTF-8 name (surrogate escapes,
+    as os gives them) written %XX, so such a file is ingested instead of failing the run."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(c if not 0xDC80 <= ord(c) <= 0xDCFF else f"%{ord(c) - 0xDC00:02X}" for c in name)
 
 
 def normalise_ext(ext: str) -> str:

@@ -62,15 +62,20 @@ class GridChoice:
 NATIVE_GRID = GridChoice("native")
 
 
+MAX_GRID_SIDE = 256  # an explicit --grid side; the stores' native grids are at most 64
+
+
 def parse_grid(text: str | None) -> GridChoice:
     """`--grid` text -> GridChoice ("native" when empty). Raises on anything else."""
     t = (text or "native").strip().lower()
     if t in ("native", "student"):
         return GridChoice(t)
     h, sep, w = t.partition("x")
-    if sep and h.isdigit() and w.isdigit() and int(h) > 0 and int(w) > 0:
+    if sep and h.isdigit() and w.isdigit() and 0 < int(h) <= MAX_GRID_SIDE and 0 < int(w) <= MAX_GRID_SIDE:
         return GridChoice("explicit", (int(h), int(w)))
-    raise SakError(f"--grid {text!r}: expected native, student or HxW such as 24x24")
+    raise SakError(
+        f"--grid {text!r}: expected native, student or HxW such as 24x24 (each side 1 to {MAX_GRID_SIDE})"
+    )
 
 
 def as_grid(value: str | GridChoice | None) -> GridChoice:
@@ -210,5 +215,5 @@ def levels_field():
 
 
 def grid_field():
-    help = "Target grid: native, student or HxW."
+    help = f"Target grid: native, student or HxW (each side 1 to {MAX_GRID_SIDE})."
     return field(default=NATIVE_GRID, metadata={"help": help, "parse": parse_grid, "group": "targets"})

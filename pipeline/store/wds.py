@@ -240,7 +240,7 @@ class WdsTeacherStore:
                     )
                 m = members[name]
                 f.seek(m.offset_data)
-                out.append(np.load(io.BytesIO(f.read(m.size)), allow_pickle=False))
+                out.append(load_member(f.read(m.size), f"{self.path / shard_file(shard)}:{name}"))
         return out
 
     def _read_rows_encoded(self, block: int, rows: np.ndarray) -> Encoded:
@@ -338,3 +338,28 @@ class WdsTeacherStore:
                 f"{self.sample_keys[lo + bad] if lo + bad < hi else None!r}"
             )
         return {b: self.read(b, lo, hi) for b in self.blocks(shard)}
+
+
+def load_member(data: bytes, where: str) -> np.ndarray:
+    """One .npy member of a shard, untrusted: its header is read first and only a numeric array is
+    loaded (never pickled); anything else is one SakError naming the member."""
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(buf)
+    except (ValueError, SyntaxError, TypeError) as e:
+        raise SakError(
+            f"{where} is not a .npy array ({e}); the store is damaged: run `sak-cache verify`"
+        ) from e
+    if dtype.hasobject or np.prod(shape, dtype=np.int64) * dtype.itemsize > len(data):
+        raise SakError(
+            f"{where} holds a {dtype} array of shape {shape}, not this store's numeric values; the store is "
+            f"damaged or forged: run `sak-cache verify`"
+        )
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except ValueError as e:
+        raise SakError(f"{where} cannot be read ({e}); the store is damaged: run `sak-cache verify`") from e

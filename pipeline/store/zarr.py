@@ -287,7 +287,7 @@ class ShardRows:
                 and endian == "little"
                 and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
             )
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
         if not ok:
             return None

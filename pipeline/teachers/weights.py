@@ -107,10 +107,24 @@ def build_model(spec: TeacherSpec, choice: WeightsChoice, plan_size: int) -> tor
     return model.eval().requires_grad_(False)
 
 
+def check_weights_load(spec: TeacherSpec, choice: WeightsChoice, plan_size: int) -> None:
+    """Load a teacher's hub or file weights once (on the driver, before any image is ingested), so a
+    missing download or a corrupt file is one line before any work; random init has nothing to fail."""
+    if choice.kind != "random":
+        build_model(spec, choice, plan_size)
+
+
 def _load_file(model: torch.nn.Module, spec: TeacherSpec, path: str) -> None:
     import importlib
 
-    sd = _read_state_dict(path)
+    try:
+        sd = _read_state_dict(path)
+    except Exception as e:  # safetensors, torch and pickle-refusal errors each have their own types
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise SakError(
+            f"--weights {spec.name}={path} cannot be read ({type(e).__name__}: {first}); "
+            f"pass an intact .safetensors or .pth file"
+        ) from e
     # timm's own filter converts original-format checkpoints and resamples position embeddings
     module = importlib.import_module(type(model).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)

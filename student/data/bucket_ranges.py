@@ -27,7 +27,7 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import Bucket
 from sak.pipeline.format.layout import image_tar_name
 from sak.pipeline.store.codecs import Codec
-from sak.pipeline.store.wds import WdsTeacherStore, shard_file
+from sak.pipeline.store.wds import WdsTeacherStore, load_member, shard_file
 from sak.pipeline.store.zarr import ShardRows
 from sak.student.data.index import CacheIndex
 from sak.student.data.integrity import ShardIntegrity
@@ -266,7 +266,6 @@ class RangedWdsStore(WdsTeacherStore):
         return self._members_of[shard]
 
     def _load(self, shard: int, names: list[str]) -> list[np.ndarray]:
-        import io
 
         members, rel = self._members(shard), f"{self.rel}/{shard_file(shard)}"
         for name in names:
@@ -276,7 +275,7 @@ class RangedWdsStore(WdsTeacherStore):
                     f"samples; run `sak-cache verify`"
                 )
         datas = self.source.read_many([(rel, members[n].offset_data, members[n].size) for n in names])
-        return [np.load(io.BytesIO(data), allow_pickle=False) for data in datas]
+        return [load_member(data, f"{self.source.url}/{rel}:{n}") for n, data in zip(names, datas)]
 
 
 class RangedIntegrity(ShardIntegrity):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import sha256_file
+from sak.pipeline.base.provenance import read_json, sha256_file
 from sak.pipeline.base.typed_json import to_json
 from sak.pipeline.buckets.bucket import Bucket, is_url
 from sak.pipeline.buckets.mirror import pull, stage_dir
@@ -135,6 +135,8 @@ def open_cache(
             f"{views_path} does not match the digest in cache.json; the file changed (run `sak-cache verify`)"
         )
     _check_recorded_digests(root, cache, manifests)
+    for fp, m in manifests.items():
+        _check_zarr_metadata(root / cache.stores[fp].path, m)
     plan = cache.view_plan
     k, num_views, shard_size = plan.views_per_image, cache.num_views, cache.shard_size
     if shard_size % k:
@@ -216,6 +218,33 @@ def _store_bases(path: Path, m: StoreManifest, fp: str) -> dict | None:
                 f"{list(bases[lv.block].components.shape)}, the manifest says {[lv.shape[-1], lv.channels]}"
             )
     return bases
+
+
+def _check_zarr_metadata(store: Path, m: StoreManifest) -> None:
+    """Each Zarr array's shape, dtype and shard shape against the manifest before any read: a forged
+    zarr.json (a huge shape) is refused here instead of sizing the reads."""
+    if m.format != "zarr":
+        return
+    for level in m.levels:
+        arrays = [(level.array, level.shape, level.store_dtype)]
+        arrays += [(level.scales, level.scales_shape, level.scales_dtype)] if level.scales else []
+        for rel, shape, dtype in arrays:
+            if rel is None:
+                continue
+            meta = read_json(store / rel / "zarr.json")
+            try:
+                got = (
+                    meta["shape"],
+                    meta["data_type"],
+                    meta["chunk_grid"]["configuration"]["chunk_shape"][0],
+                )
+            except (KeyError, TypeError, IndexError) as e:
+                raise SakError(f"{store / rel}/zarr.json lacks {e}; run `sak-cache verify`") from e
+            if got != (list(shape), dtype, m.shard_size):
+                raise SakError(
+                    f"{store / rel}/zarr.json says shape {got[0]} {got[1]} in shards of {got[2]}, the manifest "
+                    f"{list(shape)} {dtype} in shards of {m.shard_size}; the store is damaged: run `sak-cache verify`"
+                )
 
 
 def _check_recorded_digests(root: Path, cache: CacheManifest, manifests: dict[str, StoreManifest]) -> None:
