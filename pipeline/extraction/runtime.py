@@ -34,6 +34,9 @@ def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int)
         kwargs["address"] = "local"
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+    log.info(
+        f"starting Ray: {'the cluster at ' + address if address else 'embedded, ' + str(kwargs['num_cpus']) + ' CPU(s)'}"
+    )
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -74,6 +77,19 @@ class Progress:
             log.info(
                 f"{self.desc}: {self.count}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, ETA {eta:.0f}s)"
             )
+
+    def tick(self, status: str) -> None:
+        """Say what is happening when nothing landed for `every` seconds (teachers loading, a first shard
+        on its way): never silent for long, on a terminal (the bar's postfix) or not (a log line)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=True)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info(f"{self.desc}: {self.count}/{self.total} {self.unit}; {status} ({now - self.t0:.0f}s)")
 
     def close(self) -> None:
         if self.bar is not None:
