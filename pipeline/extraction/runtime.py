@@ -14,6 +14,15 @@ from sak.pipeline.base.errors import SakError
 log = logging.getLogger("sak")
 
 
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _token_auth_default_note(record: logging.LogRecord) -> bool:
+    """Drop Ray's "token authentication is enabled" note (its default, nothing to act on); keep the rest,
+    such as its warning that auth is disabled."""
+    return "Token authentication is enabled" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int) -> Iterator[None]:
     """Use a running Ray if this process already has one; else start one and stop it afterwards.
@@ -32,6 +41,8 @@ def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int)
         kwargs["address"] = address
     else:  # "local": always a new embedded Ray, never a cluster that RAY_ADDRESS or a `ray start` left behind
         kwargs["address"] = "local"
+        # Ray notes on every embedded start that its default token auth is on: nothing to act on, dropped
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_token_auth_default_note)
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
     log.info(
