@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from sak.pipeline.extraction.runtime import Progress
+from sak.pipeline.extraction.runtime import Progress, heartbeat
 
 
 def test_progress_heartbeat_says_what_it_waits_for_when_nothing_lands(caplog):
@@ -25,6 +25,13 @@ def test_progress_heartbeat_says_what_it_waits_for_when_nothing_lands(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("extract: 0/8 views; 1 actor(s) loading dinov2_b")
     assert lines[-1].startswith("extract: 4/8 views; 1 shard(s) on the teachers")
+
+
+def test_a_blocking_call_gets_a_heartbeat_line(caplog):
+    with caplog.at_level(logging.INFO, logger="sak"), heartbeat("still starting Ray", every=0.05):
+        time.sleep(0.3)
+    beats = [r.getMessage() for r in caplog.records if r.getMessage().startswith("still starting Ray (")]
+    assert 2 <= len(beats) <= 7
 
 
 def test_a_quiet_progress_says_nothing():

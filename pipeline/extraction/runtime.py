@@ -6,12 +6,32 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 from sak.pipeline.base.errors import SakError
 
 log = logging.getLogger("sak")
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 5.0) -> Iterator[None]:
+    """A log line `what (Ns)` every `every` seconds while a blocking call runs (Ray's start, a teacher's
+    load): long work is never silent, whether or not the output is a terminal."""
+    stop, t0 = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            log.info(f"{what} ({time.monotonic() - t0:.0f}s)")
+
+    thread = threading.Thread(target=beat, name="sak-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
@@ -49,7 +69,8 @@ def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int)
         f"starting Ray: {'the cluster at ' + address if address else 'embedded, ' + str(kwargs['num_cpus']) + ' CPU(s)'}"
     )
     try:
-        ray.init(**kwargs)
+        with heartbeat("still starting Ray"):
+            ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise SakError(
