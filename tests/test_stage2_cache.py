@@ -48,6 +48,7 @@ def test_cache_records_the_views(setup):
     assert cache["kind"] == "sak-stage2-cache" and cache["complete"] and cache["rows"] == 8
     assert cache["identity"]["crop"] == list(CROP) and cache["identity"]["seed"] == 0
     assert [t["teacher"] for t in cache["teachers"]] == ["dinov2_tiny", "clip_tiny", "sam_tiny"]
+    assert all(t["weights"]["random_init"] for t in cache["teachers"])  # --init keeps stage 1's flag
     views = pq.read_table(root / "s2cache/views.parquet").to_pylist()
     assert [v["row"] for v in views] == list(range(8)) and [v["epoch"] for v in views] == [0] * 4 + [1] * 4
     samples = TrainSamples(DenseDataset("folder", folder, "train"), CROP, seed=0)
@@ -109,3 +110,14 @@ def test_a_run_from_the_cache_takes_its_crop_and_seed_and_names_the_fix_for_anot
     assert train_main([*args, "--img-size", "64x64", "--out", str(root / "other_crop")]) == 2
     err = capsys.readouterr().err
     assert "crop [48, 64], this run has [64, 64]; leave out --img-size to take the cache's" in err
+
+
+def test_a_fresh_stage2_cache_lists_its_random_init_teachers_and_verifies_without_notes(setup):
+    from sak.pipeline.inspection.describe import list_caches
+    from sak.pipeline.inspection.verify import check_cache
+
+    root, _ = setup
+    report = check_cache(root / "s2cache")
+    assert report.problems == [] and report.notes == []
+    line = next(x for x in list_caches(str(root)) if "s2cache" in x)
+    assert "dinov2_tiny(random-init)" in line and "sam_tiny(random-init)" in line
