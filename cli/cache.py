@@ -10,6 +10,7 @@ import click
 
 from sak.cli.common import entry_point, run_cli, setup_logging
 from sak.cli.options import GeneratedCommand, OptionSet
+from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import is_url
 
 
@@ -93,13 +94,22 @@ def inspect(cache: str) -> None:
 @cli.command()
 @click.argument("cache")
 @click.option("--view", "views", type=int, multiple=True, required=True, help="View index (repeatable).")
-@click.option("--out", default=None, help="PNG to write (default: CACHE/show-<views>.png).")
+@click.option(
+    "--out",
+    default=None,
+    help="PNG to write, outside the cache (default: ./show-<cache name>-<views>.png).",
+)
 def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
     """Draw the views beside a PCA-to-RGB map of every teacher's every stored level (one PCA per level)."""
+    from sak.pipeline.extraction.runtime import heartbeat
     from sak.pipeline.inspection.show import render
 
-    out = out or str(Path(cache) / f"show-{'-'.join(map(str, views))}.png")
-    click.echo(render(cache, list(views), out))
+    name = Path(cache.rstrip("/")).name or "cache"
+    out = out or f"show-{name}-{'-'.join(map(str, views))}.png"
+    if not is_url(cache) and Path(cache).resolve() in Path(out).resolve().parents:
+        raise SakError(f"--out {out} is inside the cache (its verify would then fail); write it elsewhere")
+    with heartbeat(f"show: still drawing {len(views)} view(s) of {cache}"):
+        click.echo(render(cache, list(views), out))
 
 
 @cli.command(name="ls")

@@ -147,6 +147,7 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
         missing = missing_required(cls, given)
         if missing:
             raise SakError(f"missing {' and '.join(missing)} (or --resume RUN to continue a run)")
+        given = _stage2_cache_defaults(cls, given)
         return (preset(**given) if preset else cls(**given)), command
     from sak.student.run.folder import RunFolder
 
@@ -157,6 +158,26 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
         )
         raise SakError(f"--resume {run} is a {kind} run; continue it with `sak-train {kind} --resume {run}`")
     return resumed_config(recorded.config, given, run), command
+
+
+def _stage2_cache_defaults(cls: type, given: dict) -> dict:
+    """A new stage-2 or TIGER run from a stage-2 cache (--cache) takes the crop, seed and augmentation the
+    cache was built with, unless given (a different value given is refused by the reader, naming both)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not given.get("cache") or "img_size" not in names:
+        return given
+    from sak.student.data.stage2_cache import recorded_identity
+
+    built = recorded_identity(given["cache"])
+    if built is None:
+        return given
+    recorded = {
+        "img_size": tuple(built.crop),
+        "seed": built.seed,
+        "scale_range": tuple(built.scale_range),
+        "photometric": built.photometric,
+    }
+    return {**{k: v for k, v in recorded.items() if k in names}, **given}
 
 
 def _request(command: RunCommand):

@@ -4,7 +4,9 @@ targets joined to the right rows, and refusals of caches that do not fit togethe
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import os
 import shutil
 import tarfile
 
@@ -122,7 +124,7 @@ def test_holdout_shards_are_never_trained_on(cache):
     assert held == set(range(8, 12))  # the last shard, both views
     trained = np.concatenate([plan.batch(t)[0] for t in range(20)])
     assert not held & set(trained.tolist())
-    with pytest.raises(SakError, match="leaves nothing to train on"):
+    with pytest.raises(SakError, match="leaves nothing to train on.*give --holdout-shards 2 or less"):
         make_stream_plan(index, 3, holdout_shards=3)
 
 
@@ -223,6 +225,18 @@ def test_workers_own_disjoint_shards_and_resume_is_exact(cache):
     other = CacheLoader(make_stream_plan(index, 3, seed=6, num_workers=2), _reader(index), num_workers=2)
     with pytest.raises(SakError, match="another data order"):
         other.load_state_dict(state)
+
+
+def test_more_workers_than_cpus_are_capped_without_a_warning_or_another_order(cache, monkeypatch, recwarn):
+    """--num-workers is per machine: on a 1-CPU node a run asking 4 uses 1 and walks the same order."""
+    index = open_cache(cache)
+    plan = make_stream_plan(index, 3, num_workers=2)
+    wanted = _rows(list(itertools.islice(CacheLoader(plan, _reader(index), num_workers=0), 6)))
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    capped = CacheLoader(plan, _reader(index), num_workers=4)
+    assert capped.num_workers == 1
+    assert _rows(list(itertools.islice(capped, 6))) == wanted
+    assert not [w for w in recwarn if "worker" in str(w.message)]
 
 
 # ---------------------------------------------------------------------------------------- refusals

@@ -49,6 +49,20 @@ def test_show_draws_one_panel_per_stored_level(tiny_caches, tmp_path):
         assert len(np.unique(tile, axis=0)) > 8
 
 
+def test_show_writes_outside_the_cache_by_default_and_verify_stays_clean(tiny_caches, tmp_path, monkeypatch):
+    from sak.pipeline.inspection.verify import check_cache
+
+    cache = tiny_caches.copy(tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["show", str(cache), "--view", "0"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "show-c-0.png").is_file() and not list(cache.glob("*.png"))
+    assert check_cache(cache).problems == []
+    inside = CliRunner().invoke(cli, ["show", str(cache), "--view", "0", "--out", str(cache / "x.png")])
+    assert inside.exit_code != 0 and "is inside the cache" in str(inside.exception)
+    assert not (cache / "x.png").exists()
+
+
 def test_show_refuses_views_outside_the_cache(tiny_caches, tmp_path):
     cache = tiny_caches.get()
     with pytest.raises(SakError, match=r"--view must be in 0\.\."):

@@ -48,6 +48,7 @@ def test_cache_records_the_views(setup):
     assert cache["kind"] == "sak-stage2-cache" and cache["complete"] and cache["rows"] == 8
     assert cache["identity"]["crop"] == list(CROP) and cache["identity"]["seed"] == 0
     assert [t["teacher"] for t in cache["teachers"]] == ["dinov2_tiny", "clip_tiny", "sam_tiny"]
+    assert all(t["weights"]["random_init"] for t in cache["teachers"])  # --init keeps stage 1's flag
     views = pq.read_table(root / "s2cache/views.parquet").to_pylist()
     assert [v["row"] for v in views] == list(range(8)) and [v["epoch"] for v in views] == [0] * 4 + [1] * 4
     samples = TrainSamples(DenseDataset("folder", folder, "train"), CROP, seed=0)
@@ -92,3 +93,31 @@ def test_cached_run_reads_the_store_and_rerun_resumes(setup, monkeypatch):
     assert cache_main([*args, "--shard-size", "3", "--device", "cpu"]) == 0  # complete: nothing redone
     assert (root / "s2cache/teachers/sam_tiny/shards.jsonl").read_text() == before
     assert cache_main([*args, "--shard-size", "3", "--seed", "1"]) == 2  # another plan: refused
+
+
+def test_a_run_from_the_cache_takes_its_crop_and_seed_and_names_the_fix_for_another(setup, capsys):
+    """`sak-train stage2 --cache` without --img-size / --seed trains at the cache's own crop and seed; a
+    different --img-size is refused naming both values and the fix."""
+    from sak.cli.train import main as train_main
+
+    root, folder = setup
+    args = ["stage2", "--dataset", "folder", "--data-root", str(folder), "--init", str(root / "s1")]
+    args += ["--cache", str(root / "s2cache"), "--steps", "1", "--batch-size", "2", "--device", "cpu"]
+    assert train_main([*args, "--num-workers", "0", "--out", str(root / "defaults")]) == 0
+    config = json.loads((root / "defaults/config.json").read_text())["config"]
+    assert config["img_size"] == list(CROP) and config["seed"] == 0
+    capsys.readouterr()
+    assert train_main([*args, "--img-size", "64x64", "--out", str(root / "other_crop")]) == 2
+    err = capsys.readouterr().err
+    assert "crop [48, 64], this run has [64, 64]; leave out --img-size to take the cache's" in err
+
+
+def test_a_fresh_stage2_cache_lists_its_random_init_teachers_and_verifies_without_notes(setup):
+    from sak.pipeline.inspection.describe import list_caches
+    from sak.pipeline.inspection.verify import check_cache
+
+    root, _ = setup
+    report = check_cache(root / "s2cache")
+    assert report.problems == [] and report.notes == []
+    line = next(x for x in list_caches(str(root)) if "s2cache" in x)
+    assert "dinov2_tiny(random-init)" in line and "sam_tiny(random-init)" in line

@@ -59,10 +59,10 @@ class ExtractConfig:
         }
     )
     views_per_image: int = field(
-        default=2,
+        default=1,
         metadata={
             "help": "K deterministic random-resized-crop+flip views per image; epoch e replays view e mod K "
-            "[an existing cache: its own].",
+            "(1, the paper's; more views trade storage for augmentation) [an existing cache: its own].",
             "group": "views",
         },
     )

@@ -182,6 +182,14 @@ def _start_workers(cfg: ExtractConfig, stores: list[StorePlan], n_jobs: int) -> 
     return start_actors(TeacherWorker, placement, *args)
 
 
+def _waiting_for(schedule: ShardSchedule, landed: int, actors: int, stores: list[StorePlan]) -> str:
+    """What a run waiting on Ray is waiting for, in words (Progress.tick's heartbeat line)."""
+    if landed == 0:
+        names = ", ".join(sorted({sp.spec.name for sp in stores}))
+        return f"{actors} actor(s) loading {names} and computing the first shard"
+    return f"{len(schedule.computing)} shard(s) on the teachers, {len(schedule.cutting)} being cut"
+
+
 def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule: ShardSchedule) -> None:
     """Compute every queued shard: cut its views (CPU task), run the teachers (actor), journal the result."""
     import ray
@@ -191,6 +199,7 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
     rows = view_rows(out)
     sizes = sorted({sp.spec.model_input_side(cfg.size) if sp.spec.fixed_input else cfg.size for sp in stores})
     workers = _start_workers(cfg, stores, len(schedule.queue))
+    log.info(f"started {len(workers)} teacher actor(s); {len(schedule.queue)} shard(s) to compute")
     schedule.start(len(workers))
     cut = ray.remote(num_cpus=1)(cut_shard_views)
     bar = Progress(schedule.total_views, "views", "extract", enabled=cfg.progress)
@@ -201,6 +210,7 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
                 where = cfg.out if is_url(cfg.out) else str(out)
                 schedule.cutting[cut.remote(where, rows[job.start : job.stop], sizes)] = job
             ready, _ = ray.wait(list(schedule.cutting) + list(schedule.computing), num_returns=1, timeout=1.0)
+            bar.tick(_waiting_for(schedule, bar.count, len(workers), stores))
             for ref in ready:
                 if ref in schedule.cutting:
                     job = schedule.cutting.pop(ref)

@@ -6,12 +6,41 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
 from sak.pipeline.base.errors import SakError
 
 log = logging.getLogger("sak")
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 5.0) -> Iterator[None]:
+    """A log line `what (Ns)` every `every` seconds while a blocking call runs (Ray's start, a teacher's
+    load): long work is never silent, whether or not the output is a terminal."""
+    stop, t0 = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            log.info(f"{what} ({time.monotonic() - t0:.0f}s)")
+
+    thread = threading.Thread(target=beat, name="sak-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _token_auth_default_note(record: logging.LogRecord) -> bool:
+    """Drop Ray's "token authentication is enabled" note (its default, nothing to act on); keep the rest,
+    such as its warning that auth is disabled."""
+    return "Token authentication is enabled" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -32,10 +61,16 @@ def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int)
         kwargs["address"] = address
     else:  # "local": always a new embedded Ray, never a cluster that RAY_ADDRESS or a `ray start` left behind
         kwargs["address"] = "local"
+        # Ray notes on every embedded start that its default token auth is on: nothing to act on, dropped
+        logging.getLogger(RAY_AUTH_LOGGER).addFilter(_token_auth_default_note)
         kwargs["num_cpus"] = num_cpus or os.cpu_count() or 1
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+    log.info(
+        f"starting Ray: {'the cluster at ' + address if address else 'embedded, ' + str(kwargs['num_cpus']) + ' CPU(s)'}"
+    )
     try:
-        ray.init(**kwargs)
+        with heartbeat("still starting Ray"):
+            ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise SakError(
@@ -74,6 +109,19 @@ class Progress:
             log.info(
                 f"{self.desc}: {self.count}/{self.total} {self.unit} ({rate:.1f} {self.unit}/s, ETA {eta:.0f}s)"
             )
+
+    def tick(self, status: str) -> None:
+        """Say what is happening when nothing landed for `every` seconds (teachers loading, a first shard
+        on its way): never silent for long, on a terminal (the bar's postfix) or not (a log line)."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=True)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.info(f"{self.desc}: {self.count}/{self.total} {self.unit}; {status} ({now - self.t0:.0f}s)")
 
     def close(self) -> None:
         if self.bar is not None:

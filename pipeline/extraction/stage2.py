@@ -66,7 +66,7 @@ class Stage2TeacherInfo:
     fingerprint: str  # its stage-1 store's (--init), or one hashed from its name, weights and taps
     blocks: tuple[int, ...]  # the tapped blocks stored
     positions: tuple[int, ...]  # which of the student's 4 taps each stored block is compared with
-    weights: WeightsRecord | None = None  # a teacher given by name: its weights (recorded)
+    weights: WeightsRecord | None = None  # its weights (by name: as given; --init: its stage-1 store's)
     seed: int | None = None  # ... and its random-init seed
 
 

@@ -433,7 +433,7 @@ class Stage2Teacher:
     positions: list[int]
     grids: list[list[int]]
     shards: dict[str, dict[str, str]] = field(metadata=doc("shard index -> {file: sha256}"))
-    weights: WeightsRecord | None = field(default=None, metadata=OMIT)  # teachers given by name
+    weights: WeightsRecord | None = field(default=None, metadata=OMIT)  # by name: given; --init: stage 1's
     seed: int | None = field(default=None, metadata=OMIT)  # their random-init seed
 
 

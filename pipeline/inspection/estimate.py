@@ -91,7 +91,9 @@ class EstimateConfig:
 
     teachers: tuple[str, ...] = field(metadata={"help": "Comma list of teachers, as for `run`."})
     size: int = field(default=384, metadata={"help": "View side in pixels (SAM sees 1024)."})
-    views_per_image: int = field(default=2, metadata={"help": "Views per image, as for `run`."})
+    views_per_image: int = field(
+        default=1, metadata={"help": "Views per image, as for `run` (1, the paper's)."}
+    )
     codec: Codec = codec_field()
     levels: str = levels_field()
     grid: GridChoice = grid_field()

@@ -23,6 +23,7 @@ sorted datasets. The last `holdout_shards` shards are never trained on: Rep Sim 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -33,6 +34,12 @@ from sak.pipeline.base.errors import SakError
 from sak.student.data.batches import BatchReader
 from sak.student.data.opening import open_cache  # noqa: F401  (the stage-2 cache builder's import, until it moves)
 from sak.student.data.order import StreamPlan
+
+
+def usable_workers(requested: int) -> int:
+    """Loader workers this machine can run: the request, capped at its CPU count (a per-machine setting,
+    so a run resumed on a smaller node keeps its data order; torch warns when workers exceed the CPUs)."""
+    return max(0, min(requested, os.cpu_count() or 1))
 
 
 class CacheStream(IterableDataset):
@@ -94,6 +101,7 @@ class CacheLoader:
         pin_memory: bool | None = None,
         prefetch_factor: int = 2,
     ) -> None:
+        num_workers = usable_workers(num_workers)
         if num_workers:
             # each worker owns whole streams (hence their shards): one per stream, or fewer that split them
             # evenly (a resumed run keeps its recorded streams whatever its workers now)

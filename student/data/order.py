@@ -139,7 +139,9 @@ def split_shards(num_shards: int, holdout_shards: int) -> tuple[tuple[int, ...],
     """(training shards, held-out shards): the last `holdout_shards` shards are held out."""
     if not 0 <= holdout_shards < num_shards:
         raise SakError(
-            f"--holdout-shards {holdout_shards} leaves nothing to train on: the cache has {num_shards} shard(s)"
+            f"--holdout-shards {holdout_shards} leaves nothing to train on: the cache has {num_shards} shard(s); "
+            f"give --holdout-shards {max(num_shards - 1, 0)} or less (0 holds none out), or extract with a smaller "
+            "--shard-size for more shards"
             if holdout_shards >= num_shards
             else f"--holdout-shards must be >= 0, got {holdout_shards}"
         )

@@ -21,9 +21,25 @@ from sak.pipeline.buckets.bucket import is_url
 from sak.pipeline.buckets.mirror import metadata_mirror
 from sak.pipeline.format.documents import read_stage2_cache
 from sak.pipeline.format.layout import CACHE_FILE, VIEWS_FILE
+from sak.pipeline.format.records import Stage2Identity
 from sak.pipeline.store.codecs import get_codec
 from sak.pipeline.store.zarr import ZarrTeacherStore
 from sak.student.data.stage2_views import image_sha256
+
+# a trainer option for each identity field a run may take from the cache (the rest follow the data)
+OPTION_OF = {"crop": "--img-size", "seed": "--seed", "dataset": "--dataset", "num_images": "--data-root"}
+
+
+def recorded_identity(path: str | Path) -> Stage2Identity | None:
+    """What a stage-2 cache at `path` was built with (crop, seed, augmentation, ...): a run's defaults;
+    None when `path` holds no stage-2 cache (the reader then says why)."""
+    root = metadata_mirror(str(path).rstrip("/")) if is_url(path) else Path(path).expanduser()
+    if not (root / CACHE_FILE).exists():
+        return None
+    try:
+        return read_stage2_cache(root / CACHE_FILE).identity
+    except SakError:
+        return None
 
 
 class Stage2CachedTargets:
@@ -49,7 +65,11 @@ class Stage2CachedTargets:
         for key, want in expected.items():
             have = getattr(cache.identity, key, None)
             if have != want:
-                raise SakError(f"--cache {self.shown} was built with {key} {have!r}, this run has {want!r}")
+                raise SakError(
+                    f"--cache {self.shown} was built with {key} {have!r}, this run has {want!r}"
+                    + (f"; leave out {OPTION_OF[key]} to take the cache's" if key in ("crop", "seed") else "")
+                    + ", or build a cache for this run with `sak-cache stage2`"
+                )
         needed = steps * batch_size
         if needed > cache.rows:
             raise SakError(

@@ -26,6 +26,7 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import is_url
 from sak.pipeline.format.records import WeightsRecord
 from sak.student.data.dense import DenseDataset, TrainSamples, collate
+from sak.student.data.loader import usable_workers
 from sak.student.model.config import ExpertSpec
 from sak.student.run.folder import RunFolder
 from sak.student.run.record import Stage2Run, TeacherRef, TeacherSourceRecord, TigerRun
@@ -52,7 +53,7 @@ def batch_stream(
         TrainSamples(data, crop, cfg.seed, cfg.scale_range, cfg.photometric),
         batch_size=cfg.batch_size // env.world_size,
         sampler=rank_positions(start, cfg.steps, cfg.batch_size, env),
-        num_workers=cfg.num_workers,
+        num_workers=usable_workers(cfg.num_workers),
         collate_fn=collate,
         generator=torch.Generator().manual_seed(cfg.seed),  # not the global RNG
     )

@@ -198,7 +198,10 @@ class Stage2TeacherSet:
         stage1 = read_stage1_record(self.init)
         fps = [s.fingerprint for s in stage1.cache.stores]
         stores = open_cache(stage1.cache.path, fps, require_complete=False).stores
-        return [Stage2TeacherInfo(s.teacher, s.fingerprint, s.blocks, s.positions) for s in stores]
+        return [  # the stage-1 stores' weights: a random-init teacher stays flagged in the stage-2 cache
+            Stage2TeacherInfo(s.teacher, s.fingerprint, s.blocks, s.positions, s.manifest.weights)
+            for s in stores
+        ]
 
 
 def student_levels(maps: dict[str, list[torch.Tensor]], teachers: Stage2Teachers) -> dict:
