@@ -31,6 +31,12 @@ def runs(tmp_path):
     return tmp_path / "runs", tmp_path / "cache"
 
 
+# The conv bias just before a BatchNorm has no effect on the loss: its gradient is rounding noise, which
+# AdamW scales up to full-size steps, so its value (and the running mean that absorbs it) differs with the
+# order of floating-point sums (the machine, the tests run before). Every other weight must agree.
+NOISE_ONLY = ("linear_fuse.0.bias", "linear_fuse.1.running_mean")
+
+
 def _ends_as_the_old_code_did(run, kind: str) -> None:
     want = EXPECTED[kind]
     assert train_steps(run) == [1, 2, 3, 4]  # the old steps kept, the lost one trained again
@@ -39,6 +45,8 @@ def _ends_as_the_old_code_did(run, kind: str) -> None:
     sums = weights_sums(weights)
     assert sums.keys() == want["weights_sums"].keys()
     for k, (total, magnitude) in want["weights_sums"].items():
+        if k.endswith(NOISE_ONLY):
+            continue
         assert sums[k] == pytest.approx([total, magnitude], rel=1e-5, abs=1e-6), k
     exact = weights_digest(weights) == want["weights_digest"]
     print(
