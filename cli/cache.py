@@ -78,7 +78,7 @@ def run(**opts) -> None:
     out = run_extraction(cfg)
     click.echo(describe_location(cfg.out) if is_url(cfg.out) else describe_cache(out))
     if not is_url(cfg.out):
-        for line in store_fidelity_warnings(out):
+        for line in store_fidelity_warnings(out, cfg.teachers, cfg.codec.name):
             click.echo(line, err=True)
 
 

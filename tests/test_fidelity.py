@@ -91,3 +91,14 @@ def test_stage1_trains_from_an_int8_tc_store(tiny_caches, tmp_path):
         Stage1Config.debug(str(cache), str(tmp_path / "run"), steps=2, batch_size=2, eval_every=0)
     )
     assert len(res.losses) == 2 and all(np.isfinite(res.losses))
+
+
+def test_run_warns_only_for_the_stores_it_touched(tiny_caches, monkeypatch):
+    """A run that adds clip_tiny does not re-print the warnings of dinov2_tiny's or sam_tiny's stores."""
+    import sak.pipeline.inspection.describe as describe
+
+    out = tiny_caches.get("int8")
+    monkeypatch.setattr(describe, "fidelity_warnings", lambda teacher, manifest: [f"low {teacher}"])
+    assert describe.store_fidelity_warnings(out, ("clip_tiny",), "int8") == ["low clip_tiny"]
+    assert describe.store_fidelity_warnings(out, ("clip_tiny",), "fp16") == []
+    assert len(describe.store_fidelity_warnings(out)) == 3

@@ -4,6 +4,7 @@ for a folder or a bucket URL; `ls` also says whether each cache verifies (its re
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,16 @@ def describe_cache(
     return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
-def store_fidelity_warnings(cache_dir: str | Path) -> list[str]:
-    """`run`'s warnings: every level of every store whose measured 1st-percentile cosine is under 0.99."""
+def store_fidelity_warnings(
+    cache_dir: str | Path, teachers: Collection[str] | None = None, codec: str | None = None
+) -> list[str]:
+    """`run`'s warnings: every level whose measured 1st-percentile cosine is under 0.99, of the stores
+    the run touched (`teachers` at `codec`; None: every store), not of others it left alone."""
     root = Path(cache_dir)
     lines = []
     for entry in read_cache(root).stores.values():
-        lines += fidelity_warnings(entry.teacher, read_store_manifest(root / entry.path))
+        if (teachers is None or entry.teacher in teachers) and (codec is None or entry.codec == codec):
+            lines += fidelity_warnings(entry.teacher, read_store_manifest(root / entry.path))
     return lines
 
 
