@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,10 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import (
     SCHEMA_VERSION,
     code_version,
+    current_umask,
     read_json,
     sha256_file,
+    temp_beside,
     write_json_atomic,
 )
 from sak.student.model.config import StudentConfig
@@ -96,10 +97,11 @@ def save_student(
     config = model.config.to_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(config), "code_version": code_version()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes the file anew, 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
