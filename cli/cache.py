@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, run_cli, setup_logging, version_option
 from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.buckets.bucket import is_url
 
@@ -46,6 +46,7 @@ class EstimateCommand:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="More log output.")
+@version_option("sak-cache")
 def cli(verbose: bool) -> None:
     """Compute multi-level features of frozen vision foundation models (DINOv2, CLIP, SAM) once, on Ray,
     into a compressed Zarr cache with a manifest that makes it self-describing, verifiable and reusable.

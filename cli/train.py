@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, run_cli, setup_logging, version_option
 from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.base.errors import SakError
 from sak.student.data.dense_sets import DATASETS
@@ -177,6 +177,7 @@ def _finish(result, what: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="More log output.")
+@version_option("sak-train")
 def cli(verbose: bool) -> None:
     """Train the SAK student (Teacher-Agnostic Stem + Teacher-Specific Adapter Paths) from a cache.
 
