@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
 from sak.pipeline.base import provenance
+from sak.pipeline.base.typed_json import schema_text
+from sak.pipeline.inspection.reports import REPORT_SCHEMAS
+from sak.pipeline.inspection.reports import main as reports_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +66,42 @@ def test_python_m_sak_usage_names_both_tools(args, rc):
     assert proc.returncode == rc
     text = proc.stdout + proc.stderr
     assert "python -m sak {cache,train}" in text and "sak-cache" in text and "sak-train" in text
+
+
+V1_CACHE = REPO / "tests" / "fixtures" / "v1_cache"
+
+
+def test_the_shipped_report_schemas_are_the_generated_ones():
+    for family in REPORT_SCHEMAS.values():
+        assert family.shipped_path().read_text() == schema_text(family.generate()), family.file
+        jsonschema.Draft202012Validator.check_schema(family.shipped())
+    assert reports_main(["--check"]) == 0
+
+
+def _json_of(capsys, argv, rc=0) -> dict:
+    assert cache_main(argv) == rc
+    return json.loads(capsys.readouterr().out)
+
+
+def _valid(data: dict, name: str) -> dict:
+    schema = json.loads((REPO / "pipeline" / "schema" / f"{name}-v1.schema.json").read_text())
+    jsonschema.validate(data, schema)  # stock jsonschema against the published file
+    return data
+
+
+def test_inspect_ls_verify_json_validate_against_their_schemas(tmp_path, capsys):
+    cache = tmp_path / "caches" / "c1"
+    shutil.copytree(V1_CACHE, cache)
+    got = _valid(_json_of(capsys, ["inspect", str(cache), "--json"]), "inspect")
+    assert got["num_views"] == 4 and {s["teacher"] for s in got["stores"]} == {"dinov2_tiny", "clip_tiny"}
+    listed = _valid(_json_of(capsys, ["ls", str(tmp_path), "--json"]), "ls")
+    assert [c["cache"] for c in listed["caches"]] == [str(cache)] and listed["caches"][0]["problems"] == []
+    assert _valid(_json_of(capsys, ["verify", str(cache), "--json"]), "verify")["ok"] is True
+
+    store = next((cache / "teachers").iterdir())
+    victim = next(
+        p for p in sorted(store.rglob("*")) if p.is_file() and p.stat().st_size > 64 and "levels" in str(p)
+    )
+    victim.write_bytes(b"\0" * victim.stat().st_size)  # damage one array chunk: verify fails, exit 1
+    bad = _valid(_json_of(capsys, ["verify", str(cache), "--json"], rc=1), "verify")
+    assert bad["ok"] is False and bad["problems"]
