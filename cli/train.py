@@ -64,6 +64,21 @@ class Stage1Command:
 
 
 @dataclass(frozen=True)
+class ConfigCommand:
+    """`--config FILE` of every trainer (student/run/config_file.py)."""
+
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Options from a file: a run's RUN/config.json, or JSON / YAML of the same shape; "
+            "options given on the command line win.",
+            "metavar": "FILE",
+            "group": "run",
+        },
+    )
+
+
+@dataclass(frozen=True)
 class RepsimCommand:
     """`repsim`: Rep Sim of a saved student on held-out views (arguments of `open_held_out`), with pictures."""
 
@@ -128,9 +143,11 @@ class EvalCommand:
 # a --resume RUN gives every option of the run's config: none of the config's own options is required
 _OPTIONAL = {"cache": False, "out": False}
 _DENSE_OPTIONAL = {"dataset": False, "data_root": False, "out": False}
-STAGE1_OPTIONS = OptionSet(_stage1_config, RunCommand, Stage1Command, required=_OPTIONAL)
-STAGE2_OPTIONS = OptionSet(_stage2_config, RunCommand, required={**_DENSE_OPTIONAL, "init": False})
-TIGER_OPTIONS = OptionSet(_tiger_config, RunCommand, required=_DENSE_OPTIONAL)
+STAGE1_OPTIONS = OptionSet(_stage1_config, RunCommand, ConfigCommand, Stage1Command, required=_OPTIONAL)
+STAGE2_OPTIONS = OptionSet(
+    _stage2_config, RunCommand, ConfigCommand, required={**_DENSE_OPTIONAL, "init": False}
+)
+TIGER_OPTIONS = OptionSet(_tiger_config, RunCommand, ConfigCommand, required=_DENSE_OPTIONAL)
 REPSIM_OPTIONS = OptionSet(RepsimCommand)
 EVAL_OPTIONS = OptionSet(EvalCommand)
 
@@ -142,6 +159,7 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
     command = options.build(RunCommand, opts)
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in options.given(opts).items() if k in names}
+    given = _with_config_file(cls, options.build(ConfigCommand, opts).config, command, given)
     run = command.run_folder(given.get("out"))
     if run is None:
         missing = missing_required(cls, given)
@@ -157,6 +175,19 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
         )
         raise SakError(f"--resume {run} is a {kind} run; continue it with `sak-train {kind} --resume {run}`")
     return resumed_config(recorded.config, given, run), command
+
+
+def _with_config_file(cls: type, path: str | None, command: RunCommand, given: dict) -> dict:
+    """--config FILE: its options under the ones given on the command line (a new run only)."""
+    if not path:
+        return given
+    if command.resume is not None:
+        raise SakError(
+            f"--config {path} starts a new run; --resume continues with the run's own config (leave out --config)"
+        )
+    from sak.student.run.config_file import config_file_values
+
+    return {**config_file_values(cls, path), **given}
 
 
 def _request(command: RunCommand):
