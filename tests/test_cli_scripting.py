@@ -105,3 +105,14 @@ def test_inspect_ls_verify_json_validate_against_their_schemas(tmp_path, capsys)
     victim.write_bytes(b"\0" * victim.stat().st_size)  # damage one array chunk: verify fails, exit 1
     bad = _valid(_json_of(capsys, ["verify", str(cache), "--json"], rc=1), "verify")
     assert bad["ok"] is False and bad["problems"]
+
+
+def test_each_store_records_its_actors_peak_host_memory(tiny_caches, capsys):
+    """A real extraction (Ray, tiny teachers): the manifest's throughput holds the teacher actors' peak
+    RSS (ru_maxrss), and inspect shows it, as text and as JSON."""
+    cache = tiny_caches.get()
+    got = _valid(_json_of(capsys, ["inspect", str(cache), "--json"]), "inspect")
+    peaks = [s["actor_peak_rss_bytes"] for s in got["stores"]]
+    assert peaks and all(p is not None and 50e6 < p < 64e9 for p in peaks), peaks  # a torch process: > 50 MB
+    assert cache_main(["inspect", str(cache)]) == 0
+    assert capsys.readouterr().out.count("peak host memory per teacher actor: ") == len(peaks)

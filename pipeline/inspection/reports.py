@@ -35,6 +35,9 @@ class StoreSummary:
     blocks: list[int] = field(metadata=doc("the stored levels (teacher blocks)"))
     shards_done: int = field(metadata=doc("shards written, of the cache's num_shards"))
     bytes: int
+    actor_peak_rss_bytes: int | None = field(
+        metadata=doc("the largest peak host memory of a teacher actor in the last run (null: not recorded)")
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,6 +164,7 @@ def _inspect_local(root: Path, shown: str, sizes: dict[str, int] | None) -> Insp
                 blocks=[lv.block for lv in m.levels],
                 shards_done=len(m.shards),
                 bytes=nbytes,
+                actor_peak_rss_bytes=m.throughput.actor_peak_rss_bytes,
             )
         )
     ds, plan = cache.dataset, cache.view_plan
