@@ -199,11 +199,27 @@ def _request(command: RunCommand):
     return RunRequest(resume=resume, restart=command.restart, stop_after=command.stop_after)
 
 
+def _peak_memory() -> str:
+    """`peak host memory 1.20 GB` (this process, ru_maxrss), `, GPU 3.40 GB` when it used CUDA."""
+    import torch
+
+    from sak.pipeline.base.provenance import peak_rss_bytes
+    from sak.pipeline.base.units import human_bytes
+
+    text = f"peak host memory {human_bytes(peak_rss_bytes())}"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {human_bytes(torch.cuda.max_memory_allocated())}"
+    return text
+
+
 def _finish(result, what: str) -> None:
     if result.stopped:
-        _echo(f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}")
+        _echo(
+            f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}; "
+            f"{_peak_memory()}"
+        )
     else:
-        _echo(f"{what} {result.step} steps; checkpoint {result.checkpoint}")
+        _echo(f"{what} {result.step} steps; checkpoint {result.checkpoint}; {_peak_memory()}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

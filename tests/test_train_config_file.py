@@ -11,6 +11,7 @@ import pytest
 
 from sak.cli.train import STAGE1_OPTIONS, STAGE2_OPTIONS, TIGER_OPTIONS, cli, main, trainer_config
 from sak.student.run.record import read_run_record
+from tests.runs import copy_inputs, stage1_args
 
 RUNS = Path(__file__).parent / "fixtures" / "v1_runs"
 TRAINERS = {"stage1": STAGE1_OPTIONS, "stage2": STAGE2_OPTIONS, "tiger": TIGER_OPTIONS}
@@ -73,3 +74,12 @@ def test_config_with_resume_is_refused(tmp_path, capsys):
     argv = ["tiger", "--config", str(RUNS / "tiger" / "config.json"), "--resume", str(tmp_path)]
     assert main(argv) == 2
     assert "starts a new run; --resume continues with the run's own config" in capsys.readouterr().err
+
+
+def test_the_final_line_states_the_peak_host_memory(tmp_path, capsys):
+    cache, _ = copy_inputs(tmp_path)
+    assert main(stage1_args(cache, tmp_path / "run")) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("trained 4 steps; checkpoint ") and "; peak host memory " in last
+    amount, unit = last.split("; peak host memory ")[1].split(",")[0].split()
+    assert unit in ("MB", "GB") and float(amount) > 0  # a torch process holds more than a few kB
