@@ -37,6 +37,7 @@ lint: $(VENV)/.installed
 
 schema: $(VENV)/.installed  ## regenerate the cache's and the run folder's JSON Schemas from their records
 	$(PY) -m sak.pipeline.format.schema
+	$(PY) -m sak.pipeline.inspection.reports
 	$(PY) -m sak.student.schema_gen
 
 bench: $(VENV)/.installed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, run_cli, setup_logging, version_option
 from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import is_url
@@ -47,6 +47,7 @@ class EstimateCommand:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="More log output.")
+@version_option("sak-cache")
 def cli(verbose: bool) -> None:
     """Compute multi-level features of frozen vision foundation models (DINOv2, CLIP, SAM) once, on Ray,
     into a compressed Zarr cache with a manifest that makes it self-describing, verifiable and reusable.
@@ -82,12 +83,28 @@ def run(**opts) -> None:
             click.echo(line, err=True)
 
 
+JSON_HELP = "Print the result as one JSON document instead (its schema: docs/scripting.md)."
+
+
+def _echo_json(report) -> None:
+    import json
+
+    from sak.pipeline.inspection.reports import report_json
+
+    click.echo(json.dumps(report_json(report), indent=2))
+
+
 @cli.command()
 @click.argument("cache")
-def inspect(cache: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def inspect(cache: str, as_json: bool) -> None:
     """Describe a cache (folder or s3:// / gs:// URL): teachers, fingerprints, views, shapes, bytes."""
     from sak.pipeline.inspection.describe import describe_location
 
+    if as_json:
+        from sak.pipeline.inspection.reports import inspect_report
+
+        return _echo_json(inspect_report(cache))
     click.echo(describe_location(cache))
 
 
@@ -120,24 +137,36 @@ def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
     is_flag=True,
     help="Read every byte of each cache (as `verify`), not only its records.",
 )
-def ls_(root: str, full: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def ls_(root: str, full: bool, as_json: bool) -> None:
     """One line per cache found under ROOT (a folder or an s3:// / gs:// prefix): teachers, views, bytes,
     created, and whether it verifies."""
     from sak.pipeline.inspection.describe import bucket_caches, list_caches
 
-    lines = list_caches(root, bucket_caches(root) if is_url(root) else None, full=full)
+    found = bucket_caches(root) if is_url(root) else None
+    if as_json:
+        from sak.pipeline.inspection.reports import ls_report
+
+        return _echo_json(ls_report(root, found, full=full))
+    lines = list_caches(root, found, full=full)
     click.echo("\n".join(lines) if lines else f"no cache under {root}")
 
 
 @cli.command()
 @click.argument("cache")
-def verify(cache: str) -> int:
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+def verify(cache: str, as_json: bool) -> int:
     """Recompute every checksum and count; exit 1 naming each failing file and shard. A URL cache is
     downloaded once into a temporary folder."""
     from sak.pipeline.inspection.verify import check_bucket_cache, check_cache
 
     report = check_bucket_cache(cache) if is_url(cache) else check_cache(cache)
     problems = report.problems
+    if as_json:
+        from sak.pipeline.inspection.reports import verify_report
+
+        _echo_json(verify_report(cache, report))
+        return 1 if problems else 0
     for note in report.notes:
         click.echo(f"note: {note}", err=True)
     for p in problems:

@@ -37,6 +37,33 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     )
 
 
+def version_line(prog: str) -> str:
+    """`sak-cache 0.1.0 (commit 1a2b3c4d5e)`: the package version and the source tree's commit ("unknown"
+    outside a checkout), as every output records them (pipeline/base/provenance.py)."""
+    from sak.pipeline.base.provenance import code_version
+
+    version, _, commit = code_version().partition("+g")
+    return f"{prog} {version} (commit {commit or 'unknown'})"
+
+
+def version_option(prog: str) -> Callable:
+    """`--version`: print version_line and exit (computed only when asked: no git call on other runs)."""
+
+    def show(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value and not ctx.resilient_parsing:
+            click.echo(version_line(prog))
+            ctx.exit()
+
+    return click.option(
+        "--version",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=show,
+        help="Print the package version and commit, and exit.",
+    )
+
+
 def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str, quiet: bool = False) -> int:
     """Run a click group in-process and return its exit code (callable from tests as `main([...])`).
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from sak.cli.common import entry_point, run_cli, setup_logging
+from sak.cli.common import entry_point, run_cli, setup_logging, version_option
 from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.base.errors import SakError
 from sak.student.data.dense_sets import DATASETS
@@ -60,6 +60,21 @@ class Stage1Command:
 
     debug: bool = field(
         default=False, metadata={"help": "The debug preset: tiny student, 20 steps of 8, no workers."}
+    )
+
+
+@dataclass(frozen=True)
+class ConfigCommand:
+    """`--config FILE` of every trainer (student/run/config_file.py)."""
+
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Options from a file: a run's RUN/config.json, or JSON / YAML of the same shape; "
+            "options given on the command line win.",
+            "metavar": "FILE",
+            "group": "run",
+        },
     )
 
 
@@ -128,9 +143,11 @@ class EvalCommand:
 # a --resume RUN gives every option of the run's config: none of the config's own options is required
 _OPTIONAL = {"cache": False, "out": False}
 _DENSE_OPTIONAL = {"dataset": False, "data_root": False, "out": False}
-STAGE1_OPTIONS = OptionSet(_stage1_config, RunCommand, Stage1Command, required=_OPTIONAL)
-STAGE2_OPTIONS = OptionSet(_stage2_config, RunCommand, required={**_DENSE_OPTIONAL, "init": False})
-TIGER_OPTIONS = OptionSet(_tiger_config, RunCommand, required=_DENSE_OPTIONAL)
+STAGE1_OPTIONS = OptionSet(_stage1_config, RunCommand, ConfigCommand, Stage1Command, required=_OPTIONAL)
+STAGE2_OPTIONS = OptionSet(
+    _stage2_config, RunCommand, ConfigCommand, required={**_DENSE_OPTIONAL, "init": False}
+)
+TIGER_OPTIONS = OptionSet(_tiger_config, RunCommand, ConfigCommand, required=_DENSE_OPTIONAL)
 REPSIM_OPTIONS = OptionSet(RepsimCommand)
 EVAL_OPTIONS = OptionSet(EvalCommand)
 
@@ -142,6 +159,7 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
     command = options.build(RunCommand, opts)
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in options.given(opts).items() if k in names}
+    given = _with_config_file(cls, options.build(ConfigCommand, opts).config, command, given)
     run = command.run_folder(given.get("out"))
     if run is None:
         missing = missing_required(cls, given)
@@ -180,6 +198,19 @@ def _stage2_cache_defaults(cls: type, given: dict) -> dict:
     return {**{k: v for k, v in recorded.items() if k in names}, **given}
 
 
+def _with_config_file(cls: type, path: str | None, command: RunCommand, given: dict) -> dict:
+    """--config FILE: its options under the ones given on the command line (a new run only)."""
+    if not path:
+        return given
+    if command.resume is not None:
+        raise SakError(
+            f"--config {path} starts a new run; --resume continues with the run's own config (leave out --config)"
+        )
+    from sak.student.run.config_file import config_file_values
+
+    return {**config_file_values(cls, path), **given}
+
+
 def _request(command: RunCommand):
     """How the trainer treats the folder (a RunRequest); --resume RUN --restart restarts with the
     recorded options."""
@@ -189,15 +220,32 @@ def _request(command: RunCommand):
     return RunRequest(resume=resume, restart=command.restart, stop_after=command.stop_after)
 
 
+def _peak_memory() -> str:
+    """`peak host memory 1.20 GB` (this process, ru_maxrss), `, GPU 3.40 GB` when it used CUDA."""
+    import torch
+
+    from sak.pipeline.base.provenance import peak_rss_bytes
+    from sak.pipeline.base.units import human_bytes
+
+    text = f"peak host memory {human_bytes(peak_rss_bytes())}"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", GPU {human_bytes(torch.cuda.max_memory_allocated())}"
+    return text
+
+
 def _finish(result, what: str) -> None:
     if result.stopped:
-        _echo(f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}")
+        _echo(
+            f"stopped at step {result.step}/{result.total_steps}; continue with --resume {result.run}; "
+            f"{_peak_memory()}"
+        )
     else:
-        _echo(f"{what} {result.step} steps; checkpoint {result.checkpoint}")
+        _echo(f"{what} {result.step} steps; checkpoint {result.checkpoint}; {_peak_memory()}")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", is_flag=True, help="More log output.")
+@version_option("sak-train")
 def cli(verbose: bool) -> None:
     """Train the SAK student (Teacher-Agnostic Stem + Teacher-Specific Adapter Paths) from a cache.
 

@@ -29,10 +29,11 @@ def sak_modules() -> dict[str, Path]:
     """Every module under `sak` -> its source file, found by walking the installed packages.
 
     `sak` itself is a namespace package (its subpackages map onto the repository's top-level folders), and
-    an editable install's namespace path cannot be walked, so the walk starts at its first-level packages.
+    an editable install's namespace path cannot be walked, so the walk starts at its first-level packages;
+    its own top level holds only `sak.__main__` (`python -m sak`).
     """
-    tops = sorted({".".join(name.split(".")[:2]) for name in shipped_packages()})
-    found: dict[str, Path] = {}
+    tops = sorted({".".join(name.split(".")[:2]) for name in shipped_packages()} - {"sak"})
+    found: dict[str, Path] = {"sak.__main__": Path(importlib.util.find_spec("sak.__main__").origin)}
     for top in tops:
         package = importlib.import_module(top)  # the package's __init__ only; its modules are parsed
         found[top] = Path(package.__file__)

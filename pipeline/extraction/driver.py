@@ -229,7 +229,7 @@ def _run_shards(cfg: ExtractConfig, out: Path, stores: list[StorePlan], schedule
                         retire(workers[w])  # its restart must not take the resources the others need
                     continue
                 journal_shards(stores, result.records)
-                schedule.landed(job)
+                schedule.landed(job, result.peak_rss_bytes)
                 bar.update(job.views)
     finally:
         bar.close()

@@ -26,6 +26,7 @@ class ShardSchedule:
     first_done: float | None = None  # time and views at the first finished shard (steady-state rate)
     views_at_first: int = 0
     steady_views_per_s: float | None = None
+    actor_peak_rss_bytes: int | None = None  # the largest a teacher actor reported (host memory)
     hold_first: bool = False  # submit nothing more until the first job has landed (a pca<k> basis fit)
 
     @classmethod
@@ -58,8 +59,10 @@ class ShardSchedule:
         self.max_in_flight = 2 * (len(self.live.load) - len(self.live.dead)) + 1
         return True
 
-    def landed(self, job: ShardJob) -> None:
+    def landed(self, job: ShardJob, peak_rss_bytes: int | None = None) -> None:
         self.hold_first = False
+        if peak_rss_bytes is not None:
+            self.actor_peak_rss_bytes = max(self.actor_peak_rss_bytes or 0, peak_rss_bytes)
         self.views_done += job.views
         if self.first_done is None:
             self.first_done, self.views_at_first = time.monotonic(), self.views_done
@@ -73,4 +76,5 @@ class ShardSchedule:
             seconds_this_run=round(seconds, 3),  # includes start-up: actors, teacher loading
             views_per_s=round(self.views_done / seconds, 3) if seconds > 0 else None,
             steady_views_per_s=self.steady_views_per_s,  # from the first finished shard to the last
+            actor_peak_rss_bytes=self.actor_peak_rss_bytes,
         )

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import xxh3_file
+from sak.pipeline.base.provenance import peak_rss_bytes, xxh3_file
 from sak.pipeline.buckets.bucket import Bucket
 from sak.pipeline.buckets.mirror import node_mirror, push
 from sak.pipeline.format.manifest import save_stats, shard_stats
@@ -84,6 +84,7 @@ class ShardResult:
 
     records: Mapping[str, ShardRecord]
     rows: Sequence[Mapping[str, Any]] | None = None
+    peak_rss_bytes: int | None = None  # the worker process's peak host memory so far
 
 
 class TeacherSet(Protocol):
@@ -190,7 +191,7 @@ class TeacherWorker:
                 keep = job.shard == self.jobs[name].fidelity_shard
                 feats[name], native[name] = self._forward(name, views.inputs[name], keep_native=keep)
         records = {name: self._write(job, name, levels, native[name], t0) for name, levels in feats.items()}
-        return ShardResult(records, views.rows)
+        return ShardResult(records, views.rows, peak_rss_bytes=peak_rss_bytes())
 
     def _write(
         self, job: ShardJob, name: str, levels: list[torch.Tensor], native: list[torch.Tensor], t0: float

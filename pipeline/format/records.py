@@ -332,6 +332,9 @@ class Throughput:
     seconds_this_run: float
     views_per_s: float | None
     steady_views_per_s: float | None
+    actor_peak_rss_bytes: int | None = field(
+        default=None, metadata=doc("the largest peak host memory of a teacher actor this run", **OMIT)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

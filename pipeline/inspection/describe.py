@@ -65,6 +65,10 @@ def describe_cache(
             f"{human_bytes(nbytes):>10} {human_bytes(nbytes / max(1, cache.num_views)):>10}"
         )
         lines += format_fidelity(m)
+        if m.throughput.actor_peak_rss_bytes is not None:
+            lines.append(
+                f"  peak host memory per teacher actor: {human_bytes(m.throughput.actor_peak_rss_bytes)}"
+            )
         if m.weights.random_init:
             warnings.append(
                 f"WARNING: {entry.teacher} ({fp}) holds features of a RANDOM-INIT model "
