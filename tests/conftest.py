@@ -12,6 +12,9 @@ import pytest
 from sak.pipeline.sources.synthetic import make_photo
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# tests talk to 127.0.0.1 only: no cloud client may reach a metadata endpoint for credentials
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("NO_GCE_CHECK", "true")
 
 
 def _free_port() -> int:

@@ -86,7 +86,8 @@ class ExtractConfig:
     address: str | None = field(
         default=None,
         metadata={
-            "help": "Ray cluster address (e.g. ray://head:10001 or auto); default: embedded local Ray.",
+            "help": "Ray cluster address (e.g. ray://head:10001 or auto); default: $RAY_ADDRESS when set, else an "
+            "embedded local Ray.",
             "group": "compute",
         },
     )

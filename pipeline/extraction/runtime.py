@@ -54,12 +54,13 @@ def ray_session(address: str | None, num_cpus: int | None, object_store_mb: int)
     if ray.is_initialized():
         yield
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None  # Ray's own variable, as `ray` reads it
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
     if address:
         kwargs["address"] = address
-    else:  # "local": always a new embedded Ray, never a cluster that RAY_ADDRESS or a `ray start` left behind
+    else:  # "local": a new embedded Ray, never a cluster that a `ray start` left behind
         kwargs["address"] = "local"
         # Ray notes on every embedded start that its default token auth is on: nothing to act on, dropped
         logging.getLogger(RAY_AUTH_LOGGER).addFilter(_token_auth_default_note)
