@@ -82,6 +82,7 @@ def main() -> None:
         if killer:
             killer.start()
         cfg = ExtractConfig(
+            views_per_image=2,
             source=args.source,
             out=args.url,
             teachers=tuple(args.teachers.split(",")),

@@ -146,5 +146,9 @@ def test_a_recorded_value_is_a_default(tiny_caches, tmp_path, capsys):
     assert cache_main(["run", "--out", str(cache), "--teachers", "clip_tiny", "--size", "128"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "--size 64" in err[0] and "128" in err[0], err
-    same = ExtractConfig(source=None, out=str(cache), teachers=("clip_tiny",), size=64)  # given, and agrees
-    assert with_recorded_defaults(same, {"size"}) == dataclasses.replace(same, shard_size=4)
+    same = ExtractConfig(
+        views_per_image=2, source=None, out=str(cache), teachers=("clip_tiny",), size=64
+    )  # given, and agrees
+    assert with_recorded_defaults(same, {"size"}) == dataclasses.replace(
+        same, shard_size=4, views_per_image=2
+    )

@@ -30,7 +30,8 @@ def bucket_cache(s3_server, ray_local, photo_dir, tmp_path_factory):
     os.environ[STAGE_ENV] = str(tmp_path_factory.mktemp("stage"))
     url = s3_server("sak-cloud") + "/team/tiny"
     cfg = ExtractConfig(
-        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False
+        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        views_per_image=2,
     )  # fmt: skip
     run_extraction(cfg)
     yield url
@@ -113,7 +114,9 @@ def test_a_second_writer_is_refused_by_the_lock_object(bucket_cache):
     from sak.pipeline.buckets.lock import BucketLock
 
     with BucketLock(Bucket(bucket_cache)):
-        cfg = ExtractConfig(source=None, out=bucket_cache, teachers=("sam_tiny",), size=64, progress=False)
+        cfg = ExtractConfig(
+            views_per_image=2, source=None, out=bucket_cache, teachers=("sam_tiny",), size=64, progress=False
+        )
         with pytest.raises(SakError, match="being written by another sak-cache run"):
             run_extraction(cfg)
 
@@ -162,7 +165,7 @@ def wds_bucket_cache(bucket_cache, s3_server, photo_dir):
     """The same tiny cache with a WebDataset store, in the bucket."""
     url = s3_server("sak-cloud") + "/team/tiny-wds"
     cfg = ExtractConfig(
-        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        views_per_image=2, source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
         format="wds",
     )  # fmt: skip
     run_extraction(cfg)
@@ -243,7 +246,7 @@ def test_student_views_raw_into_the_bucket(s3_server, ray_local, photo_dir, tmp_
 
     url = s3_server("sak-cloud") + "/team/tiny-raw"
     cfg = ExtractConfig(
-        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        views_per_image=2, source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
         student_views="raw",
     )  # fmt: skip
     run_extraction(cfg)

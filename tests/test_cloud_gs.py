@@ -22,7 +22,7 @@ def test_extract_verify_and_train_from_a_gcs_bucket(
     monkeypatch.setenv(STAGE_ENV, str(tmp_path / "stage"))
     url = f"{gcs_server}/team/tiny"
     cfg = ExtractConfig(
-        source=str(photo_dir), out=url, teachers=("dinov2_tiny",), size=64, shard_size=4, limit=4, progress=False
+        views_per_image=2, source=str(photo_dir), out=url, teachers=("dinov2_tiny",), size=64, shard_size=4, limit=4, progress=False
     )  # fmt: skip
     run_extraction(cfg)
     objects = Bucket(url).listing()

@@ -26,7 +26,7 @@ TEACHERS = ("dinov2_tiny",)
 
 def _config(url: str, photo_dir, **kw) -> ExtractConfig:
     return ExtractConfig(
-        source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
+        views_per_image=2, source=str(photo_dir), out=url, teachers=TEACHERS, size=64, shard_size=4, limit=4, progress=False,
         codec="pca8", **kw,
     )  # fmt: skip
 

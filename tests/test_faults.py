@@ -175,7 +175,12 @@ def test_stale_lock_of_a_dead_process_is_taken_over(ray_local, photo_dir, tmp_pa
     dead.wait()
     (out / ".sak-lock").write_text(json.dumps({"pid": dead.pid, "host": "here", "started": "earlier"}))
     cfg = ExtractConfig(
-        source=str(photo_dir), out=str(out), teachers=("clip_tiny",), size=SIZE, progress=False
+        views_per_image=2,
+        source=str(photo_dir),
+        out=str(out),
+        teachers=("clip_tiny",),
+        size=SIZE,
+        progress=False,
     )
     with caplog.at_level("WARNING", logger="sak"):
         run_extraction(cfg)
@@ -200,6 +205,7 @@ def test_disk_full_gives_clear_error_and_rerun_completes(ray_local, photo_dir, t
     try:
         out = mnt / "cache"
         cfg = ExtractConfig(
+            views_per_image=2,
             source=str(photo_dir),
             out=str(out),
             teachers=("sam_tiny",),
@@ -298,7 +304,14 @@ def test_decompression_bomb_is_skipped_and_recorded(ray_local, photo_dir, tmp_pa
     )
     out = tmp_path / "cache"
     run_extraction(
-        ExtractConfig(source=str(src), out=str(out), teachers=("clip_tiny",), size=SIZE, progress=False)
+        ExtractConfig(
+            views_per_image=2,
+            source=str(src),
+            out=str(out),
+            teachers=("clip_tiny",),
+            size=SIZE,
+            progress=False,
+        )
     )
     skipped = {s.key: s.reason for s in read_cache(out).dataset.skipped}
     assert "too many pixels: 50000x50000" in skipped["bomb"]

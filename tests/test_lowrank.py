@@ -158,7 +158,14 @@ def test_resume_reuses_the_basis_and_k_changes_the_fingerprint(pca_cache, tmp_pa
     for f in store.glob("levels/*/c"):
         shutil.rmtree(f)
     cfg = ExtractConfig(
-        source=None, out=str(copy), teachers=TEACHERS, size=64, shard_size=4, codec="pca8", progress=False
+        views_per_image=2,
+        source=None,
+        out=str(copy),
+        teachers=TEACHERS,
+        size=64,
+        shard_size=4,
+        codec="pca8",
+        progress=False,
     )
     run_extraction(cfg)
     after = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (store / "basis").rglob("*") if p.is_file()}

@@ -63,7 +63,7 @@ def _cache(tmp_path, record: IngestRecord | None) -> Path:
 
 
 def _cfg(out: Path, **kw) -> ExtractConfig:
-    return ExtractConfig(out=str(out), teachers=("clip_tiny",), **{"source": None, **kw})
+    return ExtractConfig(views_per_image=2, out=str(out), teachers=("clip_tiny",), **{"source": None, **kw})
 
 
 def test_another_source_on_an_existing_cache_is_refused_naming_both(tmp_path):

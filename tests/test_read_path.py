@@ -65,7 +65,7 @@ def zstd_cache(tiny_caches, tmp_path_factory):
     """The fp16 tiny cache plus a second store of clip_tiny with --compressor zstd."""
     dst = tiny_caches.copy(tmp_path_factory.mktemp("zstd") / "c")
     cfg = ExtractConfig(
-        source=None, out=str(dst), teachers=("clip_tiny",), size=64, shard_size=4, compressor="zstd",
+        views_per_image=2, source=None, out=str(dst), teachers=("clip_tiny",), size=64, shard_size=4, compressor="zstd",
         progress=False,
     )  # fmt: skip
     run_extraction(cfg)
@@ -136,7 +136,7 @@ def raw_views_cache(tiny_caches, tmp_path_factory):
     """The fp16 tiny cache with its views also stored as student pixels (--student-views raw)."""
     dst = tiny_caches.copy(tmp_path_factory.mktemp("raw") / "c")
     cfg = ExtractConfig(
-        source=None, out=str(dst), teachers=("clip_tiny",), size=64, shard_size=4, student_views="raw",
+        views_per_image=2, source=None, out=str(dst), teachers=("clip_tiny",), size=64, shard_size=4, student_views="raw",
         progress=False,
     )  # fmt: skip
     run_extraction(cfg)
@@ -180,7 +180,9 @@ def test_a_damaged_student_view_shard_is_refused(raw_views_cache, tmp_path):
 
 
 def test_an_unknown_student_views_mode_is_one_line(tmp_path):
-    cfg = ExtractConfig(source=None, out=str(tmp_path / "c"), teachers=("clip_tiny",), student_views="png")
+    cfg = ExtractConfig(
+        views_per_image=2, source=None, out=str(tmp_path / "c"), teachers=("clip_tiny",), student_views="png"
+    )
     with pytest.raises(SakError, match="unknown --student-views 'png'; use one of decode, raw"):
         run_extraction(cfg)
 
@@ -198,6 +200,7 @@ def test_the_cli_offers_the_read_path_options(capsys, tmp_path):
         == 2
     )
     argv = ["estimate", "--teachers", "clip_l", "--images", "1000", "--student-views", "raw", "--cores", "4"]
+    argv += ["--views-per-image", "2"]  # break-even after K epochs: the K views are cut once
     assert cache_main([*argv, "--read-gbps", "2.5"]) == 0
     out = capsys.readouterr().out
     assert (

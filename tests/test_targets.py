@@ -85,12 +85,16 @@ def test_codec_and_grid_are_resolved_once_where_the_config_is_made():
     from sak.pipeline.extraction.config import ExtractConfig
     from sak.pipeline.store.codecs import Codec, get_codec
 
-    by_name = ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",), codec="int8", grid="16X16")
+    by_name = ExtractConfig(
+        views_per_image=2, source=None, out="x", teachers=("dinov2_tiny",), codec="int8", grid="16X16"
+    )
     assert isinstance(by_name.codec, Codec) and by_name.codec is get_codec("int8")
     assert by_name.grid == GridChoice("explicit", (16, 16))
     opts = {"out": "x", "teachers": "dinov2_tiny", "codec": "pca8-fp8", "grid": "student"}
     parsed = RUN_OPTIONS.build(ExtractConfig, opts)
     assert parsed.codec == get_codec("pca8-fp8") and parsed.codec.rank == 8 and parsed.grid.mode == "student"
-    assert ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",)).codec is get_codec("fp16")
+    assert ExtractConfig(
+        views_per_image=2, source=None, out="x", teachers=("dinov2_tiny",)
+    ).codec is get_codec("fp16")
     with pytest.raises(SakError, match=r"unknown codec 'int4'; known codecs: bf16, .*, pca<k>, pca<k>-fp8"):
-        ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",), codec="int4")
+        ExtractConfig(views_per_image=2, source=None, out="x", teachers=("dinov2_tiny",), codec="int4")

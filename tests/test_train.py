@@ -256,7 +256,7 @@ def test_stored_student_views_train_like_decoded_ones_and_like_online(tiny_cache
     copy = tiny_caches.copy(tmp_path / "raw", codec="fp32", teachers=TEACHERS)
     run_extraction(
         ExtractConfig(
-            source=None, out=str(copy), teachers=TEACHERS, size=64, shard_size=4, codec="fp32",
+            views_per_image=2, source=None, out=str(copy), teachers=TEACHERS, size=64, shard_size=4, codec="fp32",
             student_views="raw", progress=False,
         )
     )  # fmt: skip
