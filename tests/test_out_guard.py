@@ -79,12 +79,18 @@ def test_another_source_on_an_existing_cache_is_refused_naming_both(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "option, value, recorded", [("limit", 5, 3), ("min_image_side", 16, 32), ("max_pixels", 1000, 10**6)]
+    "option, value, recorded",
+    [
+        ("limit", 5, 3),
+        ("min_image_side", 16, 32),
+        ("max_pixels", 1000, 10**6),
+        ("max_decode_ratio", 9.0, 50.0),
+    ],
 )
 def test_ingest_only_options_on_an_existing_cache_must_be_the_recorded_ones(
     tmp_path, option, value, recorded
 ):
-    record = IngestRecord(limit=3, min_image_side=32, max_pixels=10**6)
+    record = IngestRecord(limit=3, min_image_side=32, max_pixels=10**6, max_decode_ratio=50.0)
     out = _cache(tmp_path, record)
     given = [option, "out", "teachers"]
     flag = "--" + option.replace("_", "-")
@@ -102,7 +108,12 @@ def test_an_old_cache_without_the_record_accepts_them(tmp_path):
 
 def test_ingest_records_its_options(tiny_caches):
     record = read_cache(tiny_caches.get()).dataset.ingest
-    assert record == IngestRecord(limit=None, min_image_side=32, max_pixels=ExtractConfig.max_pixels)
+    assert record == IngestRecord(
+        limit=None,
+        min_image_side=32,
+        max_pixels=ExtractConfig.max_pixels,
+        max_decode_ratio=ExtractConfig.max_decode_ratio,
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
+from sak.pipeline.sources.images import DEFAULT_MAX_DECODE_RATIO, DEFAULT_MAX_PIXELS
 from sak.pipeline.store.codecs import Codec, get_codec
 from sak.pipeline.store.targets import (
     GridChoice,
@@ -40,7 +41,7 @@ class ExtractConfig:
 
     source: str | None = field(
         metadata={
-            "help": "Image folder (recursive; jpg/jpeg/png/webp), WebDataset .tar shards (a file, folder or "
+            "help": "Image folder (recursive; jpg/jpeg/png/webp/gif/bmp/tif/tiff), WebDataset .tar shards (a file, folder or "
             "brace pattern), or .parquet with an image-bytes column. Optional when --out already holds a "
             "cache (its stored images are reused).",
             "required": False,
@@ -135,7 +136,15 @@ class ExtractConfig:
         default=32, metadata={"help": "Skip images whose shorter side is smaller (recorded in the manifest)."}
     )
     max_pixels: int = field(
-        default=178_956_970, metadata={"help": "Skip images with more pixels (decompression-bomb guard)."}
+        default=DEFAULT_MAX_PIXELS,
+        metadata={"help": "Skip images with more pixels (decompression-bomb guard; recorded)."},
+    )
+    max_decode_ratio: float = field(
+        default=DEFAULT_MAX_DECODE_RATIO,
+        metadata={
+            "help": "Skip images over 16 Mpx whose decoded RGB size is more than this many times their file "
+            "size (the second bomb guard: photos are 3-30x; recorded)."
+        },
     )
     progress: bool = field(default=True, metadata={"help": "Progress bar and progress log lines."})
 
@@ -189,7 +198,12 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
     return dataclasses.replace(cfg, **{k: v for k, v in recorded.items() if k not in given})
 
 
-INGEST_ONLY = ("limit", "min_image_side", "max_pixels")  # they chose the cache's images: fixed after ingest
+INGEST_ONLY = (
+    "limit",
+    "min_image_side",
+    "max_pixels",
+    "max_decode_ratio",
+)  # they chose the cache's images: fixed after ingest
 
 
 def _same_source(a: str, b: str) -> bool:
@@ -209,7 +223,7 @@ def _check_ingest_options(cfg: ExtractConfig, cache: CacheManifest, given: set[s
     record = cache.dataset.ingest
     for name in INGEST_ONLY if record is not None else ():
         mine, theirs = getattr(cfg, name), getattr(record, name)
-        if name in given and mine != theirs:
+        if name in given and theirs is not None and mine != theirs:  # None: not recorded by older code
             option = "--" + name.replace("_", "-")
             raise SakError(
                 f"{out} was ingested with {option} {theirs}, this run asks for {mine}; its images are "

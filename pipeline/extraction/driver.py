@@ -47,6 +47,7 @@ from sak.pipeline.extraction.worker import PlannedViews, RegisteredTeachers, Sha
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
+from sak.pipeline.sources.images import ImageLimits
 from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.backends import check_format
 from sak.pipeline.store.targets import TargetShape, target_shape
@@ -152,8 +153,7 @@ def _open_or_ingest(cfg: ExtractConfig, out: Path, plan: ViewPlan, shard_size: i
         plan,
         shard_size,
         limit=cfg.limit,
-        min_side=cfg.min_image_side,
-        max_pixels=cfg.max_pixels,
+        limits=ImageLimits(cfg.min_image_side, cfg.max_pixels, cfg.max_decode_ratio),
         progress=cfg.progress,
         url=cfg.out if is_url(cfg.out) else None,
     )

@@ -46,7 +46,8 @@ from sak.pipeline.format.records import (
     SkippedInput,
 )
 from sak.pipeline.format.tables import IMAGE_INDEX_SCHEMA, VIEWS_SCHEMA
-from sak.pipeline.sources.images import check_image
+from sak.pipeline.sources.images import ImageLimits, check_image
+from sak.pipeline.sources.items import unsupported_reason
 from sak.pipeline.sources.listing import SourceItem, list_source, read_bytes
 from sak.pipeline.sources.views import ViewPlan
 
@@ -72,31 +73,35 @@ class TarResult:
     rows: list[IndexRow]
     skipped: list[SkippedInput]
     tar: ImageTar | None  # None: no valid image in the chunk, no tar
+    exif_oriented: int = 0  # kept images whose EXIF orientation tag is not 1 (stored pixels are used)
 
 
-def write_image_tar(
-    cache_dir: str, shard: int, items: list[SourceItem], min_side: int, max_pixels: int
-) -> TarResult:
+def write_image_tar(cache_dir: str, shard: int, items: list[SourceItem], limits: ImageLimits) -> TarResult:
     """Validate a chunk of source images and write the good ones to one tar. Returns index rows and
     skipped inputs. Runs as a Ray task; idempotent (the whole tar is rewritten). A URL cache_dir: the tar
     is written in this node's mirror, then uploaded as one object and checked before the task returns."""
     if is_url(cache_dir):
         local = stage_dir(cache_dir, node_role())
         (local / "images").mkdir(parents=True, exist_ok=True)
-        result = write_image_tar(str(local), shard, items, min_side, max_pixels)
+        result = write_image_tar(str(local), shard, items, limits)
         if result.tar is not None:
             Bucket(cache_dir).put_whole(local / result.tar.file, result.tar.file)
         return result
-    rows, skipped = [], []
+    skipped = [SkippedInput(key=it.key, origin=it.origin, reason=unsupported_reason(it.ext) or "")
+               for it in items if unsupported_reason(it.ext)]  # fmt: skip
+    items = [it for it in items if not unsupported_reason(it.ext)]
+    rows, oriented = [], 0
     final = Path(cache_dir) / image_tar_name(shard)
     tmp = final.with_name(final.name + ".tmp")
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for item, data in read_bytes(items):
             try:
-                info = check_image(data, min_side=min_side, max_pixels=max_pixels)
+                info = check_image(data, min_side=limits.min_side, max_pixels=limits.max_pixels,
+                                   max_decode_ratio=limits.max_decode_ratio)  # fmt: skip
             except BadImage as e:
                 skipped.append(SkippedInput(key=item.key, origin=item.origin, reason=str(e)))
                 continue
+            oriented += info.orientation != 1
             member = tarfile.TarInfo(f"{item.key}.{item.ext}")
             member.size, member.mode, member.mtime = len(data), 0o644, 0
             tar.addfile(member, io.BytesIO(data))
@@ -129,7 +134,7 @@ def write_image_tar(
     else:  # nothing valid in this chunk: no tar at all
         tmp.unlink()
         tar_record = None
-    return TarResult(rows, skipped, tar_record)
+    return TarResult(rows, skipped, tar_record, oriented)
 
 
 def ingest(
@@ -139,8 +144,7 @@ def ingest(
     shard_size: int,
     *,
     limit: int | None,
-    min_side: int,
-    max_pixels: int,
+    limits: ImageLimits,
     progress: bool = True,
     url: str | None = None,
 ) -> CacheManifest:
@@ -162,7 +166,7 @@ def ingest(
     next_chunk = 0
     while next_chunk < len(chunks) or pending:
         while next_chunk < len(chunks) and len(pending) < max_in_flight:  # backpressure
-            ref = task.remote(url or str(cache_dir), next_chunk, chunks[next_chunk], min_side, max_pixels)
+            ref = task.remote(url or str(cache_dir), next_chunk, chunks[next_chunk], limits)
             pending[ref] = next_chunk
             next_chunk += 1
         done, _ = ray.wait(list(pending), num_returns=1)
@@ -184,6 +188,12 @@ def ingest(
         )
     for s in skipped:
         log.warning(f"skipped {s.origin}: {s.reason}")
+    oriented = sum(results[i].exif_oriented for i in range(len(chunks)))
+    if oriented:
+        log.warning(
+            f"{oriented} images carry an EXIF orientation tag: their stored pixels are used, not rotated "
+            f"(recorded in cache.json; see docs/extracting.md)"
+        )
 
     view_rows = {name: [] for name in VIEWS_SCHEMA.names}
     for r in index_rows:
@@ -217,7 +227,13 @@ def ingest(
             num_images=len(index_rows),
             num_inputs=len(items),
             skipped=skipped,
-            ingest=IngestRecord(limit=limit, min_image_side=min_side, max_pixels=max_pixels),
+            ingest=IngestRecord(
+                limit=limit,
+                min_image_side=limits.min_side,
+                max_pixels=limits.max_pixels,
+                max_decode_ratio=limits.max_decode_ratio,
+            ),
+            exif_oriented=oriented,
         ),
         view_plan=plan,
         shard_size=shard_size,

@@ -37,6 +37,9 @@ class IngestRecord:
     limit: int | None
     min_image_side: int
     max_pixels: int
+    max_decode_ratio: float | None = field(
+        default=None, metadata=doc("--max-decode-ratio; absent in caches from before it existed", **OMIT)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +51,14 @@ class DatasetRecord:
     skipped: list[SkippedInput]
     ingest: IngestRecord | None = field(
         default=None, metadata=doc("the ingest options (--limit, ...); absent in older caches", **OMIT)
+    )
+    exif_oriented: int | None = field(
+        default=None,
+        metadata=doc(
+            "images whose EXIF orientation tag is not 1: their stored pixels are used, never rotated; "
+            "absent in older caches",
+            **OMIT,
+        ),
     )
 
 
@@ -301,6 +312,7 @@ class ExtractRecord:
     object_store_mb: int
     min_image_side: int
     max_pixels: int
+    max_decode_ratio: float | None = field(default=None, metadata=OMIT)
     progress: bool
 
 

@@ -2,7 +2,14 @@
 view out of the decoded pixels (`cut_view`, the one resize of extraction, the loader and stage 2).
 
 Decoding never applies the EXIF orientation: crop boxes of the view plan are in stored-pixel
-coordinates, and the same bytes must give the same pixels on every machine.
+coordinates, and the same bytes must give the same pixels on every machine. `check_image` reports the
+orientation tag so that ingest can record how many images carry one. Multi-frame files (animated GIF,
+multi-page TIFF) give their first frame.
+
+Two guards keep a decompression bomb from being allocated, both read from the header before any pixel
+is decoded: the pixel count (`max_pixels`), and, for large images, the decoded RGB size per byte of file
+(`max_decode_ratio`: a 420 KB PNG of 12000x12000 would decode to 432 MB, a ratio of about 1000; photos
+are 3-30, flat drawings rarely past 100).
 """
 
 from __future__ import annotations
@@ -21,6 +28,18 @@ from PIL import Image, UnidentifiedImageError
 from sak.pipeline.base.errors import BadImage
 
 DEFAULT_MAX_PIXELS = 178_956_970  # = PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS)
+DEFAULT_MAX_DECODE_RATIO = 250.0
+RATIO_FLOOR_PIXELS = 16_777_216  # 4096 x 4096: below it the decoded size is small whatever the ratio
+EXIF_ORIENTATION = 0x0112
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Which source images ingest keeps (recorded in the cache; a later run must agree)."""
+
+    min_side: int = 32
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_decode_ratio: float = DEFAULT_MAX_DECODE_RATIO
 
 
 @dataclass(frozen=True)
@@ -28,14 +47,22 @@ class ImageInfo:
     width: int
     height: int
     format: str  # PIL format name, e.g. "JPEG"
+    orientation: int = 1  # the EXIF orientation tag (1: none or upright); never applied
 
 
-def check_image(data: bytes, *, min_side: int = 32, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+def check_image(
+    data: bytes,
+    *,
+    min_side: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_ratio: float = DEFAULT_MAX_DECODE_RATIO,
+) -> ImageInfo:
     """Prove the bytes decode fully, cheaply; raise BadImage(reason) otherwise.
 
-    The pixel count is checked from the header before any decoding (a decompression bomb is never
-    allocated). JPEGs decode at 1/8 scale via draft(): libjpeg still walks the whole entropy-coded
-    stream, so truncation is caught at a fraction of the cost. Returns the stored (header) size.
+    The pixel count and decode ratio are checked from the header before any decoding (a decompression
+    bomb is never allocated). JPEGs decode at 1/8 scale via draft(): libjpeg still walks the whole
+    entropy-coded stream, so truncation is caught at a fraction of the cost. Returns the stored (header)
+    size and the EXIF orientation tag.
     """
     with _guarded():
         im = _open(data, max_pixels)
@@ -43,10 +70,31 @@ def check_image(data: bytes, *, min_side: int = 32, max_pixels: int = DEFAULT_MA
             width, height = im.size
             if min(width, height) < min_side:
                 raise BadImage(f"too small: {width}x{height}, the shorter side must be >= {min_side} px")
+            _check_ratio(width, height, len(data), max_decode_ratio)
+            orientation = _orientation(im)
             if im.format == "JPEG":
                 im.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             _load(im)
-            return ImageInfo(width, height, im.format or "unknown")
+            return ImageInfo(width, height, im.format or "unknown", orientation)
+
+
+def _check_ratio(width: int, height: int, nbytes: int, max_ratio: float) -> None:
+    if width * height <= RATIO_FLOOR_PIXELS:
+        return
+    ratio = 3 * width * height / max(1, nbytes)
+    if ratio > max_ratio:
+        raise BadImage(
+            f"decompression ratio {ratio:.0f}x: {width}x{height} from {nbytes} bytes would decode to "
+            f"{3 * width * height / 2**20:.0f} MiB > max_decode_ratio={max_ratio:g}"
+        )
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a malformed EXIF block is no reason to refuse the pixels
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def decode_rgb(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -16,13 +16,25 @@ from dataclasses import dataclass
 
 from sak.pipeline.base.errors import SakError
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+# image types met in datasets that ingest does not read: listed so that each is named in the cache's
+# skipped list (with the fix) instead of left out without a word
+UNSUPPORTED_IMAGE_EXTS = ("heic", "heif", "avif", "jxl", "jp2", "j2k", "svg", "ico", "psd", "exr", "hdr",
+                          "dng", "cr2", "nef", "arw", "raw")  # fmt: skip
+LISTED_EXTS = IMAGE_EXTS + UNSUPPORTED_IMAGE_EXTS
+
+
+def unsupported_reason(ext: str) -> str | None:
+    """Why an item of this extension is skipped, or None if ingest reads it."""
+    if ext not in UNSUPPORTED_IMAGE_EXTS:
+        return None
+    return f"unsupported image type .{ext}; convert it to JPEG, PNG or WebP to include it"
 
 
 @dataclass(frozen=True)
 class SourceItem:
     key: str  # unique, no dots, '/' allowed (see module docstring)
-    ext: str  # "jpg" | "png" | "webp" (| "bin" for unrecognised parquet bytes)
+    ext: str  # one of LISTED_EXTS, "jpeg" as "jpg" (| "bin" for unrecognised parquet bytes)
     origin: str  # human-readable location for messages
     locator: tuple  # how read_bytes finds the bytes again (see module docstring)
 

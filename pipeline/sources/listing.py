@@ -17,7 +17,7 @@ from braceexpand import braceexpand
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.sources.folder import list_folder, read_file, walk_files
-from sak.pipeline.sources.items import IMAGE_EXTS, SourceItem, normalise_key
+from sak.pipeline.sources.items import IMAGE_EXTS, LISTED_EXTS, SourceItem, normalise_key
 from sak.pipeline.sources.parquet import ParquetReader, list_parquet
 from sak.pipeline.sources.tars import TarReader, list_tar
 
@@ -94,7 +94,7 @@ def _classify_folder(root: Path, text: str) -> tuple[str, list]:
         kind = _container_kind(file)
         if kind is not None:
             found[kind].append((file, PurePath(text, rel).as_posix(), rel))
-        elif file.suffix[1:].lower() in IMAGE_EXTS:
+        elif file.suffix[1:].lower() in LISTED_EXTS:
             found["folder"].append((file, PurePath(text, rel).as_posix(), rel))
     present = [k for k, v in found.items() if v]
     if len(present) > 1:

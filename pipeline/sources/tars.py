@@ -15,7 +15,7 @@ from typing import Any
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.sources.images import one_line
-from sak.pipeline.sources.items import IMAGE_EXTS, SourceItem, normalise_ext, normalise_key, vanished
+from sak.pipeline.sources.items import LISTED_EXTS, SourceItem, normalise_ext, normalise_key, vanished
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def _tar_index_cached(path: str, size: int, mtime_ns: int) -> _TarIndex:
                 refused.append((info.name, why))
                 continue
             key, ext = _split_member(info.name)
-            if key is None or ext not in IMAGE_EXTS:
+            if key is None or ext not in LISTED_EXTS:
                 ignored += 1
                 continue
             if info.offset_data + info.size > size:
