@@ -243,3 +243,29 @@ def test_pca_basis_round_trips_and_decodes_with_numpy_alone():
     torch.testing.assert_close(full.decode_torch(full.encode(x, torch.float32)), x, rtol=1e-4, atol=1e-3)
     with pytest.raises(SakError, match="k >= 1"):
         PcaBasis.fit(x, 0)
+
+
+def test_the_plain_int8_option_is_the_robust_int8_and_old_int8_stores_read_as_written(tmp_path):
+    """`--codec int8` (the CLI and config fields) asks for int8_tc, the int8 that keeps outlier channels;
+    a store whose manifest records "int8" (older caches) still decodes per group of 32 channels."""
+    import shutil
+    from pathlib import Path
+
+    from sak.cli.cache import main as cache_main
+    from sak.pipeline.extraction.config import ExtractConfig
+    from sak.pipeline.store.codecs import codec_option
+
+    assert codec_option("int8") is get_codec("int8_tc") and codec_option("int8_group32").group == 32
+    cfg = ExtractConfig(source=None, out="x", teachers=("dinov2_tiny",), codec="int8")
+    assert cfg.codec.name == "int8_tc"
+    old = Path(shutil.copytree(Path(__file__).parent / "fixtures" / "v1_cache", tmp_path / "old"))
+    assert get_codec("int8").granularity == "group" and get_codec("int8").group == 32
+    assert cache_main(["verify", str(old)]) == 0
+    from sak.pipeline.format.documents import read_cache, read_store_manifest
+    from sak.pipeline.store.backends import open_store, store_codec
+
+    (entry,) = [e for e in read_cache(old).stores.values() if e.codec == "int8"]
+    manifest = read_store_manifest(old / entry.path)
+    assert store_codec(manifest).group == 32  # decoded as it was written
+    block = manifest.levels[0].block
+    assert torch.isfinite(open_store(old / entry.path, manifest).read(block, 0, 2)).all()

@@ -19,7 +19,7 @@ from sak.pipeline.inspection.estimate import (
     stored_bytes_per_view,
     teacher_macs,
 )
-from sak.pipeline.store.codecs import get_codec
+from sak.pipeline.store.codecs import codec_option, get_codec
 from sak.pipeline.store.targets import select_levels
 from sak.pipeline.teachers.forward import load_teacher
 from sak.pipeline.teachers.specs import get_teacher
@@ -112,7 +112,7 @@ def test_estimate_is_within_10_percent_of_a_real_run(tiny_caches, photo_dir):
             store = next(
                 out / e["path"]
                 for e in meta["stores"].values()
-                if e["teacher"] == t.name and e["codec"] == codec
+                if e["teacher"] == t.name and e["codec"] == codec_option(codec).name
             )
             written = measured_store_bytes(store)
             predicted = t.bytes_per_view * est.num_views

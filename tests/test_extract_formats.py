@@ -28,10 +28,12 @@ def test_formats_levels_grid_and_codec_end_to_end(ray_local, photo_dir, tmp_path
     for e in meta["stores"].values():
         m = json.loads((out / e["path"] / "manifest.json").read_text())
         assert m["identity"]["levels"] == [1, 3] and m["identity"]["grid"] == [2, 2]
-        assert m["identity"]["grid_mode"] == "2x2" and m["identity"]["codec_spec"]["scales"]["group"] == 32
+        assert (
+            m["identity"]["grid_mode"] == "2x2" and m["identity"]["codec"] == "int8_tc"
+        )  # what --codec int8 means
         assert [lv["block"] for lv in m["levels"]] == [1, 3] and m["levels"][0]["shape"] == [12, 2, 2, 64]
         stores[e["teacher"], m["format"]] = open_teacher_store(
-            m["format"], out / e["path"], get_codec("int8"), 4
+            m["format"], out / e["path"], get_codec("int8_tc"), 4
         )
     assert len(stores) == 4
     assert verify_cache(out) == []

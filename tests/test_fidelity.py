@@ -99,6 +99,6 @@ def test_run_warns_only_for_the_stores_it_touched(tiny_caches, monkeypatch):
 
     out = tiny_caches.get("int8")
     monkeypatch.setattr(describe, "fidelity_warnings", lambda teacher, manifest: [f"low {teacher}"])
-    assert describe.store_fidelity_warnings(out, ("clip_tiny",), "int8") == ["low clip_tiny"]
+    assert describe.store_fidelity_warnings(out, ("clip_tiny",), "int8_tc") == ["low clip_tiny"]
     assert describe.store_fidelity_warnings(out, ("clip_tiny",), "fp16") == []
     assert len(describe.store_fidelity_warnings(out)) == 3

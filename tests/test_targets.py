@@ -88,7 +88,9 @@ def test_codec_and_grid_are_resolved_once_where_the_config_is_made():
     by_name = ExtractConfig(
         views_per_image=2, source=None, out="x", teachers=("dinov2_tiny",), codec="int8", grid="16X16"
     )
-    assert isinstance(by_name.codec, Codec) and by_name.codec is get_codec("int8")
+    assert isinstance(by_name.codec, Codec) and by_name.codec is get_codec(
+        "int8_tc"
+    )  # --codec int8 means int8_tc
     assert by_name.grid == GridChoice("explicit", (16, 16))
     opts = {"out": "x", "teachers": "dinov2_tiny", "codec": "pca8-fp8", "grid": "student"}
     parsed = RUN_OPTIONS.build(ExtractConfig, opts)

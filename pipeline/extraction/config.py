@@ -16,7 +16,7 @@ from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
 from sak.pipeline.sources.images import DEFAULT_MAX_DECODE_RATIO, DEFAULT_MAX_PIXELS
-from sak.pipeline.store.codecs import Codec, get_codec
+from sak.pipeline.store.codecs import Codec, codec_option, get_codec
 from sak.pipeline.store.targets import (
     GridChoice,
     as_codec,
@@ -249,7 +249,7 @@ class Stage2BuildConfig:
     epochs: int = field(default=1, metadata={"help": "Epochs of plans to cache (0..E-1)."})
     codec: Codec = field(
         default=get_codec("fp16"),
-        metadata={"help": "Target codec (fp16, bf16, fp32, ...).", "parse": get_codec},
+        metadata={"help": "Target codec (fp16, bf16, fp32, int8 = int8_tc, ...).", "parse": codec_option},
     )
     shard_size: int = field(default=64, metadata={"help": "Rows per shard file."})
     batch_size: int = field(default=8, metadata={"help": "Images per teacher forward."})

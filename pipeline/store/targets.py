@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.store.backends import STORE_FORMATS
-from sak.pipeline.store.codecs import Codec, get_codec
+from sak.pipeline.store.codecs import Codec, codec_option, get_codec
 from sak.pipeline.teachers.specs import TeacherSpec
 
 STUDENT_PATCH = 16  # every registered student (vit_s/b/l, tiny) has patch 16
@@ -85,7 +85,7 @@ def as_grid(value: str | GridChoice | None) -> GridChoice:
 
 def as_codec(value: str | Codec) -> Codec:
     """A config's codec field as given (a name from a script or test, or already resolved) -> Codec."""
-    return value if isinstance(value, Codec) else get_codec(value)
+    return value if isinstance(value, Codec) else codec_option(value)
 
 
 # ----------------------------------------------------------------------------------------- the levels
@@ -177,12 +177,14 @@ def target_shape(
 
 def codec_field():
     help = (
-        "Target codec: fp16, bf16, fp32, int8 (per 32 channels), int8_tc (per channel and token: robust to "
-        "massive activations), fp8 (see pipeline/store/codecs.py), or pca<k> / pca<k>-fp8 (e.g. pca64: k "
+        "Target codec: fp16, bf16, fp32, int8 (= int8_tc: one scale per channel and per token, robust to "
+        "massive activations), int8_group32 (per 32 channels: loses outlier channels), fp8 (see pipeline/store/codecs.py), or pca<k> / pca<k>-fp8 (e.g. pca64: k "
         "coefficients per token, fp16 or fp8 with a per-token scale, over a per-level basis fitted on the "
         "first shard; k clipped to the channel count; see pipeline/store/lowrank.py)."
     )
-    return field(default=get_codec("fp16"), metadata={"help": help, "parse": get_codec, "group": "targets"})
+    return field(
+        default=get_codec("fp16"), metadata={"help": help, "parse": codec_option, "group": "targets"}
+    )
 
 
 def format_field():
