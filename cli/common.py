@@ -24,13 +24,28 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _LibraryHandler(_StderrHandler):
+    """The root logger's one handler: other libraries' records as logging.basicConfig would print them,
+    never a `sak` record (the `sak` logger prints those itself). Installed before any library can call
+    basicConfig (open_clip's logging.warning does), which would print every `sak` line a second time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+        self.addFilter(lambda record: not record.name.startswith("sak"))
+
+
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
-    """The `sak` logger to stderr, one line per record (quiet: errors only, e.g. torchrun's other ranks)."""
+    """The `sak` logger to stderr, one line per record (quiet: errors only, e.g. torchrun's other ranks).
+    Each handler is installed once, whatever the number of calls."""
     logger = logging.getLogger("sak")
     if not logger.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
+        root.addHandler(_LibraryHandler())
     logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
     logger.propagate = (
         True  # tests capture via the root logger; the CLI root has no handler, so no duplicates
