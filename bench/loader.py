@@ -70,26 +70,22 @@ def _best(fn, reps: int) -> float:
 
 def measure_images(root: Path, images: int, size: int, batch_size: int, reps: int) -> dict[str, float]:
     """ms per sample of the student input, {"decode": ..., "raw": ...}, on a real 384 px cache."""
-    import ray
-
     from sak.pipeline.extraction.config import ExtractConfig
     from sak.pipeline.extraction.driver import run_extraction
+    from sak.pipeline.extraction.runtime import ray_session
     from sak.pipeline.sources.synthetic import write_photo_folder
     from sak.student.data.batches import BatchReader
     from sak.student.data.normalization import input_normalization
     from sak.student.data.opening import open_cache
 
     photos = write_photo_folder(root / "photos", images)
-    ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-    try:
+    with ray_session(None, num_cpus=2, object_store_mb=300):  # embedded: never a stale `ray start` cluster
         cache = run_extraction(
             ExtractConfig(
                 source=str(photos), out=str(root / "cache"), teachers=("clip_tiny",), size=size,
                 shard_size=8, random_init=True, student_views="raw", progress=False,
             )
         )  # fmt: skip
-    finally:
-        ray.shutdown()
     index = open_cache(cache)
     mean, std = input_normalization("imagenet", "tiny")
     rng = np.random.default_rng(0)

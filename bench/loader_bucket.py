@@ -195,13 +195,12 @@ def bucket_main(args) -> int:
         try:
             url = args.cache
             if args.serve_s3:
-                import ray
+                from sak.pipeline.extraction.runtime import ray_session
 
                 server = serve_s3(root)
-                ray.init(num_cpus=2, object_store_memory=300 * 1024**2, include_dashboard=False)
-                photos = make_photos(root / "photos", args.images)
-                url = make_cache(photos, "s3://sak-bench/tiny", args.size, "fp16", "native", 4)
-                ray.shutdown()
+                with ray_session(None, num_cpus=2, object_store_mb=300):  # embedded, as sak-cache starts it
+                    photos = make_photos(root / "photos", args.images)
+                    url = make_cache(photos, "s3://sak-bench/tiny", args.size, "fp16", "native", 4)
             r = measure_bucket(url, args.batch_size, root, args.passes)
         finally:
             if server is not None:
