@@ -13,7 +13,8 @@ from PIL import Image
 from sak.pipeline.base.errors import BadImage
 from sak.pipeline.extraction.ingest import ingest
 from sak.pipeline.format.documents import read_cache
-from sak.pipeline.sources.images import ImageLimits, check_image, decode_image
+from sak.pipeline.sources.images import check_image, decode_image
+from sak.pipeline.sources.limits import ImageLimits
 from sak.pipeline.sources.synthetic import make_photo
 from sak.pipeline.sources.views import ViewPlan
 

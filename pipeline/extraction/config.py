@@ -15,7 +15,7 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
-from sak.pipeline.sources.images import DEFAULT_MAX_DECODE_RATIO, DEFAULT_MAX_PIXELS
+from sak.pipeline.sources.limits import DEFAULT_MAX_DECODE_RATIO, DEFAULT_MAX_PIXELS
 from sak.pipeline.store.codecs import Codec, codec_option, get_codec
 from sak.pipeline.store.targets import (
     GridChoice,

@@ -47,7 +47,7 @@ from sak.pipeline.extraction.worker import PlannedViews, RegisteredTeachers, Sha
 from sak.pipeline.format.documents import read_cache
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import CacheManifest
-from sak.pipeline.sources.images import ImageLimits
+from sak.pipeline.sources.limits import ImageLimits
 from sak.pipeline.sources.views import ViewPlan
 from sak.pipeline.store.backends import check_format
 from sak.pipeline.store.targets import TargetShape, target_shape

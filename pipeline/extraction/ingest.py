@@ -46,8 +46,9 @@ from sak.pipeline.format.records import (
     SkippedInput,
 )
 from sak.pipeline.format.tables import IMAGE_INDEX_SCHEMA, VIEWS_SCHEMA
-from sak.pipeline.sources.images import ImageLimits, check_image
+from sak.pipeline.sources.images import check_image
 from sak.pipeline.sources.items import unsupported_reason
+from sak.pipeline.sources.limits import ImageLimits
 from sak.pipeline.sources.listing import SourceItem, list_source, read_bytes
 from sak.pipeline.sources.views import ViewPlan
 

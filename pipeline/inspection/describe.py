@@ -14,6 +14,7 @@ from sak.pipeline.buckets.bucket import Bucket, is_url
 from sak.pipeline.buckets.mirror import pull, stage_dir
 from sak.pipeline.format.documents import is_stage2_cache, read_cache, read_stage2_cache, read_store_manifest
 from sak.pipeline.format.layout import CACHE_FILE
+from sak.pipeline.format.records import StoreManifest
 from sak.pipeline.inspection.verify import check_bucket_cache, check_cache, records_problems
 from sak.pipeline.store.fidelity import fidelity_warnings, format_fidelity
 
@@ -41,6 +42,11 @@ def describe_cache(
         f"{plan.algorithm}), {cache.num_shards} shard(s) of {cache.shard_size}",
         f"images   {len(cache.images.shards)} tar(s), {human_bytes(img_bytes)}  (sizes in {UNITS_NOTE})",
     ]
+    if cache.student_views is not None:
+        sv = cache.student_views
+        lines.append(
+            f"student  raw views {sv.size}x{sv.size} uint8 in {sv.array}/ (the loader skips decoding)"
+        )
     for s in ds.skipped[:20]:
         lines.append(f"  skipped {s.origin}: {s.reason}")
     header = f"{'teacher':<12} {'fingerprint':<26} {'levels':<14} {'shape (H,W,C)':<15} {'codec':<5} {'done':>9} {'bytes':>10} {'per view':>10}"
@@ -64,6 +70,7 @@ def describe_cache(
             f"{entry.teacher:<12} {fp:<26} {blocks:<14} {shape:<15} {codec:<5} {done:>9} "
             f"{human_bytes(nbytes):>10} {human_bytes(nbytes / max(1, cache.num_views)):>10}"
         )
+        lines.append("  " + _store_details(m))
         lines += format_fidelity(m)
         if m.throughput.actor_peak_rss_bytes is not None:
             lines.append(
@@ -77,6 +84,19 @@ def describe_cache(
     if not cache.stores:
         lines.append("(no teacher store yet)")
     return "\n".join(lines + ([""] + warnings if warnings else []))
+
+
+def _store_details(m: StoreManifest) -> str:
+    """What tells two stores of one teacher apart beyond the table's columns: weights, compressor, grid."""
+    w = m.weights
+    weights = {
+        "random": f"random init ({w.id})",
+        "file": f"file {w.path or w.id}",
+        "pretrained": f"pretrained {w.id}",
+    }
+    i = m.identity
+    grid = f"grid {i.grid_mode} ({i.resample})" if i.grid_mode else "native grid"
+    return f"weights {weights.get(w.source, w.id)}; compressor {i.compressor or 'zstd'}; {grid}"
 
 
 def store_fidelity_warnings(
@@ -151,7 +171,7 @@ def describe_stage2(root: Path, shown: str | None = None, sizes: dict[str, int] 
         f"stage-2 cache {shown or root}  (written by {cache.code_version}{'' if cache.complete else ', INCOMPLETE'})",
         f"data     {i.dataset} {i.split}: {i.num_images} images x {cache.epochs} epochs = {cache.rows} rows, "
         f"crop {i.crop[0]}x{i.crop[1]}, seed {i.seed}, scale {i.scale_range}, photometric {i.photometric}",
-        f"teachers {'stage-1 run ' + cache.init if cache.init else 'by name'}; codec {cache.codec}, "
+        f"teachers {'stage-1 run ' + _shown_path(cache.init) if cache.init else 'by name'}; codec {cache.codec}, "
         f"{cache.num_shards} shard(s) of {cache.shard_size}",
     ]
     warnings = []
@@ -162,6 +182,12 @@ def describe_stage2(root: Path, shown: str | None = None, sizes: dict[str, int] 
         if t.weights is not None and t.weights.random_init:
             warnings.append(f"WARNING: {t.teacher} is a RANDOM-INIT model ({t.weights.id}): for tests only")
     return "\n".join(lines + ([""] + warnings if warnings else []))
+
+
+def _shown_path(recorded: str) -> str:
+    """A recorded absolute path as a user would type it here: relative under the current folder."""
+    path, here = Path(recorded), Path.cwd()
+    return path.relative_to(here).as_posix() if path.is_absolute() and path.is_relative_to(here) else recorded
 
 
 def _stage2_line(root: Path, shown: str, nbytes: int) -> str:

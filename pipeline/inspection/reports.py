@@ -38,6 +38,10 @@ class StoreSummary:
     actor_peak_rss_bytes: int | None = field(
         metadata=doc("the largest peak host memory of a teacher actor in the last run (null: not recorded)")
     )
+    weights: str = field(metadata=doc("the weights' id: hub tag, file digest, or random init and seed"))
+    weights_source: Literal["random", "file", "pretrained"]
+    compressor: str = field(metadata=doc("Blosc compressor of the chunks: none | lz4 | zstd"))
+    grid: list[int] = field(metadata=doc("the stored token grid (H, W)"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,6 +61,9 @@ class InspectReport:
     seed: int
     num_shards: int
     shard_size: int
+    student_views: int | None = field(
+        metadata=doc("side S of the raw student views stored (--student-views raw); null: none stored")
+    )
     stores: list[StoreSummary]
 
 
@@ -165,6 +172,10 @@ def _inspect_local(root: Path, shown: str, sizes: dict[str, int] | None) -> Insp
                 shards_done=len(m.shards),
                 bytes=nbytes,
                 actor_peak_rss_bytes=m.throughput.actor_peak_rss_bytes,
+                weights=m.weights.id,
+                weights_source=m.weights.source,
+                compressor=m.identity.compressor or "zstd",
+                grid=list(m.identity.grid),
             )
         )
     ds, plan = cache.dataset, cache.view_plan
@@ -173,6 +184,7 @@ def _inspect_local(root: Path, shown: str, sizes: dict[str, int] | None) -> Insp
         source=ds.source, num_images=ds.num_images, skipped_images=len(ds.skipped),
         num_views=cache.num_views, views_per_image=plan.views_per_image, size=plan.size, seed=plan.seed,
         num_shards=cache.num_shards, shard_size=cache.shard_size, stores=stores,
+        student_views=cache.student_views.size if cache.student_views else None,
     )  # fmt: skip
 
 

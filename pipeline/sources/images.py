@@ -26,20 +26,13 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from sak.pipeline.base.errors import BadImage
+from sak.pipeline.sources.limits import (
+    DEFAULT_MAX_DECODE_RATIO,
+    DEFAULT_MAX_PIXELS,
+    RATIO_FLOOR_PIXELS,
+)
 
-DEFAULT_MAX_PIXELS = 178_956_970  # = PIL's own hard limit (2 * Image.MAX_IMAGE_PIXELS)
-DEFAULT_MAX_DECODE_RATIO = 250.0
-RATIO_FLOOR_PIXELS = 16_777_216  # 4096 x 4096: below it the decoded size is small whatever the ratio
 EXIF_ORIENTATION = 0x0112
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Which source images ingest keeps (recorded in the cache; a later run must agree)."""
-
-    min_side: int = 32
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_decode_ratio: float = DEFAULT_MAX_DECODE_RATIO
 
 
 @dataclass(frozen=True)
