@@ -15,6 +15,8 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.inspection.estimate import (
     EstimateConfig,
     estimate,
+    estimate_to_dict,
+    format_estimate,
     measured_store_bytes,
     stored_bytes_per_view,
     teacher_macs,
@@ -196,3 +198,28 @@ def test_cache_or_online_and_what_a_node_can_feed():
     assert zstd.compression > 1.0 == est.compression and zstd.loader_ms_per_sample > est.loader_ms_per_sample
     with pytest.raises(SakError, match="unknown --compressor 'gzip'"):
         estimate(EstimateConfig(**base, compressor="gzip"))
+
+
+def test_estimate_states_the_host_memory_per_actor_and_it_is_near_a_measured_peak(tiny_caches):
+    """The actor memory model (estimate.py ACTOR_MEMORY_MODEL) by part, in the table and the JSON, within a
+    factor 1.5 of the peak the session's real tiny extraction recorded in its manifests."""
+    from sak.pipeline.format.documents import read_cache, read_store_manifest
+
+    out = tiny_caches.get("fp16")
+    peaks = [
+        read_store_manifest(out / e.path).throughput.actor_peak_rss_bytes
+        for e in read_cache(out).stores.values()
+    ]
+    cfg = EstimateConfig(
+        ("dinov2_tiny", "clip_tiny", "sam_tiny"), images=6, size=64, views_per_image=2, shard_size=4
+    )
+    est = estimate(cfg)
+    memory = estimate_to_dict(est)["actor_host_memory_bytes"]
+    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert (
+        memory["targets"] == 2 * 4 * sum(4 * 4 * 4 * 4 * 64 for _ in range(2)) + 2 * 4 * 4 * 16 * 16 * 64 * 4
+    )
+    assert all(p is not None for p in peaks) and 1 / 1.5 < memory["total"] / max(peaks) < 1.5
+    assert "host memory      ~" in format_estimate(est) and "per teacher actor" in format_estimate(est)
+    big = estimate(EstimateConfig(("dinov2_b", "sam_b"), images=1000, size=384))  # shard 64: the 9.3 GB case
+    assert 8.5e9 < big.actor_host_memory()["total"] < 11e9

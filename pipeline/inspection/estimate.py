@@ -26,6 +26,7 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.units import UNITS_NOTE, human_bytes
+from sak.pipeline.extraction.config import DEFAULT_SHARD_VIEWS
 from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.targets import (
     GridChoice,
@@ -133,6 +134,12 @@ class EstimateConfig:
         default=10.0, metadata={"help": "Storage bandwidth the trainers share, GB/s.", "group": "machine"}
     )
     cores: int = field(default=12, metadata={"help": "Loader CPU cores per node.", "group": "machine"})
+    shard_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Views per shard, as for `run` [default: its default]; sets host memory per actor."
+        },
+    )
 
     def __post_init__(self) -> None:
         # a codec or grid named by a script or test (the CLI parses them itself) is resolved here, once
@@ -151,6 +158,9 @@ class TeacherEstimate:
     macs_linear: float  # per view, patch embed + linear layers
     macs_attention: float  # per view, attention matmuls (+ SAM relative positions)
     blocks_run: int  # transformer blocks the teacher runs: up to the deepest kept level (stop early)
+    params: float = 0.0  # weights of the blocks it holds (from the spec: width, depth, MLP ratio)
+    fp32_bytes_per_view: int = 0  # its kept levels as float32 on the store grid, before encoding
+    input_bytes_per_view: int = 0  # the uint8 view at its input side (SAM: 1024)
 
     @property
     def macs(self) -> float:
@@ -216,11 +226,46 @@ class Estimate:
             + 1e3 * mb / LOADER_CHECK_MB_PER_S
         )
 
+    @property
+    def shard_views(self) -> int:
+        k, given = self.config.views_per_image, self.config.shard_size
+        return given if given is not None else k * -(-DEFAULT_SHARD_VIEWS // k)
+
+    def actor_host_memory(self) -> dict[str, float]:
+        """Peak host memory of one teacher actor on a GPU node, by part (ACTOR_MEMORY_MODEL)."""
+        views = self.shard_views
+        parts = {
+            "process": ACTOR_BASE_BYTES,
+            "weights": 4.0 * sum(t.params for t in self.teachers),
+            "targets": 2.0 * views * sum(t.fp32_bytes_per_view for t in self.teachers),
+            "inputs": float(views * sum(t.input_bytes_per_view for t in self.teachers)),
+        }
+        return {**parts, "total": sum(parts.values())}
+
     def samples_per_s_fed(self) -> dict[str, float]:
         """What storage (--read-gbps) and loader cores (--cores) can feed, and the smaller of the two."""
         storage = self.config.read_gbps * 1e9 / self.read_bytes_per_sample
         cpu = self.config.cores * 1e3 / self.loader_ms_per_sample
         return {"storage": storage, "cpu": cpu, "fed": min(storage, cpu)}
+
+
+# ---------------------------------------------------------------------------------- host memory
+
+# What one teacher actor holds at its peak on a GPU node (where activations live on the device): the
+# process (Python, torch, the Ray worker, a CUDA context), every teacher's float32 weights as loaded, one
+# shard of views at each teacher's input side, and the shard's kept levels as float32 on the store grid,
+# twice (the per-batch parts and their concatenation) before they are encoded and written. Calibrated on
+# measured actor peaks (manifest `throughput.actor_peak_rss_bytes`): 1.2 GB for the three tiny teachers
+# at 64 px (the model: 1.2 GB), 9.3 GB for dinov2_b + sam_b at 384 px, shard 64 (the model: 9.7 GB, on
+# the high side on purpose). A CPU-only node adds the forward's activations of one --batch-size batch.
+ACTOR_MEMORY_MODEL = "process 1.2 GB + fp32 weights + shard x (2 x fp32 targets + input views)"
+ACTOR_BASE_BYTES = 1.2e9
+
+
+def teacher_params(spec: TeacherSpec, blocks_run: int) -> float:
+    """Weights of the patch embedding and the first `blocks_run` transformer blocks."""
+    c = spec.dim
+    return 3 * spec.patch_size**2 * c + blocks_run * (4 + 2 * spec.mlp_ratio) * c * c
 
 
 # -------------------------------------------------------------------------------------------- MACs
@@ -317,8 +362,13 @@ def estimate(cfg: EstimateConfig) -> Estimate:
         blocks_run = max(blocks) + 1  # forward_levels stops after the deepest kept block
         linear, attention = teacher_macs(spec, cfg.size, blocks_run)
         est.teachers.append(
-            TeacherEstimate(spec.name, blocks, (h, w), spec.dim, raw, disk, linear, attention, blocks_run)
-        )
+            TeacherEstimate(
+                spec.name, blocks, (h, w), spec.dim, raw, disk, linear, attention, blocks_run,
+                params=teacher_params(spec, spec.depth),  # loaded whole, whatever it runs
+                fp32_bytes_per_view=4 * len(blocks) * h * w * spec.dim,
+                input_bytes_per_view=3 * spec.model_input_side(cfg.size) ** 2,
+            )
+        )  # fmt: skip
     return est
 
 
@@ -367,10 +417,21 @@ def format_estimate(est: Estimate) -> str:
         f"{human_bytes(cfg.samples_per_s * est.read_bytes_per_sample)}/s "
         f"(targets {human_bytes(cfg.samples_per_s * est.target_bytes_per_view)}/s, "
         f"images {human_bytes(cfg.samples_per_s * (est.read_bytes_per_sample - est.target_bytes_per_view))}/s)",
+        _host_memory_line(est),
         "",
         *_cache_or_online(est),
     ]
     return "\n".join(lines)
+
+
+def _host_memory_line(est: Estimate) -> str:
+    m = est.actor_host_memory()
+    return (
+        f"host memory      ~{human_bytes(m['total'])} per teacher actor on a GPU node ({human_bytes(m['process'])} "
+        f"process + {human_bytes(m['weights'])} weights + {est.shard_views} views x "
+        f"{human_bytes(m['targets'] / est.shard_views / 2)} fp32 targets x 2 + {human_bytes(m['inputs'])} "
+        f"input views; --shard-size scales it; CPU-only: add the forward's activations; measured: inspect)"
+    )
 
 
 def _cache_or_online(est: Estimate) -> list[str]:
@@ -405,6 +466,7 @@ def estimate_to_dict(est: Estimate) -> dict:
         "break_even_epochs": est.break_even_epochs,
         "loader_ms_per_sample_per_core": est.loader_ms_per_sample,
         "samples_per_s_fed": est.samples_per_s_fed(),
+        "actor_host_memory_bytes": est.actor_host_memory(),
         "teachers": [
             {
                 **asdict(t),
