@@ -222,15 +222,12 @@ def _request(command: RunCommand):
 
 def _peak_memory() -> str:
     """`peak host memory 1.20 GB` (this process, ru_maxrss), `, GPU 3.40 GB` when it used CUDA."""
-    import torch
-
-    from sak.pipeline.base.provenance import peak_rss_bytes
     from sak.pipeline.base.units import human_bytes
+    from sak.student.run.checkpoint import measured_peak_memory
 
-    text = f"peak host memory {human_bytes(peak_rss_bytes())}"
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        text += f", GPU {human_bytes(torch.cuda.max_memory_allocated())}"
-    return text
+    peak = measured_peak_memory()  # as each checkpoint records it (state.json `peak_memory`)
+    text = f"peak host memory {human_bytes(peak.host_bytes)}"
+    return text + (f", GPU {human_bytes(peak.gpu_bytes)}" if peak.gpu_bytes is not None else "")
 
 
 def _finish(result, what: str) -> None:

@@ -135,3 +135,24 @@ def test_nothing_is_written_that_could_not_be_read_back(new_run, tmp_path):
     with pytest.raises(SakError, match="resolved.world_size"):
         write_document(tmp_path / "config.json", broken)
     assert not (tmp_path / "config.json").exists()
+
+
+def test_each_checkpoint_records_the_trainers_peak_memory_and_the_final_line_says_it(tmp_path, capsys):
+    """The trainer's peak host memory (and GPU, on CUDA) goes into RUN/checkpoint/state.json, validated by
+    the run schema, and the final line prints the same figure."""
+    import json
+
+    from runs import copy_inputs, stage1_args
+
+    from sak.cli.train import main as train_main
+    from sak.pipeline.base.units import human_bytes
+
+    cache, _ = copy_inputs(tmp_path / "in")
+    assert train_main(stage1_args(cache, tmp_path / "run")) == 0
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    peak = state["peak_memory"]
+    assert peak["host_bytes"] > 100e6 and "gpu_bytes" not in peak  # CPU run: no GPU figure
+    captured = capsys.readouterr()
+    (last,) = [ln for ln in (captured.out + captured.err).splitlines() if "peak host memory" in ln]
+    shown = last.split("peak host memory ")[1].split(",")[0]
+    assert abs(float(shown.split()[0]) - float(human_bytes(peak["host_bytes"]).split()[0])) < 0.5

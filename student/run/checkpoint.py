@@ -29,13 +29,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import code_version, now_iso, read_json, sha256_file
+from sak.pipeline.base.provenance import code_version, now_iso, peak_rss_bytes, read_json, sha256_file
 from sak.student.run import legacy
 from sak.student.run.folder import CHECKPOINT_DIR
 from sak.student.run.record import (
     LoaderState,
     ModelRecord,
     OptimizerState,
+    PeakMemory,
     RankRng,
     TrainState,
     load_document,
@@ -155,6 +156,7 @@ def save_checkpoint(
         tensors_sha256=sha256_file(tmp / STATE_TENSORS),
         code_version=code_version(),
         saved=saved,
+        peak_memory=measured_peak_memory(),
     )
     write_document(tmp / STATE_JSON, state)
     if final.exists():
@@ -163,6 +165,16 @@ def save_checkpoint(
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def measured_peak_memory() -> PeakMemory:
+    """This process's peak host memory and, when it used CUDA, its device's peak allocation."""
+    gpu = (
+        torch.cuda.max_memory_allocated()
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else None
+    )
+    return PeakMemory(host_bytes=peak_rss_bytes(), gpu_bytes=gpu)
 
 
 def _plain(x: Any) -> Any:

@@ -262,6 +262,16 @@ class RankRng:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PeakMemory:
+    """The largest memory this process had used when the checkpoint was saved (rank 0's process)."""
+
+    host_bytes: int = field(metadata=doc("peak resident host memory (ru_maxrss)"))
+    gpu_bytes: int | None = field(
+        default=None, metadata=doc("torch.cuda.max_memory_allocated on its device; absent on the CPU", **OMIT)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainState:
     """RUN/checkpoint/state.json: everything a resume restores besides the weights."""
 
@@ -276,6 +286,9 @@ class TrainState:
     tensors_sha256: str = field(metadata=doc("sha256 of state.safetensors"))
     code_version: str
     saved: str
+    peak_memory: PeakMemory | None = field(
+        default=None, metadata=doc("the trainer's peak memory so far; absent in older runs", **OMIT)
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
