@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 import click
@@ -44,8 +45,13 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     root = logging.getLogger()
-    if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
-        root.addHandler(_LibraryHandler())
+    library = next((h for h in root.handlers if isinstance(h, _LibraryHandler)), None)
+    if library is None:
+        library = _LibraryHandler()
+        root.addHandler(library)
+    library.setLevel(logging.ERROR if quiet else logging.NOTSET)
+    if quiet:  # another rank prints the same warnings: this one keeps only errors
+        warnings.filterwarnings("ignore")
     logger.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
     logger.propagate = (
         True  # tests capture via the root logger; the CLI root has no handler, so no duplicates

@@ -20,3 +20,20 @@ def test_each_line_is_printed_once_after_a_library_configures_logging():
     lines = proc.stderr.splitlines()
     assert lines.count("step 1/1 | loss 1.0") == 1 and len(lines) == 2, lines
     assert lines[0] == "WARNING:root:a library's warning"
+
+
+QUIET = """
+import logging, warnings
+from sak.cli.common import setup_logging
+setup_logging(quiet=True)  # what every torchrun rank but 0 does
+logging.warning("a library's warning")
+warnings.warn("a library's python warning")
+logging.getLogger("sak.train").warning("a sak warning")
+logging.getLogger("sak.train").error("a sak error")
+"""
+
+
+def test_ranks_other_than_0_print_errors_only():
+    proc = subprocess.run([sys.executable, "-c", QUIET], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["a sak error"]
