@@ -215,11 +215,11 @@ def test_estimate_states_the_host_memory_per_actor_and_it_is_near_a_measured_pea
     )
     est = estimate(cfg)
     memory = estimate_to_dict(est)["actor_host_memory_bytes"]
-    assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
+    assert memory["total"] == sum(v for k, v in memory.items() if not k.endswith("total"))
     assert (
         memory["targets"] == 2 * 4 * sum(4 * 4 * 4 * 4 * 64 for _ in range(2)) + 2 * 4 * 4 * 16 * 16 * 64 * 4
     )
     assert all(p is not None for p in peaks) and 1 / 1.5 < memory["total"] / max(peaks) < 1.5
     assert "host memory      ~" in format_estimate(est) and "per teacher actor" in format_estimate(est)
-    big = estimate(EstimateConfig(("dinov2_b", "sam_b"), images=1000, size=384))  # shard 64: the 9.3 GB case
-    assert 8.5e9 < big.actor_host_memory()["total"] < 11e9
+    big = estimate(EstimateConfig(("dinov2_b", "sam_b"), images=12, size=384, shard_size=4, batch_size=4))
+    assert 1 / 1.3 < big.actor_host_memory()["cpu_only_total"] / 9.4e9 < 1.3  # measured: 9.4 GB on a CPU

@@ -134,6 +134,9 @@ class EstimateConfig:
         default=10.0, metadata={"help": "Storage bandwidth the trainers share, GB/s.", "group": "machine"}
     )
     cores: int = field(default=12, metadata={"help": "Loader CPU cores per node.", "group": "machine"})
+    batch_size: int = field(
+        default=32, metadata={"help": "Views per teacher forward, as for `run` (CPU-only host memory)."}
+    )
     shard_size: int | None = field(
         default=None,
         metadata={
@@ -161,6 +164,7 @@ class TeacherEstimate:
     params: float = 0.0  # weights of the blocks it holds (from the spec: width, depth, MLP ratio)
     fp32_bytes_per_view: int = 0  # its kept levels as float32 on the store grid, before encoding
     input_bytes_per_view: int = 0  # the uint8 view at its input side (SAM: 1024)
+    cpu_activation_bytes_per_view: float = 0.0  # its forward's peak activations on a CPU
 
     @property
     def macs(self) -> float:
@@ -240,7 +244,9 @@ class Estimate:
             "targets": 2.0 * views * sum(t.fp32_bytes_per_view for t in self.teachers),
             "inputs": float(views * sum(t.input_bytes_per_view for t in self.teachers)),
         }
-        return {**parts, "total": sum(parts.values())}
+        total = sum(parts.values())
+        per_view = max((t.cpu_activation_bytes_per_view for t in self.teachers), default=0.0)
+        return {**parts, "total": total, "cpu_only_total": total + self.config.batch_size * per_view}
 
     def samples_per_s_fed(self) -> dict[str, float]:
         """What storage (--read-gbps) and loader cores (--cores) can feed, and the smaller of the two."""
@@ -254,12 +260,24 @@ class Estimate:
 # What one teacher actor holds at its peak on a GPU node (where activations live on the device): the
 # process (Python, torch, the Ray worker, a CUDA context), every teacher's float32 weights as loaded, one
 # shard of views at each teacher's input side, and the shard's kept levels as float32 on the store grid,
-# twice (the per-batch parts and their concatenation) before they are encoded and written. Calibrated on
-# measured actor peaks (manifest `throughput.actor_peak_rss_bytes`): 1.2 GB for the three tiny teachers
-# at 64 px (the model: 1.2 GB), 9.3 GB for dinov2_b + sam_b at 384 px, shard 64 (the model: 9.7 GB, on
-# the high side on purpose). A CPU-only node adds the forward's activations of one --batch-size batch.
+# twice (the per-batch parts and their concatenation) before they are encoded and written. Measured actor
+# peaks (manifest `throughput.actor_peak_rss_bytes`) come from CPU-only runs here: 1.2 GB for the three
+# tiny teachers at 64 px (the model: 1.2 GB). On a CPU-only node the forward's activations of one
+# --batch-size batch come on top (CPU_ACTIVATION_FACTOR): one sam_b view at 1024 px peaked 3.25 GB at
+# batch 1 and 5.16 GB at batch 2 (1.9 GB a view: global attention over 4096 tokens), and dinov2_b + sam_b
+# at 384 px, shard 4, batch 4 peaked 9.4 GB (the model: 2.4 GB + 4 x 1.9 GB = 10.1 GB). No GPU node has
+# been measured yet: the GPU figure is the model's.
 ACTOR_MEMORY_MODEL = "process 1.2 GB + fp32 weights + shard x (2 x fp32 targets + input views)"
 ACTOR_BASE_BYTES = 1.2e9
+CPU_ACTIVATION_FACTOR = 2.4  # x heads x tokens^2 x 4 bytes: attention scores, softmax, relative positions
+
+
+def cpu_activation_bytes(spec: TeacherSpec, size: int) -> float:
+    """Peak activations of one view through the teacher on a CPU, dominated by global attention's scores
+    (heads = width / 64) over all tokens; the MLP's hidden states when attention is small."""
+    n = (spec.model_input_side(size) // spec.patch_size) ** 2 + spec.prefix_tokens
+    heads = max(1, spec.dim // 64)
+    return CPU_ACTIVATION_FACTOR * heads * n * n * 4 + 4 * spec.mlp_ratio * n * spec.dim * 4
 
 
 def teacher_params(spec: TeacherSpec, blocks_run: int) -> float:
@@ -367,6 +385,7 @@ def estimate(cfg: EstimateConfig) -> Estimate:
                 params=teacher_params(spec, spec.depth),  # loaded whole, whatever it runs
                 fp32_bytes_per_view=4 * len(blocks) * h * w * spec.dim,
                 input_bytes_per_view=3 * spec.model_input_side(cfg.size) ** 2,
+                cpu_activation_bytes_per_view=cpu_activation_bytes(spec, cfg.size),
             )
         )  # fmt: skip
     return est
@@ -430,7 +449,8 @@ def _host_memory_line(est: Estimate) -> str:
         f"host memory      ~{human_bytes(m['total'])} per teacher actor on a GPU node ({human_bytes(m['process'])} "
         f"process + {human_bytes(m['weights'])} weights + {est.shard_views} views x "
         f"{human_bytes(m['targets'] / est.shard_views / 2)} fp32 targets x 2 + {human_bytes(m['inputs'])} "
-        f"input views; --shard-size scales it; CPU-only: add the forward's activations; measured: inspect)"
+        f"input views; --shard-size scales it; on a CPU-only node ~{human_bytes(m['cpu_only_total'])} at "
+        f"--batch-size {est.config.batch_size}: the forward's activations; measured peaks: inspect)"
     )
 
 
