@@ -2,8 +2,9 @@
 source folders is named in `packages`, so `pip install -e .` prints no 40-line "Package would be ignored"
 banner, and the JSON Schemas ship as package data of the packages that hold them."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
