@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.oserrors import write_error
 
 log = logging.getLogger("sak")
 
@@ -175,11 +176,9 @@ def shard_failure_error(failure: BaseException, out: Path, done: int, what: str 
     if isinstance(failure, SakError) or isinstance(cause, SakError):
         return SakError(f"{str(cause or failure).strip()} (the {done} shard(s) already recorded are kept)")
     msg = str(failure).strip().splitlines()
-    if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
-        return SakError(
-            f"no space left on the device holding {out} while writing teacher shards; free space and "
-            f"re-run the same command (the {done} shard(s) already recorded are complete and kept)"
-        )
+    written = write_error(failure)  # a full disk, permissions, a too-long name: in the actor or here
+    if written is not None:
+        return SakError(f"{written} (the {done} shard(s) already recorded are complete and kept)")
     return SakError(
         f"{what} failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
         f"shards are kept, re-run the same command to continue"
