@@ -167,14 +167,15 @@ def verify(cache: str, as_json: bool) -> int:
 
         _echo_json(verify_report(cache, report))
         return 1 if problems else 0
-    for note in report.notes:
+    for note in report.notes + report.in_progress:
         click.echo(f"note: {note}", err=True)
     for p in problems:
         click.echo(f"FAIL {p}")
     if problems:
         click.echo(f"{cache}: {len(problems)} problem(s)", err=True)
         return 1
-    click.echo(f"{cache}: OK")
+    busy = f" ({len(report.in_progress)} store(s) in progress, not verified)" if report.in_progress else ""
+    click.echo(f"{cache}: OK{busy}")
     return 0
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import click
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.oserrors import write_error
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -89,16 +90,15 @@ def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str, quiet: bo
     """Run a click group in-process and return its exit code (callable from tests as `main([...])`).
 
     A SakError (bad input the user can fix) prints one line, `prog: error: ...`, and returns 2 (`quiet`:
-    the line is left to another process that prints it, e.g. rank 0 of a torchrun launch).
+    the line is left to another process that prints it, e.g. rank 0 of a torchrun launch); so does an
+    OSError the user fixes (a full disk, permissions, a too-long name: pipeline/base/oserrors.py).
     """
     try:
         result = group.main(
             args=list(argv) if argv is not None else None, prog_name=prog, standalone_mode=False
         )
     except SakError as e:
-        if not quiet:
-            click.echo(f"{prog}: error: {e}", err=True)
-        return 2
+        return _error_line(prog, e, quiet)
     except click.exceptions.Exit as e:
         return e.exit_code
     except click.ClickException as e:
@@ -107,7 +107,18 @@ def run_cli(group: click.Group, argv: Sequence[str] | None, prog: str, quiet: bo
     except click.exceptions.Abort:
         click.echo(f"{prog}: aborted", err=True)
         return 130
+    except Exception as e:  # an OSError no writer named (or a Ray task's): a full disk, permissions, ...
+        error = write_error(e)
+        if error is None:
+            raise
+        return _error_line(prog, error, quiet)
     return result if isinstance(result, int) else 0
+
+
+def _error_line(prog: str, error: SakError, quiet: bool) -> int:
+    if not quiet:
+        click.echo(f"{prog}: error: {error}", err=True)
+    return 2
 
 
 def entry_point(main: Callable[[Sequence[str] | None], int]) -> Callable[[], None]:

@@ -111,3 +111,66 @@ def test_live_actors_bookkeeping():
     for _ in range(SHARD_RETRIES - 1):
         assert live.lose(1, "shard 7")
     assert not live.lose(1, "shard 7")  # retried too often
+
+
+def test_only_failures_a_rerun_gets_past_say_re_run(ray_local):
+    import errno
+
+    import ray.exceptions as rx
+
+    from sak.pipeline.extraction.actors import rerun_helps
+
+    @ray_local.remote
+    def raises(error: BaseException):
+        raise error
+
+    def raised(error: BaseException) -> BaseException:
+        try:
+            ray_local.get(raises.remote(error))
+        except Exception as e:  # a RayTaskError wrapping `error`, as ray.get gives it to the driver
+            return e
+        raise AssertionError("no error")
+
+    out = Path("/tmp/out")
+    for lost in (rx.ActorDiedError(), rx.NodeDiedError("node gone"), rx.WorkerCrashedError(),
+                 rx.ObjectLostError("00" * 28, "owner", "call site")):  # fmt: skip
+        assert rerun_helps(lost), lost
+        assert "re-run the same command" in str(shard_failure_error(lost, out, 2))
+    assert rerun_helps(raised(ConnectionResetError("reset by peer")))  # a transient network error
+    for error in (ValueError("bad shape\nsecond line"), RuntimeError("a bug"),
+                  OSError(errno.ENOSPC, "No space left on device"), SakError("bad weights")):  # fmt: skip
+        failure = raised(error)
+        assert not rerun_helps(failure), error
+        line = str(shard_failure_error(failure, out, 2))
+        assert "re-run" not in line and "run again" not in line and "\n" not in line, line
+    line = str(shard_failure_error(raised(ValueError("bad shape\nsecond line")), out, 2))
+    assert (
+        line
+        == "extraction failed (ValueError: bad shape); see the log above (the 2 shard(s) already recorded are kept)"
+    )
+
+
+def _broken_worker() -> type:
+    """A TeacherWorker whose teachers fail as a bug would (shipped by value: defined in a function)."""
+    from sak.pipeline.extraction.worker import TeacherWorker
+
+    class BrokenWorker(TeacherWorker):
+        def _forward(self, name, views_u8, keep_native):
+            raise ValueError(f"teacher {name} returned maps of the wrong rank (injected)")
+
+    return BrokenWorker
+
+
+def test_a_deterministic_actor_error_does_not_say_re_run(ray_local, photo_dir, tmp_path, monkeypatch, capsys):
+    import sak.pipeline.extraction.driver as driver
+    from sak.cli.cache import main as cache_main
+
+    monkeypatch.setattr(driver, "TeacherWorker", _broken_worker())
+    args = ["run", "--source", str(photo_dir), "--out", str(tmp_path / "c"), "--teachers", "clip_tiny",
+            "--size", "64", "--views-per-image", "1", "--no-progress"]  # fmt: skip
+    assert cache_main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("sak-cache: error:")]
+    assert len(lines) == 1 and "Traceback" not in lines[0], err
+    assert "ValueError: teacher clip_tiny returned maps of the wrong rank (injected)" in lines[0]
+    assert "see the log above" in lines[0] and "re-run" not in err and "run again" not in err

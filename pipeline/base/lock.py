@@ -16,12 +16,51 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 
 LOCK_FILE = ".sak-lock"  # a cache's lock file, and a bucket cache's lock object (buckets/lock.py)
 log = logging.getLogger("sak")
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """The live process that holds a folder's lock, as its lock file names it."""
+
+    host: str
+    pid: int | str
+    started: str
+    command: str
+
+    def __str__(self) -> str:
+        return f"held by {self.host} pid {self.pid} since {self.started}"
+
+
+def lock_holder(folder: str | Path) -> LockHolder | None:
+    """Who holds `folder`'s lock now (a live `sak-cache run`, a trainer), or None: no lock file, or one
+    nobody holds (released, or left by a dead process). Probed with a shared flock taken and dropped at
+    once (a writer starting in that instant is refused and says so; it can start again)."""
+    path = Path(folder) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        h = CacheLock(folder)._holder()
+        return LockHolder(
+            host=str(h.get("host", "?")),
+            pid=h.get("pid", "?"),
+            started=str(h.get("started", "?")),
+            command=str(h.get("command", "?")),
+        )
+    finally:
+        os.close(fd)
 
 
 class CacheLock:

@@ -8,10 +8,14 @@ import os
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from sak.pipeline.base.oserrors import writing
 
 SCHEMA_VERSION = 1
 
@@ -101,26 +105,42 @@ def current_umask() -> int:
 def temp_beside(path: Path) -> tuple[int, str]:
     """(fd, name) of a new temporary file next to `path`, for an atomic write by rename. Its mode follows
     the umask as `open()` would (mkstemp makes 0600 whatever the umask: a team could not share a cache)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~current_umask())
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return fd, tmp
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name next to `path` to write the whole file under; renamed onto `path` when the block
+    ends, removed on any failure (the previous file stays intact). A full disk, a read-only folder or a
+    too-long name leaves as one line naming `path` (oserrors.py)."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = temp_beside(path)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON next to its destination, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = temp_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 MAX_JSON_BYTES = 256 << 20  # cache and run documents are untrusted: bounded before parsing

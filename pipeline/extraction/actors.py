@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.oserrors import write_error
 
 log = logging.getLogger("sak")
 
@@ -169,18 +170,43 @@ class ActorPool:
             raise self.failure
 
 
-def shard_failure_error(failure: BaseException, out: Path, done: int, what: str = "extraction") -> SakError:
-    """The error a failed build ends with: its cause in one line; finished shards are kept."""
-    cause = getattr(failure, "cause", None)  # a Ray task error wraps what the task raised
-    if isinstance(failure, SakError) or isinstance(cause, SakError):
-        return SakError(f"{str(cause or failure).strip()} (the {done} shard(s) already recorded are kept)")
-    msg = str(failure).strip().splitlines()
-    if "No space left on device" in str(failure) or "[Errno 28]" in str(failure):
-        return SakError(
-            f"no space left on the device holding {out} while writing teacher shards; free space and "
-            f"re-run the same command (the {done} shard(s) already recorded are complete and kept)"
-        )
-    return SakError(
-        f"{what} failed ({type(failure).__name__}: {msg[-1] if msg else ''}); the finished "
-        f"shards are kept, re-run the same command to continue"
+def rerun_helps(failure: BaseException) -> bool:
+    """Whether running the same command again can get past `failure`: a lost worker, actor, node or
+    object (killed, preempted, out of memory), or a transient network error; not what a task raised
+    deterministically (a bad weights file, a bug, a full disk: those need a fix first)."""
+    import ray.exceptions as rx
+
+    lost = (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.ObjectLostError,
+            rx.LocalRayletDiedError, rx.OutOfMemoryError)  # fmt: skip
+    if isinstance(failure, lost):
+        return True
+    cause = _task_cause(failure)
+    if write_error(cause) is not None:
+        return False
+    names = {c.__name__ for c in type(cause).__mro__}  # botocore's and aiohttp's own connection errors too
+    return isinstance(cause, (ConnectionError, TimeoutError)) or bool(
+        names & {"ConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError"}
     )
+
+
+def _task_cause(failure: BaseException) -> BaseException:
+    """What a Ray task raised (RayTaskError.cause), else the failure itself."""
+    cause = getattr(failure, "cause", None)
+    return cause if isinstance(cause, BaseException) else failure
+
+
+def shard_failure_error(failure: BaseException, out: Path, done: int, what: str = "extraction") -> SakError:
+    """The error a failed build ends with: its cause in one line; finished shards are kept. Only a failure
+    a re-run can get past (rerun_helps) says to run the same command again."""
+    cause = _task_cause(failure)
+    kept = f"the {done} shard(s) already recorded are kept"
+    if isinstance(cause, SakError):
+        return SakError(f"{str(cause).strip()} ({kept})")
+    written = write_error(failure)  # a full disk, permissions, a too-long name: in the actor or here
+    if written is not None:
+        return SakError(f"{written} ({kept})")
+    lines = str(cause).strip().splitlines()
+    said = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    if rerun_helps(failure):
+        return SakError(f"{what} failed ({said}); {kept}: re-run the same command to continue")
+    return SakError(f"{what} failed ({said}); see the log above ({kept})")

@@ -21,8 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sak.pipeline.base.errors import BadImage, SakError
+from sak.pipeline.base.oserrors import writing
 from sak.pipeline.base.provenance import (
     SCHEMA_VERSION,
+    atomic_path,
     code_version,
     now_iso,
     sha256_bytes,
@@ -88,12 +90,40 @@ def write_image_tar(cache_dir: str, shard: int, items: list[SourceItem], limits:
         if result.tar is not None:
             Bucket(cache_dir).put_whole(local / result.tar.file, result.tar.file)
         return result
-    skipped = [SkippedInput(key=it.key, origin=it.origin, reason=unsupported_reason(it.ext) or "")
-               for it in items if unsupported_reason(it.ext)]  # fmt: skip
-    items = [it for it in items if not unsupported_reason(it.ext)]
-    rows, oriented = [], 0
     final = Path(cache_dir) / image_tar_name(shard)
     tmp = final.with_name(final.name + ".tmp")
+    unsupported = [SkippedInput(key=it.key, origin=it.origin, reason=unsupported_reason(it.ext) or "")
+                   for it in items if unsupported_reason(it.ext)]  # fmt: skip
+    try:
+        with writing(final):
+            rows, skipped, oriented = _write_tar(
+                tmp, shard, [it for it in items if not unsupported_reason(it.ext)], limits
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing partial stays (a full disk, a read-only folder)
+        raise
+    if rows:
+        os.replace(tmp, final)
+        tar_record = ImageTar(
+            index=shard,
+            file=image_tar_name(shard),
+            count=len(rows),
+            bytes=final.stat().st_size,
+            sha256=sha256_file(final),
+            xxh3=xxh3_file(final),
+        )
+    else:  # nothing valid in this chunk: no tar at all
+        tmp.unlink()
+        tar_record = None
+    return TarResult(rows, unsupported + skipped, tar_record, oriented)
+
+
+def _write_tar(
+    tmp: Path, shard: int, items: list[SourceItem], limits: ImageLimits
+) -> tuple[list[IndexRow], list[SkippedInput], int]:
+    """The good images of `items` into the tar `tmp`, fsynced: (their index rows, the skipped inputs, how
+    many kept images carry an EXIF orientation tag)."""
+    rows, skipped, oriented = [], [], 0
     with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for item, data in read_bytes(items):
             try:
@@ -122,20 +152,7 @@ def write_image_tar(cache_dir: str, shard: int, items: list[SourceItem], limits:
         tar.close()
         f.flush()
         os.fsync(f.fileno())
-    if rows:
-        os.replace(tmp, final)
-        tar_record = ImageTar(
-            index=shard,
-            file=image_tar_name(shard),
-            count=len(rows),
-            bytes=final.stat().st_size,
-            sha256=sha256_file(final),
-            xxh3=xxh3_file(final),
-        )
-    else:  # nothing valid in this chunk: no tar at all
-        tmp.unlink()
-        tar_record = None
-    return TarResult(rows, skipped, tar_record, oriented)
+    return rows, skipped, oriented
 
 
 def ingest(
@@ -210,9 +227,11 @@ def ingest(
                 ("image_shard", r.image_shard),
             ):
                 view_rows[name].append(value)
-    pq.write_table(pa.table(view_rows, schema=VIEWS_SCHEMA), cache_dir / VIEWS_FILE)
+    with atomic_path(cache_dir / VIEWS_FILE) as tmp:
+        pq.write_table(pa.table(view_rows, schema=VIEWS_SCHEMA), tmp)
     index_table = pa.Table.from_pylist([dataclasses.asdict(r) for r in index_rows], schema=IMAGE_INDEX_SCHEMA)
-    pq.write_table(index_table, cache_dir / IMAGE_INDEX_FILE)
+    with atomic_path(cache_dir / IMAGE_INDEX_FILE) as tmp:
+        pq.write_table(index_table, tmp)
 
     num_views = len(index_rows) * plan.views_per_image
     dataset_fp = stable_hash([(r.key, r.sha256) for r in index_rows], 16)

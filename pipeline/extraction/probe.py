@@ -8,7 +8,8 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE
-from sak.pipeline.format.layout import CACHE_FILE
+from sak.pipeline.base.oserrors import write_error
+from sak.pipeline.format.layout import CACHE_FILE, VIEWS_FILE
 
 
 def node_probe(folder: str, driver_probe: str, node: str) -> str | None:
@@ -61,8 +62,9 @@ def probe_nodes(out: Path) -> None:
 
 def _ingest_leftover(entry: Path) -> bool:
     """What an ingest stopped before cache.json leaves behind (a re-run redoes it): the lock, a write
-    probe, and images/ holding only image tars (finished or .tmp) and their index."""
-    if entry.name == LOCK_FILE or entry.name.startswith(".write-test-"):
+    probe, views.parquet (written just before cache.json: a full disk can strike in between), and images/
+    holding only image tars (finished or .tmp) and their index."""
+    if entry.name in (LOCK_FILE, VIEWS_FILE) or entry.name.startswith(".write-test-"):
         return True
     if entry.name != "images" or not entry.is_dir():
         return False
@@ -91,4 +93,7 @@ def check_out_dir(out: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise SakError(f"cannot write to output folder {out}: {e.strerror}; pass a writable --out") from e
+        error = write_error(e, out)
+        raise error or SakError(
+            f"cannot write to output folder {out}: {e.strerror}; pass a writable --out"
+        ) from e

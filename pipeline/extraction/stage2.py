@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE, CacheLock
-from sak.pipeline.base.provenance import code_version, now_iso, sha256_file
+from sak.pipeline.base.provenance import atomic_path, code_version, now_iso, sha256_file
 from sak.pipeline.buckets.bucket import Bucket, is_url
 from sak.pipeline.buckets.lock import BucketLock
 from sak.pipeline.buckets.mirror import fresh_mirror, pull, push_metadata
@@ -196,7 +196,8 @@ def _build(cfg: Stage2BuildConfig, source: Stage2Source, out: Path, remote: Buck
                 Path(by_name[name].path), shard_record, remote.sub(by_name[name].rel) if remote else None
             )
         log.info(f"stage-2 cache: shard {job.shard} done ({len(rows_of)}/{n_shards} shards)")
-    pq.write_table(pa.Table.from_pylist([r for s in sorted(rows_of) for r in rows_of[s]]), out / VIEWS_FILE)
+    with atomic_path(out / VIEWS_FILE) as tmp:
+        pq.write_table(pa.Table.from_pylist([r for s in sorted(rows_of) for r in rows_of[s]]), tmp)
     record = dataclasses.replace(
         record,
         teachers=[_teacher_record(t, by_name[t.teacher]) for t in source.teachers],

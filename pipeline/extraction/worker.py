@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.oserrors import writing
 from sak.pipeline.base.provenance import peak_rss_bytes, xxh3_file
 from sak.pipeline.buckets.bucket import Bucket
 from sak.pipeline.buckets.mirror import node_mirror, push
@@ -208,10 +209,11 @@ class TeacherWorker:
             fidelity = measure_levels(
                 store.codec, dict(zip(blocks, native)), dict(zip(blocks, levels)), store.bases
             )
-        files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
-        written = list(files)
-        if spec.statistics:
-            written.append(save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels])))
+        with writing(store.path):  # a full disk: one line naming the store (its writers leave no temp)
+            files = store.write_shard(job.shard, job.start, dict(zip(blocks, levels)))
+            written = list(files)
+            if spec.statistics:
+                written.append(save_stats(store.path, job.shard, shard_stats([lv.numpy() for lv in levels])))
         fast = {rel: xxh3_file(store.path / rel) for rel in files}  # page-cached: ~6 GB/s
         if remote is not None:  # uploaded and checked before the driver journals the shard
             push(remote, Path(store.path), written)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.lock import LockHolder, lock_holder
 from sak.pipeline.base.provenance import SCHEMA_VERSION, read_json, write_json_atomic
 from sak.pipeline.base.typed_json import to_json, type_hints
 from sak.pipeline.format.layout import CACHE_FILE, STORE_MANIFEST
@@ -62,6 +63,15 @@ def read_cache(cache_dir: str | Path) -> CacheManifest:
     if not path.exists():
         raise SakError(f"{cache_dir} is not a SAK cache (no {CACHE_FILE}); create one with `sak-cache run`")
     return _read_document(path, CacheManifest, "sak-cache")
+
+
+def stores_in_progress(cache_dir: str | Path, cache: CacheManifest) -> dict[str, LockHolder]:
+    """The stores a live `sak-cache run` is adding or finishing now (fingerprint -> who holds the cache's
+    lock): listed incomplete while the lock is held. Their manifest is not final (or not written yet):
+    an extraction in progress, not damage."""
+    pending = [fp for fp, entry in cache.stores.items() if not entry.complete]
+    holder = lock_holder(cache_dir) if pending else None
+    return {fp: holder for fp in pending} if holder is not None else {}
 
 
 def cache_content_digest(cache: CacheManifest) -> str:

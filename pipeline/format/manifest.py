@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.provenance import sha256_file, stable_hash
+from sak.pipeline.base.provenance import atomic_path, sha256_file, stable_hash
 from sak.pipeline.base.typed_json import to_json
 from sak.pipeline.format.layout import STATS_DIR, STORE_MANIFEST, stats_file, store_file_kind
 from sak.pipeline.format.records import FileDigest, LevelStats, StoreIdentity
@@ -75,7 +75,7 @@ def shard_stats(levels: list[np.ndarray]) -> np.ndarray:
 def save_stats(store_dir: Path, shard: int, stats: np.ndarray) -> str:
     rel = stats_file(shard)
     (store_dir / STATS_DIR).mkdir(exist_ok=True)
-    with open(store_dir / rel, "wb") as f:
+    with atomic_path(store_dir / rel) as tmp, open(tmp, "wb") as f:
         np.save(f, stats, allow_pickle=False)
         f.flush()
         os.fsync(f.fileno())

@@ -12,7 +12,14 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.units import UNITS_NOTE, human_bytes
 from sak.pipeline.buckets.bucket import Bucket, is_url
 from sak.pipeline.buckets.mirror import pull, stage_dir
-from sak.pipeline.format.documents import is_stage2_cache, read_cache, read_stage2_cache, read_store_manifest
+from sak.pipeline.format.documents import (
+    is_stage2_cache,
+    read_cache,
+    read_stage2_cache,
+    read_store_manifest,
+    stores_in_progress,
+)
+from sak.pipeline.format.journal import read_journal
 from sak.pipeline.format.layout import CACHE_FILE
 from sak.pipeline.format.records import StoreManifest
 from sak.pipeline.inspection.verify import check_bucket_cache, check_cache, records_problems
@@ -51,9 +58,13 @@ def describe_cache(
         lines.append(f"  skipped {s.origin}: {s.reason}")
     header = f"{'teacher':<12} {'fingerprint':<26} {'levels':<14} {'shape (H,W,C)':<15} {'codec':<5} {'done':>9} {'bytes':>10} {'per view':>10}"
     lines += ["", header, "-" * len(header)]
-    warnings = []
+    warnings, busy = [], stores_in_progress(cache_dir, cache)
     for fp, entry in cache.stores.items():
         store_dir = Path(cache_dir) / entry.path
+        if fp in busy:  # its manifest is written when that run ends
+            done = f"{len(read_journal(store_dir))}/{cache.num_shards}"
+            lines.append(f"{entry.teacher:<12} {fp:<26} in progress ({busy[fp]}): {done} shards so far")
+            continue
         try:
             m = read_store_manifest(store_dir)
         except SakError as e:
@@ -149,8 +160,9 @@ def list_caches(root: str | Path, found: list[FoundCache] | None = None, full: b
             lines.append(f"{fc.shown}  unreadable: {e}")
             continue
         teachers = []
-        for entry in cache.stores.values():
-            flag = "" if entry.complete else "(incomplete)"
+        busy = stores_in_progress(fc.local, cache)
+        for fp, entry in cache.stores.items():
+            flag = "" if entry.complete else "(in progress)" if fp in busy else "(incomplete)"
             flag += "(random-init)" if entry.random_init else ""
             teachers.append(entry.teacher + flag)
         problems = fc.full_check().problems if full and fc.full_check else records_problems(fc.local)

@@ -16,7 +16,15 @@ from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.typed_json import SchemaFamily, doc, schema_text, to_json
 from sak.pipeline.buckets.bucket import Bucket, is_url
 from sak.pipeline.buckets.mirror import pull, stage_dir
-from sak.pipeline.format.documents import is_stage2_cache, read_cache, read_stage2_cache, read_store_manifest
+from sak.pipeline.format.documents import (
+    is_stage2_cache,
+    read_cache,
+    read_stage2_cache,
+    read_store_manifest,
+    stores_in_progress,
+)
+from sak.pipeline.format.layout import STORE_MANIFEST
+from sak.pipeline.format.records import StoreEntry
 from sak.pipeline.inspection.describe import FoundCache, local_caches
 from sak.pipeline.inspection.verify import Report, records_problems
 
@@ -42,6 +50,14 @@ class StoreSummary:
     weights_source: Literal["random", "file", "pretrained"]
     compressor: str = field(metadata=doc("Blosc compressor of the chunks: none | lz4 | zstd"))
     grid: list[int] = field(metadata=doc("the stored token grid (H, W)"))
+    in_progress: str | None = field(
+        default=None,
+        metadata=doc(
+            "set while a live `sak-cache run` adds the store: who holds the cache ('held by HOST pid N since "
+            "T'); its manifest is not final, shards_done counts its journal",
+            omit=True,
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +125,10 @@ class VerifyReport:
     ok: bool
     problems: list[str] = field(metadata=doc("each fails verify, naming the file and shard"))
     notes: list[str] = field(metadata=doc("facts worth knowing that do not fail verify"))
+    in_progress: list[str] | None = field(
+        default=None,
+        metadata=doc("stores a live `sak-cache run` is adding, naming the holder: not verified", omit=True),
+    )
 
 
 def _family(cls: type, name: str) -> SchemaFamily:
@@ -152,15 +172,18 @@ def _inspect_local(root: Path, shown: str, sizes: dict[str, int] | None) -> Insp
             f"{shown} is a stage-2 cache: --json describes view caches; run `sak-cache inspect {shown}`"
         )
     cache = read_cache(root)
-    stores = []
+    stores, busy = [], stores_in_progress(root, cache)
     for fp, entry in cache.stores.items():
-        m = read_store_manifest(root / entry.path)
         prefix = entry.path.rstrip("/") + "/"
         nbytes = (
             sum(n for rel, n in sizes.items() if rel.startswith(prefix))
             if sizes is not None
             else sum(p.stat().st_size for p in (root / entry.path).rglob("*") if p.is_file())
         )
+        if fp in busy:
+            stores.append(_in_progress_summary(root, fp, entry, nbytes, str(busy[fp])))
+            continue
+        m = read_store_manifest(root / entry.path)
         stores.append(
             StoreSummary(
                 fingerprint=fp,
@@ -185,6 +208,20 @@ def _inspect_local(root: Path, shown: str, sizes: dict[str, int] | None) -> Insp
         num_views=cache.num_views, views_per_image=plan.views_per_image, size=plan.size, seed=plan.seed,
         num_shards=cache.num_shards, shard_size=cache.shard_size, stores=stores,
         student_views=cache.student_views.size if cache.student_views else None,
+    )  # fmt: skip
+
+
+def _in_progress_summary(root: Path, fp: str, entry: StoreEntry, nbytes: int, holder: str) -> StoreSummary:
+    """A store being added: what cache.json and its journal say (its manifest is written at the end)."""
+    from sak.pipeline.format.journal import read_journal
+
+    manifest = root / entry.path / STORE_MANIFEST
+    m = read_store_manifest(root / entry.path) if manifest.is_file() else None
+    return StoreSummary(
+        fingerprint=fp, teacher=entry.teacher, format=entry.format, codec=entry.codec,
+        random_init=entry.random_init, blocks=[lv.block for lv in m.levels] if m else [],
+        shards_done=len(read_journal(root / entry.path)), bytes=nbytes, actor_peak_rss_bytes=None,
+        in_progress=holder,
     )  # fmt: skip
 
 
@@ -228,7 +265,10 @@ def _ls_entry(fc: FoundCache, full: bool) -> LsEntry:
 
 
 def verify_report(cache: str, report: Report) -> VerifyReport:
-    return VerifyReport(cache=cache, ok=not report.problems, problems=report.problems, notes=report.notes)
+    return VerifyReport(
+        cache=cache, ok=not report.problems, problems=report.problems, notes=report.notes,
+        in_progress=report.in_progress or None,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.provenance import atomic_path
 from sak.pipeline.extraction.preprocess import cut_shard_views, view_rows
 from sak.pipeline.format.documents import read_cache, read_store_manifest
 from sak.pipeline.store.backends import open_store
@@ -103,8 +104,8 @@ def save_sheet(rows: list[list[tuple[np.ndarray, str]]], out: str | Path) -> Pat
         for j, (img, caption) in enumerate(row):
             sheet.paste(_panel(img, caption), (j * PANEL, i * (PANEL + LABEL)))
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
+    with atomic_path(out) as tmp:  # a full disk or a read-only folder: one line, no partial PNG
+        sheet.save(tmp, format="PNG")
     return out
 
 

@@ -5,6 +5,8 @@ tars, images/index.parquet, views.parquet, every store manifest, and every file 
 (shards, Zarr metadata, layout, journal, statistics); it checks the counts and that all stores describe
 the same views in the same order (views.parquet digest, dataset fingerprint, view count, shard
 boundaries), and reports any file in the cache the format does not name. Each problem names the file.
+A store a live `sak-cache run` is adding (listed incomplete while the cache's lock is held) is reported
+as in progress, naming the holder, and left unchecked: its manifest is written when that run ends.
 A v1 cache written before the `files` tables existed verifies what it records; the files it names but
 does not digest are listed as notes.
 """
@@ -27,6 +29,7 @@ from sak.pipeline.format.documents import (
     read_cache,
     read_stage2_cache,
     read_store_manifest,
+    stores_in_progress,
 )
 from sak.pipeline.format.layout import (
     CACHE_FILE,
@@ -43,6 +46,7 @@ from sak.pipeline.format.records import CacheManifest, StoreEntry, StoreManifest
 class Report:
     problems: list[str] = field(default_factory=list)  # each fails verify
     notes: list[str] = field(default_factory=list)  # facts worth knowing that do not
+    in_progress: list[str] = field(default_factory=list)  # stores a live run is adding: not checked
 
 
 def verify_cache(cache_dir: str | Path, progress=None) -> list[str]:
@@ -78,10 +82,13 @@ def check_cache(cache_dir: str | Path, progress=None) -> Report:
         report.problems.append(
             f"images: tars hold {n_images} images, cache.json says {cache.dataset.num_images}"
         )
-    manifests = {}
+    manifests, busy = {}, stores_in_progress(root, cache)
     for fp, entry in cache.stores.items():
+        if fp in busy:  # its manifest is written when that run ends: checked then, not damage now
+            report.in_progress.append(f"store {entry.teacher} ({fp}): in progress ({busy[fp]}); not verified")
+            continue
         manifests[fp] = _verify_store(root, cache, fp, entry, digests, report.problems, progress)
-    _check_names(root, cache, manifests, report)
+    _check_names(root, cache, manifests, report, {cache.stores[fp].path for fp in busy})
     return report
 
 
@@ -293,8 +300,9 @@ def _check_student_views(cache: CacheManifest, digests: _Digests, report: Report
         report.problems.append(f"student views: shard(s) {missing[:10]} not written; re-run `sak-cache run`")
 
 
-def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Report) -> None:
-    """Every file of the cache is one the format names and one its manifests record (the lock excepted)."""
+def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Report, busy: set[str]) -> None:
+    """Every file of the cache is one the format names and one its manifests record (the lock excepted;
+    the stores in `busy`, being written by a live run, are left alone)."""
     tars = {t.file for t in cache.images.shards}
     stores = {entry.path: manifests.get(fp) for fp, entry in cache.stores.items()}
     undigested: list[str] = []
@@ -303,6 +311,8 @@ def _check_names(root: Path, cache: CacheManifest, manifests: dict, report: Repo
         parts = rel.split("/")
         if parts[0] == TEACHERS_DIR and len(parts) > 2:
             store_path, inner = "/".join(parts[:2]), "/".join(parts[2:])
+            if store_path in busy:
+                continue
             if store_path not in stores:
                 report.problems.append(f"file {rel} belongs to no store listed in cache.json")
                 continue
@@ -345,10 +355,12 @@ def records_problems(cache_dir: Path) -> list[str]:
     """The cheap part of `verify`: cache.json's own digest, and each store manifest against the sha256
     cache.json records for it (no shard is read)."""
     cache = read_cache(cache_dir)
-    problems = []
+    problems, busy = [], stores_in_progress(cache_dir, cache)
     if cache.content_sha256 is not None and cache_content_digest(cache) != cache.content_sha256:
         problems.append(f"{CACHE_FILE} was modified after it was written")
     for fp, entry in cache.stores.items():
+        if fp in busy:
+            continue
         path = cache_dir / entry.path / STORE_MANIFEST
         if entry.manifest_sha256 and (not path.is_file() or sha256_file(path) != entry.manifest_sha256):
             problems.append(f"store {fp}: its manifest does not match the sha256 in {CACHE_FILE}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.oserrors import write_error
 from sak.pipeline.format.records import LevelRecord, StoreManifest
 from sak.pipeline.store.codecs import Codec, get_codec
 
@@ -41,7 +42,7 @@ def create_teacher_store(
     except SakError:
         raise
     except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged metadata
-        raise SakError(
+        raise write_error(e, path) or SakError(
             f"{path}: the store's Zarr metadata cannot be read ({type(e).__name__}); run `sak-cache verify`, "
             f"or delete the store folder to compute it again"
         ) from e

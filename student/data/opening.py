@@ -8,6 +8,7 @@ range (bucket_ranges.py) or through a bounded local folder of whole shard object
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from sak.pipeline.base.provenance import read_json, sha256_file
 from sak.pipeline.base.typed_json import to_json
 from sak.pipeline.buckets.bucket import Bucket, is_url
 from sak.pipeline.buckets.mirror import pull, stage_dir
-from sak.pipeline.format.documents import read_cache, read_store_manifest
-from sak.pipeline.format.layout import IMAGE_INDEX_FILE, VIEWS_FILE, store_file_kind
+from sak.pipeline.format.documents import read_cache, read_store_manifest, stores_in_progress
+from sak.pipeline.format.layout import IMAGE_INDEX_FILE, STORE_MANIFEST, VIEWS_FILE, store_file_kind
 from sak.pipeline.format.records import CacheManifest, StoreManifest
 from sak.pipeline.format.tables import read_table
 from sak.pipeline.store.backends import store_codec
@@ -26,6 +27,7 @@ from sak.pipeline.store.lowrank import read_bases
 from sak.pipeline.teachers.specs import get_teacher
 from sak.student.data.index import CacheIndex, StoreInfo
 
+log = logging.getLogger("sak")
 DEFAULT_LOCAL_CACHE_GB = 50.0  # bound on a bucket cache's local read-through directory
 READABLE_FORMATS = ("zarr", "wds")
 
@@ -98,6 +100,36 @@ def _shown(value):
     return to_json(value)
 
 
+def _stores_not_in_progress(
+    root: Path, cache: CacheManifest, teachers: tuple[str, ...] | list[str] | None, where: str, complete: bool
+) -> list[str]:
+    """select_stores, leaving out the stores a live `sak-cache run` is adding (their manifests are written
+    when it ends) with one warning; a store asked for by --teachers that is being added fails naming the
+    holder (an online run takes one whose manifest exists: it reads only the manifest)."""
+    busy = stores_in_progress(root, cache)
+    if not teachers and busy:
+        holder = next(iter(busy.values()))
+        names = ", ".join(f"{cache.stores[fp].teacher} ({fp})" for fp in busy)
+        if len(busy) == len(cache.stores):
+            raise SakError(
+                f"{where}: every store is being extracted right now ({names}; {holder}); wait for that "
+                f"`sak-cache run` to finish"
+            )
+        log.warning(
+            f"{where}: leaving out {names}, being extracted right now ({holder}); training on the rest"
+        )
+        cache = dataclasses.replace(cache, stores={k: e for k, e in cache.stores.items() if k not in busy})
+    fps = select_stores(cache, teachers, where)
+    for fp in fps:
+        entry = cache.stores[fp]
+        if fp in busy and (complete or not (root / entry.path / STORE_MANIFEST).is_file()):
+            raise SakError(
+                f"store {entry.teacher} ({fp}) of {where} is being extracted right now ({busy[fp]}); wait "
+                f"for that `sak-cache run` to finish, or leave {entry.teacher} out of --teachers"
+            )
+    return fps
+
+
 def open_cache(
     cache_dir: str | Path,
     teachers: tuple[str, ...] | list[str] | None = None,
@@ -118,7 +150,7 @@ def open_cache(
         return dataclasses.replace(index, remote=url, local_cache_bytes=bound, ranged=local_cache is None)
     root = Path(cache_dir).expanduser().resolve()
     cache = read_cache(root)
-    fps = select_stores(cache, teachers, str(cache_dir))
+    fps = _stores_not_in_progress(root, cache, teachers, str(cache_dir), require_complete)
     manifests = {fp: read_store_manifest(root / cache.stores[fp].path) for fp in fps}
     if require_complete:
         for fp, m in manifests.items():

@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.provenance import (
     SCHEMA_VERSION,
+    atomic_path,
     code_version,
     current_umask,
     read_json,
     sha256_file,
-    temp_beside,
     write_json_atomic,
 )
 from sak.student.model.config import StudentConfig
@@ -97,17 +97,11 @@ def save_student(
     config = model.config.to_dict()
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     metadata = {CONFIG_METADATA_KEY: json.dumps(config), "code_version": code_version()}
-    fd, tmp = temp_beside(path)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
         os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes the file anew, 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     write_json_atomic(
         sidecar_path(path),
         {

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.oserrors import writing
 from sak.pipeline.base.provenance import code_version, now_iso, peak_rss_bytes, read_json, sha256_file
 from sak.student.run import legacy
 from sak.student.run.folder import CHECKPOINT_DIR
@@ -130,9 +131,33 @@ def save_checkpoint(
     loader: LoaderState,
     rng: list[RngStates],
 ) -> Path:
-    """Write RUN/checkpoint.tmp completely, then swap it in (a crash leaves the previous one intact)."""
+    """Write RUN/checkpoint.tmp completely, then swap it in (a crash leaves the previous one intact; a
+    full disk or a read-only folder removes checkpoint.tmp and leaves as one line naming the path)."""
     tmp, final, old = run / f"{CHECKPOINT_DIR}.tmp", run / CHECKPOINT_DIR, run / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with writing(final):
+            _write_checkpoint_files(tmp, model_record, model, optimizer, scheduler, loader, rng)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint_files(
+    tmp: Path,
+    model_record: ModelRecord,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: LoaderState,
+    rng: list[RngStates],
+) -> None:
     tmp.mkdir(parents=True)
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / MODEL_WEIGHTS), metadata={"code_version": code_version()})
@@ -159,12 +184,6 @@ def save_checkpoint(
         peak_memory=measured_peak_memory(),
     )
     write_document(tmp / STATE_JSON, state)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def measured_peak_memory() -> PeakMemory:

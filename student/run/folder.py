@@ -25,6 +25,8 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE, CacheLock
+from sak.pipeline.base.oserrors import writing
+from sak.pipeline.base.provenance import atomic_path
 from sak.student.run.record import (
     InstructionsRecord,
     RunRecord,
@@ -111,9 +113,8 @@ class RunFolder:
                 f"{self.metrics_file}: dropped a torn last line ({torn!r:.60}), left by an interrupted write"
             )
         kept = [r for r in records if int(r.get("step", 0)) <= step]
-        tmp = self.metrics_file.with_name(METRICS_FILE + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.metrics_file)
+        with atomic_path(self.metrics_file) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def metrics_log(self, enabled: bool, tensorboard: bool) -> MetricsLog:
         return MetricsLog(self.path, enabled, tensorboard)
@@ -127,7 +128,8 @@ class RunFolder:
         from sak.pipeline.base.provenance import sha256_file
 
         self.path.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": emb.contiguous()}, str(self.path / INSTRUCTIONS_TENSORS))
+        with atomic_path(self.path / INSTRUCTIONS_TENSORS) as tmp:
+            save_file({"embeddings": emb.contiguous()}, str(tmp))
         record = InstructionsRecord(
             **identity.to_dict(), embeddings_sha256=sha256_file(self.path / INSTRUCTIONS_TENSORS)
         )
@@ -172,18 +174,22 @@ def _parse_metrics(path: Path) -> tuple[list[dict], str]:
 
 
 class MetricsLog:
-    """One JSON line per record in RUN/metrics.jsonl, and the numbers to TensorBoard when installed."""
+    """One JSON line per record in RUN/metrics.jsonl, and the numbers to TensorBoard when installed.
+
+    Each line is one os.write on an O_APPEND descriptor; a write that fails (a full disk) is cut back to
+    the previous length, so no torn line stays, and leaves as one line naming the file (oserrors.py)."""
 
     def __init__(self, run: Path, enabled: bool, tensorboard: bool) -> None:
-        self.file = None
+        self.fd: int | None = None
         self.tb = None
         if not enabled:
             return
-        path = run / METRICS_FILE
-        torn = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-        self.file = open(path, "a")
+        self.path = run / METRICS_FILE
+        torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        with writing(self.path):
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         if torn:  # a line cut by a kill: end it, so the next record starts a line of its own
-            self.file.write("\n")
+            self._append(b"\n")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -192,11 +198,21 @@ class MetricsLog:
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
 
+    def _append(self, data: bytes) -> None:
+        before = os.fstat(self.fd).st_size
+        try:
+            with writing(self.path):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self.fd, view) :]
+        except BaseException:
+            os.ftruncate(self.fd, before)  # no torn line stays: the file is as it was
+            raise
+
     def write(self, record: dict) -> None:
-        if self.file is None:
+        if self.fd is None:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._append((json.dumps(record) + "\n").encode())
         if self.tb is not None:
             prefix = "eval/" if record.get("kind") == "eval" else "train/"
             for k, v in record.items():
@@ -204,9 +220,9 @@ class MetricsLog:
                     self.tb.add_scalar(prefix + k, v, record["step"])
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.tb is not None:
             self.tb.close()
             self.tb = None
