@@ -13,6 +13,7 @@ import time
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE
+from sak.pipeline.buckets.access import storage_errors
 from sak.pipeline.buckets.bucket import Bucket
 
 log = logging.getLogger("sak")
@@ -70,13 +71,15 @@ class BucketLock:
     def _create(self) -> bool:
         key = self.bucket.key(LOCK_FILE)
         try:
-            self.bucket.fs.pipe_file(key, self._body(), mode="create")
+            with storage_errors(self.bucket.url, "taking the lock"):
+                self.bucket.fs.pipe_file(key, self._body(), mode="create")
         except FileExistsError:
             return False
         except TypeError:  # a filesystem without conditional create: best effort (documented in README)
             if self.bucket.exists(LOCK_FILE):
                 return False
-            self.bucket.fs.pipe_file(key, self._body())
+            with storage_errors(self.bucket.url, "taking the lock"):
+                self.bucket.fs.pipe_file(key, self._body())
         self.bucket.fs.invalidate_cache()
         return self._holder().get("owner") == self.owner
 
