@@ -126,6 +126,28 @@ def test_stage1_from_a_bucket_without_credentials_says_one_line(
     _one_error_line(capsys, url, "AWS_ACCESS_KEY_ID")
 
 
+@pytest.mark.parametrize(
+    "main, argv",
+    [
+        (
+            cache_main,
+            ["stage2", "--init", "runs/none", "--dataset", "pascal", "--data-root", ".", "--out", "{url}"],
+        ),
+        (
+            train_main,
+            ["stage2", "--cache", "{url}", "--dataset", "pascal", "--data-root", ".", "--init", "runs/none"],
+        ),
+        (train_main, ["tiger", "--cache", "{url}", "--dataset", "pascal", "--data-root", "."]),
+    ],
+    ids=["sak-cache stage2", "sak-train stage2", "sak-train tiger"],
+)
+def test_stage2_commands_check_the_bucket_first(main, argv, s3_server, no_aws_credentials, tmp_path, capsys):
+    url = s3_server("sak-access") + "/team/s2"
+    extra = [] if "--out" in argv else ["--out", str(tmp_path / "run")]
+    assert main([a.format(url=url) for a in argv] + extra) == 2
+    _one_error_line(capsys, url, "AWS_ACCESS_KEY_ID")
+
+
 def test_a_missing_bucket_is_named(s3_server, capsys):
     s3_server("sak-access")  # the server runs; this bucket does not exist on it
     assert cache_main(["inspect", "s3://sak-no-such-bucket/team/c"]) == 2
@@ -211,15 +233,26 @@ def test_gs_missing_bucket_on_the_emulator(gcs_server, capsys):
     check_access(f"{gcs_server}/team/new", write=True)  # the emulator's bucket: fine
 
 
-def test_gs_emulator_down_fails_fast(monkeypatch, capsys):
-    with socket.socket() as s:  # a port nothing listens on
+def _closed_port() -> int:
+    with socket.socket() as s:  # a port nothing listens on once closed
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        return s.getsockname()[1]
+
+
+def test_gs_emulator_down_fails_fast(monkeypatch, capsys):
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{_closed_port()}")
     t0 = time.monotonic()
     assert cache_main(["ls", "gs://sak-gs/team"]) == 2
     _one_error_line(capsys, "cannot reach the GCS emulator", "STORAGE_EMULATOR_HOST")
     assert time.monotonic() - t0 < 6  # gcsfs alone retries a refused connection for about 30 s
+
+
+def test_s3_endpoint_down_fails_fast(monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_closed_port()}")
+    t0 = time.monotonic()
+    assert cache_main(["inspect", "s3://sak-access/team/c"]) == 2
+    _one_error_line(capsys, "cannot reach the S3 endpoint", "AWS_ENDPOINT_URL")
+    assert time.monotonic() - t0 < 6  # s3fs and botocore alone retry for about 13 s
 
 
 class _ClientError(Exception):  # the shape of botocore's ClientError

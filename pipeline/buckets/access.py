@@ -190,6 +190,25 @@ def _emulator_bucket(url: str, name: str) -> None:
         ) from e
 
 
+def _endpoint_reachable(url: str) -> None:
+    """An S3-compatible endpoint (AWS_ENDPOINT_URL) that refuses connections is said at once: s3fs and
+    botocore would retry it for about 13 s."""
+    import socket
+    from urllib.parse import urlsplit
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not endpoint:
+        return
+    parts = urlsplit(endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=5).close()
+    except OSError as e:
+        raise SakError(
+            f"cannot reach the S3 endpoint {endpoint} for {url} ({_detail(e)}); start it, or fix AWS_ENDPOINT_URL"
+        ) from e
+
+
 def check_access(url: str, write: bool = False) -> None:
     """Before any work on a URL cache: the credentials resolve, the bucket exists, its prefix can be listed,
     and (write) an object can be put under it, read back and deleted. Refuses in one line otherwise."""
@@ -199,6 +218,8 @@ def check_access(url: str, write: bool = False) -> None:
     name = bucket.root.split("/")[0]
     if is_gcs(url) and emulator_host():
         _emulator_bucket(url, name)
+    elif not is_gcs(url):
+        _endpoint_reachable(url)
     with storage_errors(url, "listing the bucket"):
         try:
             bucket.fs.ls(bucket.root)
