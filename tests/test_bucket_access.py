@@ -17,6 +17,7 @@ from sak.cli.train import main as train_main
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.access import check_access, storage_error, write_probe
 from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.extraction.probe import bucket_node_probe, probe_bucket_nodes
 
 AWS_CREDENTIAL_VARS = (
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
@@ -162,26 +163,43 @@ def test_an_empty_prefix_of_a_bucket_is_fine_to_write(s3_server):
     assert Bucket(url).listing() == {}  # the write probe left nothing behind
 
 
+def _iam_user(name: str, actions: list[str], monkeypatch) -> None:
+    """An IAM user of the moto server allowed these S3 actions; the test process takes its key."""
+    import boto3
+
+    iam = boto3.client("iam")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}
+    try:
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="s3", PolicyDocument=json.dumps(policy))
+    except iam.exceptions.EntityAlreadyExistsException:
+        pass
+    key = iam.create_access_key(UserName=name)["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+
+
 @pytest.fixture
 def iam_reader(s3_server, monkeypatch):
-    """moto with IAM authentication on (403s for real): a user allowed to list and read, not to write; the
-    test process uses its key. Yields the bucket's URL."""
-    import boto3
+    """moto with IAM authentication on (403s for real): this process holds the key of a user allowed to
+    list and read, not to write. Yields the bucket's URL."""
     from moto.core.authorization import enable_iam_authentication
 
     url = s3_server("sak-access")
-    iam = boto3.client("iam")
-    policy = {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:GetObject"], "Resource": "*"},
-    ]}  # fmt: skip
-    try:
-        iam.create_user(UserName="sak-reader")
-        iam.put_user_policy(UserName="sak-reader", PolicyName="read", PolicyDocument=json.dumps(policy))
-    except iam.exceptions.EntityAlreadyExistsException:
-        pass
-    key = iam.create_access_key(UserName="sak-reader")["AccessKey"]
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    _iam_user("sak-reader", ["s3:ListBucket", "s3:GetObject"], monkeypatch)
+    with enable_iam_authentication():
+        yield url
+
+
+@pytest.fixture
+def iam_driver_only(s3_server, monkeypatch):
+    """moto with IAM authentication on: this process (the driver) holds a writer's key, while the Ray
+    workers keep the key they started with, unknown to moto's IAM: a node without the driver's
+    credentials. Yields the bucket's URL."""
+    from moto.core.authorization import enable_iam_authentication
+
+    url = s3_server("sak-access")
+    _iam_user("sak-writer", ["s3:*"], monkeypatch)
     with enable_iam_authentication():
         yield url
 
@@ -205,6 +223,49 @@ def test_later_bucket_calls_fail_in_one_line_too(s3_server, no_aws_credentials):
     with pytest.raises(SakError, match="no usable credentials .*reading cache.json"):
         bucket.read_bytes("cache.json")
     assert write_probe(bucket.url, "node-x").startswith("no usable credentials for s3://sak-access/team/c")
+
+
+def test_the_node_probe_writes_reads_and_deletes_with_the_nodes_own_credentials(s3_server, monkeypatch):
+    url = s3_server("sak-access") + "/team/nodes"
+    assert bucket_node_probe(url, "0123456789ab") is None
+    assert Bucket(url).listing() == {}  # nothing left behind
+    for name in AWS_CREDENTIAL_VARS:  # this node's environment lacks the credentials
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/credentials")
+    _clear_filesystems()
+    problem = bucket_node_probe(url, "0123456789ab")
+    assert problem.startswith(f"no usable credentials for {url}") and "AWS_ACCESS_KEY_ID" in problem
+
+
+def test_a_ray_node_without_the_drivers_credentials_is_named(iam_driver_only, ray_local):
+    import ray
+
+    url = iam_driver_only + "/team/nodes"
+    check_access(url, write=True)  # the driver may write
+    node = ray.nodes()[0]
+    with pytest.raises(SakError) as info:
+        probe_bucket_nodes(url)  # each alive node (one here) runs bucket_node_probe with its own environment
+    message = str(info.value)
+    assert f"node {node['NodeID'][:12]} ({node['NodeManagerAddress']}) cannot write {url}" in message
+    assert "denied" in message and "every node needs the driver's bucket credentials" in message
+
+
+def test_run_into_a_bucket_some_node_cannot_write_stops_before_the_ingest(
+    iam_driver_only, ray_local, photo_dir, monkeypatch, tmp_path, capsys
+):
+    import sak.pipeline.extraction.driver as driver
+    from sak.pipeline.buckets.mirror import STAGE_ENV
+
+    def ingest(*_a, **_kw):
+        raise AssertionError("ingest started before every node was checked")
+
+    monkeypatch.setattr(driver, "ingest", ingest)
+    monkeypatch.setenv(STAGE_ENV, str(tmp_path / "stage"))
+    url = iam_driver_only + "/team/run-nodes"
+    argv = ["run", "--source", str(photo_dir), "--out", url, "--teachers", "dinov2_tiny", "--size", "64"]
+    assert cache_main(argv) == 2
+    _one_error_line(capsys, "cannot write " + url, "every node needs the driver's bucket credentials")
+    assert Bucket(url).listing() == {}  # no lock, no probe object left
 
 
 def test_gs_without_credentials_fails_at_once_without_any_request(
