@@ -15,8 +15,9 @@ import pytest
 from sak.cli.cache import main as cache_main
 from sak.cli.train import main as train_main
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.buckets.access import check_access, storage_error, write_probe
+from sak.pipeline.buckets.access import check_access, write_probe
 from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.failures import storage_error
 from sak.pipeline.extraction.probe import bucket_node_probe, probe_bucket_nodes
 
 AWS_CREDENTIAL_VARS = (

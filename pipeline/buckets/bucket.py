@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.buckets.access import gcs_credentials, is_gcs, storage_errors
+from sak.pipeline.buckets.failures import gcs_credentials, is_gcs, storage_errors
 
 URL_SCHEMES = ("s3://", "gs://", "gcs://")
 

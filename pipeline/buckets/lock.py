@@ -13,8 +13,8 @@ import time
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE
-from sak.pipeline.buckets.access import storage_errors
 from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.failures import storage_errors
 
 log = logging.getLogger("sak")
 LOCK_TTL_S = 6 * 3600  # a lock object older than this (its holder stopped refreshing it) is stale

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.buckets.access import storage_errors
 from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.failures import storage_errors
 from sak.pipeline.format.layout import image_tar_name
 from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.wds import WdsTeacherStore, load_member, shard_file
