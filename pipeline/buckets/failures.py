@@ -154,13 +154,13 @@ def _gcs_credentials_problem(env: tuple[str | None, ...]) -> str | None:
 def gcs_credentials(url: str) -> None:
     """gs:// outside an emulator: Google credentials must resolve (GOOGLE_APPLICATION_CREDENTIALS, gcloud's
     application-default file, or a GCE/GKE service account), checked once per process and environment."""
+    quiet_gcsfs()
     if emulator_host():
         return
     env = ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG", "NO_GCE_CHECK", "GCE_METADATA_HOST")
     problem = _gcs_credentials_problem(tuple(os.environ.get(k) for k in env))
     if problem:
         raise SakError(f"no usable credentials for {url} ({problem}); {GCS_FIX}")
-    quiet_gcsfs()
 
 
 def quiet_gcsfs() -> None:
