@@ -47,7 +47,7 @@ class Bucket:
         self.url = self.url.rstrip("/")
         try:
             if is_gcs(self.url):
-                gcs_credentials(self.url)  # before gcsfs tries its fallbacks (about a minute): access.py
+                gcs_credentials(self.url)  # before gcsfs tries its fallbacks (about a minute): failures.py
             with storage_errors(self.url, "connecting"):
                 self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except ImportError as e:
