@@ -165,6 +165,7 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
         missing = missing_required(cls, given)
         if missing:
             raise SakError(f"missing {' and '.join(missing)} (or --resume RUN to continue a run)")
+        _check_cache_access(given.get("cache"))
         given = _stage2_cache_defaults(cls, given)
         return (preset(**given) if preset else cls(**given)), command
     from sak.student.run.folder import RunFolder
@@ -175,7 +176,19 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
             type(recorded.config).__name__, "another"
         )
         raise SakError(f"--resume {run} is a {kind} run; continue it with `sak-train {kind} --resume {run}`")
-    return resumed_config(recorded.config, given, run), command
+    cfg = resumed_config(recorded.config, given, run)
+    _check_cache_access(getattr(cfg, "cache", None))
+    return cfg, command
+
+
+def _check_cache_access(cache: str | None) -> None:
+    """A bucket --cache: credentials, bucket and permission checked before any work (one line when wrong)."""
+    from sak.pipeline.buckets.bucket import is_url
+
+    if cache and is_url(str(cache)):
+        from sak.pipeline.buckets.access import check_access
+
+        check_access(str(cache))
 
 
 def _stage2_cache_defaults(cls: type, given: dict) -> dict:
@@ -284,6 +297,7 @@ def repsim(**opts) -> None:
     from sak.student.train.evaluate import evaluate_repsim, open_held_out, repsim_pictures
 
     command = REPSIM_OPTIONS.build(RepsimCommand, opts)
+    _check_cache_access(command.cache)
     held = open_held_out(
         command.checkpoint,
         command.cache,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.failures import gcs_credentials, is_gcs, storage_errors
 
 URL_SCHEMES = ("s3://", "gs://", "gcs://")
 
@@ -45,9 +46,12 @@ class Bucket:
 
         self.url = self.url.rstrip("/")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            if is_gcs(self.url):
+                gcs_credentials(self.url)  # before gcsfs tries its fallbacks (about a minute): failures.py
+            with storage_errors(self.url, "connecting"):
+                self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except ImportError as e:
-            extra = "gs" if self.url.startswith(("gs://", "gcs://")) else "s3"
+            extra = "gs" if is_gcs(self.url) else "s3"
             raise SakError(
                 f"{self.url}: the filesystem library is not installed ({e.name}); pip install 'sak-cache[{extra}]'"
             ) from e
@@ -59,18 +63,21 @@ class Bucket:
         return Bucket(f"{self.url}/{rel}")
 
     def exists(self, rel: str) -> bool:
-        return self.fs.exists(self.key(rel))
+        with storage_errors(self.url, f"looking for {rel}"):
+            return self.fs.exists(self.key(rel))
 
     def read_bytes(self, rel: str) -> bytes:
         try:
-            return self.fs.cat_file(self.key(rel))
+            with storage_errors(self.url, f"reading {rel}"):
+                return self.fs.cat_file(self.key(rel))
         except FileNotFoundError as e:
             raise SakError(f"{self.url}/{rel} does not exist") from e
 
     def listing(self, rel: str = "") -> dict[str, int]:
         """Every object under rel: path relative to this bucket's root -> size in bytes."""
         try:
-            found = self.fs.find(self.key(rel), detail=True)
+            with storage_errors(self.url, "listing"):
+                found = self.fs.find(self.key(rel), detail=True)
         except FileNotFoundError:
             return {}
         self.fs.invalidate_cache()
@@ -80,10 +87,12 @@ class Bucket:
     def put_whole(self, local: Path, rel: str) -> str:
         """Upload one file as one object and check it landed intact; returns its sha256."""
         digest = _sha256_path(local)
-        self.fs.put_file(str(local), self.key(rel))
-        self.fs.invalidate_cache()
-        size = self.fs.info(self.key(rel)).get("size")
-        if size != local.stat().st_size or self._sha256(rel) != digest:
+        with storage_errors(self.url, f"uploading {rel}"):
+            self.fs.put_file(str(local), self.key(rel))
+            self.fs.invalidate_cache()
+            size = self.fs.info(self.key(rel)).get("size")
+            same = size == local.stat().st_size and self._sha256(rel) == digest
+        if not same:
             raise SakError(f"{self.url}/{rel}: the uploaded object does not match the local file; run again")
         return digest
 
@@ -100,7 +109,8 @@ class Bucket:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f"{local.name}.part-{os.getpid()}")
         try:
-            self.fs.get_file(self.key(rel), str(tmp))
+            with storage_errors(self.url, f"downloading {rel}"):
+                self.fs.get_file(self.key(rel), str(tmp))
             os.replace(tmp, local)
         except FileNotFoundError as e:
             raise SakError(f"{self.url}/{rel} does not exist; run `sak-cache verify {self.url}`") from e
@@ -110,7 +120,8 @@ class Bucket:
 
     def delete(self, rel: str) -> None:
         try:
-            self.fs.rm_file(self.key(rel))
+            with storage_errors(self.url, f"deleting {rel}"):
+                self.fs.rm_file(self.key(rel))
         except FileNotFoundError:
             pass
 

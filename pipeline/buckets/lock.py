@@ -14,6 +14,7 @@ import time
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE
 from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.failures import storage_errors
 
 log = logging.getLogger("sak")
 LOCK_TTL_S = 6 * 3600  # a lock object older than this (its holder stopped refreshing it) is stale
@@ -70,13 +71,15 @@ class BucketLock:
     def _create(self) -> bool:
         key = self.bucket.key(LOCK_FILE)
         try:
-            self.bucket.fs.pipe_file(key, self._body(), mode="create")
+            with storage_errors(self.bucket.url, "taking the lock"):
+                self.bucket.fs.pipe_file(key, self._body(), mode="create")
         except FileExistsError:
             return False
         except TypeError:  # a filesystem without conditional create: best effort (documented in README)
             if self.bucket.exists(LOCK_FILE):
                 return False
-            self.bucket.fs.pipe_file(key, self._body())
+            with storage_errors(self.bucket.url, "taking the lock"):
+                self.bucket.fs.pipe_file(key, self._body())
         self.bucket.fs.invalidate_cache()
         return self._holder().get("owner") == self.owner
 

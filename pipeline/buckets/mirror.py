@@ -14,8 +14,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE
+from sak.pipeline.buckets.access import check_access
 from sak.pipeline.buckets.bucket import Bucket
 
 STAGE_ENV = "SAK_STAGE_DIR"  # where node-local mirrors of URL caches live (default ~/.cache/sak/stage)
@@ -79,16 +79,10 @@ def metadata_mirror(url: str) -> Path:
 
 def fresh_mirror(url: str) -> Path:
     """The driver's mirror of a URL cache, emptied (a writer fills it from the bucket once it holds the
-    lock); a bucket that cannot be listed is refused in one line."""
+    lock); a bucket this process cannot list and write is refused in one line first (access.py)."""
     import shutil
 
-    try:
-        Bucket(url).listing()
-    except (OSError, PermissionError) as e:
-        raise SakError(
-            f"cannot list {url} ({type(e).__name__}: {e}); check the bucket name and the standard credentials "
-            f"environment (AWS_*/AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS)"
-        ) from e
+    check_access(url, write=True)
     out = stage_dir(url)
     shutil.rmtree(out, ignore_errors=True)
     return out

@@ -30,7 +30,7 @@ from sak.pipeline.extraction.actors import (
 from sak.pipeline.extraction.config import MAX_VIEW_SIZE, ExtractConfig
 from sak.pipeline.extraction.ingest import ingest
 from sak.pipeline.extraction.preprocess import cut_shard_views, view_rows
-from sak.pipeline.extraction.probe import check_out_dir, probe_nodes
+from sak.pipeline.extraction.probe import check_out_dir, probe_bucket_nodes, probe_nodes
 from sak.pipeline.extraction.runtime import Progress, log, ray_session
 from sak.pipeline.extraction.schedule import ShardSchedule
 from sak.pipeline.extraction.stores import (
@@ -66,9 +66,10 @@ def run_extraction(cfg: ExtractConfig) -> Path:
         ray_session(cfg.address, None, cfg.object_store_mb),
     ):
         if remote:  # the driver works on a mirror of the bucket's metadata; the bucket is the truth
+            probe_bucket_nodes(cfg.out)  # every node, before the ingest: its credentials are its own
             pull(remote, out, bulk=False)
-        elif cfg.address:
-            probe_nodes(out)
+        else:
+            probe_nodes(out)  # on a cluster of 2+ nodes (--address or RAY_ADDRESS): one shared folder
         cache = _open_or_ingest(cfg, out, plan, shard_size)
         if cfg.student_views == "raw":
             cache = add_student_views(out, cache, view_rows(out), cfg.out if remote else None)

@@ -1,4 +1,5 @@
-"""Is a local --out usable: writable here, and (on a multi-node Ray cluster) one folder every node sees."""
+"""Is --out usable: a local folder writable here and (on a multi-node Ray cluster) one folder every node
+sees; a bucket every Ray node can write and read (each with its own credentials)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE
 from sak.pipeline.base.oserrors import write_error
+from sak.pipeline.buckets.access import write_probe
 from sak.pipeline.format.layout import CACHE_FILE, VIEWS_FILE
 
 
@@ -24,30 +26,41 @@ def node_probe(folder: str, driver_probe: str, node: str) -> str | None:
     return None
 
 
-def probe_nodes(out: Path) -> None:
-    """A local --out on a Ray cluster must be one folder shared by every node: each alive node reads the
-    driver's probe file and writes one back before any work; otherwise refuse, naming the node."""
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _on_each_node(nodes: list[dict], fn, *args) -> dict[str, tuple[str, object]]:
+    """Run fn(*args, node) once on each of these Ray nodes (a zero-CPU task pinned there): node id (12
+    characters) -> (its address, its result)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    task = ray.remote(num_cpus=0)(fn)
+    refs = {
+        n["NodeID"][:12]: (
+            n["NodeManagerAddress"],
+            task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                *args, n["NodeID"][:12]
+            ),
+        )
+        for n in nodes
+    }
+    return {node: (address, ray.get(ref)) for node, (address, ref) in refs.items()}
+
+
+def probe_nodes(out: Path) -> None:
+    """A local --out on a Ray cluster must be one folder shared by every node: each alive node reads the
+    driver's probe file and writes one back before any work; otherwise refuse, naming the node."""
+    nodes = _alive_nodes()
     if len(nodes) < 2:
         return
     driver_probe = f".probe-driver-{os.getpid()}"
     (out / driver_probe).write_text("driver")
-    task = ray.remote(num_cpus=0)(node_probe)
     try:
-        refs = {
-            n["NodeID"][:12]: (
-                n["NodeManagerAddress"],
-                task.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                ).remote(str(out), driver_probe, n["NodeID"][:12]),
-            )
-            for n in nodes
-        }
-        for node, (address, ref) in refs.items():
-            problem = ray.get(ref)
+        for node, (address, problem) in _on_each_node(nodes, node_probe, str(out), driver_probe).items():
             if problem is None and not (out / f".probe-{node}").is_file():
                 problem = "wrote a probe file the driver cannot see"
             if problem:
@@ -58,6 +71,29 @@ def probe_nodes(out: Path) -> None:
     finally:
         for p in out.glob(".probe-*"):
             p.unlink(missing_ok=True)
+
+
+def bucket_node_probe(url: str, node: str) -> str | None:
+    """On one node: put a probe object under the cache's prefix, read it back and delete it, with this
+    node's own credentials (its processes have the environment `ray start` gave them, not the driver's).
+    None when that works, else the problem in one line; never raises (a Ray task's traceback is noise)."""
+    try:
+        return write_probe(url, f"node-{node}")
+    except Exception as e:  # e.g. the store's library missing on this node
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def probe_bucket_nodes(url: str) -> None:
+    """A URL --out: every alive Ray node (one included: it may not be this machine) must write and read
+    the bucket before any work (extraction tasks and actors write shards there); otherwise refuse,
+    naming the node and the fix."""
+    for node, (address, problem) in _on_each_node(_alive_nodes(), bucket_node_probe, url).items():
+        if problem:
+            raise SakError(
+                f"node {node} ({address}) cannot write {url}: {problem}; every node needs the driver's "
+                f"bucket credentials (the same environment where `ray start` runs, a KubeRay Secret, or an "
+                f"instance role / service account)"
+            )
 
 
 def _ingest_leftover(entry: Path) -> bool:

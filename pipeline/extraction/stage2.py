@@ -251,11 +251,13 @@ def _compute(
         start_actors,
         stop_actors,
     )
-    from sak.pipeline.extraction.probe import probe_nodes
+    from sak.pipeline.extraction.probe import probe_bucket_nodes, probe_nodes
     from sak.pipeline.extraction.runtime import ray_session
 
     with ray_session(cfg.address, None, 512):
-        if cfg.address and not is_url(cfg.out):  # the actors write the stores: one folder all nodes see
+        if is_url(cfg.out):  # the actors write the stores: a bucket every node can write
+            probe_bucket_nodes(cfg.out)
+        else:  # or one folder all nodes see
             probe_nodes(out)
         placement = actor_placement(cfg.workers, len(jobs), use_gpus=cfg.uses_gpus())
         placement = dataclasses.replace(placement, concurrency=1)  # one shard at a time per actor

@@ -25,6 +25,7 @@ import numpy as np
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.buckets.bucket import Bucket
+from sak.pipeline.buckets.failures import storage_errors
 from sak.pipeline.format.layout import image_tar_name
 from sak.pipeline.store.codecs import Codec
 from sak.pipeline.store.wds import WdsTeacherStore, load_member, shard_file
@@ -68,7 +69,8 @@ class RangedBucket:
         if nbytes <= 0:
             return b""
         try:
-            data = self.bucket.fs.cat_file(self.bucket.key(rel), start=offset, end=offset + nbytes)
+            with storage_errors(self.url, f"reading {rel}"):
+                data = self.bucket.fs.cat_file(self.bucket.key(rel), start=offset, end=offset + nbytes)
         except FileNotFoundError:
             raise SakError(f"{self.url}/{rel} does not exist; run `sak-cache verify {self.url}`") from None
         self.count(len(data))
@@ -81,9 +83,10 @@ class RangedBucket:
         b = self.bucket
         keys = [b.key(rel) for rel, _, _ in ranges]
         try:
-            out = b.fs.cat_ranges(
-                keys, [o for _, o, _ in ranges], [o + n for _, o, n in ranges], on_error="raise"
-            )
+            with storage_errors(self.url, f"reading {len(ranges)} byte range(s)"):
+                out = b.fs.cat_ranges(
+                    keys, [o for _, o, _ in ranges], [o + n for _, o, n in ranges], on_error="raise"
+                )
         except FileNotFoundError:
             raise SakError(
                 f"{self.url}: an object of the cache is missing; run `sak-cache verify {self.url}`"
