@@ -46,10 +46,15 @@ class StoreSummary:
     actor_peak_rss_bytes: int | None = field(
         metadata=doc("the largest peak host memory of a teacher actor in the last run (null: not recorded)")
     )
-    weights: str = field(metadata=doc("the weights' id: hub tag, file digest, or random init and seed"))
-    weights_source: Literal["random", "file", "pretrained"]
-    compressor: str = field(metadata=doc("Blosc compressor of the chunks: none | lz4 | zstd"))
-    grid: list[int] = field(metadata=doc("the stored token grid (H, W)"))
+    weights: str | None = field(
+        default=None,
+        metadata=doc("the weights' id: hub tag, file digest, or random init and seed (null: in progress)"),
+    )
+    weights_source: Literal["random", "file", "pretrained"] | None = None
+    compressor: str | None = field(
+        default=None, metadata=doc("Blosc compressor of the chunks: none | lz4 | zstd (null: in progress)")
+    )
+    grid: list[int] | None = field(default=None, metadata=doc("the stored token grid (H, W)"))
     in_progress: str | None = field(
         default=None,
         metadata=doc(
