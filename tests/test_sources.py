@@ -559,3 +559,23 @@ def test_a_file_name_that_is_not_utf8_is_listed_with_text_that_encodes(tmp_path)
     assert keys == ["caf%E9", "ok"]
     for it in items:
         it.key.encode("utf-8"), it.origin.encode("utf-8")  # what parquet and JSON need
+
+
+def test_a_tar_member_name_that_is_not_utf8_is_listed_with_text_that_encodes(tmp_path):
+    """A WebDataset shard written with latin-1 member names: the key and the origin (stored in the skipped
+    list and printed) encode as UTF-8, and the member's bytes are read back by its original name."""
+    import tarfile
+
+    from sak.pipeline.sources.listing import list_source, read_bytes
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40)).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "s.tar", "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        info = tarfile.TarInfo("caf\xe9.png")
+        info.size = len(buf.getvalue())
+        tar.addfile(info, io.BytesIO(buf.getvalue()))
+    (item,) = list_source(str(tmp_path / "s.tar"))
+    assert item.key == "caf%E9" and item.origin.endswith("s.tar:caf%E9.png")
+    item.origin.encode("utf-8")
+    ((_, data),) = list(read_bytes([item]))
+    assert data == buf.getvalue()

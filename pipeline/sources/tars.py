@@ -15,7 +15,14 @@ from typing import Any
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.sources.images import one_line
-from sak.pipeline.sources.items import LISTED_EXTS, SourceItem, normalise_ext, normalise_key, vanished
+from sak.pipeline.sources.items import (
+    LISTED_EXTS,
+    SourceItem,
+    normalise_ext,
+    normalise_key,
+    utf8_name,
+    vanished,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +108,7 @@ def list_tar(path: Path, shown: str) -> list[SourceItem]:
     if index.ignored:
         log.info("%s: ignored %d non-image members", shown, index.ignored)
     return [
-        SourceItem(key=key, ext=ext, origin=f"{shown}:{name}", locator=("tar", abs_path, name))
+        SourceItem(key=key, ext=ext, origin=utf8_name(f"{shown}:{name}"), locator=("tar", abs_path, name))
         for name, key, ext in index.samples
     ]
 
