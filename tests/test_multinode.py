@@ -134,7 +134,7 @@ def test_driver_killed_then_rerun_skips_journaled_shards(s3_server, photos, tmp_
 
     url = s3_server("sak-multinode") + "/driverkill"
     cmd = [sys.executable, "-m", "sak.cli.cache", "run", "--source", str(photos), "--out", url,
-           "--teachers", "dinov2_tiny", "--size", "64", "--shard-size", "2", "--batch-size", "2",
+           "--teachers", "dinov2_tiny", "--size", "64", "--views-per-image", "2", "--shard-size", "2", "--batch-size", "2",
            "--object-store-mb", "150", "--no-progress"]  # fmt: skip
     env = {**os.environ, "SAK_STAGE_DIR": str(tmp_path / "stage"), "RAY_USAGE_STATS_ENABLED": "0"}
     # its own session: the driver and the local Ray it starts form one process group, ours to kill
