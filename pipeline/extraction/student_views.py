@@ -26,6 +26,7 @@ from sak.pipeline.buckets.mirror import node_mirror
 from sak.pipeline.extraction.preprocess import ViewRow, cut_shard_views
 from sak.pipeline.format.documents import write_cache
 from sak.pipeline.format.records import CacheManifest, FileDigest, StudentViewsRecord, StudentViewsShard
+from sak.pipeline.store.zarr import drop_partials
 
 STUDENT_VIEWS_DIR = "student_views"
 STUDENT_VIEWS_MODES = ("decode", "raw")
@@ -76,6 +77,7 @@ def write_views_shard(
     views = cut_shard_views(cache_url or cache_dir, rows, [size])[size]  # (n, 3, S, S)
     arr[start : start + len(rows)] = np.ascontiguousarray(views.transpose(0, 2, 3, 1))
     rel = f"{STUDENT_VIEWS_DIR}/{arr.metadata.encode_chunk_key((shard, 0, 0, 0))}"
+    drop_partials(root / rel)  # what a writer killed mid-write of this shard left
     record = StudentViewsShard(
         index=shard, file=rel, sha256=sha256_file(root / rel), xxh3=xxh3_file(root / rel)
     )

@@ -183,6 +183,7 @@ class ZarrTeacherStore:
                 kinds.append("scales")
             for kind in kinds:
                 rel = self.shard_file(block, shard, kind)
+                drop_partials(self.path / rel)
                 files[rel] = sha256_file(self.path / rel)
         return files
 
@@ -346,3 +347,10 @@ class ShardRows:
         finally:
             for f in files.values():
                 f.close()
+
+
+def drop_partials(shard_file: Path) -> None:
+    """Remove the temporary files zarr's local store leaves beside a shard file when a writer is killed
+    mid-write (`<file>.<uuid>.partial`, renamed into place on success): the shard was just written whole."""
+    for leftover in shard_file.parent.glob(f"{shard_file.name}.*.partial"):
+        leftover.unlink(missing_ok=True)
