@@ -11,15 +11,8 @@ import click
 from sak.cli.common import entry_point, run_cli, setup_logging, version_option
 from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.access import check_location
 from sak.pipeline.buckets.bucket import is_url
-
-
-def _check_bucket(location: str, write: bool = False) -> None:
-    """A URL's credentials, bucket and permission, checked before any work (one line when wrong)."""
-    if is_url(location):
-        from sak.pipeline.buckets.access import check_access
-
-        check_access(location, write=write)
 
 
 def _extract_config():
@@ -109,7 +102,7 @@ def inspect(cache: str, as_json: bool) -> None:
     """Describe a cache (folder or s3:// / gs:// URL): teachers, fingerprints, views, shapes, bytes."""
     from sak.pipeline.inspection.describe import describe_location
 
-    _check_bucket(cache)
+    check_location(cache)
     if as_json:
         from sak.pipeline.inspection.reports import inspect_report
 
@@ -130,7 +123,7 @@ def show(cache: str, views: tuple[int, ...], out: str | None) -> None:
     from sak.pipeline.extraction.runtime import heartbeat
     from sak.pipeline.inspection.show import render
 
-    _check_bucket(cache)
+    check_location(cache)
     name = Path(cache.rstrip("/")).name or "cache"
     out = out or f"show-{name}-{'-'.join(map(str, views))}.png"
     if not is_url(cache) and Path(cache).resolve() in Path(out).resolve().parents:
@@ -153,7 +146,7 @@ def ls_(root: str, full: bool, as_json: bool) -> None:
     created, and whether it verifies."""
     from sak.pipeline.inspection.describe import bucket_caches, list_caches
 
-    _check_bucket(root)
+    check_location(root)
     found = bucket_caches(root) if is_url(root) else None
     if as_json:
         from sak.pipeline.inspection.reports import ls_report
@@ -171,7 +164,7 @@ def verify(cache: str, as_json: bool) -> int:
     downloaded once into a temporary folder."""
     from sak.pipeline.inspection.verify import check_bucket_cache, check_cache
 
-    _check_bucket(cache)
+    check_location(cache)
     report = check_bucket_cache(cache) if is_url(cache) else check_cache(cache)
     problems = report.problems
     if as_json:
@@ -224,7 +217,7 @@ def stage2(**opts) -> None:
     from sak.student.train.stage2_source import Stage2SourceConfig, stage2_source
 
     build = STAGE2_OPTIONS.build(Stage2BuildConfig, opts)  # a bad --codec or --epochs fails first
-    _check_bucket(build.out, write=True)  # before the student and the dataset are loaded
+    check_location(build.out, write=True)  # before the student and the dataset are loaded
     out = build_stage2_cache(build, stage2_source(STAGE2_OPTIONS.build(Stage2SourceConfig, opts)))
     click.echo(describe_build(read_stage2_cache(out / CACHE_FILE)))
 

@@ -21,6 +21,7 @@ import click
 from sak.cli.common import entry_point, run_cli, setup_logging, version_option
 from sak.cli.options import GeneratedCommand, OptionSet
 from sak.pipeline.base.errors import SakError
+from sak.pipeline.buckets.access import check_location
 from sak.student.data.dense_sets import DATASETS
 from sak.student.data.normalization import NORMALIZATIONS
 from sak.student.run.resume import RunCommand, missing_required, resumed_config
@@ -165,7 +166,7 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
         missing = missing_required(cls, given)
         if missing:
             raise SakError(f"missing {' and '.join(missing)} (or --resume RUN to continue a run)")
-        _check_cache_access(given.get("cache"))
+        check_location(given.get("cache"))
         given = _stage2_cache_defaults(cls, given)
         return (preset(**given) if preset else cls(**given)), command
     from sak.student.run.folder import RunFolder
@@ -177,18 +178,8 @@ def trainer_config(cls: type, options: OptionSet, opts: dict, preset=None) -> tu
         )
         raise SakError(f"--resume {run} is a {kind} run; continue it with `sak-train {kind} --resume {run}`")
     cfg = resumed_config(recorded.config, given, run)
-    _check_cache_access(getattr(cfg, "cache", None))
+    check_location(getattr(cfg, "cache", None))
     return cfg, command
-
-
-def _check_cache_access(cache: str | None) -> None:
-    """A bucket --cache: credentials, bucket and permission checked before any work (one line when wrong)."""
-    from sak.pipeline.buckets.bucket import is_url
-
-    if cache and is_url(str(cache)):
-        from sak.pipeline.buckets.access import check_access
-
-        check_access(str(cache))
 
 
 def _stage2_cache_defaults(cls: type, given: dict) -> dict:
@@ -297,7 +288,7 @@ def repsim(**opts) -> None:
     from sak.student.train.evaluate import evaluate_repsim, open_held_out, repsim_pictures
 
     command = REPSIM_OPTIONS.build(RepsimCommand, opts)
-    _check_cache_access(command.cache)
+    check_location(command.cache)
     held = open_held_out(
         command.checkpoint,
         command.cache,

@@ -134,6 +134,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise
 
 
+def append_whole(fd: int, data: bytes, path: str | os.PathLike, sync: bool = False) -> None:
+    """Append `data` to the file open on `fd` (O_APPEND) whole or not at all: a write that fails (a full
+    disk) is cut back to the previous length, so no torn line stays, and leaves as one line naming `path`
+    (oserrors.py). `sync`: fsynced before it counts as written."""
+    before = os.fstat(fd).st_size
+    try:
+        with writing(path):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if sync:
+                os.fsync(fd)
+    except BaseException:
+        os.ftruncate(fd, before)
+        raise
+
+
+def open_append(path: str | os.PathLike) -> int:
+    """A descriptor for appending to `path` (created as open() would, following the umask)."""
+    with writing(path):
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON next to its destination, fsync, then rename: readers never see half a file."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import uuid
 
-from sak.pipeline.base.errors import SakError
-from sak.pipeline.buckets.bucket import Bucket
-from sak.pipeline.buckets.failures import emulator_host, is_gcs, one_line, storage_errors
+from sak.pipeline.base.errors import SakError, one_line
+from sak.pipeline.buckets.bucket import Bucket, is_url
+from sak.pipeline.buckets.failures import emulator_host, is_gcs, storage_errors
 
 PROBE_PREFIX = ".sak-access-probe-"
 
@@ -30,7 +30,7 @@ def _emulator_bucket(url: str, name: str) -> None:
             ) from e
     except (urllib.error.URLError, OSError) as e:
         raise SakError(
-            f"cannot reach the GCS emulator {host} for {url} ({one_line(e)}); start it, or fix "
+            f"cannot reach the GCS emulator {host} for {url} ({one_line(e, 160)}); start it, or fix "
             f"STORAGE_EMULATOR_HOST"
         ) from e
 
@@ -50,7 +50,7 @@ def _endpoint_reachable(url: str) -> None:
         socket.create_connection((parts.hostname, port), timeout=5).close()
     except OSError as e:
         raise SakError(
-            f"cannot reach the S3 endpoint {endpoint} for {url} ({one_line(e)}); start it, or fix AWS_ENDPOINT_URL"
+            f"cannot reach the S3 endpoint {endpoint} for {url} ({one_line(e, 160)}); start it, or fix AWS_ENDPOINT_URL"
         ) from e
 
 
@@ -76,6 +76,12 @@ def check_access(url: str, write: bool = False) -> None:
         problem = write_probe(url, "driver")
         if problem:
             raise SakError(problem)
+
+
+def check_location(location: str | None, write: bool = False) -> None:
+    """`check_access` for a URL cache; nothing to check for a local folder (or none given)."""
+    if location and is_url(str(location)):
+        check_access(str(location), write=write)
 
 
 def _bucket_exists(fs, name: str) -> bool:
@@ -106,7 +112,7 @@ def write_probe(url: str, who: str) -> str | None:
     except SakError as e:
         return str(e)
     except FileNotFoundError as e:
-        return f"cannot write under {url} ({one_line(e)}); check that the bucket exists"
+        return f"cannot write under {url} ({one_line(e, 160)}); check that the bucket exists"
     if back != payload:
         return f"a probe object written under {url} read back different bytes"
     return None

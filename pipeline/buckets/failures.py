@@ -30,7 +30,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.errors import SakError, one_line
 
 S3_FIX = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), and AWS_ENDPOINT_URL for a non-AWS endpoint"
 GCS_FIX = "set GOOGLE_APPLICATION_CREDENTIALS to a service-account key file (or STORAGE_EMULATOR_HOST for an emulator)"
@@ -47,10 +47,13 @@ _CREDENTIALS = {
 _UNREACHABLE = {
     "EndpointConnectionError",
     "ConnectTimeoutError",
+    "ReadTimeoutError",
     "ClientConnectorError",
+    "ClientConnectionError",
     "ServerTimeoutError",
     "FSTimeoutError",
     "ConnectionError",
+    "TimeoutError",
 }
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
 
@@ -71,13 +74,7 @@ def emulator_host() -> str | None:
     return host if host.startswith(("http://", "https://")) else f"http://{host}"
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line, at most 160 characters."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
-def _kind(e: BaseException) -> str | None:
+def failure_kind(e: BaseException) -> str | None:
     """What a storage library's exception means: credentials, denied, unreachable, or None (not ours)."""
     seen = 0
     while e is not None and seen < 8:
@@ -104,20 +101,20 @@ def _kind(e: BaseException) -> str | None:
 def storage_error(url: str, e: BaseException, doing: str) -> SakError | None:
     """The one-line error for a storage library's failure while `doing` something with url, or None when
     e is not one (a missing object, which callers handle, or a bug, which should surface as it is)."""
-    kind = _kind(e)
+    kind = failure_kind(e)
     if kind == "credentials":
         return SakError(
-            f"no usable credentials for {url} while {doing} ({one_line(e)}); {credentials_fix(url)}"
+            f"no usable credentials for {url} while {doing} ({one_line(e, 160)}); {credentials_fix(url)}"
         )
     if kind == "denied":
         return SakError(
-            f"access to {url} denied while {doing} ({one_line(e)}); the credentials found may not do that: "
+            f"access to {url} denied while {doing} ({one_line(e, 160)}); the credentials found may not do that: "
             f"{credentials_fix(url)} of an identity allowed to read and write it"
         )
     if kind == "unreachable":
         where = "STORAGE_EMULATOR_HOST or the network" if is_gcs(url) else "AWS_ENDPOINT_URL or the network"
         return SakError(
-            f"cannot reach the object store of {url} while {doing} ({one_line(e)}); check {where}"
+            f"cannot reach the object store of {url} while {doing} ({one_line(e, 160)}); check {where}"
         )
     return None
 
@@ -147,7 +144,7 @@ def _gcs_credentials_problem(env: tuple[str | None, ...]) -> str | None:
         if not credentials.valid:  # one token request now, where gcsfs would retry a refused one for a minute
             credentials.refresh(Request())
     except google.auth.exceptions.GoogleAuthError as e:
-        return one_line(e)
+        return one_line(e, 160)
     return None
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.oserrors import write_error
+from sak.pipeline.buckets.failures import failure_kind
 
 log = logging.getLogger("sak")
 
@@ -183,10 +184,7 @@ def rerun_helps(failure: BaseException) -> bool:
     cause = _task_cause(failure)
     if write_error(cause) is not None:
         return False
-    names = {c.__name__ for c in type(cause).__mro__}  # botocore's and aiohttp's own connection errors too
-    return isinstance(cause, (ConnectionError, TimeoutError)) or bool(
-        names & {"ConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ClientConnectionError"}
-    )
+    return failure_kind(cause) == "unreachable"  # a network error: Python's, botocore's or aiohttp's
 
 
 def _task_cause(failure: BaseException) -> BaseException:

@@ -198,12 +198,8 @@ def with_recorded_defaults(cfg: ExtractConfig, given: Iterable[str]) -> ExtractC
     return dataclasses.replace(cfg, **{k: v for k, v in recorded.items() if k not in given})
 
 
-INGEST_ONLY = (
-    "limit",
-    "min_image_side",
-    "max_pixels",
-    "max_decode_ratio",
-)  # they chose the cache's images: fixed after ingest
+# they chose the cache's images: fixed after ingest
+INGEST_ONLY = ("limit", "min_image_side", "max_pixels", "max_decode_ratio")
 
 
 def _same_source(a: str, b: str) -> bool:

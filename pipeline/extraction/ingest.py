@@ -92,13 +92,16 @@ def write_image_tar(cache_dir: str, shard: int, items: list[SourceItem], limits:
         return result
     final = Path(cache_dir) / image_tar_name(shard)
     tmp = final.with_name(final.name + ".tmp")
-    unsupported = [SkippedInput(key=it.key, origin=it.origin, reason=unsupported_reason(it.ext) or "")
-                   for it in items if unsupported_reason(it.ext)]  # fmt: skip
+    readable, unsupported = [], []
+    for it in items:
+        reason = unsupported_reason(it.ext)
+        if reason:
+            unsupported.append(SkippedInput(key=it.key, origin=it.origin, reason=reason))
+        else:
+            readable.append(it)
     try:
         with writing(final):
-            rows, skipped, oriented = _write_tar(
-                tmp, shard, [it for it in items if not unsupported_reason(it.ext)], limits
-            )
+            rows, skipped, oriented = _write_tar(tmp, shard, readable, limits)
     except BaseException:
         tmp.unlink(missing_ok=True)  # nothing partial stays (a full disk, a read-only folder)
         raise

@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from sak.pipeline.base.errors import SakError
+from sak.pipeline.base.errors import SakError, one_line
 from sak.pipeline.base.lock import LOCK_FILE
 from sak.pipeline.base.oserrors import write_error
 from sak.pipeline.buckets.access import write_probe
@@ -80,7 +80,7 @@ def bucket_node_probe(url: str, node: str) -> str | None:
     try:
         return write_probe(url, f"node-{node}")
     except Exception as e:  # e.g. the store's library missing on this node
-        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        return f"{type(e).__name__}: {one_line(e)}"
 
 
 def probe_bucket_nodes(url: str) -> None:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
-from sak.pipeline.base.oserrors import writing
+from sak.pipeline.base.provenance import append_whole, open_append
 from sak.pipeline.base.typed_json import from_json, to_json
 from sak.pipeline.format.layout import JOURNAL
 from sak.pipeline.format.records import ShardRecord
@@ -23,16 +23,11 @@ def append_journal(store_dir: str | Path, record: ShardRecord) -> None:
     """One JSON line per completed shard; flushed and fsynced before the shard counts as done. A write that
     fails (a full disk) is cut back to the previous length and leaves as one line naming the journal."""
     path = Path(store_dir) / JOURNAL
-    with writing(path), open(path, "ab", buffering=0) as f:
-        before = os.fstat(f.fileno()).st_size
-        try:
-            data = memoryview((json.dumps(to_json(record), sort_keys=True) + "\n").encode())
-            while data:
-                data = data[f.write(data) :]
-            os.fsync(f.fileno())
-        except BaseException:
-            os.ftruncate(f.fileno(), before)
-            raise
+    fd = open_append(path)
+    try:
+        append_whole(fd, (json.dumps(to_json(record), sort_keys=True) + "\n").encode(), path, sync=True)
+    finally:
+        os.close(fd)
 
 
 def read_journal(store_dir: str | Path) -> dict[int, ShardRecord]:

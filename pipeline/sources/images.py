@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from sak.pipeline.base.errors import BadImage
+from sak.pipeline.base.errors import BadImage, one_line
 from sak.pipeline.sources.limits import (
     DEFAULT_MAX_DECODE_RATIO,
     DEFAULT_MAX_PIXELS,
@@ -173,12 +173,6 @@ def _load(im: Image.Image) -> None:
         im.load()
     except Exception as exc:  # OSError "image file is truncated", SyntaxError "broken PNG file", ...
         raise BadImage(f"truncated or corrupt image data: {one_line(exc)}") from None
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line for an error message (whitespace collapsed, at most 200 chars)."""
-    text = " ".join(str(exc).split())
-    return (text[:200] or type(exc).__name__).rstrip()
 
 
 def decode_image(data: bytes) -> torch.Tensor:

@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from sak.pipeline.base.errors import SakError
-from sak.pipeline.sources.images import one_line
+from sak.pipeline.base.errors import SakError, one_line
 from sak.pipeline.sources.items import IMAGE_EXTS, SourceItem, normalise_key, vanished
 
 log = logging.getLogger(__name__)

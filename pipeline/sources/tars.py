@@ -13,8 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sak.pipeline.base.errors import SakError
-from sak.pipeline.sources.images import one_line
+from sak.pipeline.base.errors import SakError, one_line
 from sak.pipeline.sources.items import (
     LISTED_EXTS,
     SourceItem,

@@ -20,6 +20,8 @@ import dataclasses
 import json
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,13 +133,49 @@ def save_checkpoint(
     loader: LoaderState,
     rng: list[RngStates],
 ) -> Path:
-    """Write RUN/checkpoint.tmp completely, then swap it in (a crash leaves the previous one intact; a
-    full disk or a read-only folder removes checkpoint.tmp and leaves as one line naming the path)."""
+    """Write RUN/checkpoint.tmp completely, then swap it in (`_swapped_in`)."""
+    with _swapped_in(run) as tmp:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / MODEL_WEIGHTS), metadata={"code_version": code_version()})
+        tensors, optim_meta = _optimizer_to_files(optimizer)
+        for r, states in enumerate(rng):
+            tensors[f"rng.{r}.torch"] = states.torch.cpu()
+            tensors.update({f"rng.{r}.cuda.{i}": s.cpu() for i, s in enumerate(states.cuda)})
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        saved = now_iso()
+        write_document(
+            tmp / MODEL_JSON,
+            dataclasses.replace(model_record, weights_sha256=sha256_file(tmp / MODEL_WEIGHTS), saved=saved),
+        )
+        state = TrainState(
+            run=model_record.run,
+            step=model_record.step,
+            optimizer=optim_meta,
+            scheduler=json.loads(json.dumps(scheduler.state_dict())),
+            loader=loader,
+            rng=[
+                RankRng(python=_plain(s.python), numpy=_plain(s.numpy), cuda_devices=len(s.cuda)) for s in rng
+            ],
+            tensors_sha256=sha256_file(tmp / STATE_TENSORS),
+            code_version=code_version(),
+            saved=saved,
+            peak_memory=measured_peak_memory(),
+        )
+        write_document(tmp / STATE_JSON, state)
+    return run / CHECKPOINT_DIR
+
+
+@contextmanager
+def _swapped_in(run: Path) -> Iterator[Path]:
+    """RUN/checkpoint.tmp to fill; when the block ends, swapped in for RUN/checkpoint (a crash leaves the
+    previous one intact). A failure removes checkpoint.tmp; a full disk or a read-only folder leaves as
+    one line naming the path."""
     tmp, final, old = run / f"{CHECKPOINT_DIR}.tmp", run / CHECKPOINT_DIR, run / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with writing(final):
-            _write_checkpoint_files(tmp, model_record, model, optimizer, scheduler, loader, rng)
+            tmp.mkdir(parents=True)
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,44 +184,6 @@ def save_checkpoint(
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _write_checkpoint_files(
-    tmp: Path,
-    model_record: ModelRecord,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    loader: LoaderState,
-    rng: list[RngStates],
-) -> None:
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / MODEL_WEIGHTS), metadata={"code_version": code_version()})
-    tensors, optim_meta = _optimizer_to_files(optimizer)
-    for r, states in enumerate(rng):
-        tensors[f"rng.{r}.torch"] = states.torch.cpu()
-        tensors.update({f"rng.{r}.cuda.{i}": s.cpu() for i, s in enumerate(states.cuda)})
-    save_file(tensors, str(tmp / STATE_TENSORS))
-    saved = now_iso()
-    write_document(
-        tmp / MODEL_JSON,
-        dataclasses.replace(model_record, weights_sha256=sha256_file(tmp / MODEL_WEIGHTS), saved=saved),
-    )
-    state = TrainState(
-        run=model_record.run,
-        step=model_record.step,
-        optimizer=optim_meta,
-        scheduler=json.loads(json.dumps(scheduler.state_dict())),
-        loader=loader,
-        rng=[RankRng(python=_plain(s.python), numpy=_plain(s.numpy), cuda_devices=len(s.cuda)) for s in rng],
-        tensors_sha256=sha256_file(tmp / STATE_TENSORS),
-        code_version=code_version(),
-        saved=saved,
-        peak_memory=measured_peak_memory(),
-    )
-    write_document(tmp / STATE_JSON, state)
 
 
 def measured_peak_memory() -> PeakMemory:

@@ -25,8 +25,7 @@ from pathlib import Path
 
 from sak.pipeline.base.errors import SakError
 from sak.pipeline.base.lock import LOCK_FILE, CacheLock
-from sak.pipeline.base.oserrors import writing
-from sak.pipeline.base.provenance import atomic_path
+from sak.pipeline.base.provenance import append_whole, atomic_path, open_append
 from sak.student.run.record import (
     InstructionsRecord,
     RunRecord,
@@ -186,10 +185,9 @@ class MetricsLog:
             return
         self.path = run / METRICS_FILE
         torn = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
-        with writing(self.path):
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        self.fd = open_append(self.path)
         if torn:  # a line cut by a kill: end it, so the next record starts a line of its own
-            self._append(b"\n")
+            append_whole(self.fd, b"\n", self.path)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -198,21 +196,10 @@ class MetricsLog:
             except ImportError:
                 log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
 
-    def _append(self, data: bytes) -> None:
-        before = os.fstat(self.fd).st_size
-        try:
-            with writing(self.path):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(self.fd, view) :]
-        except BaseException:
-            os.ftruncate(self.fd, before)  # no torn line stays: the file is as it was
-            raise
-
     def write(self, record: dict) -> None:
         if self.fd is None:
             return
-        self._append((json.dumps(record) + "\n").encode())
+        append_whole(self.fd, (json.dumps(record) + "\n").encode(), self.path)
         if self.tb is not None:
             prefix = "eval/" if record.get("kind") == "eval" else "train/"
             for k, v in record.items():
